@@ -1,0 +1,132 @@
+# virtkit front door.
+#
+#   make            build everything userspace (library, tool, selftests, unit tests)
+#   make run        install missing Debian packages, build, run `virtkit demo`
+#   make check      install missing Debian packages, build, run every test suite
+#   make install    install headers, libraries, pkg-config and CMake files (PREFIX, DESTDIR)
+#
+# Everything is built out of tree in $(BUILD).
+
+BUILD      ?= build
+PREFIX     ?= /usr/local
+DESTDIR    ?=
+VERSION    := 0.1.0
+SOVERSION  := 0
+
+CXX        ?= g++
+CXXSTD     := -std=c++20
+WARN       := -Wall -Wextra -Werror
+OPT        ?= -O2 -g
+# Guest code runs from the test binaries' own pages at their host addresses:
+# no stack protector (the guest has no %fs canary) and no red zone (exception
+# frames are pushed on the interrupted stack's IST-less neighbours).
+GUESTSAFE  := -fno-stack-protector -mno-red-zone -fcf-protection=none
+CPPFLAGS   := -Ilibvirtkit/include -Iuapi -MMD -MP
+CXXFLAGS   := $(CXXSTD) $(WARN) $(OPT) $(GUESTSAFE)
+
+LIB_SRCS   := $(wildcard libvirtkit/src/*.cpp libvirtkit/src/x86/*.cpp)
+LIB_ASM    := $(wildcard libvirtkit/src/x86/*.S)
+LIB_OBJS   := $(LIB_SRCS:%.cpp=$(BUILD)/%.o) $(LIB_ASM:%.S=$(BUILD)/%.o)
+LIB_A      := $(BUILD)/lib/libvirtkit.a
+LIB_SO     := $(BUILD)/lib/libvirtkit.so.$(VERSION)
+
+ST_LIB_SRCS := $(wildcard selftests/lib/*.cpp)
+ST_LIB_OBJS := $(ST_LIB_SRCS:%.cpp=$(BUILD)/%.o)
+ST_SRCS    := $(wildcard selftests/x86/*.cpp)
+ST_BINS    := $(ST_SRCS:selftests/x86/%.cpp=$(BUILD)/selftests/x86/%)
+
+UNIT_SRCS  := $(wildcard selftests/unit/*.cpp)
+UNIT_OBJS  := $(UNIT_SRCS:%.cpp=$(BUILD)/%.o)
+UNIT_BIN   := $(BUILD)/selftests/unit/virtkit-unit
+
+TOOL_SRCS  := $(wildcard tools/virtkit/*.cpp)
+TOOL_OBJS  := $(TOOL_SRCS:%.cpp=$(BUILD)/%.o)
+TOOL_BIN   := $(BUILD)/bin/virtkit
+
+LDLIBS     := -lpthread
+
+.PHONY: all lib tool selftests unit run check check-unit check-selftests \
+        check-install deps install uninstall clean
+
+all: lib tool selftests unit
+
+lib: $(LIB_A) $(LIB_SO)
+tool: $(TOOL_BIN)
+selftests: $(ST_BINS)
+unit: $(UNIT_BIN)
+
+$(BUILD)/%.o: %.cpp
+	@mkdir -p $(@D)
+	$(CXX) $(CPPFLAGS) $(CXXFLAGS) -fPIC -c $< -o $@
+
+$(BUILD)/%.o: %.S
+	@mkdir -p $(@D)
+	$(CXX) $(CPPFLAGS) -fPIC -c $< -o $@
+
+$(LIB_A): $(LIB_OBJS)
+	@mkdir -p $(@D)
+	rm -f $@
+	ar rcs $@ $^
+
+$(LIB_SO): $(LIB_OBJS)
+	@mkdir -p $(@D)
+	$(CXX) -shared -Wl,-soname,libvirtkit.so.$(SOVERSION) -o $@ $^ $(LDLIBS)
+	ln -sf libvirtkit.so.$(VERSION) $(BUILD)/lib/libvirtkit.so.$(SOVERSION)
+	ln -sf libvirtkit.so.$(SOVERSION) $(BUILD)/lib/libvirtkit.so
+
+# Selftests link the library statically and as non-PIE executables, like the
+# kernel's KVM selftests: guest code is loaded at the binary's own addresses.
+$(BUILD)/selftests/x86/%: $(BUILD)/selftests/x86/%.o $(ST_LIB_OBJS) $(LIB_A)
+	@mkdir -p $(@D)
+	$(CXX) -no-pie -o $@ $< $(ST_LIB_OBJS) $(LIB_A) $(LDLIBS)
+
+$(BUILD)/selftests/x86/%.o: selftests/x86/%.cpp
+	@mkdir -p $(@D)
+	$(CXX) $(CPPFLAGS) -Iselftests/lib $(CXXFLAGS) -fno-pie -c $< -o $@
+
+$(BUILD)/selftests/lib/%.o: selftests/lib/%.cpp
+	@mkdir -p $(@D)
+	$(CXX) $(CPPFLAGS) -Iselftests/lib $(CXXFLAGS) -fno-pie -c $< -o $@
+
+$(BUILD)/selftests/unit/%.o: selftests/unit/%.cpp
+	@mkdir -p $(@D)
+	$(CXX) $(CPPFLAGS) -Ilibvirtkit/src $(CXXFLAGS) -c $< -o $@
+
+$(UNIT_BIN): $(UNIT_OBJS) $(LIB_A)
+	@mkdir -p $(@D)
+	$(CXX) -o $@ $(UNIT_OBJS) $(LIB_A) $(LDLIBS)
+
+$(TOOL_BIN): $(TOOL_OBJS) $(LIB_A)
+	@mkdir -p $(@D)
+	$(CXX) -no-pie -o $@ $(TOOL_OBJS) $(LIB_A) $(LDLIBS)
+
+$(BUILD)/tools/%.o: tools/%.cpp
+	@mkdir -p $(@D)
+	$(CXX) $(CPPFLAGS) $(CXXFLAGS) -fno-pie -c $< -o $@
+
+deps:
+	scripts/install-deps
+
+run: deps
+	$(MAKE) tool
+	$(TOOL_BIN) demo
+
+check: deps
+	$(MAKE) all
+	$(MAKE) check-unit check-selftests check-install
+
+check-unit: $(UNIT_BIN)
+	$(UNIT_BIN)
+
+check-selftests: $(ST_BINS)
+	scripts/run-selftests $(BUILD)/selftests/x86
+
+check-install: lib
+	scripts/check-install $(BUILD)
+
+include mk/install.mk
+
+clean:
+	rm -rf $(BUILD)
+
+-include $(shell find $(BUILD) -name '*.d' 2>/dev/null)

@@ -1,0 +1,87 @@
+// SPDX-License-Identifier: MIT
+/*
+ * Move-only owners of file descriptors and memory mappings.
+ *
+ * Objects come from named factories; the raw-int constructor is private so a
+ * descriptor is always owned by exactly one FileDesc. Closing a descriptor
+ * that is not open (EBADF) means the ownership bookkeeping is broken, and
+ * aborts.
+ */
+#pragma once
+
+#include <cstddef>
+#include <span>
+#include <sys/types.h>
+
+namespace virtkit {
+
+class FileDesc {
+public:
+	/* open(2); throws Error("open", errno, path). */
+	static FileDesc open(const char *path, int flags, mode_t mode = 0);
+	/* memfd_create(2) with MFD_CLOEXEC added. */
+	static FileDesc memfd(const char *name, unsigned int flags = 0);
+	/* eventfd(2) with EFD_CLOEXEC added. */
+	static FileDesc eventfd(unsigned int initval, int flags = 0);
+	/*
+	 * Take ownership of a descriptor a system call just returned. A negative
+	 * value throws Error(operation, errno, detail) - so the call site reads
+	 * `auto f = FileDesc::adopt(::ioctl(...), "KVM_CREATE_VM")` and no error
+	 * path can leak the new descriptor.
+	 */
+	static FileDesc adopt(int fd, const char *operation, const char *detail = "");
+
+	FileDesc() noexcept = default;
+	FileDesc(FileDesc &&other) noexcept;
+	FileDesc &operator=(FileDesc &&other) noexcept;
+	FileDesc(const FileDesc &) = delete;
+	FileDesc &operator=(const FileDesc &) = delete;
+	~FileDesc();
+
+	int get() const noexcept { return fd_; }
+	explicit operator bool() const noexcept { return fd_ >= 0; }
+	/* Close now; errors other than EINTR are reported by throwing. */
+	void close();
+
+private:
+	explicit FileDesc(int fd) noexcept : fd_(fd) {}
+	void reset() noexcept;
+
+	int fd_ = -1;
+};
+
+class Mapping {
+public:
+	/* mmap(2) of a file; throws Error("mmap", errno, what). */
+	static Mapping map(std::size_t length, int prot, int flags, int fd,
+			   off_t offset, const char *what);
+	/* Private anonymous read-write memory. */
+	static Mapping anonymous(std::size_t length, const char *what);
+
+	Mapping() noexcept = default;
+	Mapping(Mapping &&other) noexcept;
+	Mapping &operator=(Mapping &&other) noexcept;
+	Mapping(const Mapping &) = delete;
+	Mapping &operator=(const Mapping &) = delete;
+	~Mapping();
+
+	std::byte *data() const noexcept { return addr_; }
+	std::size_t size() const noexcept { return length_; }
+	std::span<std::byte> bytes() const noexcept { return {addr_, length_}; }
+	explicit operator bool() const noexcept { return addr_ != nullptr; }
+
+	template <class T> T *as() const noexcept
+	{
+		return reinterpret_cast<T *>(addr_);
+	}
+
+private:
+	Mapping(std::byte *addr, std::size_t length) noexcept
+		: addr_(addr), length_(length) {}
+	void reset() noexcept;
+
+	std::byte *addr_ = nullptr;
+	std::size_t length_ = 0;
+};
+
+} // namespace virtkit

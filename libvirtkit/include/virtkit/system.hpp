@@ -1,0 +1,58 @@
+// SPDX-License-Identifier: MIT
+/*
+ * virtkit::System - an open /dev/kvm: what the host KVM offers, and the
+ * factory for VMs.
+ */
+#pragma once
+
+#include <linux/kvm.h>
+
+#include <cstddef>
+#include <cstdint>
+#include <vector>
+
+#include <virtkit/fd.hpp>
+
+namespace virtkit {
+
+class Vm;
+
+struct VmOptions {
+	/* KVM_CREATE_VM type; 0 is the default x86 VM. */
+	unsigned long type = 0;
+	/* Bytes of dirty ring per vCPU (0: use dirty bitmaps only). */
+	std::uint32_t dirty_ring_bytes = 0;
+};
+
+class System {
+public:
+	/* Open the KVM device and check that it speaks API version 12. */
+	static System open(const char *path = "/dev/kvm");
+
+	int api_version() const;
+	/* KVM_CHECK_EXTENSION: 0 when absent, otherwise its value. */
+	int check_extension(long cap) const;
+	bool has(long cap) const { return check_extension(cap) > 0; }
+
+	std::size_t vcpu_mmap_size() const { return vcpu_mmap_size_; }
+	/* KVM_GET_SUPPORTED_CPUID. */
+	std::vector<kvm_cpuid_entry2> supported_cpuid() const;
+	/* KVM_GET_MSR_INDEX_LIST: MSRs KVM saves and restores. */
+	std::vector<std::uint32_t> msr_index_list() const;
+	/* KVM_GET_MSR_FEATURE_INDEX_LIST (empty when unsupported). */
+	std::vector<std::uint32_t> feature_msr_index_list() const;
+
+	Vm create_vm(const VmOptions &options = {}) const;
+
+	const FileDesc &fd() const noexcept { return fd_; }
+
+private:
+	explicit System(FileDesc fd, std::size_t mmap_size)
+		: fd_(std::move(fd)), vcpu_mmap_size_(mmap_size) {}
+	std::vector<std::uint32_t> msr_list(unsigned long ioctl, const char *name) const;
+
+	FileDesc fd_;
+	std::size_t vcpu_mmap_size_;
+};
+
+} // namespace virtkit

@@ -1,0 +1,104 @@
+// SPDX-License-Identifier: MIT
+/*
+ * virtkit::Vcpu - one virtual CPU: its fd, its kvm_run mapping (mapped once,
+ * owned here, never handed out raw), run loop and register state.
+ *
+ * Threading: run() and the register accessors are called by one thread at a
+ * time (normally the thread that runs the vCPU); kick() may be called from any
+ * thread at any time.
+ */
+#pragma once
+
+#include <linux/kvm.h>
+
+#include <cstdint>
+#include <memory>
+#include <span>
+#include <vector>
+
+#include <virtkit/exit.hpp>
+
+namespace virtkit {
+
+namespace detail {
+struct VmState;
+struct VcpuState;
+struct VcpuAccess;
+}
+
+class GuestMemory;
+
+/* XSAVE area as KVM_GET_XSAVE/KVM_GET_XSAVE2 return it (>= 4096 bytes). */
+struct Xsave {
+	std::vector<std::uint32_t> region;
+};
+
+class Vcpu {
+public:
+	Vcpu(Vcpu &&) noexcept;
+	Vcpu &operator=(Vcpu &&) noexcept;
+	Vcpu(const Vcpu &) = delete;
+	Vcpu &operator=(const Vcpu &) = delete;
+	~Vcpu();
+
+	std::uint32_t id() const noexcept;
+	int fd() const noexcept;
+
+	/*
+	 * Enter the guest until an exit that no exit handler consumes. Returns
+	 * InterruptedExit after kick() (then the kick is consumed) or a
+	 * signal. Throws Error for a failing KVM_RUN.
+	 */
+	Exit run();
+	/*
+	 * Make the vCPU leave the guest and its run() return InterruptedExit
+	 * as soon as possible. A kick that arrives while run() is not executing
+	 * makes the next run() return at once: kicks are never lost.
+	 */
+	void kick();
+
+	kvm_regs regs() const;
+	void set_regs(const kvm_regs &regs);
+	kvm_sregs sregs() const;
+	void set_sregs(const kvm_sregs &sregs);
+	kvm_fpu fpu() const;
+	void set_fpu(const kvm_fpu &fpu);
+	Xsave xsave() const;
+	void set_xsave(const Xsave &xsave);
+	kvm_vcpu_events events() const;
+	void set_events(const kvm_vcpu_events &events);
+	kvm_debugregs debugregs() const;
+	void set_debugregs(const kvm_debugregs &regs);
+	void set_guest_debug(const kvm_guest_debug &debug);
+
+	/* One MSR; throws Error with EINVAL if KVM does not handle it. */
+	std::uint64_t msr(std::uint32_t index) const;
+	void set_msr(std::uint32_t index, std::uint64_t value);
+	/* KVM_GET_MSRS / KVM_SET_MSRS: all or throw (reports the first failing index). */
+	void get_msrs(std::span<kvm_msr_entry> entries) const;
+	void set_msrs(std::span<const kvm_msr_entry> entries);
+
+	std::vector<kvm_cpuid_entry2> cpuid() const;
+	void set_cpuid(std::span<const kvm_cpuid_entry2> entries);
+
+	/* KVM_TRANSLATE of a guest-virtual address with the vCPU's paging. */
+	kvm_translation translate(std::uint64_t gva) const;
+
+	/*
+	 * Harvest this vCPU's dirty ring (when VmOptions::dirty_ring_bytes was
+	 * set): guest-physical addresses of the pages written since the last
+	 * harvest. Call Vm::reset_dirty_rings() afterwards.
+	 */
+	std::vector<std::uint64_t> harvest_dirty_ring();
+
+	/* The guest memory of this vCPU's VM. */
+	GuestMemory &memory() noexcept;
+
+private:
+	friend class Vm;
+	friend struct detail::VcpuAccess;
+	explicit Vcpu(std::unique_ptr<detail::VcpuState> state);
+	std::unique_ptr<detail::VcpuState> state_;
+};
+
+} // namespace virtkit

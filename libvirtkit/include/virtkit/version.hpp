@@ -1,0 +1,7 @@
+// SPDX-License-Identifier: MIT
+#pragma once
+
+#define VIRTKIT_VERSION_MAJOR 0
+#define VIRTKIT_VERSION_MINOR 1
+#define VIRTKIT_VERSION_PATCH 0
+#define VIRTKIT_VERSION_STRING "0.1.0"

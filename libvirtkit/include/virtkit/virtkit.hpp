@@ -1,0 +1,12 @@
+// SPDX-License-Identifier: MIT
+/* libvirtkit: everything a VMM needs, in one include. */
+#pragma once
+
+#include <virtkit/error.hpp>
+#include <virtkit/exit.hpp>
+#include <virtkit/fd.hpp>
+#include <virtkit/memory.hpp>
+#include <virtkit/system.hpp>
+#include <virtkit/vcpu.hpp>
+#include <virtkit/version.hpp>
+#include <virtkit/vm.hpp>

@@ -1,0 +1,92 @@
+// SPDX-License-Identifier: MIT
+/*
+ * Internal: the state behind Vm and Vcpu handles.
+ *
+ * VmState is shared (std::shared_ptr) by the Vm handle, every Vcpu and every
+ * ExitHandlerRegistration (weakly), so handles can be destroyed in any order;
+ * the VM fd closes when the last of them goes.
+ */
+#pragma once
+
+#include <pthread.h>
+
+#include <atomic>
+#include <cstdint>
+#include <memory>
+#include <mutex>
+#include <vector>
+
+#include <virtkit/fd.hpp>
+#include <virtkit/vm.hpp>
+
+#include "memory_map.hpp"
+
+namespace virtkit::detail {
+
+struct HandlerEntry {
+	std::uint64_t id;
+	int priority;
+	ExitHandler fn;
+};
+
+struct VmState {
+	VmState(FileDesc f, std::size_t run_size, std::uint32_t max_slots,
+		std::uint32_t ring_bytes)
+		: fd(std::move(f)), vcpu_mmap_size(run_size),
+		  dirty_ring_bytes(ring_bytes),
+		  memory(fd.get(), max_slots, ring_bytes != 0), facade(memory) {}
+
+	FileDesc fd;
+	std::size_t vcpu_mmap_size;
+	std::uint32_t dirty_ring_bytes;
+	MemoryMap memory;
+	GuestMemory facade; /* what Vm::memory() and Vcpu::memory() return */
+
+	/*
+	 * Exit handlers: copy-on-write list. handlers_mu protects the pointer;
+	 * a running vCPU takes a snapshot and calls handlers without the lock.
+	 */
+	std::mutex handlers_mu;
+	std::shared_ptr<const std::vector<HandlerEntry>> handlers =
+		std::make_shared<const std::vector<HandlerEntry>>();
+	std::uint64_t next_handler_id = 1;
+
+	std::shared_ptr<const std::vector<HandlerEntry>> snapshot_handlers()
+	{
+		std::lock_guard lock(handlers_mu);
+		return handlers;
+	}
+};
+
+struct VcpuState {
+	std::shared_ptr<VmState> vm;
+	std::uint32_t id;
+	FileDesc fd;
+	Mapping run;		/* kvm_run, mapped once */
+	Mapping ring;		/* dirty ring, when enabled */
+	std::uint32_t ring_entries = 0;
+	std::uint32_t ring_next = 0;
+
+	/*
+	 * Kick protocol. kick_mu protects running_thread/in_run so that a
+	 * kicker never signals a thread that has left run() (it may have
+	 * exited). A kick sets kvm_run.immediate_exit first: if the vCPU thread
+	 * is about to enter KVM_RUN it returns EINTR at once; if it is in the
+	 * guest the signal forces an exit. run() clears immediate_exit when
+	 * it reports the kick.
+	 */
+	std::mutex kick_mu;
+	pthread_t running_thread{};
+	bool in_run = false;
+
+	/* The thread whose signal mask KVM_SET_SIGNAL_MASK was derived from. */
+	pthread_t mask_thread{};
+	bool mask_set = false;
+};
+
+/* The friend through which library internals reach a Vcpu's state. */
+struct VcpuAccess {
+	static VcpuState &state(Vcpu &v);
+};
+
+} // namespace virtkit::detail
