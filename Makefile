@@ -17,9 +17,9 @@ CXX        ?= g++
 CXXSTD     := -std=c++20
 WARN       := -Wall -Wextra -Werror
 OPT        ?= -O2 -g
-# Guest code runs from the test binaries' own pages at their host addresses:
-# no stack protector (the guest has no %fs canary) and no red zone (exception
-# frames are pushed on the interrupted stack's IST-less neighbours).
+# Guest code runs from the executable's own pages at their host addresses:
+# no stack protector (the guest has no %fs canary), no red zone (exceptions
+# at CPL0 push their frame on the interrupted stack) and no CET notes.
 GUESTSAFE  := -fno-stack-protector -mno-red-zone -fcf-protection=none
 CPPFLAGS   := -Ilibvirtkit/include -Iuapi -MMD -MP
 CXXFLAGS   := $(CXXSTD) $(WARN) $(OPT) $(GUESTSAFE)
@@ -63,6 +63,12 @@ $(BUILD)/%.o: %.S
 	@mkdir -p $(@D)
 	$(CXX) $(CPPFLAGS) -fPIC -c $< -o $@
 
+# The guest runtime runs inside the guest, where there is no libc: keep the
+# compiler from turning its loops into memset/memcpy calls.
+$(BUILD)/libvirtkit/src/x86/guest_runtime.o: CXXFLAGS += -ffreestanding -fno-builtin -fno-tree-loop-distribute-patterns -mgeneral-regs-only
+
+$(BUILD)/selftests/lib/string_override.o: CXXFLAGS += -ffreestanding -fno-builtin -fno-tree-loop-distribute-patterns -mgeneral-regs-only
+
 $(LIB_A): $(LIB_OBJS)
 	@mkdir -p $(@D)
 	rm -f $@
@@ -80,9 +86,14 @@ $(BUILD)/selftests/x86/%: $(BUILD)/selftests/x86/%.o $(ST_LIB_OBJS) $(LIB_A)
 	@mkdir -p $(@D)
 	$(CXX) -no-pie -o $@ $< $(ST_LIB_OBJS) $(LIB_A) $(LDLIBS)
 
+# Test sources hold guest code, which must not touch x87/SSE state: some
+# hosts (PVM-based KVM, like our CI machines) cannot run guest FPU
+# instructions and fail them with KVM_EXIT_INTERNAL_ERROR (emulation).
+GUESTCODE := -mgeneral-regs-only
+
 $(BUILD)/selftests/x86/%.o: selftests/x86/%.cpp
 	@mkdir -p $(@D)
-	$(CXX) $(CPPFLAGS) -Iselftests/lib $(CXXFLAGS) -fno-pie -c $< -o $@
+	$(CXX) $(CPPFLAGS) -Iselftests/lib $(CXXFLAGS) $(GUESTCODE) -fno-pie -c $< -o $@
 
 $(BUILD)/selftests/lib/%.o: selftests/lib/%.cpp
 	@mkdir -p $(@D)
@@ -128,5 +139,7 @@ include mk/install.mk
 
 clean:
 	rm -rf $(BUILD)
+
+.SECONDARY:
 
 -include $(shell find $(BUILD) -name '*.d' 2>/dev/null)

@@ -1,1 +1,97 @@
-# install rules: written by the packaging work
+# Install rules, included by the top-level Makefile.
+#
+#   make install   [PREFIX=/usr/local] [DESTDIR=]
+#   make uninstall [PREFIX=/usr/local] [DESTDIR=]
+#
+# Layout under $(DESTDIR)$(PREFIX):
+#   include/virtkit/*.hpp, include/virtkit/x86/*.h*    library headers
+#   include/linux/virtkit*.h                            module ABI (uapi/linux)
+#   lib/libvirtkit.a, lib/libvirtkit.so{,.0,.0.1.0}      libraries
+#   lib/pkgconfig/virtkit.pc                            pkg-config
+#   lib/cmake/virtkit/virtkitConfig{,Version}.cmake     find_package(virtkit)
+#   bin/virtkit                                         tool (when it is built)
+#
+# The pkg-config file records PREFIX; the CMake package locates itself and
+# is relocatable.
+
+BINDIR       ?= $(PREFIX)/bin
+LIBDIR       ?= $(PREFIX)/lib
+INCLUDEDIR   ?= $(PREFIX)/include
+PKGCONFIGDIR ?= $(LIBDIR)/pkgconfig
+CMAKEDIR     ?= $(LIBDIR)/cmake/virtkit
+
+INSTALL      ?= install
+
+INST_HDRS     := $(wildcard libvirtkit/include/virtkit/*.hpp libvirtkit/include/virtkit/*.h)
+INST_X86_HDRS := $(wildcard libvirtkit/include/virtkit/x86/*.hpp libvirtkit/include/virtkit/x86/*.h)
+INST_UAPI     := $(wildcard uapi/linux/*.h)
+
+# pkg-config: keep ${prefix} symbolic where the directory lies under PREFIX.
+pc_dir = $(patsubst $(PREFIX)/%,$${prefix}/%,$(1))
+# CMake: paths relative to the installed config file's directory.
+cmake_rel = $(shell realpath -m --relative-to='$(CMAKEDIR)' '$(1)')
+
+$(BUILD)/virtkit.pc: libvirtkit/virtkit.pc.in FORCE
+	@mkdir -p $(@D)
+	sed -e 's|@PREFIX@|$(PREFIX)|g' \
+	    -e 's|@LIBDIR@|$(call pc_dir,$(LIBDIR))|g' \
+	    -e 's|@INCLUDEDIR@|$(call pc_dir,$(INCLUDEDIR))|g' \
+	    -e 's|@VERSION@|$(VERSION)|g' $< > $@
+
+$(BUILD)/cmake/virtkitConfig.cmake: libvirtkit/cmake/virtkitConfig.cmake.in FORCE
+	@mkdir -p $(@D)
+	sed -e 's|@VERSION@|$(VERSION)|g' \
+	    -e 's|@SOVERSION@|$(SOVERSION)|g' \
+	    -e 's|@CMAKE_TO_LIBDIR@|$(call cmake_rel,$(LIBDIR))|g' \
+	    -e 's|@CMAKE_TO_INCLUDEDIR@|$(call cmake_rel,$(INCLUDEDIR))|g' $< > $@
+
+$(BUILD)/cmake/virtkitConfigVersion.cmake: libvirtkit/cmake/virtkitConfigVersion.cmake.in FORCE
+	@mkdir -p $(@D)
+	sed -e 's|@VERSION@|$(VERSION)|g' $< > $@
+
+INST_GENERATED := $(BUILD)/virtkit.pc $(BUILD)/cmake/virtkitConfig.cmake \
+                  $(BUILD)/cmake/virtkitConfigVersion.cmake
+
+# The tool is built and installed once its sources exist.
+install: lib $(if $(TOOL_SRCS),tool) $(INST_GENERATED)
+	$(INSTALL) -d $(DESTDIR)$(INCLUDEDIR)/virtkit $(DESTDIR)$(LIBDIR) \
+		$(DESTDIR)$(PKGCONFIGDIR) $(DESTDIR)$(CMAKEDIR)
+	$(INSTALL) -m 644 $(INST_HDRS) $(DESTDIR)$(INCLUDEDIR)/virtkit/
+ifneq ($(INST_X86_HDRS),)
+	$(INSTALL) -d $(DESTDIR)$(INCLUDEDIR)/virtkit/x86
+	$(INSTALL) -m 644 $(INST_X86_HDRS) $(DESTDIR)$(INCLUDEDIR)/virtkit/x86/
+endif
+ifneq ($(INST_UAPI),)
+	$(INSTALL) -d $(DESTDIR)$(INCLUDEDIR)/linux
+	$(INSTALL) -m 644 $(INST_UAPI) $(DESTDIR)$(INCLUDEDIR)/linux/
+endif
+	$(INSTALL) -m 644 $(LIB_A) $(DESTDIR)$(LIBDIR)/
+	$(INSTALL) -m 755 $(LIB_SO) $(DESTDIR)$(LIBDIR)/
+	ln -sf libvirtkit.so.$(VERSION) $(DESTDIR)$(LIBDIR)/libvirtkit.so.$(SOVERSION)
+	ln -sf libvirtkit.so.$(SOVERSION) $(DESTDIR)$(LIBDIR)/libvirtkit.so
+	$(INSTALL) -m 644 $(BUILD)/virtkit.pc $(DESTDIR)$(PKGCONFIGDIR)/
+	$(INSTALL) -m 644 $(BUILD)/cmake/virtkitConfig.cmake \
+		$(BUILD)/cmake/virtkitConfigVersion.cmake $(DESTDIR)$(CMAKEDIR)/
+	@if [ -x $(TOOL_BIN) ]; then \
+		echo "$(INSTALL) -D -m 755 $(TOOL_BIN) $(DESTDIR)$(BINDIR)/virtkit"; \
+		$(INSTALL) -D -m 755 $(TOOL_BIN) $(DESTDIR)$(BINDIR)/virtkit; \
+	else \
+		echo "install: $(TOOL_BIN) not built, skipping the virtkit tool"; \
+	fi
+
+uninstall:
+	rm -f $(addprefix $(DESTDIR)$(INCLUDEDIR)/virtkit/,$(notdir $(INST_HDRS)))
+	rm -f $(addprefix $(DESTDIR)$(INCLUDEDIR)/virtkit/x86/,$(notdir $(INST_X86_HDRS)))
+	rm -f $(addprefix $(DESTDIR)$(INCLUDEDIR)/linux/,$(notdir $(INST_UAPI)))
+	rmdir $(DESTDIR)$(INCLUDEDIR)/virtkit/x86 $(DESTDIR)$(INCLUDEDIR)/virtkit 2>/dev/null || true
+	rm -f $(DESTDIR)$(LIBDIR)/libvirtkit.a $(DESTDIR)$(LIBDIR)/libvirtkit.so \
+		$(DESTDIR)$(LIBDIR)/libvirtkit.so.$(SOVERSION) \
+		$(DESTDIR)$(LIBDIR)/libvirtkit.so.$(VERSION)
+	rm -f $(DESTDIR)$(PKGCONFIGDIR)/virtkit.pc
+	rm -f $(DESTDIR)$(CMAKEDIR)/virtkitConfig.cmake \
+		$(DESTDIR)$(CMAKEDIR)/virtkitConfigVersion.cmake
+	rmdir $(DESTDIR)$(CMAKEDIR) 2>/dev/null || true
+	rm -f $(DESTDIR)$(BINDIR)/virtkit
+
+.PHONY: FORCE
+FORCE:

@@ -4,7 +4,7 @@
 #include <cstring>
 #include <string.h>
 
-#include <linux/kvm.h>
+#include <virtkit/kvm.h>
 
 #include "ioctl.hpp"
 
@@ -31,9 +31,9 @@ std::string format_error(const std::string &operation, int err,
 }
 
 Error::Error(std::string operation, int err, std::string detail, VmState vm)
-	: std::system_error(err, std::generic_category(),
-			    format_error(operation, err, detail, vm)),
-	  operation_(std::move(operation)), detail_(std::move(detail)), vm_(vm)
+	: std::system_error(err, std::generic_category()),
+	  operation_(std::move(operation)), detail_(std::move(detail)), vm_(vm),
+	  message_(format_error(operation_, err, detail_, vm))
 {
 }
 

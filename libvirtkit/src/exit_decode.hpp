@@ -2,7 +2,7 @@
 /* Internal: turning a kvm_run after KVM_RUN into a typed Exit. */
 #pragma once
 
-#include <linux/kvm.h>
+#include <virtkit/kvm.h>
 
 #include <cstddef>
 

@@ -5,7 +5,7 @@
  */
 #pragma once
 
-#include <linux/kvm.h>
+#include <virtkit/kvm.h>
 
 #ifndef KVM_EXIT_MEMORY_FAULT
 #define KVM_EXIT_MEMORY_FAULT 39

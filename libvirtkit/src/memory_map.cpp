@@ -1,7 +1,7 @@
 // SPDX-License-Identifier: MIT
 #include "memory_map.hpp"
 
-#include <linux/kvm.h>
+#include <virtkit/kvm.h>
 #include <sys/mman.h>
 #include <unistd.h>
 

@@ -31,11 +31,14 @@ public:
 	int err() const noexcept { return code().value(); }
 	VmState vm_state() const noexcept { return vm_; }
 	bool vm_dead() const noexcept { return vm_ == VmState::dead; }
+	/* format_error(operation(), err(), detail(), vm_state()). */
+	const char *what() const noexcept override { return message_.c_str(); }
 
 private:
 	std::string operation_;
 	std::string detail_;
 	VmState vm_;
+	std::string message_;
 };
 
 /*

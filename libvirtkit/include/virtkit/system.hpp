@@ -5,7 +5,7 @@
  */
 #pragma once
 
-#include <linux/kvm.h>
+#include <virtkit/kvm.h>
 
 #include <cstddef>
 #include <cstdint>

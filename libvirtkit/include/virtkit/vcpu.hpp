@@ -9,7 +9,7 @@
  */
 #pragma once
 
-#include <linux/kvm.h>
+#include <virtkit/kvm.h>
 
 #include <cstdint>
 #include <memory>

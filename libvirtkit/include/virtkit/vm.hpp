@@ -8,7 +8,7 @@
  */
 #pragma once
 
-#include <linux/kvm.h>
+#include <virtkit/kvm.h>
 
 #include <array>
 #include <cstdint>

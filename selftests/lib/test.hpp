@@ -1,0 +1,109 @@
+// SPDX-License-Identifier: MIT
+/*
+ * virtkit selftest harness, in the style of the kernel's kselftest_harness:
+ * every VK_TEST in a binary is run in its own forked child, results are
+ * printed as KTAP, and the exit code is kselftest's (0 pass, 1 fail, 4 skip).
+ *
+ *   VK_TEST(vm_create) {
+ *           TEST_REQUIRE(vkt::kvm().has(KVM_CAP_READONLY_MEM), "KVM_CAP_READONLY_MEM");
+ *           TEST_ASSERT_EQ(x, 1);
+ *   }
+ *
+ * Options: -l lists the tests, -t NAME runs only NAME (repeatable).
+ */
+#pragma once
+
+#include <cstdint>
+#include <cstdio>
+#include <string>
+
+#include <virtkit/virtkit.hpp>
+
+namespace vkt {
+
+using TestFn = void (*)();
+
+struct Registrar {
+	Registrar(const char *name, TestFn fn);
+};
+
+/* Thrown by TEST_REQUIRE: the test is skipped with this reason. */
+struct Skip {
+	std::string reason;
+};
+
+/* Thrown by failed assertions. */
+struct Failure {
+	std::string message;
+};
+
+[[noreturn]] void fail(const char *file, int line, const std::string &what);
+[[noreturn]] void fail_cond(const char *file, int line, const char *cond);
+[[noreturn]] void fail_cond(const char *file, int line, const char *cond, const char *fmt, ...)
+	__attribute__((format(printf, 4, 5)));
+std::string format(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
+
+/* /dev/kvm, opened once per test. */
+virtkit::System &kvm();
+
+/* Resource accounting for "nothing leaked" checks. */
+int open_fd_count();
+int mapping_count();
+
+/* A KTAP diagnostic line ("# ..."). */
+void diag(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
+
+} // namespace vkt
+
+#define VK_TEST(name)                                                          \
+	static void vk_test_##name();                                          \
+	static const ::vkt::Registrar vk_reg_##name(#name, vk_test_##name);    \
+	static void vk_test_##name()
+
+#define TEST_REQUIRE(cond, what)                                               \
+	do {                                                                   \
+		if (!(cond))                                                   \
+			throw ::vkt::Skip{std::string("requires ") + (what)};  \
+	} while (0)
+
+#define TEST_ASSERT(cond, ...)                                                 \
+	do {                                                                   \
+		if (!(cond))                                                   \
+			::vkt::fail_cond(__FILE__, __LINE__, #cond,            \
+					 ##__VA_ARGS__);                       \
+	} while (0)
+
+#define TEST_ASSERT_EQ(a, b)                                                   \
+	do {                                                                   \
+		auto vk_a_ = (a);                                              \
+		auto vk_b_ = (b);                                              \
+		if ((unsigned long long)vk_a_ != (unsigned long long)vk_b_)    \
+			::vkt::fail(__FILE__, __LINE__,                        \
+				    ::vkt::format("%s == %s: 0x%llx != 0x%llx", \
+						  #a, #b,                      \
+						  (unsigned long long)vk_a_,   \
+						  (unsigned long long)vk_b_)); \
+	} while (0)
+
+/*
+ * Evaluate expr, which must throw virtkit::Error with errno err. Returns the
+ * error's message for further checks.
+ */
+#define TEST_EXPECT_ERROR(expr, err)                                           \
+	([&]() -> std::string {                                                \
+		try {                                                          \
+			(void)(expr);                                          \
+		} catch (const ::virtkit::Error &vk_e_) {                      \
+			if (vk_e_.err() != (err))                              \
+				::vkt::fail(__FILE__, __LINE__,                \
+					    std::string(#expr) +               \
+						    ": expected " +            \
+						    ::virtkit::errno_name(err) + \
+						    ", got: " + vk_e_.what()); \
+			return vk_e_.what();                                   \
+		}                                                              \
+		::vkt::fail(__FILE__, __LINE__,                                \
+			    std::string(#expr) + ": expected " +               \
+				    ::virtkit::errno_name(err) +               \
+				    ", but it succeeded");                     \
+	}())

@@ -1,0 +1,184 @@
+// SPDX-License-Identifier: MIT
+/* virtkit::detail::plan_slots: cutting a region into memslots. */
+#include <catch2/catch.hpp>
+
+#include <cstdint>
+#include <random>
+#include <set>
+#include <sstream>
+#include <string>
+#include <vector>
+
+#include "slot_plan.hpp"
+
+using virtkit::detail::plan_slots;
+using virtkit::detail::SlotSpec;
+
+namespace {
+
+constexpr std::uint64_t page = 4096;
+constexpr std::uint64_t base = 0x100000;
+
+std::string show(const std::vector<SlotSpec> &v)
+{
+	std::ostringstream os;
+	os << std::hex;
+	for (const auto &s : v)
+		os << "{gpa=0x" << s.gpa << " size=0x" << s.size << " off=0x" << s.offset
+		   << (s.readonly ? " ro" : " rw") << "} ";
+	return os.str();
+}
+
+/* The invariants every plan keeps. */
+void check_covers(std::uint64_t gpa, std::uint64_t size, bool readonly,
+		  const std::set<std::uint64_t> &wp, const std::vector<SlotSpec> &slots)
+{
+	INFO("plan: " << show(slots));
+	REQUIRE_FALSE(slots.empty());
+	std::uint64_t next = 0, sum = 0;
+	for (std::size_t i = 0; i < slots.size(); i++) {
+		const auto &s = slots[i];
+		CHECK(s.size > 0);
+		CHECK(s.size % page == 0);
+		CHECK(s.offset == next);	   /* contiguous, in order */
+		CHECK(s.gpa == gpa + s.offset);
+		for (std::uint64_t p = s.offset / page; p < (s.offset + s.size) / page; p++) {
+			bool want_ro = readonly || wp.count(p);
+			if (s.readonly != want_ro) {
+				FAIL_CHECK("page " << p << " readonly=" << s.readonly);
+				break;
+			}
+		}
+		if (i > 0) /* maximal: neighbours differ */
+			CHECK(slots[i - 1].readonly != s.readonly);
+		next = s.offset + s.size;
+		sum += s.size;
+	}
+	CHECK(sum == size);
+	CHECK(next == size);
+}
+
+} // namespace
+
+TEST_CASE("plan: whole region is one writable slot", "[slot_plan]")
+{
+	auto v = plan_slots(base, 16 * page, false, {});
+	REQUIRE(v.size() == 1);
+	CHECK(v[0] == SlotSpec{base, 16 * page, 0, false});
+}
+
+TEST_CASE("plan: one-page region", "[slot_plan]")
+{
+	CHECK(plan_slots(0, page, false, {}) == std::vector<SlotSpec>{{0, page, 0, false}});
+	CHECK(plan_slots(0, page, false, {0}) == std::vector<SlotSpec>{{0, page, 0, true}});
+}
+
+TEST_CASE("plan: readonly region is one readonly slot", "[slot_plan]")
+{
+	auto v = plan_slots(base, 16 * page, true, {});
+	REQUIRE(v.size() == 1);
+	CHECK(v[0] == SlotSpec{base, 16 * page, 0, true});
+
+	SECTION("write-protected pages change nothing") {
+		CHECK(plan_slots(base, 16 * page, true, {1, 2, 9}) == v);
+	}
+}
+
+TEST_CASE("plan: one protected page in the middle makes three slots", "[slot_plan]")
+{
+	auto v = plan_slots(base, 16 * page, false, {5});
+	INFO(show(v));
+	REQUIRE(v.size() == 3);
+	CHECK(v[0] == SlotSpec{base, 5 * page, 0, false});
+	CHECK(v[1] == SlotSpec{base + 5 * page, page, 5 * page, true});
+	CHECK(v[2] == SlotSpec{base + 6 * page, 10 * page, 6 * page, false});
+}
+
+TEST_CASE("plan: adjacent protected pages are merged", "[slot_plan]")
+{
+	auto v = plan_slots(base, 16 * page, false, {4, 5, 6});
+	INFO(show(v));
+	REQUIRE(v.size() == 3);
+	CHECK(v[0] == SlotSpec{base, 4 * page, 0, false});
+	CHECK(v[1] == SlotSpec{base + 4 * page, 3 * page, 4 * page, true});
+	CHECK(v[2] == SlotSpec{base + 7 * page, 9 * page, 7 * page, false});
+
+	SECTION("two separate runs") {
+		auto w = plan_slots(base, 16 * page, false, {2, 3, 8, 9, 10});
+		INFO(show(w));
+		REQUIRE(w.size() == 5);
+		CHECK(w[0] == SlotSpec{base, 2 * page, 0, false});
+		CHECK(w[1] == SlotSpec{base + 2 * page, 2 * page, 2 * page, true});
+		CHECK(w[2] == SlotSpec{base + 4 * page, 4 * page, 4 * page, false});
+		CHECK(w[3] == SlotSpec{base + 8 * page, 3 * page, 8 * page, true});
+		CHECK(w[4] == SlotSpec{base + 11 * page, 5 * page, 11 * page, false});
+	}
+	SECTION("every page protected") {
+		std::set<std::uint64_t> all;
+		for (std::uint64_t p = 0; p < 16; p++)
+			all.insert(p);
+		CHECK(plan_slots(base, 16 * page, false, all) ==
+		      std::vector<SlotSpec>{{base, 16 * page, 0, true}});
+	}
+}
+
+TEST_CASE("plan: protected first page", "[slot_plan]")
+{
+	auto v = plan_slots(base, 8 * page, false, {0});
+	INFO(show(v));
+	REQUIRE(v.size() == 2);
+	CHECK(v[0] == SlotSpec{base, page, 0, true});
+	CHECK(v[1] == SlotSpec{base + page, 7 * page, page, false});
+}
+
+TEST_CASE("plan: protected last page", "[slot_plan]")
+{
+	auto v = plan_slots(base, 8 * page, false, {7});
+	INFO(show(v));
+	REQUIRE(v.size() == 2);
+	CHECK(v[0] == SlotSpec{base, 7 * page, 0, false});
+	CHECK(v[1] == SlotSpec{base + 7 * page, page, 7 * page, true});
+}
+
+TEST_CASE("plan: protected pages beyond the region are ignored", "[slot_plan]")
+{
+	SECTION("only beyond") {
+		CHECK(plan_slots(base, 8 * page, false, {8, 9, 100}) ==
+		      std::vector<SlotSpec>{{base, 8 * page, 0, false}});
+	}
+	SECTION("a run crossing the end is cut at the end") {
+		auto v = plan_slots(base, 8 * page, false, {6, 7, 8, 9});
+		INFO(show(v));
+		REQUIRE(v.size() == 2);
+		CHECK(v[0] == SlotSpec{base, 6 * page, 0, false});
+		CHECK(v[1] == SlotSpec{base + 6 * page, 2 * page, 6 * page, true});
+	}
+	SECTION("mixed inside and beyond") {
+		auto v = plan_slots(base, 8 * page, false, {3, 12});
+		INFO(show(v));
+		REQUIRE(v.size() == 3);
+		CHECK(v[0] == SlotSpec{base, 3 * page, 0, false});
+		CHECK(v[1] == SlotSpec{base + 3 * page, page, 3 * page, true});
+		CHECK(v[2] == SlotSpec{base + 4 * page, 4 * page, 4 * page, false});
+	}
+}
+
+TEST_CASE("plan: slots cover the region exactly (random sets)", "[slot_plan]")
+{
+	std::mt19937_64 rng(0x5eed1234);
+	for (int iter = 0; iter < 200; iter++) {
+		std::uint64_t pages = 1 + rng() % 64;
+		std::uint64_t gpa = (rng() % 0x100000) * page;
+		bool readonly = rng() % 8 == 0;
+		std::set<std::uint64_t> wp;
+		/* Vary density: sparse, dense, beyond-the-end pages. */
+		unsigned density = rng() % 4;
+		for (std::uint64_t p = 0; p < pages + 8; p++)
+			if (rng() % 4 < density)
+				wp.insert(p);
+		INFO("iter " << iter << " pages=" << pages << " readonly=" << readonly
+			     << " density=" << density);
+		check_covers(gpa, pages * page, readonly, wp,
+			     plan_slots(gpa, pages * page, readonly, wp));
+	}
+}
