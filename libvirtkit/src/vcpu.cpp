@@ -82,6 +82,23 @@ static void update_run_sigmask(detail::VcpuState &s)
 	s.mask_set = true;
 }
 
+/*
+ * A kick signal that the vCPU thread blocks is not delivered when KVM_RUN
+ * returns: it stays pending and would make every later KVM_RUN return EINTR
+ * at once. Consume it (the kick itself is reported through immediate_exit).
+ */
+static void consume_blocked_kick()
+{
+	sigset_t pending;
+	if (sigpending(&pending) < 0 || !sigismember(&pending, kick_signal()))
+		return;
+	sigset_t kick;
+	sigemptyset(&kick);
+	sigaddset(&kick, kick_signal());
+	const timespec zero{};
+	sigtimedwait(&kick, nullptr, &zero);
+}
+
 Exit Vcpu::run()
 {
 	auto &s = *state_;
@@ -108,8 +125,10 @@ Exit Vcpu::run()
 			}
 			interrupted = true;
 		}
-		if (interrupted || run->exit_reason == KVM_EXIT_INTR)
+		if (interrupted || run->exit_reason == KVM_EXIT_INTR) {
 			std::atomic_ref(run->immediate_exit).store(0);
+			consume_blocked_kick();
+		}
 
 		Exit exit = detail::decode_exit(*run, s.run.size(), interrupted);
 		bool resume = false;

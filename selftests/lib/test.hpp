@@ -89,21 +89,21 @@ void diag(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
  * Evaluate expr, which must throw virtkit::Error with errno err. Returns the
  * error's message for further checks.
  */
-#define TEST_EXPECT_ERROR(expr, err)                                           \
+#define TEST_EXPECT_ERROR(expr, want_errno)                                           \
 	([&]() -> std::string {                                                \
 		try {                                                          \
 			(void)(expr);                                          \
 		} catch (const ::virtkit::Error &vk_e_) {                      \
-			if (vk_e_.err() != (err))                              \
+			if (vk_e_.err() != (want_errno))                              \
 				::vkt::fail(__FILE__, __LINE__,                \
 					    std::string(#expr) +               \
 						    ": expected " +            \
-						    ::virtkit::errno_name(err) + \
+						    ::virtkit::errno_name(want_errno) + \
 						    ", got: " + vk_e_.what()); \
 			return vk_e_.what();                                   \
 		}                                                              \
 		::vkt::fail(__FILE__, __LINE__,                                \
 			    std::string(#expr) + ": expected " +               \
-				    ::virtkit::errno_name(err) +               \
+				    ::virtkit::errno_name(want_errno) +               \
 				    ", but it succeeded");                     \
 	}())

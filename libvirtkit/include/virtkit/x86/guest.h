@@ -132,7 +132,7 @@ static inline uint32_t guest_vcpu_id(void)
 	return (uint32_t)guest_percpu()->vcpu_id;
 }
 
-#define VIRTKIT_NARGS_(...) VIRTKIT_NARGS__(0, ##__VA_ARGS__, 6, 5, 4, 3, 2, 1, 0)
+#define VIRTKIT_NARGS_(...) VIRTKIT_NARGS__(0 __VA_OPT__(,) __VA_ARGS__, 6, 5, 4, 3, 2, 1, 0)
 #define VIRTKIT_NARGS__(_0, _1, _2, _3, _4, _5, _6, n, ...) n
 
 /* Each argument converted to uint64_t, with a leading comma. */
