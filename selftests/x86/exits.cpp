@@ -304,3 +304,21 @@ VK_TEST(exit_handlers_consume_in_priority_order)
 	TEST_ASSERT_EQ(consumed, 20);
 	TEST_ASSERT_EQ(g.run(v).args[0], 1);
 }
+
+static void guest_triple_fault(void)
+{
+	/* No IDT: the #UD cannot be delivered, nor the #DF: a triple fault. */
+	struct {
+		std::uint16_t limit;
+		std::uint64_t base;
+	} __attribute__((packed)) no_idt = {0, 0};
+	__asm__ volatile("lidt %0; ud2" ::"m"(no_idt));
+}
+
+VK_TEST(shutdown_on_triple_fault)
+{
+	GuestVm g(vkt::kvm());
+	Vcpu &v = g.add_vcpu(guest_triple_fault);
+	Exit e = v.run();
+	TEST_ASSERT(std::holds_alternative<ShutdownExit>(e), "got %s", describe(e).c_str());
+}
