@@ -1,0 +1,49 @@
+// SPDX-License-Identifier: MIT
+/*
+ * The guest side of `virtkit demo`: entry points (in demo_guest.cpp, which is
+ * compiled as guest code: freestanding, general registers only) and the
+ * ports and addresses the guest and the host agree on.
+ */
+#pragma once
+
+#include <cstdint>
+
+namespace virtkit::tool::demo {
+
+/* Port I/O "devices" the host emulates in its run loop. */
+inline constexpr std::uint16_t port_ask = 0x5000;	/* IN: the host answers a number */
+inline constexpr std::uint16_t port_answer = 0x5004;	/* OUT: the guest reports a result */
+inline constexpr std::uint16_t port_console = 0x5008;	/* OUTB: one character */
+inline constexpr std::uint16_t port_bench = 0x5010;	/* OUTB: exit round-trip benchmark */
+
+/* A guest-physical page with no memory behind it: every access exits as MMIO. */
+inline constexpr std::uint64_t mmio_base = 0xd0000000;
+inline constexpr std::uint64_t mmio_id = mmio_base + 0x0;	/* read: device id */
+inline constexpr std::uint64_t mmio_doorbell = mmio_base + 0x8;	/* write: value printed */
+
+/* Values the steps check. */
+inline constexpr std::uint64_t fib_n = 90;
+inline constexpr std::uint64_t pattern_seed = 0x9e3779b97f4a7c15ull;
+
+/* Guest entry points; each ends with GUEST_DONE (returning is the same). */
+void guest_hello(void);
+void guest_compute(std::uint64_t n, std::uint64_t buf, std::uint64_t size, std::uint64_t seed);
+void guest_ports(void);
+void guest_mmio(void);
+void guest_exceptions(std::uint64_t unmapped);
+void guest_worker(std::uint64_t shared, std::uint64_t iterations);
+void guest_bench_pio(std::uint64_t n);
+void guest_bench_mmio(std::uint64_t n);
+
+/* Where guest_exceptions raises #UD (for the host to name the faulting function). */
+void guest_raise_ud(void *);
+
+/* The string guest_compute writes after its pattern. */
+extern const char guest_message[];
+
+/* The same computations on the host, to check the guest's answers. */
+std::uint64_t fibonacci(std::uint64_t n);
+std::uint64_t fnv1a(const std::uint8_t *p, std::uint64_t size);
+void fill_pattern(std::uint8_t *p, std::uint64_t size, std::uint64_t seed);
+
+} // namespace virtkit::tool::demo

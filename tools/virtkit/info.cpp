@@ -1,0 +1,399 @@
+// SPDX-License-Identifier: MIT
+/*
+ * virtkit info - what this host offers virtkit.
+ *
+ * Every answer is a question asked of the kernel (KVM_CHECK_EXTENSION,
+ * KVM_GET_SUPPORTED_CPUID, KVM_GET_MSR_INDEX_LIST, stat of /dev/virtkit);
+ * nothing is inferred from CPU models or kernel versions. Capabilities that
+ * KVM answers per VM are asked on the fd of a scratch VM: the /dev/kvm answer
+ * is only a default, and the features use them per VM.
+ *
+ * The output is one "key: value" line per fact, aligned, under section
+ * headers, with keys unique across sections so that `grep KEY` finds one
+ * line. Keep keys stable: scripts read them.
+ */
+#include <sys/stat.h>
+#include <sys/utsname.h>
+
+#include <cerrno>
+#include <cstdint>
+#include <cstdio>
+#include <cstring>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include <virtkit/virtkit.hpp>
+
+#include "commands.hpp"
+
+/* Newer than Debian 12's kernel headers (6.1); ABI values never change. */
+#ifndef KVM_CAP_MEMORY_FAULT_INFO
+#define KVM_CAP_MEMORY_FAULT_INFO 232
+#endif
+
+namespace virtkit::tool {
+
+const char info_help[] =
+	"usage: virtkit info [--device PATH]\n"
+	"\n"
+	"Show what this host offers virtkit: the KVM device and API version, the\n"
+	"KVM capabilities virtkit's features rely on (asked on /dev/kvm, or on a\n"
+	"scratch VM where KVM answers per VM), the CPUID leaves and MSRs KVM\n"
+	"supports, whether the virtkit kernel module (/dev/virtkit) is present, and\n"
+	"for each feature which backend this host could run and why not.\n"
+	"\n"
+	"Options:\n"
+	"  --device PATH   KVM device to probe (default /dev/kvm)\n"
+	"  -h, --help      show this help\n"
+	"\n"
+	"Exit status: 0 when KVM is usable (the device opens and a VM can be\n"
+	"created), 1 when it is not (the reason and what to do go to stderr),\n"
+	"2 on a usage error.\n";
+
+namespace {
+
+constexpr const char *virtkit_device = "/dev/virtkit";
+constexpr std::uint32_t msr_ia32_pkrs = 0x6e1;
+
+/* Where KVM answers a capability. */
+enum class Scope { system, vm };
+
+/* How a capability's KVM_CHECK_EXTENSION value is shown. */
+enum class Show {
+	flag,	/* "yes" / "no" */
+	number,	/* the value itself */
+	amount,	/* "yes (VALUE UNIT)" / "no" */
+	mask,	/* "yes (UNIT 0xVALUE)" / "no" */
+};
+
+struct CapQuery {
+	const char *name;
+	long cap;
+	Scope scope;
+	Show show;
+	const char *unit;
+};
+
+const CapQuery cap_queries[] = {
+	{"KVM_CAP_SET_GUEST_DEBUG", KVM_CAP_SET_GUEST_DEBUG, Scope::system, Show::flag, ""},
+	{"KVM_CAP_GUEST_DEBUG_HW_BPS", KVM_CAP_GUEST_DEBUG_HW_BPS, Scope::system, Show::amount,
+	 "breakpoints"},
+	{"KVM_CAP_MEMORY_FAULT_INFO", KVM_CAP_MEMORY_FAULT_INFO, Scope::system, Show::flag, ""},
+	{"KVM_CAP_SYNC_REGS", KVM_CAP_SYNC_REGS, Scope::system, Show::mask, "register sets"},
+	{"KVM_CAP_IMMEDIATE_EXIT", KVM_CAP_IMMEDIATE_EXIT, Scope::system, Show::flag, ""},
+	{"KVM_CAP_XSAVE2", KVM_CAP_XSAVE2, Scope::system, Show::amount, "bytes of XSAVE state"},
+	{"KVM_CAP_NR_VCPUS", KVM_CAP_NR_VCPUS, Scope::system, Show::number, ""},
+	{"KVM_CAP_MAX_VCPUS", KVM_CAP_MAX_VCPUS, Scope::system, Show::number, ""},
+	{"KVM_CAP_READONLY_MEM", KVM_CAP_READONLY_MEM, Scope::vm, Show::flag, ""},
+	{"KVM_CAP_X86_USER_SPACE_MSR", KVM_CAP_X86_USER_SPACE_MSR, Scope::vm, Show::flag, ""},
+	{"KVM_CAP_X86_MSR_FILTER", KVM_CAP_X86_MSR_FILTER, Scope::vm, Show::flag, ""},
+	{"KVM_CAP_DIRTY_LOG_RING", KVM_CAP_DIRTY_LOG_RING, Scope::vm, Show::amount,
+	 "bytes max per vCPU"},
+	{"KVM_CAP_DIRTY_LOG_RING_ACQ_REL", KVM_CAP_DIRTY_LOG_RING_ACQ_REL, Scope::vm, Show::flag,
+	 ""},
+	{"KVM_CAP_NR_MEMSLOTS", KVM_CAP_NR_MEMSLOTS, Scope::vm, Show::number, ""},
+};
+
+/* Everything probed, before anything is printed. */
+struct HostFacts {
+	std::string device;
+	std::string kernel;
+	std::optional<Error> kvm_error;	/* opening /dev/kvm failed */
+	int api_version = 0;
+	std::size_t vcpu_mmap_size = 0;
+	std::optional<Error> vm_error;	/* creating the scratch VM failed */
+	std::vector<int> caps;		/* per cap_queries entry; -1: not asked */
+	std::size_t cpuid_entries = 0;
+	std::size_t msrs = 0;
+	std::size_t feature_msrs = 0;
+	std::string vendor;
+	bool pku = false;
+	bool pks = false;
+	bool pkrs_msr = false;
+	bool virtkit_present = false;
+	std::string virtkit_state;
+};
+
+int cap(const HostFacts &f, long which)
+{
+	for (std::size_t i = 0; i < std::size(cap_queries); i++)
+		if (cap_queries[i].cap == which)
+			return f.caps[i] < 0 ? 0 : f.caps[i];
+	return 0;
+}
+
+std::string cpuid_vendor(const std::vector<kvm_cpuid_entry2> &cpuid)
+{
+	for (auto &e : cpuid) {
+		if (e.function != 0)
+			continue;
+		char s[13];
+		std::memcpy(s, &e.ebx, 4);
+		std::memcpy(s + 4, &e.edx, 4);
+		std::memcpy(s + 8, &e.ecx, 4);
+		s[12] = 0;
+		return s;
+	}
+	return "unknown";
+}
+
+void probe_kvm(HostFacts &f)
+{
+	std::optional<System> sys;
+	try {
+		sys.emplace(System::open(f.device.c_str()));
+	} catch (const Error &e) {
+		f.kvm_error = e;
+		return;
+	}
+	f.api_version = sys->api_version();
+	f.vcpu_mmap_size = sys->vcpu_mmap_size();
+
+	std::optional<Vm> vm;
+	try {
+		vm.emplace(sys->create_vm());
+	} catch (const Error &e) {
+		f.vm_error = e;
+	}
+	for (auto &q : cap_queries) {
+		if (q.scope == Scope::system)
+			f.caps.push_back(sys->check_extension(q.cap));
+		else
+			f.caps.push_back(vm ? vm->check_extension(q.cap) : -1);
+	}
+
+	auto cpuid = sys->supported_cpuid();
+	f.cpuid_entries = cpuid.size();
+	f.vendor = cpuid_vendor(cpuid);
+	for (auto &e : cpuid) {
+		if (e.function == 7 && e.index == 0) {
+			f.pku = e.ecx >> 3 & 1;
+			f.pks = e.ecx >> 31 & 1;
+		}
+	}
+	auto msrs = sys->msr_index_list();
+	f.msrs = msrs.size();
+	for (auto m : msrs)
+		if (m == msr_ia32_pkrs)
+			f.pkrs_msr = true;
+	f.feature_msrs = sys->feature_msr_index_list().size();
+}
+
+void probe_module(HostFacts &f)
+{
+	struct stat st;
+	if (::stat(virtkit_device, &st) == 0) {
+		f.virtkit_present = S_ISCHR(st.st_mode);
+		f.virtkit_state = f.virtkit_present ? "present"
+						    : "present but not a character device";
+	} else if (errno == ENOENT) {
+		f.virtkit_state = "absent (the virtkit kernel module is not loaded)";
+	} else {
+		f.virtkit_state = "cannot tell: " + format_error("stat", errno, virtkit_device,
+								 Error::VmState::unknown);
+	}
+}
+
+HostFacts probe(const std::string &device)
+{
+	HostFacts f;
+	f.device = device;
+	struct utsname u;
+	f.kernel = ::uname(&u) == 0 ? std::string(u.sysname) + " " + u.release + " " + u.machine
+				    : "unknown";
+	probe_kvm(f);
+	probe_module(f);
+	return f;
+}
+
+/* Printing. */
+
+constexpr int key_width = 32;
+
+void section(const char *title)
+{
+	static bool first = true;
+	std::printf("%s%s\n", first ? "" : "\n", title);
+	first = false;
+}
+
+void field(const std::string &key, const std::string &value)
+{
+	std::printf("  %-*s %s\n", key_width, (key + ":").c_str(), value.c_str());
+}
+
+std::string yes_no(bool b) { return b ? "yes" : "no"; }
+
+std::string cap_value(const CapQuery &q, int v)
+{
+	if (v < 0)
+		return "unknown (no VM could be created)";
+	char buf[64];
+	switch (q.show) {
+	case Show::flag:
+		return yes_no(v > 0);
+	case Show::number:
+		return std::to_string(v);
+	case Show::amount:
+		return v > 0 ? "yes (" + std::to_string(v) + " " + q.unit + ")" : "no";
+	case Show::mask:
+		std::snprintf(buf, sizeof(buf), "yes (%s 0x%x)", q.unit, unsigned(v));
+		return v > 0 ? buf : "no";
+	}
+	return "?";
+}
+
+/* "ready" or "not ready: needs A, B" for a backend's prerequisites. */
+struct Need {
+	bool met;
+	const char *what;
+};
+
+std::string readiness(std::initializer_list<Need> needs)
+{
+	std::string missing;
+	for (auto &n : needs)
+		if (!n.met)
+			missing += (missing.empty() ? "" : ", ") + std::string(n.what);
+	if (!missing.empty())
+		return "host not ready: needs " + missing;
+	std::string has;
+	for (auto &n : needs)
+		has += (has.empty() ? "" : ", ") + std::string(n.what);
+	return "host ready: has " + has;
+}
+
+void print_features(const HostFacts &f)
+{
+	const char *later = "not implemented yet in this version (arrives in a later release)";
+	bool ro = cap(f, KVM_CAP_READONLY_MEM);
+	bool umsr = cap(f, KVM_CAP_X86_USER_SPACE_MSR);
+	bool filter = cap(f, KVM_CAP_X86_MSR_FILTER);
+	Need kmod = {f.virtkit_present, "/dev/virtkit (virtkit.ko loaded)"};
+
+	section("Features (which backend this host could run; none is implemented yet)");
+	field("spp", later);
+	field("spp user backend", readiness({{ro, "KVM_CAP_READONLY_MEM"}}));
+	field("spp kmod backend", readiness({kmod}));
+	field("kvmi", later);
+	field("kvmi user backend", readiness({{ro, "KVM_CAP_READONLY_MEM"},
+					      {umsr, "KVM_CAP_X86_USER_SPACE_MSR"},
+					      {filter, "KVM_CAP_X86_MSR_FILTER"}}));
+	field("kvmi kmod backend", readiness({kmod}));
+	field("pks", later);
+	field("pks guest support",
+	      readiness({{f.pks, "PKS in KVM_GET_SUPPORTED_CPUID (7,0):ECX[31]"},
+			 {f.pkrs_msr, "MSR 0x6E1 in KVM_GET_MSR_INDEX_LIST"}}));
+}
+
+void print(const HostFacts &f)
+{
+	section("Host");
+	field("kernel", f.kernel);
+	field("virtkit", VIRTKIT_VERSION_STRING);
+
+	section("KVM device");
+	field("device", f.device);
+	if (f.kvm_error) {
+		field("usable", "no: " + std::string(f.kvm_error->what()));
+	} else {
+		field("usable", f.vm_error ? "no: " + std::string(f.vm_error->what())
+					 : "yes (opened, created a VM)");
+		field("api version", std::to_string(f.api_version));
+		field("vcpu mmap size", std::to_string(f.vcpu_mmap_size) + " bytes");
+	}
+
+	if (!f.kvm_error) {
+		for (auto scope : {Scope::system, Scope::vm}) {
+			section(scope == Scope::system ? "Capabilities (asked on the KVM device)"
+						       : "Capabilities (asked on a VM)");
+			for (std::size_t i = 0; i < std::size(cap_queries); i++) {
+				auto &q = cap_queries[i];
+				if (q.scope == scope)
+					field(q.name, cap_value(q, f.caps[i]));
+			}
+		}
+
+		section("CPUID and MSRs (what KVM can give a guest)");
+		field("cpu vendor", f.vendor);
+		field("supported cpuid entries", std::to_string(f.cpuid_entries));
+		field("msr index list", std::to_string(f.msrs) + " MSRs");
+		field("feature msr index list", std::to_string(f.feature_msrs) + " MSRs");
+		field("cpuid pku (7,0):ECX[3]", yes_no(f.pku));
+		field("cpuid pks (7,0):ECX[31]", yes_no(f.pks));
+		field("msr 0x6E1 IA32_PKRS listed", yes_no(f.pkrs_msr));
+	}
+
+	section("virtkit kernel module");
+	field("module device", std::string(virtkit_device) + ": " + f.virtkit_state);
+
+	if (!f.kvm_error)
+		print_features(f);
+}
+
+} // namespace
+
+std::string kvm_advice(int err)
+{
+	/* Lines of at most ~76 columns; the caller indents them by two. */
+	switch (err) {
+	case ENOENT:
+	case ENODEV:
+	case ENXIO:
+		return "This host offers no KVM device. Load the KVM module of your CPU\n"
+		       "  (modprobe kvm-intel or kvm-amd), enable VT-x/AMD-V in the firmware,\n"
+		       "  or, inside a virtual machine, enable nested virtualization. Without\n"
+		       "  /dev/kvm, 'make run' runs the demo on nested KVM in a Debian guest\n"
+		       "  under QEMU (scripts/vmtest).";
+	case EACCES:
+	case EPERM:
+		return "You may not open the KVM device: run as root, or join the group that\n"
+		       "  owns it (usually kvm): sudo usermod -aG kvm \"$USER\", then log in\n"
+		       "  again.";
+	case ENOTSUP:
+		return "The device does not speak KVM API version 12, which virtkit needs.";
+	case ENOTTY:
+	case EINVAL:
+		return "The device did not answer KVM ioctls: it is not a KVM device.";
+	case EBUSY:
+		return "KVM refused a new VM: another hypervisor may own the virtualization\n"
+		       "  extensions (stop it), or the KVM module failed to initialise (dmesg).";
+	default:
+		return "See dmesg for what the KVM module reports.";
+	}
+}
+
+int info_main(Args args)
+{
+	std::string device = "/dev/kvm";
+	for (std::size_t i = 0; i < args.size(); i++) {
+		auto a = args[i];
+		if (a == "-h" || a == "--help") {
+			std::fputs(info_help, stdout);
+			return 0;
+		} else if (a == "--device" && i + 1 < args.size()) {
+			device = args[++i];
+		} else if (a.starts_with("--device=")) {
+			device = a.substr(9);
+		} else if (a == "--device") {
+			return usage_error("info", "option --device needs a PATH");
+		} else {
+			return usage_error("info", "unknown option '" + std::string(a) + "'");
+		}
+	}
+
+	HostFacts f = probe(device);
+	print(f);
+	std::fflush(stdout);
+
+	const auto &err = f.kvm_error ? f.kvm_error : f.vm_error;
+	if (err) {
+		std::fprintf(stderr, "virtkit info: %s is not usable: %s\n  %s\n", device.c_str(),
+			     err->what(), kvm_advice(err->err()).c_str());
+		return 1;
+	}
+	return 0;
+}
+
+} // namespace virtkit::tool
