@@ -33,12 +33,13 @@ static bool wraps(std::uint64_t gpa, std::uint64_t size)
 MemoryMap::MemoryMap(int vm_fd, std::uint32_t max_slots, bool dirty_ring)
 	: vm_fd_(vm_fd), max_slots_(max_slots), dirty_ring_(dirty_ring) {}
 
-MemoryMap::Region &MemoryMap::find(RegionId id) const
+/* The region with this id; ENOENT naming the caller's operation. */
+MemoryMap::Region &MemoryMap::find(RegionId id, const char *op) const
 {
 	for (auto &[gpa, r] : regions_)
 		if (r->id == id)
 			return *r;
-	throw Error("GuestMemory", ENOENT, "no region with id " + std::to_string(id));
+	throw Error(op, ENOENT, "no region with id " + std::to_string(id));
 }
 
 const MemoryMap::Region *MemoryMap::find_gpa(std::uint64_t gpa) const
@@ -51,13 +52,15 @@ const MemoryMap::Region *MemoryMap::find_gpa(std::uint64_t gpa) const
 	return gpa - r.gpa < r.size ? &r : nullptr;
 }
 
-void MemoryMap::check_free(std::uint64_t gpa, std::uint64_t size, const Region *ignore) const
+/* EEXIST, naming the caller's operation, if [gpa, gpa + size) overlaps a region. */
+void MemoryMap::check_free(std::uint64_t gpa, std::uint64_t size, const Region *ignore,
+			   const char *op) const
 {
 	for (auto &[rgpa, r] : regions_) {
 		if (r.get() == ignore)
 			continue;
 		if (gpa < r->gpa + r->size && r->gpa < gpa + size)
-			throw Error("GuestMemory::add", EEXIST,
+			throw Error(op, EEXIST,
 				    range(gpa, size) + " overlaps region " +
 					    std::to_string(r->id) + " (" +
 					    range(r->gpa, r->size) + ")");
@@ -210,7 +213,7 @@ RegionId MemoryMap::add(std::uint64_t gpa, std::uint64_t size, const RegionOptio
 			    "dirty logging of a read-only region");
 
 	std::unique_lock lock(mu_);
-	check_free(gpa, size, nullptr);
+	check_free(gpa, size, nullptr, "GuestMemory::add");
 
 	auto r = std::make_unique<Region>();
 	r->id = next_id_;
@@ -235,11 +238,11 @@ RegionId MemoryMap::add(std::uint64_t gpa, std::uint64_t size, const RegionOptio
 void MemoryMap::move(RegionId id, std::uint64_t new_gpa)
 {
 	std::unique_lock lock(mu_);
-	Region &r = find(id);
+	Region &r = find(id, "GuestMemory::move");
 	if (new_gpa % page || wraps(new_gpa, r.size))
 		throw Error("GuestMemory::move", EINVAL,
 			    "region " + std::to_string(id) + " to " + range(new_gpa, r.size));
-	check_free(new_gpa, r.size, &r);
+	check_free(new_gpa, r.size, &r, "GuestMemory::move");
 
 	auto node = regions_.extract(r.gpa);
 	std::uint64_t old_gpa = r.gpa;
@@ -261,7 +264,7 @@ void MemoryMap::move(RegionId id, std::uint64_t new_gpa)
 void MemoryMap::remove(RegionId id)
 {
 	std::unique_lock lock(mu_);
-	Region &r = find(id);
+	Region &r = find(id, "GuestMemory::remove");
 	for (auto &s : r.slots) {
 		set_slot(s.id, s.spec.gpa, 0, r.map.data() + s.spec.offset, 0);
 		free_slots_.push_back(s.id);
@@ -280,7 +283,7 @@ static RegionInfo info_of(const RegionId id, std::uint64_t gpa, std::uint64_t si
 RegionInfo MemoryMap::info(RegionId id) const
 {
 	std::shared_lock lock(mu_);
-	Region &r = find(id);
+	Region &r = find(id, "GuestMemory::info");
 	return info_of(r.id, r.gpa, r.size, r.opts, r.map.data());
 }
 
@@ -393,7 +396,7 @@ void MemoryMap::fill(std::uint64_t gpa, std::byte value, std::uint64_t size)
 void MemoryMap::set_dirty_log(RegionId id, bool enable)
 {
 	std::unique_lock lock(mu_);
-	Region &r = find(id);
+	Region &r = find(id, "GuestMemory::set_dirty_log");
 	if (enable && r.opts.readonly)
 		throw Error("GuestMemory::set_dirty_log", EINVAL,
 			    "region " + std::to_string(id) + " is read-only");
@@ -417,7 +420,7 @@ void MemoryMap::set_dirty_log(RegionId id, bool enable)
 DirtyBitmap MemoryMap::dirty_log(RegionId id)
 {
 	std::unique_lock lock(mu_);
-	Region &r = find(id);
+	Region &r = find(id, "GuestMemory::dirty_log");
 	if (!r.opts.dirty_log)
 		throw Error("GuestMemory::dirty_log", EINVAL,
 			    "dirty logging is off for region " + std::to_string(id));

@@ -85,9 +85,10 @@ private:
 		std::set<std::uint64_t> wp_pages;
 	};
 
-	Region &find(RegionId id) const;
+	Region &find(RegionId id, const char *op) const;
 	const Region *find_gpa(std::uint64_t gpa) const;
-	void check_free(std::uint64_t gpa, std::uint64_t size, const Region *ignore) const;
+	void check_free(std::uint64_t gpa, std::uint64_t size, const Region *ignore,
+			const char *op) const;
 	void set_slot(std::uint32_t slot, std::uint64_t gpa, std::uint64_t size,
 		      void *host, std::uint32_t flags);
 	std::uint32_t slot_flags(const Region &r, const SlotSpec &s) const;

@@ -157,18 +157,25 @@ void Vcpu::kick()
 		pthread_kill(s.running_thread, kick_signal());
 }
 
+/*
+ * Not VK_IOCTL: it would stringify `req` after GETTER/SETTER expanded it
+ * (errors would name "(((1U) << ...", not "KVM_SET_SREGS").
+ */
 #define GETTER(type, name, req)                                              \
 	type Vcpu::name() const                                              \
 	{                                                                    \
 		type v{};                                                    \
-		VK_IOCTL(fd(), req, &v, who(*state_), state_->vm->fd.get()); \
+		if (detail::typed_ioctl<req>(fd(), &v) < 0)                  \
+			detail::throw_ioctl_error(#req, who(*state_),        \
+						  state_->vm->fd.get());     \
 		return v;                                                    \
 	}
 #define SETTER(type, name, req)                                              \
 	void Vcpu::name(const type &v)                                       \
 	{                                                                    \
-		VK_IOCTL(fd(), req, const_cast<type *>(&v), who(*state_),    \
-			 state_->vm->fd.get());                              \
+		if (detail::typed_ioctl<req>(fd(), const_cast<type *>(&v)) < 0) \
+			detail::throw_ioctl_error(#req, who(*state_),        \
+						  state_->vm->fd.get());     \
 	}
 
 GETTER(kvm_regs, regs, KVM_GET_REGS)

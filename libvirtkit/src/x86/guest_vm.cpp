@@ -78,16 +78,22 @@ std::string Ucall::describe() const
 	return "ucall";
 }
 
+/* The options, if valid: checked before the VM is created. */
+static const GuestOptions &checked(const GuestOptions &o)
+{
+	if (o.memory_size < (4ull << 20) || o.memory_size % page_size ||
+	    o.stack_size < page_size || o.stack_size % page_size)
+		throw Error("GuestVm", EINVAL,
+			    "memory_size=" + hex(o.memory_size) +
+				    " stack_size=" + hex(o.stack_size) +
+				    " (need >= 4 MiB of memory, page-multiple sizes)");
+	return o;
+}
+
 GuestVm::GuestVm(const System &system, const GuestOptions &options)
-	: options_(options), vm_(system.create_vm(options.vm)),
+	: options_(checked(options)), vm_(system.create_vm(options.vm)),
 	  cpuid_(system.supported_cpuid())
 {
-	if (options_.memory_size < (4ull << 20) || options_.memory_size % page_size ||
-	    options_.stack_size < page_size || options_.stack_size % page_size)
-		throw Error("GuestVm", EINVAL,
-			    "memory_size=" + hex(options_.memory_size) +
-				    " stack_size=" + hex(options_.stack_size) +
-				    " (need >= 4 MiB of memory, page-multiple sizes)");
 	ram_ = vm_.memory().add(0, options_.memory_size, {.name = "guest-ram"});
 	next_phys_ = phys_base;
 	next_private_gva_ = private_gva_base;
@@ -345,6 +351,16 @@ void GuestVm::setup_vcpu(Vcpu &vcpu, VcpuInfo &info)
 
 Vcpu &GuestVm::add_vcpu_raw(std::uint64_t entry, std::initializer_list<std::uint64_t> args)
 {
+	/*
+	 * Check the arguments before KVM_CREATE_VCPU: KVM cannot destroy a
+	 * vCPU, so a vCPU created for a call that then fails would keep its
+	 * id and make every later add_vcpu() fail with EEXIST.
+	 */
+	if (args.size() > 6)
+		throw Error("GuestVm::add_vcpu", EINVAL, "more than six guest arguments");
+	if (!gva_to_gpa(entry))
+		throw Error("GuestVm::add_vcpu", EFAULT,
+			    "entry " + hex(entry) + " is not mapped in the guest");
 	auto id = static_cast<std::uint32_t>(vcpus_.size());
 	Vcpu vcpu = vm_.create_vcpu(id);
 	vcpu.set_cpuid(cpuid_);
