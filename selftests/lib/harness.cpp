@@ -5,6 +5,7 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cstdarg>
 #include <cstring>
 #include <exception>
@@ -152,6 +153,19 @@ int mapping_count()
 	while (std::getline(maps, line))
 		n++;
 	return n;
+}
+
+bool same_region(const virtkit::RegionInfo &a, const virtkit::RegionInfo &b)
+{
+	return a.id == b.id && a.gpa == b.gpa && a.size == b.size && a.host == b.host &&
+	       a.options.readonly == b.options.readonly &&
+	       a.options.dirty_log == b.options.dirty_log && a.options.name == b.options.name;
+}
+
+bool same_layout(const std::vector<virtkit::RegionInfo> &a,
+		 const std::vector<virtkit::RegionInfo> &b)
+{
+	return std::equal(a.begin(), a.end(), b.begin(), b.end(), same_region);
 }
 
 } // namespace vkt

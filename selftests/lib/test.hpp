@@ -16,6 +16,7 @@
 #include <cstdint>
 #include <cstdio>
 #include <string>
+#include <vector>
 
 #include <virtkit/virtkit.hpp>
 
@@ -49,6 +50,11 @@ virtkit::System &kvm();
 /* Resource accounting for "nothing leaked" checks. */
 int open_fd_count();
 int mapping_count();
+
+/* Whether two regions, or region lists (GuestMemory::regions()), are identical. */
+bool same_region(const virtkit::RegionInfo &a, const virtkit::RegionInfo &b);
+bool same_layout(const std::vector<virtkit::RegionInfo> &a,
+		 const std::vector<virtkit::RegionInfo> &b);
 
 /* A KTAP diagnostic line ("# ..."). */
 void diag(const char *fmt, ...) __attribute__((format(printf, 1, 2)));

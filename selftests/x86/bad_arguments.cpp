@@ -90,23 +90,6 @@ template <class F> static void no_leaks(const char *what, F &&block)
 			    "\"%s\" does not name %s", m_.c_str(), name);      \
 	} while (0)
 
-static bool same_region(const RegionInfo &a, const RegionInfo &b)
-{
-	return a.id == b.id && a.gpa == b.gpa && a.size == b.size && a.host == b.host &&
-	       a.options.readonly == b.options.readonly &&
-	       a.options.dirty_log == b.options.dirty_log && a.options.name == b.options.name;
-}
-
-static bool same_layout(const std::vector<RegionInfo> &a, const std::vector<RegionInfo> &b)
-{
-	if (a.size() != b.size())
-		return false;
-	for (std::size_t i = 0; i < a.size(); i++)
-		if (!same_region(a[i], b[i]))
-			return false;
-	return true;
-}
-
 /* ---- System ---- */
 
 VK_TEST(system_open_nonexistent)
@@ -228,7 +211,7 @@ VK_TEST(memory_add_invalid)
 		};
 		for (auto &c : cases) {
 			EXPECT_ERROR_NAMING(mem.add(c.gpa, c.size, c.o), c.err, "GuestMemory::add");
-			TEST_ASSERT(same_layout(mem.regions(), before));
+			TEST_ASSERT(vkt::same_layout(mem.regions(), before));
 			TEST_ASSERT_EQ(mem.slot_count(), slots);
 		}
 	});
@@ -258,7 +241,7 @@ VK_TEST(memory_add_fails_late)
 		EXPECT_ERROR_NAMING(mem.add(4 * GiB, 1ull << 50), ENOMEM, "mmap");
 		/* Up to 2^64 - 1 does not wrap, but no memfd is 2^63 bytes long. */
 		EXPECT_ERROR_NAMING(mem.add(1ull << 63, 1ull << 63), EINVAL, "ftruncate");
-		TEST_ASSERT(same_layout(mem.regions(), before));
+		TEST_ASSERT(vkt::same_layout(mem.regions(), before));
 		TEST_ASSERT_EQ(mem.slot_count(), slots);
 	});
 	/* The slot ids given back are reused: still one slot per region. */
@@ -286,7 +269,7 @@ VK_TEST(memory_unknown_region)
 					    "GuestMemory::set_dirty_log");
 			EXPECT_ERROR_NAMING(mem.dirty_log(bad), ENOENT, "GuestMemory::dirty_log");
 		}
-		TEST_ASSERT(same_layout(mem.regions(), before));
+		TEST_ASSERT(vkt::same_layout(mem.regions(), before));
 		TEST_ASSERT_EQ(mem.slot_count(), slots);
 	});
 }
@@ -306,14 +289,14 @@ VK_TEST(memory_move_invalid)
 		EXPECT_ERROR_NAMING(mem.move(id, ~0ull - 4095), EINVAL, "GuestMemory::move");
 		EXPECT_ERROR_NAMING(mem.move(id, GiB + MiB + 4096), EEXIST, "GuestMemory::move");
 		EXPECT_ERROR_NAMING(mem.move(id, GiB + MiB - 4096), EEXIST, "GuestMemory::move");
-		TEST_ASSERT(same_layout(mem.regions(), before));
+		TEST_ASSERT(vkt::same_layout(mem.regions(), before));
 		TEST_ASSERT_EQ(mem.slot_count(), slots);
 		/*
 		 * Accepted by the library, refused by KVM: the region goes back
 		 * to where it was, with its contents.
 		 */
 		EXPECT_ERROR_NAMING(mem.move(id, 1ull << 60), EINVAL, "KVM_SET_USER_MEMORY_REGION");
-		TEST_ASSERT(same_layout(mem.regions(), before));
+		TEST_ASSERT(vkt::same_layout(mem.regions(), before));
 		TEST_ASSERT_EQ(mem.slot_count(), slots);
 	});
 	TEST_ASSERT_EQ(mem.region_at(GiB).id, id);
@@ -335,12 +318,12 @@ VK_TEST(memory_dirty_log_misuse)
 		EXPECT_ERROR_NAMING(mem.dirty_log(rom), EINVAL, "GuestMemory::dirty_log");
 		EXPECT_ERROR_NAMING(mem.set_dirty_log(rom, true), EINVAL,
 				    "GuestMemory::set_dirty_log");
-		TEST_ASSERT(same_layout(mem.regions(), before));
+		TEST_ASSERT(vkt::same_layout(mem.regions(), before));
 	});
 	/* Turning it off where it is off is a no-op, not an error. */
 	mem.set_dirty_log(plain, false);
 	mem.set_dirty_log(rom, false);
-	TEST_ASSERT(same_layout(mem.regions(), before));
+	TEST_ASSERT(vkt::same_layout(mem.regions(), before));
 }
 
 VK_TEST(memory_dirty_log_with_ring)

@@ -7,6 +7,7 @@
  */
 #pragma once
 
+#include <optional>
 #include <span>
 #include <string>
 #include <string_view>
@@ -31,6 +32,14 @@ extern const char demo_help[];
  * returns exit_usage (main.cpp).
  */
 int usage_error(std::string_view command, const std::string &message);
+
+/*
+ * The options every command takes: -h/--help and --device PATH (the KVM
+ * device, default /dev/kvm). Returns an exit status when the command must
+ * stop (help printed, or a usage error), nothing when it should run.
+ */
+std::optional<int> parse_device_options(std::string_view command, const char *help, Args args,
+					std::string &device);
 
 /*
  * Advice for a /dev/kvm that cannot be opened or used, for the errno of

@@ -616,21 +616,8 @@ int run_demo(const std::string &device)
 int demo_main(Args args)
 {
 	std::string device = "/dev/kvm";
-	for (std::size_t i = 0; i < args.size(); i++) {
-		auto a = args[i];
-		if (a == "-h" || a == "--help") {
-			std::fputs(demo_help, stdout);
-			return 0;
-		} else if (a == "--device" && i + 1 < args.size()) {
-			device = args[++i];
-		} else if (a.starts_with("--device=")) {
-			device = a.substr(9);
-		} else if (a == "--device") {
-			return usage_error("demo", "option --device needs a PATH");
-		} else {
-			return usage_error("demo", "unknown option '" + std::string(a) + "'");
-		}
-	}
+	if (auto stop = parse_device_options("demo", demo_help, args, device))
+		return *stop;
 	return run_demo(device);
 }
 

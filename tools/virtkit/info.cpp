@@ -367,21 +367,8 @@ std::string kvm_advice(int err)
 int info_main(Args args)
 {
 	std::string device = "/dev/kvm";
-	for (std::size_t i = 0; i < args.size(); i++) {
-		auto a = args[i];
-		if (a == "-h" || a == "--help") {
-			std::fputs(info_help, stdout);
-			return 0;
-		} else if (a == "--device" && i + 1 < args.size()) {
-			device = args[++i];
-		} else if (a.starts_with("--device=")) {
-			device = a.substr(9);
-		} else if (a == "--device") {
-			return usage_error("info", "option --device needs a PATH");
-		} else {
-			return usage_error("info", "unknown option '" + std::string(a) + "'");
-		}
-	}
+	if (auto stop = parse_device_options("info", info_help, args, device))
+		return *stop;
 
 	HostFacts f = probe(device);
 	print(f);

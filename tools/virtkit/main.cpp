@@ -92,6 +92,27 @@ int usage_error(std::string_view command, const std::string &message)
 	return exit_usage;
 }
 
+std::optional<int> parse_device_options(std::string_view command, const char *help, Args args,
+					std::string &device)
+{
+	for (std::size_t i = 0; i < args.size(); i++) {
+		auto a = args[i];
+		if (a == "-h" || a == "--help") {
+			std::fputs(help, stdout);
+			return 0;
+		} else if (a == "--device" && i + 1 < args.size()) {
+			device = args[++i];
+		} else if (a.starts_with("--device=")) {
+			device = a.substr(9);
+		} else if (a == "--device") {
+			return usage_error(command, "option --device needs a PATH");
+		} else {
+			return usage_error(command, "unknown option '" + std::string(a) + "'");
+		}
+	}
+	return std::nullopt;
+}
+
 } // namespace virtkit::tool
 
 int main(int argc, char **argv)
