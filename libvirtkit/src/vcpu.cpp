@@ -247,16 +247,34 @@ void Vcpu::get_msrs(std::span<kvm_msr_entry> entries) const
 		entries[i] = b.msrs()->entries[i];
 }
 
+/*
+ * KVM sets the entries in order and stops at the first one it refuses. To
+ * make a refused call change nothing, read the current values first and put
+ * back the ones already set.
+ */
 void Vcpu::set_msrs(std::span<const kvm_msr_entry> entries)
 {
+	MsrBuf old(entries.size());
+	for (std::size_t i = 0; i < entries.size(); i++)
+		old.msrs()->entries[i].index = entries[i].index;
+	int readable = detail::typed_ioctl<KVM_GET_MSRS>(fd(), old.msrs());
+
 	MsrBuf b(entries.size());
 	for (std::size_t i = 0; i < entries.size(); i++)
 		b.msrs()->entries[i] = entries[i];
 	int n = VK_IOCTL(fd(), KVM_SET_MSRS, b.msrs(), who(*state_), state_->vm->fd.get());
-	if (static_cast<std::size_t>(n) != entries.size())
-		throw Error("KVM_SET_MSRS", EINVAL,
-			    who(*state_) + ": KVM refused MSR " + hex(entries[n].index) +
-				    " = " + hex(entries[n].data) + " (earlier entries were set)");
+	if (static_cast<std::size_t>(n) == entries.size())
+		return;
+	bool undone = false;
+	if (readable >= n) {
+		old.msrs()->nmsrs = static_cast<std::uint32_t>(n);
+		undone = detail::typed_ioctl<KVM_SET_MSRS>(fd(), old.msrs()) == n;
+	}
+	throw Error("KVM_SET_MSRS", EINVAL,
+		    who(*state_) + ": KVM refused MSR " + hex(entries[n].index) + " = " +
+			    hex(entries[n].data) +
+			    (undone ? " (nothing was changed)"
+				    : " (the entries before it could not be restored)"));
 }
 
 std::uint64_t Vcpu::msr(std::uint32_t index) const

@@ -411,6 +411,13 @@ VK_TEST(vcpu_bad_msr)
 		EXPECT_ERROR_NAMING(v.msr(0xdeadbeef), EINVAL, "KVM_GET_MSRS");
 		std::string m = TEST_EXPECT_ERROR(v.msr(0xdeadbeef), EINVAL);
 		TEST_ASSERT(m.find("0xdeadbeef") != std::string::npos, "%s", m.c_str());
+		/* All or nothing: the valid entry before the refused one is undone. */
+		v.set_msr(0x174 /* SYSENTER_CS */, 0x10);
+		kvm_msr_entry e[2] = {{.index = 0x174, .reserved = 0, .data = 0x20},
+				      {.index = 0xdeadbeef, .reserved = 0, .data = 1}};
+		m = TEST_EXPECT_ERROR(v.set_msrs(e), EINVAL);
+		TEST_ASSERT(m.find("nothing was changed") != std::string::npos, "%s", m.c_str());
+		TEST_ASSERT_EQ(v.msr(0x174), 0x10);
 	});
 }
 

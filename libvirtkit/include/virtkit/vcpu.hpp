@@ -74,7 +74,10 @@ public:
 	/* One MSR; throws Error with EINVAL if KVM does not handle it. */
 	std::uint64_t msr(std::uint32_t index) const;
 	void set_msr(std::uint32_t index, std::uint64_t value);
-	/* KVM_GET_MSRS / KVM_SET_MSRS: all or throw (reports the first failing index). */
+	/*
+	 * KVM_GET_MSRS / KVM_SET_MSRS: all or throw, naming the first MSR KVM
+	 * refused; a set_msrs() that throws has changed nothing.
+	 */
 	void get_msrs(std::span<kvm_msr_entry> entries) const;
 	void set_msrs(std::span<const kvm_msr_entry> entries);
 
