@@ -50,6 +50,8 @@ virtkit::System &kvm();
 /* Resource accounting for "nothing leaked" checks. */
 int open_fd_count();
 int mapping_count();
+/* The lines of /proc/self/maps that mapping_count() counts (no [heap]). */
+std::vector<std::string> mappings();
 
 /* Whether two regions, or region lists (GuestMemory::regions()), are identical. */
 bool same_region(const virtkit::RegionInfo &a, const virtkit::RegionInfo &b);

@@ -6,12 +6,9 @@
  */
 #include "test.hpp"
 
-#include <malloc.h>
-
 #include <algorithm>
 #include <cstdlib>
 #include <cstring>
-#include <fstream>
 #include <string>
 #include <vector>
 
@@ -25,38 +22,6 @@ static constexpr std::uint64_t MiB = 1ull << 20;
 static constexpr std::uint64_t GiB = 1ull << 30;
 static constexpr std::uint64_t FREE_GVA = 0x500000000000ull; /* unused by GuestVm */
 
-static std::vector<std::string> maps_lines()
-{
-	std::ifstream f("/proc/self/maps");
-	std::vector<std::string> v;
-	for (std::string l; std::getline(f, l);)
-		v.push_back(l);
-	return v;
-}
-
-/*
- * Each test runs in a forked child, where growing the heap adds a second
- * [heap] line to /proc/self/maps instead of extending the first (the VMA
- * inherited over fork cannot merge). Give the heap room once, up front, so
- * the test's own allocations cannot look like a leaked mapping.
- */
-static void reserve_heap()
-{
-	static bool done = false;
-	if (done)
-		return;
-	done = true;
-	mallopt(M_TRIM_THRESHOLD, 256 << 20);
-	std::vector<volatile char *> blocks(512);
-	for (auto &b : blocks) {
-		b = static_cast<volatile char *>(std::malloc(4096));
-		TEST_ASSERT(b);
-		b[0] = 1;
-	}
-	for (auto b : blocks)
-		std::free(const_cast<char *>(b));
-}
-
 /*
  * Run a block of failing calls and check that it leaked no descriptor and no
  * mapping. /dev/kvm is opened first so its descriptor is not counted.
@@ -64,14 +29,13 @@ static void reserve_heap()
 template <class F> static void no_leaks(const char *what, F &&block)
 {
 	vkt::kvm();
-	reserve_heap();
 	int fds = vkt::open_fd_count(), maps = vkt::mapping_count();
-	auto lines = maps_lines();
+	auto lines = vkt::mappings();
 	block();
 	int fds2 = vkt::open_fd_count(), maps2 = vkt::mapping_count();
 	TEST_ASSERT(fds2 == fds, "%s: %d descriptors open before, %d after", what, fds, fds2);
 	if (maps2 != maps) {
-		auto now = maps_lines();
+		auto now = vkt::mappings();
 		for (auto &l : lines)
 			if (std::find(now.begin(), now.end(), l) == now.end())
 				vkt::diag("before only: %s", l.c_str());

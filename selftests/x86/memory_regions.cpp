@@ -11,8 +11,6 @@
  */
 #include "test.hpp"
 
-#include <malloc.h>
-
 #include <cstdlib>
 #include <cstring>
 #include <variant>
@@ -143,25 +141,6 @@ static void host_check_pattern(const GuestMemory &mem, std::uint64_t gpa, std::u
 		TEST_ASSERT(v[i] == pattern(seed, i), "word %llu at gpa 0x%llx: 0x%llx != 0x%llx",
 			    (unsigned long long)i, (unsigned long long)(gpa + 8 * i),
 			    (unsigned long long)v[i], (unsigned long long)pattern(seed, i));
-}
-
-/*
- * Each test runs in a forked child, where growing the heap adds a second
- * [heap] line to /proc/self/maps (the VMA inherited over fork cannot
- * merge). Tests that count mappings give the heap room first, so that their
- * own allocations do not change the count.
- */
-static void reserve_heap()
-{
-	mallopt(M_TRIM_THRESHOLD, 256 << 20);
-	std::vector<volatile char *> blocks(512);
-	for (auto &b : blocks) {
-		b = static_cast<volatile char *>(std::malloc(4096));
-		TEST_ASSERT(b);
-		b[0] = 1;
-	}
-	for (auto b : blocks)
-		std::free(const_cast<char *>(b));
 }
 
 /* ---- tests ---- */
@@ -363,7 +342,6 @@ VK_TEST(remove_region)
 
 	std::size_t slots = mem.slot_count();
 	std::size_t nregions = mem.regions().size();
-	reserve_heap();
 	int maps = vkt::mapping_count();
 	int fds = vkt::open_fd_count();
 
@@ -409,7 +387,6 @@ VK_TEST(overlapping_add_rejected)
 	mem.write_obj<std::uint64_t>(gpa, 0x600dull);
 	auto before = mem.regions();
 	std::size_t slots = mem.slot_count();
-	reserve_heap();
 	int fds = vkt::open_fd_count(), maps = vkt::mapping_count();
 
 	struct {
