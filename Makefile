@@ -4,6 +4,8 @@
 #   make run        install missing Debian packages, build, run `virtkit info` and
 #                   `virtkit demo` (in a QEMU guest when /dev/kvm is not usable)
 #   make check      install missing Debian packages, build, run every test suite
+#   make bench      build the benchmarks (bench/*.cpp; not part of all or check)
+#   make run-bench  build and run them (in a QEMU guest when /dev/kvm is not usable)
 #   make install    install headers, libraries, pkg-config and CMake files (PREFIX, DESTDIR)
 #
 # Everything is built out of tree in $(BUILD).
@@ -22,12 +24,17 @@ OPT        ?= -O2 -g
 # no stack protector (the guest has no %fs canary), no red zone (exceptions
 # at CPL0 push their frame on the interrupted stack) and no CET notes.
 GUESTSAFE  := -fno-stack-protector -mno-red-zone -fcf-protection=none
-CPPFLAGS   := -Ilibvirtkit/include -Iuapi -MMD -MP
+CPPFLAGS   := -Ilibvirtkit/include -Iuapi -Icommon -MMD -MP
 CXXFLAGS   := $(CXXSTD) $(WARN) $(OPT) $(GUESTSAFE)
 
 LIB_SRCS   := $(wildcard libvirtkit/src/*.cpp libvirtkit/src/x86/*.cpp)
 LIB_ASM    := $(wildcard libvirtkit/src/x86/*.S)
-LIB_OBJS   := $(LIB_SRCS:%.cpp=$(BUILD)/%.o) $(LIB_ASM:%.S=$(BUILD)/%.o)
+# Freestanding C shared with virtkit.ko (common/*.c), built into the library.
+COMMON_SRCS := $(wildcard common/*.c)
+COMMON_CFLAGS := -std=gnu11 -ffreestanding -fno-builtin \
+                 -fno-tree-loop-distribute-patterns $(WARN) $(OPT)
+LIB_OBJS   := $(LIB_SRCS:%.cpp=$(BUILD)/%.o) $(LIB_ASM:%.S=$(BUILD)/%.o) \
+              $(COMMON_SRCS:%.c=$(BUILD)/%.o)
 LIB_A      := $(BUILD)/lib/libvirtkit.a
 LIB_SO     := $(BUILD)/lib/libvirtkit.so.$(VERSION)
 
@@ -40,6 +47,9 @@ UNIT_SRCS  := $(wildcard selftests/unit/*.cpp)
 UNIT_OBJS  := $(UNIT_SRCS:%.cpp=$(BUILD)/%.o)
 UNIT_BIN   := $(BUILD)/selftests/unit/virtkit-unit
 
+BENCH_SRCS := $(wildcard bench/*.cpp)
+BENCH_BINS := $(BENCH_SRCS:bench/%.cpp=$(BUILD)/bench/%)
+
 TOOL_SRCS  := $(wildcard tools/virtkit/*.cpp)
 TOOL_OBJS  := $(TOOL_SRCS:%.cpp=$(BUILD)/%.o)
 TOOL_BIN   := $(BUILD)/bin/virtkit
@@ -47,7 +57,7 @@ TOOL_BIN   := $(BUILD)/bin/virtkit
 LDLIBS     := -lpthread
 
 .PHONY: all lib tool selftests unit run check check-unit check-selftests \
-        check-install deps install uninstall clean
+        check-install deps install uninstall clean bench run-bench
 
 all: lib tool selftests unit
 
@@ -55,6 +65,7 @@ lib: $(LIB_A) $(LIB_SO)
 tool: $(TOOL_BIN)
 selftests: $(ST_BINS)
 unit: $(UNIT_BIN)
+bench: $(BENCH_BINS)
 
 $(BUILD)/%.o: %.cpp
 	@mkdir -p $(@D)
@@ -63,6 +74,10 @@ $(BUILD)/%.o: %.cpp
 $(BUILD)/%.o: %.S
 	@mkdir -p $(@D)
 	$(CXX) $(CPPFLAGS) -fPIC -c $< -o $@
+
+$(BUILD)/%.o: %.c
+	@mkdir -p $(@D)
+	$(CC) $(CPPFLAGS) $(COMMON_CFLAGS) -fPIC -c $< -o $@
 
 # The guest runtime runs inside the guest, where there is no libc: keep the
 # compiler from turning its loops into memset/memcpy calls.
@@ -100,6 +115,16 @@ $(BUILD)/selftests/lib/%.o: selftests/lib/%.cpp
 	@mkdir -p $(@D)
 	$(CXX) $(CPPFLAGS) -Iselftests/lib $(CXXFLAGS) -fno-pie -c $< -o $@
 
+# Benchmarks are built like the selftests (guest code inside, static non-PIE
+# link), without the test harness: each is a plain program printing figures.
+$(BUILD)/bench/%: $(BUILD)/bench/%.o $(BUILD)/selftests/lib/string_override.o $(LIB_A)
+	@mkdir -p $(@D)
+	$(CXX) -no-pie -o $@ $< $(BUILD)/selftests/lib/string_override.o $(LIB_A) $(LDLIBS)
+
+$(BUILD)/bench/%.o: bench/%.cpp
+	@mkdir -p $(@D)
+	$(CXX) $(CPPFLAGS) $(CXXFLAGS) $(GUESTCODE) -fno-pie -c $< -o $@
+
 $(BUILD)/selftests/unit/%.o: selftests/unit/%.cpp
 	@mkdir -p $(@D)
 	$(CXX) $(CPPFLAGS) -Ilibvirtkit/src $(CXXFLAGS) -c $< -o $@
@@ -136,6 +161,19 @@ run: deps
 		echo "this host has no usable /dev/kvm: running the demo on nested KVM in a Debian guest under QEMU"; \
 		echo "scripts/vmtest --copy $(TOOL_BIN) -- sh -c 'virtkit info && virtkit demo'"; \
 		scripts/vmtest --copy $(TOOL_BIN) -- sh -c 'virtkit info && virtkit demo'; \
+	fi
+
+# Without a usable /dev/kvm (the test scripts/run-selftests makes), each
+# benchmark runs on nested KVM in a Debian guest under QEMU, one boot each.
+run-bench: $(BENCH_BINS)
+	@if [ -c /dev/kvm ] && [ -r /dev/kvm ] && [ -w /dev/kvm ]; then \
+		for b in $(BENCH_BINS); do echo "$$b"; $$b || exit 1; done; \
+	else \
+		echo "this host has no usable /dev/kvm: running the benchmarks on nested KVM in a Debian guest under QEMU"; \
+		for b in $(BENCH_BINS); do \
+			echo "scripts/vmtest --copy $$b -- $$(basename $$b)"; \
+			scripts/vmtest --copy $$b -- $$(basename $$b) || exit 1; \
+		done; \
 	fi
 
 check: deps

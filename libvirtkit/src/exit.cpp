@@ -137,6 +137,13 @@ struct Describer {
 	{
 		return "unhandled exit " + exit_reason_name(e.reason);
 	}
+	std::string operator()(const SppViolationExit &e) const
+	{
+		const SppViolation &v = e.violation;
+		return "SPP violation vcpu " + std::to_string(v.vcpu) + " gpa=" + hexs(v.gpa) +
+		       " write gpa=" + hexs(v.write_gpa) + " len=" + std::to_string(v.size) +
+		       " rip=" + hexs(v.rip);
+	}
 };
 
 } // namespace

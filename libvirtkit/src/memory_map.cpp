@@ -2,6 +2,7 @@
 #include "memory_map.hpp"
 
 #include <virtkit/kvm.h>
+#include <linux/memfd.h>
 #include <sys/mman.h>
 #include <unistd.h>
 
@@ -14,10 +15,12 @@
 #include <virtkit/error.hpp>
 
 #include "ioctl.hpp"
+#include "run_gate.hpp"
 
 namespace virtkit::detail {
 
 static constexpr std::uint64_t page = GuestMemory::page_size;
+static constexpr std::uint64_t huge_page = 2ull << 20;
 
 static std::string range(std::uint64_t gpa, std::uint64_t size)
 {
@@ -30,8 +33,8 @@ static bool wraps(std::uint64_t gpa, std::uint64_t size)
 	return size && gpa + size - 1 < gpa;
 }
 
-MemoryMap::MemoryMap(int vm_fd, std::uint32_t max_slots, bool dirty_ring)
-	: vm_fd_(vm_fd), max_slots_(max_slots), dirty_ring_(dirty_ring) {}
+MemoryMap::MemoryMap(int vm_fd, std::uint32_t max_slots, bool dirty_ring, RunGate &gate)
+	: vm_fd_(vm_fd), gate_(gate), max_slots_(max_slots), dirty_ring_(dirty_ring) {}
 
 /* The region with this id; ENOENT naming the caller's operation. */
 MemoryMap::Region &MemoryMap::find(RegionId id, const char *op) const
@@ -131,48 +134,52 @@ void MemoryMap::mark_dirty_locked(Region &r, std::uint64_t off, std::uint64_t le
 		std::atomic_ref(r.dirty[p / 64]).fetch_or(1ull << (p % 64));
 }
 
+void MemoryMap::delete_slot(Region &r, const Slot &s)
+{
+	harvest(r, s);
+	set_slot(s.id, s.spec.gpa, 0, r.map.data() + s.spec.offset, 0);
+	free_slots_.push_back(s.id);
+	used_slots_--;
+}
+
 void MemoryMap::remove_slots(Region &r)
 {
-	for (auto &s : r.slots) {
-		harvest(r, s);
-		set_slot(s.id, s.spec.gpa, 0, r.map.data() + s.spec.offset, 0);
-		free_slots_.push_back(s.id);
-		used_slots_--;
-	}
+	for (auto &[first, s] : r.slots)
+		delete_slot(r, s);
 	r.slots.clear();
 }
 
 /*
- * Move region r to a new slot layout. Slots that do not change are kept (no
- * KVM call, no TLB or dirty-log disturbance); changed ones are deleted first
- * (KVM rejects overlapping slots), then the new ones created. On failure the
- * old layout is restored before the error propagates.
+ * Replace the slots of region r that tile its pages [first, end) by plan.
+ * Slots that do not change are kept (no KVM call, no TLB or dirty-log
+ * disturbance); changed ones are deleted first (KVM rejects overlapping
+ * slots), then the new ones created. On failure the old slots are restored
+ * before the error propagates.
  */
-void MemoryMap::apply_plan(Region &r, const std::vector<SlotSpec> &plan)
+void MemoryMap::apply_span(Region &r, std::uint64_t first, std::uint64_t end,
+			   const std::vector<SlotSpec> &plan)
 {
-	std::vector<Slot> keep, gone;
-	for (auto &s : r.slots)
-		(std::find(plan.begin(), plan.end(), s.spec) != plan.end() ? keep : gone).push_back(s);
-
-	if (plan.size() > keep.size() &&
-	    used_slots_ - gone.size() + (plan.size() - keep.size()) > max_slots_)
+	std::vector<Slot> gone;
+	std::vector<SlotSpec> todo;
+	for (auto it = r.slots.lower_bound(first); it != r.slots.end() && it->first < end; ++it)
+		if (std::find(plan.begin(), plan.end(), it->second.spec) == plan.end())
+			gone.push_back(it->second);
+	for (auto &spec : plan) {
+		auto it = r.slots.find(spec.offset / page);
+		if (it == r.slots.end() || !(it->second.spec == spec))
+			todo.push_back(spec);
+	}
+	if (todo.size() > gone.size() && used_slots_ - gone.size() + todo.size() > max_slots_)
 		throw Error("GuestMemory", ENOSPC,
 			    "layout needs more than " + std::to_string(max_slots_) + " memslots");
 
 	for (auto &s : gone) {
-		harvest(r, s);
-		set_slot(s.id, s.spec.gpa, 0, r.map.data() + s.spec.offset, 0);
-		free_slots_.push_back(s.id);
-		used_slots_--;
+		delete_slot(r, s);
+		r.slots.erase(s.spec.offset / page);
 	}
-	r.slots = keep;
-
 	std::vector<Slot> added;
 	try {
-		for (auto &spec : plan) {
-			if (std::any_of(keep.begin(), keep.end(),
-					[&](const Slot &k) { return k.spec == spec; }))
-				continue;
+		for (auto &spec : todo) {
 			Slot s{alloc_slot(), spec};
 			try {
 				set_slot(s.id, spec.gpa, spec.size, r.map.data() + spec.offset,
@@ -183,24 +190,28 @@ void MemoryMap::apply_plan(Region &r, const std::vector<SlotSpec> &plan)
 				throw;
 			}
 			added.push_back(s);
+			r.slots.emplace(spec.offset / page, s);
 		}
 	} catch (...) {
 		for (auto &s : added) {
 			set_slot(s.id, s.spec.gpa, 0, r.map.data() + s.spec.offset, 0);
 			free_slots_.push_back(s.id);
 			used_slots_--;
+			r.slots.erase(s.spec.offset / page);
 		}
 		for (auto &s : gone) {
 			Slot back{alloc_slot(), s.spec};
 			set_slot(back.id, s.spec.gpa, s.spec.size,
 				 r.map.data() + s.spec.offset, slot_flags(r, s.spec));
-			r.slots.push_back(back);
+			r.slots.emplace(s.spec.offset / page, back);
 		}
 		throw;
 	}
-	r.slots.insert(r.slots.end(), added.begin(), added.end());
-	std::sort(r.slots.begin(), r.slots.end(),
-		  [](const Slot &a, const Slot &b) { return a.spec.gpa < b.spec.gpa; });
+}
+
+void MemoryMap::apply_plan(Region &r, const std::vector<SlotSpec> &plan)
+{
+	apply_span(r, 0, r.size / page, plan);
 }
 
 RegionId MemoryMap::add(std::uint64_t gpa, std::uint64_t size, const RegionOptions &opts)
@@ -211,6 +222,9 @@ RegionId MemoryMap::add(std::uint64_t gpa, std::uint64_t size, const RegionOptio
 	if (opts.dirty_log && opts.readonly)
 		throw Error("GuestMemory::add", EINVAL,
 			    "dirty logging of a read-only region");
+	if (opts.huge_pages && (gpa % huge_page || size % huge_page))
+		throw Error("GuestMemory::add", EINVAL,
+			    range(gpa, size) + ": huge-page regions must be 2 MiB aligned");
 
 	std::unique_lock lock(mu_);
 	check_free(gpa, size, nullptr, "GuestMemory::add");
@@ -221,17 +235,24 @@ RegionId MemoryMap::add(std::uint64_t gpa, std::uint64_t size, const RegionOptio
 	r->size = size;
 	r->opts = opts;
 	std::string name = opts.name.empty() ? "virtkit-ram" : "virtkit-" + opts.name;
-	r->memfd = FileDesc::memfd(name.c_str());
+	r->memfd = FileDesc::memfd(name.c_str(), opts.huge_pages ? MFD_HUGETLB | MFD_HUGE_2MB : 0);
 	if (::ftruncate(r->memfd.get(), static_cast<off_t>(size)) < 0)
 		throw Error("ftruncate", errno, name + " " + range(gpa, size));
 	r->map = Mapping::map(size, PROT_READ | PROT_WRITE, MAP_SHARED,
 			      r->memfd.get(), 0, name.c_str());
+	/* hugetlbfs reserves at mmap; touching proves the pages exist (no SIGBUS later). */
+	if (opts.huge_pages && ::madvise(r->map.data(), size, MADV_POPULATE_WRITE) < 0)
+		throw Error("madvise(MADV_POPULATE_WRITE)", errno,
+			    name + " " + range(gpa, size) + ": not enough free huge pages");
 	r->dirty.assign((size / page + 63) / 64, 0);
 	apply_plan(*r, plan_slots(gpa, size, opts.readonly, r->wp_pages));
 
 	next_id_++;
 	RegionId id = r->id;
+	bool writable = !opts.readonly;
 	regions_.emplace(gpa, std::move(r));
+	if (observer_ && writable)
+		observer_->region_placed(gpa, size);
 	return id;
 }
 
@@ -243,6 +264,10 @@ void MemoryMap::move(RegionId id, std::uint64_t new_gpa)
 		throw Error("GuestMemory::move", EINVAL,
 			    "region " + std::to_string(id) + " to " + range(new_gpa, r.size));
 	check_free(new_gpa, r.size, &r, "GuestMemory::move");
+	if (new_gpa == r.gpa)
+		return;
+	if (observer_ && !r.opts.readonly)
+		observer_->region_moved(r.gpa, new_gpa, r.size);
 
 	auto node = regions_.extract(r.gpa);
 	std::uint64_t old_gpa = r.gpa;
@@ -255,17 +280,25 @@ void MemoryMap::move(RegionId id, std::uint64_t new_gpa)
 		apply_plan(r, plan_slots(r.gpa, r.size, r.opts.readonly, r.wp_pages));
 		node.key() = old_gpa;
 		regions_.insert(std::move(node));
+		if (observer_ && !r.opts.readonly) {
+			observer_->region_moved(new_gpa, old_gpa, r.size);
+			observer_->region_placed(old_gpa, r.size);
+		}
 		throw;
 	}
 	node.key() = new_gpa;
 	regions_.insert(std::move(node));
+	if (observer_ && !r.opts.readonly)
+		observer_->region_placed(new_gpa, r.size);
 }
 
 void MemoryMap::remove(RegionId id)
 {
 	std::unique_lock lock(mu_);
 	Region &r = find(id, "GuestMemory::remove");
-	for (auto &s : r.slots) {
+	if (observer_ && !r.opts.readonly)
+		observer_->region_removed(r.gpa, r.size);
+	for (auto &[first, s] : r.slots) {
 		set_slot(s.id, s.spec.gpa, 0, r.map.data() + s.spec.offset, 0);
 		free_slots_.push_back(s.id);
 		used_slots_--;
@@ -404,12 +437,12 @@ void MemoryMap::set_dirty_log(RegionId id, bool enable)
 		return;
 	r.opts.dirty_log = enable;
 	try {
-		for (auto &s : r.slots)
+		for (auto &[first, s] : r.slots)
 			set_slot(s.id, s.spec.gpa, s.spec.size, r.map.data() + s.spec.offset,
 				 slot_flags(r, s.spec));
 	} catch (...) {
 		r.opts.dirty_log = !enable;
-		for (auto &s : r.slots)
+		for (auto &[first, s] : r.slots)
 			set_slot(s.id, s.spec.gpa, s.spec.size, r.map.data() + s.spec.offset,
 				 slot_flags(r, s.spec));
 		throw;
@@ -427,7 +460,7 @@ DirtyBitmap MemoryMap::dirty_log(RegionId id)
 	if (dirty_ring_)
 		throw Error("GuestMemory::dirty_log", EINVAL,
 			    "the VM uses the dirty ring; use Vcpu::harvest_dirty_ring");
-	for (auto &s : r.slots)
+	for (auto &[first, s] : r.slots)
 		harvest(r, s);
 	DirtyBitmap bm{r.gpa, r.size / page, r.dirty};
 	std::fill(r.dirty.begin(), r.dirty.end(), 0);
@@ -440,37 +473,132 @@ std::size_t MemoryMap::slot_count() const
 	return used_slots_;
 }
 
-void MemoryMap::set_write_protect(std::uint64_t gpa, std::uint64_t pages, bool wp)
+bool MemoryMap::writable_ram_locked(std::uint64_t gpa, std::uint64_t size) const
 {
-	if (gpa % page || pages > (~0ull / page) || wraps(gpa, pages * page))
-		throw Error("GuestMemory::set_write_protect", EINVAL, range(gpa, pages * page));
-	std::unique_lock lock(mu_);
-	/* Validate the whole range before touching anything. */
-	std::vector<Region *> touched;
-	for (std::uint64_t a = gpa, end = gpa + pages * page; a < end;) {
-		auto *r = const_cast<Region *>(find_gpa(a));
+	if (wraps(gpa, size))
+		return false;
+	while (size) {
+		const Region *r = find_gpa(gpa);
 		if (!r || r->opts.readonly)
-			throw Error("GuestMemory::set_write_protect", EFAULT,
-				    range(gpa, pages * page) + ": no writable guest RAM at " + hex(a));
-		touched.push_back(r);
-		a = std::min(end, r->gpa + r->size);
+			return false;
+		std::uint64_t n = std::min(size, r->gpa + r->size - gpa);
+		gpa += n;
+		size -= n;
 	}
-	for (Region *r : touched) {
-		auto old = r->wp_pages;
-		std::uint64_t lo = std::max(gpa, r->gpa), hi = std::min(gpa + pages * page, r->gpa + r->size);
-		for (std::uint64_t a = lo; a < hi; a += page) {
-			if (wp)
-				r->wp_pages.insert((a - r->gpa) / page);
-			else
-				r->wp_pages.erase((a - r->gpa) / page);
+	return true;
+}
+
+void MemoryMap::set_traps_locked(std::uint64_t gfn, std::uint64_t n,
+				 const std::function<bool(std::uint64_t)> &trapped)
+{
+	struct Change {
+		Region *r;
+		std::uint64_t lo, hi;		/* pages of r whose trap may change */
+		std::uint64_t first, end;	/* the slots re-planned */
+		std::vector<bool> old;		/* trap state of pages lo..hi-1 */
+	};
+	std::vector<Change> changes;
+	std::uint64_t end_gfn = gfn + n;
+	for (std::uint64_t g = gfn; g < end_gfn;) {
+		Region *r = const_cast<Region *>(find_gpa(g * page));
+		if (!r) {
+			auto next = regions_.upper_bound(g * page);
+			if (next == regions_.end() || next->first / page >= end_gfn)
+				break;
+			g = next->first / page;
+			continue;
 		}
-		try {
-			apply_plan(*r, plan_slots(r->gpa, r->size, false, r->wp_pages));
-		} catch (...) {
-			r->wp_pages = std::move(old);
-			throw;
+		std::uint64_t base = r->gpa / page, pages = r->size / page;
+		std::uint64_t lo = g - base, hi = std::min(end_gfn - base, pages);
+		g = base + hi;
+		if (r->opts.readonly)
+			continue;
+		Change c{r, lo, hi, 0, 0, {}};
+		bool differs = false;
+		for (std::uint64_t p = lo; p < hi; p++) {
+			bool was = r->wp_pages.count(p), want = trapped(base + p);
+			c.old.push_back(was);
+			differs |= was != want;
 		}
+		if (!differs)
+			continue;
+		/* Slots touching lo - 1 .. hi may split or merge: re-plan them whole. */
+		auto slot_at = [&](std::uint64_t p) { return std::prev(r->slots.upper_bound(p)); };
+		auto a = slot_at(lo ? lo - 1 : 0), b = slot_at(std::min(hi, pages - 1));
+		c.first = a->first;
+		c.end = b->first + b->second.spec.size / page;
+		changes.push_back(std::move(c));
 	}
+	if (changes.empty())
+		return;
+
+	auto set_wp = [](Region &r, std::uint64_t p, bool on) {
+		if (on)
+			r.wp_pages.insert(p);
+		else
+			r.wp_pages.erase(p);
+	};
+	RunGate::Pause pause(gate_);
+	std::size_t done = 0;
+	try {
+		for (; done < changes.size(); done++) {
+			Change &c = changes[done];
+			std::uint64_t base = c.r->gpa / page;
+			for (std::uint64_t p = c.lo; p < c.hi; p++)
+				set_wp(*c.r, p, trapped(base + p));
+			try {
+				apply_span(*c.r, c.first, c.end,
+					   plan_span(c.r->gpa, c.first, c.end, c.r->wp_pages));
+			} catch (...) {
+				for (std::uint64_t p = c.lo; p < c.hi; p++)
+					set_wp(*c.r, p, c.old[p - c.lo]);
+				throw;
+			}
+		}
+	} catch (...) {
+		while (done--) {
+			Change &c = changes[done];
+			for (std::uint64_t p = c.lo; p < c.hi; p++)
+				set_wp(*c.r, p, c.old[p - c.lo]);
+			apply_span(*c.r, c.first, c.end,
+				   plan_span(c.r->gpa, c.first, c.end, c.r->wp_pages));
+		}
+		throw;
+	}
+}
+
+void MemoryMap::guest_write_locked(std::uint64_t gpa, const std::byte *data, std::uint32_t len)
+{
+	auto *r = const_cast<Region *>(find_gpa(gpa));
+	if (!r || r->opts.readonly || len > r->gpa + r->size - gpa)
+		throw Error("GuestMemory", EFAULT, range(gpa, len) + " is not writable RAM");
+	std::byte *host = r->map.data() + (gpa - r->gpa);
+	/* Other vCPUs read this memory directly: do not tear aligned stores. */
+	auto store = [&](auto v) {
+		std::memcpy(&v, data, sizeof(v));
+		__atomic_store_n(reinterpret_cast<decltype(v) *>(host), v, __ATOMIC_RELAXED);
+	};
+	bool aligned = (gpa & (len - 1)) == 0;
+	if (aligned && len == 1)
+		store(std::uint8_t{});
+	else if (aligned && len == 2)
+		store(std::uint16_t{});
+	else if (aligned && len == 4)
+		store(std::uint32_t{});
+	else if (aligned && len == 8)
+		store(std::uint64_t{});
+	else
+		std::memcpy(host, data, len);
+	mark_dirty_locked(*r, gpa - r->gpa, len);
+}
+
+std::uint64_t MemoryMap::trapped_pages() const
+{
+	std::shared_lock lock(mu_);
+	std::uint64_t n = 0;
+	for (auto &[gpa, r] : regions_)
+		n += r->wp_pages.size();
+	return n;
 }
 
 bool MemoryMap::complete_mmio(const MmioExit &exit)
@@ -496,7 +624,7 @@ std::optional<std::uint64_t> MemoryMap::ring_entry_gpa(std::uint32_t slot,
 {
 	std::shared_lock lock(mu_);
 	for (auto &[gpa, r] : regions_)
-		for (auto &s : r->slots)
+		for (auto &[first, s] : r->slots)
 			if (s.id == slot && offset < s.spec.size / page)
 				return s.spec.gpa + offset * page;
 	return std::nullopt;

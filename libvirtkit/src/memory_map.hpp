@@ -11,8 +11,10 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <map>
 #include <memory>
+#include <mutex>
 #include <optional>
 #include <set>
 #include <shared_mutex>
@@ -26,9 +28,28 @@
 
 namespace virtkit::detail {
 
+class RunGate;
+
+/*
+ * A feature that keeps per-page state keyed by guest-physical address
+ * (sub-page protection) follows the regions through this interface. Called
+ * with the map's lock held exclusively, before the change; region_moved may
+ * throw to refuse the move (nothing changed then), region_removed must not.
+ */
+class RegionObserver {
+public:
+	virtual void region_moved(std::uint64_t from, std::uint64_t to, std::uint64_t size) = 0;
+	virtual void region_removed(std::uint64_t gpa, std::uint64_t size) noexcept = 0;
+	/* After a region appeared at gpa (added, moved or moved back). */
+	virtual void region_placed(std::uint64_t gpa, std::uint64_t size) noexcept = 0;
+
+protected:
+	~RegionObserver() = default;
+};
+
 class MemoryMap {
 public:
-	MemoryMap(int vm_fd, std::uint32_t max_slots, bool dirty_ring);
+	MemoryMap(int vm_fd, std::uint32_t max_slots, bool dirty_ring, RunGate &gate);
 	MemoryMap(const MemoryMap &) = delete;
 	MemoryMap &operator=(const MemoryMap &) = delete;
 
@@ -49,11 +70,34 @@ public:
 	std::size_t slot_count() const;
 
 	/*
-	 * For features: make pages [gpa, gpa + pages * 4096) trap guest writes
-	 * (or stop trapping). All pages must be in writable regions. All or
-	 * nothing.
+	 * For features that decide about guest writes (sub-page protection):
+	 * they hold the map's lock while they read their own state and complete
+	 * writes, so that a decision and the layout always agree.
 	 */
-	void set_write_protect(std::uint64_t gpa, std::uint64_t pages, bool wp);
+	std::unique_lock<std::shared_mutex> lock() { return std::unique_lock(mu_); }
+	std::shared_lock<std::shared_mutex> lock_shared() const { return std::shared_lock(mu_); }
+	/* Set under lock(); nullptr to detach. */
+	void set_observer_locked(RegionObserver *o) { observer_ = o; }
+
+	/* Whether [gpa, gpa + size) is writable guest RAM, in one region or several. */
+	bool writable_ram_locked(std::uint64_t gpa, std::uint64_t size) const;
+	/*
+	 * Make the writable-RAM pages among gfn .. gfn + n - 1 trap guest
+	 * writes or not, as trapped(gfn) says; pages that are not writable RAM
+	 * are skipped. Vcpus are held out of the guest while slots change. All
+	 * or nothing.
+	 */
+	void set_traps_locked(std::uint64_t gfn, std::uint64_t n,
+			      const std::function<bool(std::uint64_t)> &trapped);
+	/*
+	 * Perform a guest write the feature allowed: [gpa, gpa + len) must be
+	 * writable RAM inside one region. Naturally aligned 1/2/4/8-byte
+	 * writes are single stores, as the guest's own would be. Marks the
+	 * page dirty. Under lock_shared().
+	 */
+	void guest_write_locked(std::uint64_t gpa, const std::byte *data, std::uint32_t len);
+	/* Pages that trap writes (for diagnostics and benchmarks). */
+	std::uint64_t trapped_pages() const;
 
 	/*
 	 * An MMIO exit the guest took on guest RAM that currently traps writes
@@ -80,7 +124,7 @@ private:
 		RegionOptions opts;
 		FileDesc memfd;
 		Mapping map;
-		std::vector<Slot> slots;
+		std::map<std::uint64_t, Slot> slots; /* by first page */
 		std::vector<std::uint64_t> dirty; /* harvested from deleted slots */
 		std::set<std::uint64_t> wp_pages;
 	};
@@ -93,12 +137,17 @@ private:
 		      void *host, std::uint32_t flags);
 	std::uint32_t slot_flags(const Region &r, const SlotSpec &s) const;
 	void apply_plan(Region &r, const std::vector<SlotSpec> &plan);
+	void apply_span(Region &r, std::uint64_t first, std::uint64_t end,
+			const std::vector<SlotSpec> &plan);
+	void delete_slot(Region &r, const Slot &s);
 	void remove_slots(Region &r);
 	void harvest(Region &r, const Slot &s);
 	void mark_dirty_locked(Region &r, std::uint64_t off, std::uint64_t len);
 	std::uint32_t alloc_slot();
 
 	int vm_fd_;
+	RunGate &gate_;
+	RegionObserver *observer_ = nullptr;
 	std::uint32_t max_slots_;
 	bool dirty_ring_;
 	mutable std::shared_mutex mu_;

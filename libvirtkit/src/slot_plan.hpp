@@ -34,4 +34,13 @@ struct SlotSpec {
 std::vector<SlotSpec> plan_slots(std::uint64_t gpa, std::uint64_t size,
 				 bool readonly, const std::set<std::uint64_t> &wp_pages);
 
+/*
+ * The slots of a writable region at gpa for its pages [first, end) alone:
+ * what plan_slots() gives for that range when first and end are slot
+ * boundaries of the whole plan. Costs O(protected pages in the range), so
+ * that re-planning around one page of a large layout stays cheap.
+ */
+std::vector<SlotSpec> plan_span(std::uint64_t gpa, std::uint64_t first, std::uint64_t end,
+				const std::set<std::uint64_t> &wp_pages);
+
 } // namespace virtkit::detail

@@ -10,16 +10,20 @@
 
 #include <pthread.h>
 
+#include <array>
 #include <atomic>
+#include <optional>
 #include <cstdint>
 #include <memory>
 #include <mutex>
 #include <vector>
 
 #include <virtkit/fd.hpp>
+#include <virtkit/spp.hpp>
 #include <virtkit/vm.hpp>
 
 #include "memory_map.hpp"
+#include "run_gate.hpp"
 
 namespace virtkit::detail {
 
@@ -34,11 +38,12 @@ struct VmState {
 		std::uint32_t ring_bytes)
 		: fd(std::move(f)), vcpu_mmap_size(run_size),
 		  dirty_ring_bytes(ring_bytes),
-		  memory(fd.get(), max_slots, ring_bytes != 0), facade(memory) {}
+		  memory(fd.get(), max_slots, ring_bytes != 0, gate), facade(memory) {}
 
 	FileDesc fd;
 	std::size_t vcpu_mmap_size;
 	std::uint32_t dirty_ring_bytes;
+	RunGate gate;
 	MemoryMap memory;
 	GuestMemory facade; /* what Vm::memory() and Vcpu::memory() return */
 
@@ -56,10 +61,24 @@ struct VmState {
 		std::lock_guard lock(handlers_mu);
 		return handlers;
 	}
+
+	/* Sub-page protection, once enabled (spp_mu guards enabling). */
+	std::mutex spp_mu;
+	std::unique_ptr<SubpageProtection> spp;
 };
 
 struct VcpuState {
+	VcpuState() = default;
+	VcpuState(const VcpuState &) = delete;
+	VcpuState &operator=(const VcpuState &) = delete;
+	~VcpuState()
+	{
+		if (vm && gated)
+			vm->gate.remove(this);
+	}
+
 	std::shared_ptr<VmState> vm;
+	bool gated = false;	/* registered with vm->gate */
 	std::uint32_t id;
 	FileDesc fd;
 	Mapping run;		/* kvm_run, mapped once */
@@ -73,16 +92,40 @@ struct VcpuState {
 	 * exited). A kick sets kvm_run.immediate_exit first: if the vCPU thread
 	 * is about to enter KVM_RUN it returns EINTR at once; if it is in the
 	 * guest the signal forces an exit. run() clears immediate_exit when
-	 * it reports the kick.
+	 * it reports the kick. An internal kick (RunGate::Pause) sets
+	 * internal_kick instead of kick_pending: run() re-enters the guest
+	 * without reporting it.
 	 */
 	std::mutex kick_mu;
 	pthread_t running_thread{};
 	bool in_run = false;
+	bool kick_pending = false;
+	bool internal_kick = false;
 
 	/* The thread whose signal mask KVM_SET_SIGNAL_MASK was derived from. */
 	pthread_t mask_thread{};
 	bool mask_set = false;
 };
+
+/* Make the vCPU leave KVM_RUN without run() reporting it (see RunGate). */
+void internal_kick(VcpuState &v);
+
+/* One piece of an MMIO access as KVM reports it (at most 8 bytes). */
+struct MmioFragment {
+	std::uint64_t gpa;
+	std::uint32_t len;
+	bool is_write;
+	std::array<std::byte, 8> data;
+};
+
+/*
+ * After an MMIO exit: let KVM complete it without running the guest
+ * (KVM_RUN with immediate_exit). KVM reports the next piece of the same
+ * instruction's access, if there is one, as another MMIO exit: that piece is
+ * returned. nullopt once the access is complete. Must be called on the
+ * vCPU's thread, from inside run() (an exit handler).
+ */
+std::optional<MmioFragment> next_mmio_fragment(VcpuState &v);
 
 /* The friend through which library internals reach a Vcpu's state. */
 struct VcpuAccess {

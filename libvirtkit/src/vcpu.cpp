@@ -3,6 +3,7 @@
 
 #include <signal.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cerrno>
 #include <cstring>
@@ -106,6 +107,7 @@ Exit Vcpu::run()
 	update_run_sigmask(s);
 
 	for (;;) {
+		s.vm->gate.enter();
 		{
 			std::lock_guard lock(s.kick_mu);
 			s.running_thread = pthread_self();
@@ -117,6 +119,7 @@ Exit Vcpu::run()
 			std::lock_guard lock(s.kick_mu);
 			s.in_run = false;
 		}
+		s.vm->gate.leave();
 		bool interrupted = false;
 		if (r < 0) {
 			if (err != EINTR && err != EAGAIN) {
@@ -126,8 +129,17 @@ Exit Vcpu::run()
 			interrupted = true;
 		}
 		if (interrupted || run->exit_reason == KVM_EXIT_INTR) {
-			std::atomic_ref(run->immediate_exit).store(0);
+			bool only_internal;
+			{
+				std::lock_guard lock(s.kick_mu);
+				only_internal = s.internal_kick && !s.kick_pending;
+				s.internal_kick = s.kick_pending = false;
+				std::atomic_ref(run->immediate_exit).store(0);
+			}
 			consume_blocked_kick();
+			/* The library paused the VM for a moment: go back in. */
+			if (only_internal)
+				continue;
 		}
 
 		Exit exit = detail::decode_exit(*run, s.run.size(), interrupted);
@@ -152,10 +164,55 @@ void Vcpu::kick()
 {
 	auto &s = *state_;
 	std::lock_guard lock(s.kick_mu);
+	s.kick_pending = true;
 	std::atomic_ref(s.run.as<kvm_run>()->immediate_exit).store(1);
 	if (s.in_run)
 		pthread_kill(s.running_thread, kick_signal());
 }
+
+namespace detail {
+
+void internal_kick(VcpuState &s)
+{
+	std::lock_guard lock(s.kick_mu);
+	s.internal_kick = true;
+	std::atomic_ref(s.run.as<kvm_run>()->immediate_exit).store(1);
+	if (s.in_run)
+		pthread_kill(s.running_thread, kick_signal());
+}
+
+std::optional<MmioFragment> next_mmio_fragment(VcpuState &s)
+{
+	auto *run = s.run.as<kvm_run>();
+	std::atomic_ref(run->immediate_exit).store(1);
+	int r = value_ioctl<KVM_RUN>(s.fd.get(), 0);
+	int err = errno;
+	{
+		/* Keep a kick (user or internal) that arrived meanwhile pending. */
+		std::lock_guard lock(s.kick_mu);
+		if (!s.kick_pending && !s.internal_kick)
+			std::atomic_ref(run->immediate_exit).store(0);
+	}
+	if (r < 0) {
+		if (err != EINTR && err != EAGAIN) {
+			errno = err;
+			throw_ioctl_error("KVM_RUN", who(s) + " (completing MMIO)", s.vm->fd.get());
+		}
+		return std::nullopt;
+	}
+	if (run->exit_reason != KVM_EXIT_MMIO)
+		throw Error("KVM_RUN", EPROTO,
+			    who(s) + ": completing MMIO gave " +
+				    exit_reason_name(run->exit_reason));
+	MmioFragment f{};
+	f.gpa = run->mmio.phys_addr;
+	f.len = std::min<std::uint32_t>(run->mmio.len, 8);
+	f.is_write = run->mmio.is_write;
+	std::memcpy(f.data.data(), run->mmio.data, f.len);
+	return f;
+}
+
+} // namespace detail
 
 /*
  * Not VK_IOCTL: it would stringify `req` after GETTER/SETTER expanded it

@@ -74,6 +74,8 @@ Vcpu Vm::create_vcpu(std::uint32_t id)
 				       "dirty ring");
 		s->ring_entries = state_->dirty_ring_bytes / sizeof(kvm_dirty_gfn);
 	}
+	state_->gate.add(s.get());
+	s->gated = true;
 	return Vcpu(std::move(s));
 }
 

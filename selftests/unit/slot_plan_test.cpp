@@ -182,3 +182,31 @@ TEST_CASE("plan: slots cover the region exactly (random sets)", "[slot_plan]")
 			     plan_slots(gpa, pages * page, readonly, wp));
 	}
 }
+
+/*
+ * Re-planning touches only the slots around a change: planning the span
+ * between two slot boundaries of the full plan must give exactly the full
+ * plan's slots there, so that splicing it into the old layout is correct.
+ */
+TEST_CASE("plan_span between slot boundaries equals the full plan there", "[slot_plan]")
+{
+	using virtkit::detail::plan_span;
+	std::mt19937_64 rng(0xabcdef01);
+	for (int iter = 0; iter < 500; iter++) {
+		std::uint64_t pages = 1 + rng() % 96;
+		std::uint64_t gpa = (rng() % 0x100000) * page;
+		std::set<std::uint64_t> wp;
+		unsigned density = rng() % 4;
+		for (std::uint64_t p = 0; p < pages; p++)
+			if (rng() % 4 < density)
+				wp.insert(p);
+		auto full = plan_slots(gpa, pages * page, false, wp);
+		std::size_t a = rng() % full.size();
+		std::size_t b = a + rng() % (full.size() - a);
+		std::uint64_t first = full[a].offset / page;
+		std::uint64_t end = (full[b].offset + full[b].size) / page;
+		INFO("iter " << iter << " pages=" << pages << " span " << first << ".." << end);
+		auto span = plan_span(gpa, first, end, wp);
+		CHECK(span == std::vector<SlotSpec>(full.begin() + a, full.begin() + b + 1));
+	}
+}

@@ -17,6 +17,8 @@
 #include <string>
 #include <variant>
 
+#include <virtkit/spp.hpp>
+
 namespace virtkit {
 
 /* Port I/O: IN (guest reads, host fills data) or OUT (guest wrote data). */
@@ -106,10 +108,19 @@ struct UnknownExit {
 	std::uint32_t reason;
 };
 
+/*
+ * A guest write to a write-protected sub-page whose violation handler
+ * answered SppDecision::stop (see virtkit/spp.hpp). The write was not
+ * performed; running the vCPU again continues after it.
+ */
+struct SppViolationExit {
+	SppViolation violation;
+};
+
 using Exit = std::variant<IoExit, MmioExit, HltExit, DebugExit, MsrExit,
 			  ShutdownExit, FailEntryExit, InternalErrorExit,
 			  SystemEventExit, MemoryFaultExit, InterruptedExit,
-			  UnknownExit>;
+			  UnknownExit, SppViolationExit>;
 
 /* "KVM_EXIT_MMIO" for 6; "KVM_EXIT_<n>" for unknown values. */
 std::string exit_reason_name(std::uint32_t reason);

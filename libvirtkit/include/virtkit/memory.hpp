@@ -39,6 +39,13 @@ struct RegionOptions {
 	bool dirty_log = false;
 	/* Name used in errors and `virtkit info`. */
 	std::string name = {};
+	/*
+	 * Back the region with 2 MiB hugetlbfs pages (gpa and size must be
+	 * 2 MiB aligned; the host needs free pages in
+	 * /proc/sys/vm/nr_hugepages, else ENOMEM), so that KVM can map it with
+	 * large pages.
+	 */
+	bool huge_pages = false;
 };
 
 struct RegionInfo {

@@ -1,0 +1,133 @@
+// SPDX-License-Identifier: MIT
+/*
+ * virtkit::SubpageProtection - sub-page write protection (SPP) of guest
+ * memory at 128-byte granularity (Documentation/spp.rst).
+ *
+ * Each 4 KiB guest page has a 32-bit access map: bit i set means the guest
+ * may write bytes [128 * i, 128 * i + 127] of the page. all_writable
+ * (0xFFFFFFFF) is the default and means "not protected". A guest write that
+ * touches any protected byte is not performed - not even partly - and is
+ * reported as an SppViolation; writes that touch only writable sub-pages
+ * complete exactly as on unprotected memory. Reads and instruction fetches
+ * never exit. The VMM's own accesses (GuestMemory::write, host views) are
+ * never restricted.
+ *
+ * Usage:
+ *
+ *	auto &spp = vm.enable_spp();
+ *	spp.set_access(gpa / 4096, {0xFFFF0000u});  // protect bytes 0..2047
+ *	spp.on_violation([](Vcpu &, const SppViolation &v) {
+ *		log(v.gpa, v.size);
+ *		return SppDecision::drop;
+ *	});
+ *
+ * Backends: `user` enforces the maps in this process through read-only
+ * memslots (works on any KVM); `kmod` is served by virtkit.ko when
+ * /dev/virtkit exists. Both give the same semantics.
+ *
+ * Thread safety: every call may be made from any thread, also while vCPUs
+ * run and from inside on_violation handlers. When set_access returns, every
+ * guest write that completes afterwards was checked against the new maps.
+ */
+#pragma once
+
+#include <array>
+#include <cstddef>
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <span>
+#include <vector>
+
+namespace virtkit {
+
+class Vcpu;
+
+namespace detail {
+class SppBackend;
+}
+
+/* A guest write that touched a write-protected sub-page. */
+struct SppViolation {
+	std::uint32_t vcpu;		/* id of the vCPU that wrote */
+	std::uint64_t gpa;		/* first protected byte the write touched */
+	std::uint64_t write_gpa;	/* first byte of the write */
+	std::uint32_t size;		/* bytes the write covers (1..max_write) */
+	/*
+	 * Guest RIP when KVM reported the write: the next instruction, as KVM
+	 * retires an emulated store before it reports it - except for a rep
+	 * string instruction with elements left, where it is the instruction.
+	 */
+	std::uint64_t rip;
+	std::array<std::byte, 64> bytes; /* the first `size` are the data */
+
+	static constexpr std::uint32_t max_write = 64;
+	std::span<const std::byte> data() const noexcept { return {bytes.data(), size}; }
+};
+
+/* What happens to a write that an SppViolation reports. */
+enum class SppDecision {
+	drop,		/* not performed; the instruction completes (as on ROM) */
+	allow_once,	/* performed this once; the maps are unchanged */
+	stop,		/* not performed; Vcpu::run() returns SppViolationExit */
+};
+
+using SppViolationHandler = std::function<SppDecision(Vcpu &, const SppViolation &)>;
+
+enum class SppBackendKind { automatic, user, kmod };
+
+struct SppOptions {
+	SppBackendKind backend = SppBackendKind::automatic;
+};
+
+/* Counters since enable (all backends). */
+struct SppStats {
+	std::uint64_t checked_writes;	/* guest writes to protected pages checked */
+	std::uint64_t allowed_writes;	/* ... that touched only writable sub-pages */
+	std::uint64_t violations;	/* ... reported as SppViolation */
+	std::uint64_t protected_pages;	/* pages whose map is not all_writable */
+};
+
+class SubpageProtection {
+public:
+	static constexpr std::uint32_t all_writable = 0xFFFFFFFFu;
+	static constexpr std::uint64_t subpage_size = 128;
+	static constexpr std::uint32_t subpages = 32;
+
+	SubpageProtection(const SubpageProtection &) = delete;
+	SubpageProtection &operator=(const SubpageProtection &) = delete;
+	~SubpageProtection();
+
+	/*
+	 * Set the access maps of pages gfn .. gfn + maps.size() - 1. All or
+	 * nothing: every page must be writable guest RAM (EFAULT otherwise),
+	 * the range must not wrap (EINVAL), flags must be 0 (EINVAL); on any
+	 * error nothing changed. An empty span does nothing.
+	 */
+	void set_access(std::uint64_t gfn, std::span<const std::uint32_t> maps,
+			std::uint32_t flags = 0);
+	void set_access(std::uint64_t gfn, std::initializer_list<std::uint32_t> maps,
+			std::uint32_t flags = 0)
+	{
+		set_access(gfn, std::span(maps.begin(), maps.size()), flags);
+	}
+	/* Access maps of pages gfn .. gfn + npages - 1; same errors. O(npages). */
+	std::vector<std::uint32_t> get_access(std::uint64_t gfn, std::uint64_t npages,
+					      std::uint32_t flags = 0) const;
+
+	/*
+	 * Decide about violations (default: drop). The handler runs on the
+	 * vCPU's thread while that vCPU waits; it may call set_access.
+	 */
+	void on_violation(SppViolationHandler handler);
+
+	SppBackendKind backend() const noexcept;
+	SppStats stats() const;
+
+private:
+	friend class Vm;
+	explicit SubpageProtection(std::unique_ptr<detail::SppBackend> backend);
+	std::unique_ptr<detail::SppBackend> backend_;
+};
+
+} // namespace virtkit

@@ -1,0 +1,317 @@
+// SPDX-License-Identifier: MIT
+#include "spp_user.hpp"
+
+#include <algorithm>
+#include <cerrno>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+#include <virtkit/error.hpp>
+#include <virtkit/vcpu.hpp>
+
+#include "ioctl.hpp"
+#include "state.hpp"
+
+namespace virtkit::detail {
+
+static constexpr std::uint64_t page = 4096;
+/* As a std::uint64_t, for std::min. */
+static constexpr std::uint64_t gfn_limit = VK_SPPT_GFN_LIMIT;
+
+static std::string pages(std::uint64_t gfn, std::uint64_t n)
+{
+	return "gfn=" + hex(gfn) + " npages=" + std::to_string(n);
+}
+
+SppUserBackend::SppUserBackend(VmState &vm) : vm_(vm), mem_(vm.memory)
+{
+	auto lock = mem_.lock();
+	mem_.set_observer_locked(this);
+}
+
+SppUserBackend::~SppUserBackend()
+{
+	reg_.reset();
+	auto lock = mem_.lock();
+	mem_.set_observer_locked(nullptr);
+}
+
+/*
+ * A page traps writes when it is protected, and also when a write that
+ * starts in it could run into a protected first sub-page of the next page or
+ * start in the previous page's protected last sub-page: KVM writes the RAM
+ * part of a page-straddling store itself, so both pages must trap for the
+ * store to be decided whole.
+ */
+template <class MapAt>
+bool SppUserBackend::needs_trap(std::uint64_t gfn, const MapAt &map_at)
+{
+	if (map_at(gfn) != VK_SPP_ALL_WRITABLE)
+		return true;
+	if (gfn + 1 < VK_SPPT_GFN_LIMIT && !(map_at(gfn + 1) & 1))
+		return true;
+	return gfn > 0 && !(map_at(gfn - 1) >> 31 & 1);
+}
+
+void SppUserBackend::refresh_traps_locked(std::uint64_t gfn, std::uint64_t n)
+{
+	std::uint64_t lo = gfn ? gfn - 1 : 0;
+	std::uint64_t hi = std::min(gfn + n + 1, gfn_limit);
+	auto map_at = [&](std::uint64_t g) { return table_.get(g); };
+	mem_.set_traps_locked(lo, hi - lo,
+			      [&](std::uint64_t g) { return needs_trap(g, map_at); });
+}
+
+void SppUserBackend::count_protected(std::uint64_t, std::span<const std::uint32_t> old_maps,
+				     std::span<const std::uint32_t> new_maps)
+{
+	for (std::size_t i = 0; i < old_maps.size(); i++) {
+		bool was = old_maps[i] != VK_SPP_ALL_WRITABLE;
+		bool is = new_maps[i] != VK_SPP_ALL_WRITABLE;
+		protected_pages_ += is - was;
+	}
+}
+
+void SppUserBackend::set_access(std::uint64_t gfn, std::span<const std::uint32_t> maps)
+{
+	const std::uint64_t n = maps.size();
+	if (gfn >= VK_SPPT_GFN_LIMIT || n > VK_SPPT_GFN_LIMIT - gfn)
+		throw Error("SubpageProtection::set_access", EFAULT,
+			    pages(gfn, n) + ": beyond the 48-bit guest-physical space");
+
+	auto lock = mem_.lock();
+	if (!mem_.writable_ram_locked(gfn * page, n * page))
+		throw Error("SubpageProtection::set_access", EFAULT,
+			    pages(gfn, n) + ": not all writable guest RAM");
+
+	std::vector<std::uint32_t> old(n);
+	if (table_.get(gfn, old) != VK_SPPT_OK)
+		throw Error("SubpageProtection::set_access", EIO, pages(gfn, n) + ": table corrupt");
+
+	/* Re-cut the slots for the new maps first: it is the step that can fail. */
+	auto map_at = [&](std::uint64_t g) {
+		return g - gfn < n ? maps[g - gfn] : table_.get(g);
+	};
+	std::uint64_t lo = gfn ? gfn - 1 : 0;
+	std::uint64_t hi = std::min(gfn + n + 1, gfn_limit);
+	mem_.set_traps_locked(lo, hi - lo,
+			      [&](std::uint64_t g) { return needs_trap(g, map_at); });
+
+	if (int r = table_.set(gfn, maps); r != VK_SPPT_OK) {
+		refresh_traps_locked(gfn, n); /* back to what the table says */
+		throw Error("SubpageProtection::set_access",
+			    r == VK_SPPT_ENOMEM ? ENOMEM : EINVAL, pages(gfn, n));
+	}
+	count_protected(gfn, old, maps);
+}
+
+void SppUserBackend::get_access(std::uint64_t gfn, std::span<std::uint32_t> maps) const
+{
+	const std::uint64_t n = maps.size();
+	if (gfn >= VK_SPPT_GFN_LIMIT || n > VK_SPPT_GFN_LIMIT - gfn)
+		throw Error("SubpageProtection::get_access", EFAULT,
+			    pages(gfn, n) + ": beyond the 48-bit guest-physical space");
+	auto lock = mem_.lock_shared();
+	if (!mem_.writable_ram_locked(gfn * page, n * page))
+		throw Error("SubpageProtection::get_access", EFAULT,
+			    pages(gfn, n) + ": not all writable guest RAM");
+	if (table_.get(gfn, maps) != VK_SPPT_OK)
+		throw Error("SubpageProtection::get_access", EIO, pages(gfn, n) + ": table corrupt");
+}
+
+void SppUserBackend::on_violation(SppViolationHandler handler)
+{
+	auto h = handler ? std::make_shared<const SppViolationHandler>(std::move(handler)) : nullptr;
+	std::lock_guard lock(handler_mu_);
+	handler_ = std::move(h);
+}
+
+SppStats SppUserBackend::stats() const
+{
+	SppStats s{};
+	s.checked_writes = checked_.load();
+	s.allowed_writes = allowed_.load();
+	s.violations = violations_.load();
+	auto lock = mem_.lock_shared();
+	s.protected_pages = protected_pages_;
+	return s;
+}
+
+/* The maps travel with the memory; the old addresses become unprotected. */
+void SppUserBackend::region_moved(std::uint64_t from, std::uint64_t to, std::uint64_t size)
+{
+	std::uint64_t n = size / page, src = from / page, dst = to / page;
+	if (dst >= VK_SPPT_GFN_LIMIT || n > VK_SPPT_GFN_LIMIT - dst) {
+		if (src < VK_SPPT_GFN_LIMIT) {
+			std::vector<std::uint32_t> maps(std::min(n, gfn_limit - src));
+			table_.get(src, maps);
+			if (std::any_of(maps.begin(), maps.end(),
+					[](std::uint32_t m) { return m != VK_SPP_ALL_WRITABLE; }))
+				throw Error("GuestMemory::move", EINVAL,
+					    "sub-page protection cannot follow the region beyond "
+					    "the 48-bit guest-physical space");
+		}
+		return;
+	}
+	if (src >= VK_SPPT_GFN_LIMIT)
+		return;
+	std::vector<std::uint32_t> maps(std::min(n, gfn_limit - src));
+	table_.get(src, maps);
+	if (std::all_of(maps.begin(), maps.end(),
+			[](std::uint32_t m) { return m == VK_SPP_ALL_WRITABLE; }))
+		return;
+	maps.resize(n, VK_SPP_ALL_WRITABLE);
+	if (table_.set(dst, maps) != VK_SPPT_OK)
+		throw Error("GuestMemory::move", ENOMEM, "sub-page protection table");
+	/* Clear what is left of the old range (cannot fail: frees only). */
+	for (std::uint64_t g = src; g < src + n && g < VK_SPPT_GFN_LIMIT; g++)
+		if (g < dst || g >= dst + n)
+			table_.fill(g, 1, VK_SPP_ALL_WRITABLE);
+}
+
+void SppUserBackend::region_removed(std::uint64_t gpa, std::uint64_t size) noexcept
+{
+	std::uint64_t g = gpa / page, n = size / page;
+	if (g >= VK_SPPT_GFN_LIMIT)
+		return;
+	n = std::min(n, gfn_limit - g);
+	std::vector<std::uint32_t> old(n);
+	table_.get(g, old);
+	std::vector<std::uint32_t> none(n, VK_SPP_ALL_WRITABLE);
+	count_protected(g, old, none);
+	table_.fill(g, n, VK_SPP_ALL_WRITABLE);
+}
+
+/*
+ * A region appeared next to others: its edge pages, and its neighbours'
+ * edge pages, may need to trap for straddling writes.
+ */
+void SppUserBackend::region_placed(std::uint64_t gpa, std::uint64_t size) noexcept
+{
+	std::uint64_t g = gpa / page, n = size / page;
+	try {
+		refresh_traps_locked(g, 1);
+		if (n > 1)
+			refresh_traps_locked(g + n - 1, 1);
+	} catch (const Error &) {
+		/*
+		 * Out of memslots: protection itself holds (protected pages are
+		 * in the region's own layout); only a store straddling into
+		 * the new neighbour could be split.
+		 */
+	}
+}
+
+namespace {
+
+struct PendingWrite {
+	std::array<MmioFragment, 16> pieces;
+	std::size_t count = 0;
+	std::uint32_t bytes = 0;
+	bool overflow = false;
+
+	void add(const MmioFragment &f)
+	{
+		if (count == pieces.size() || bytes + f.len > SppViolation::max_write) {
+			overflow = true;
+			return;
+		}
+		pieces[count++] = f;
+		bytes += f.len;
+	}
+};
+
+} // namespace
+
+ExitAction SppUserBackend::on_exit(Vcpu &vcpu, Exit &exit)
+{
+	auto *m = std::get_if<MmioExit>(&exit);
+	if (!m || !m->is_write || m->data.empty())
+		return ExitAction::pass;
+	{
+		auto lock = mem_.lock_shared();
+		if (!mem_.writable_ram_locked(m->gpa, m->data.size()))
+			return ExitAction::pass; /* a device of the VMM */
+	}
+
+	PendingWrite w;
+	MmioFragment first{};
+	first.gpa = m->gpa;
+	first.len = static_cast<std::uint32_t>(m->data.size());
+	first.is_write = true;
+	std::memcpy(first.data.data(), m->data.data(), first.len);
+	w.add(first);
+	auto &vs = VcpuAccess::state(vcpu);
+	while (auto f = next_mmio_fragment(vs)) {
+		if (!f->is_write)
+			throw Error("KVM_RUN", EPROTO, "MMIO read inside a guest write");
+		w.add(*f);
+	}
+
+	/* Decide on the whole write with the layout and the maps stable. */
+	std::uint64_t blocked = std::numeric_limits<std::uint64_t>::max();
+	{
+		auto lock = mem_.lock_shared();
+		for (std::size_t i = 0; i < w.count && blocked == ~0ull; i++) {
+			const MmioFragment &f = w.pieces[i];
+			if (!mem_.writable_ram_locked(f.gpa, f.len))
+				continue; /* the non-RAM part of a straddling write */
+			for (std::uint64_t a = f.gpa; a < f.gpa + f.len;
+			     a = (a | (VK_SPP_SUBPAGE_SIZE - 1)) + 1) {
+				std::uint32_t map = table_.get(a / page);
+				if (!(map >> (a % page / VK_SPP_SUBPAGE_SIZE) & 1)) {
+					blocked = a;
+					break;
+				}
+			}
+		}
+		checked_++;
+		if (blocked == ~0ull && !w.overflow) {
+			for (std::size_t i = 0; i < w.count; i++) {
+				const MmioFragment &f = w.pieces[i];
+				if (mem_.writable_ram_locked(f.gpa, f.len))
+					mem_.guest_write_locked(f.gpa, f.data.data(), f.len);
+			}
+			allowed_++;
+			return ExitAction::resume;
+		}
+	}
+	violations_++;
+
+	SppViolation v{};
+	v.vcpu = vcpu.id();
+	v.gpa = blocked != ~0ull ? blocked : first.gpa;
+	v.write_gpa = first.gpa;
+	v.rip = vcpu.regs().rip;
+	for (std::size_t i = 0; i < w.count; i++) {
+		std::memcpy(v.bytes.data() + v.size, w.pieces[i].data.data(), w.pieces[i].len);
+		v.size += w.pieces[i].len;
+	}
+
+	std::shared_ptr<const SppViolationHandler> handler;
+	{
+		std::lock_guard lock(handler_mu_);
+		handler = handler_;
+	}
+	SppDecision d = handler ? (*handler)(vcpu, v) : SppDecision::drop;
+	switch (d) {
+	case SppDecision::drop:
+		return ExitAction::resume;
+	case SppDecision::allow_once: {
+		auto lock = mem_.lock_shared();
+		for (std::size_t i = 0; i < w.count; i++) {
+			const MmioFragment &f = w.pieces[i];
+			if (mem_.writable_ram_locked(f.gpa, f.len))
+				mem_.guest_write_locked(f.gpa, f.data.data(), f.len);
+		}
+		return ExitAction::resume;
+	}
+	case SppDecision::stop:
+		break;
+	}
+	exit = SppViolationExit{v};
+	return ExitAction::pass;
+}
+
+} // namespace virtkit::detail

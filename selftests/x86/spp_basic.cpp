@@ -1,0 +1,206 @@
+// SPDX-License-Identifier: MIT
+/*
+ * Sub-page protection: the API contract (enable, SET/GET, defaults, every
+ * bad argument) and the basic enforcement path - a blocked write is not
+ * performed and is reported with its GPA, an allowed write to the same page
+ * is, reads never exit.
+ */
+#include "test.hpp"
+
+#include <virtkit/spp.hpp>
+#include <virtkit/x86/guest_vm.hpp>
+
+#include <cerrno>
+#include <cstring>
+#include <vector>
+
+using namespace virtkit;
+using namespace virtkit::x86;
+
+static constexpr std::uint64_t spp_gpa = 0x40000000; /* 1 GiB */
+static constexpr std::uint64_t spp_pages = 16;
+static constexpr std::uint64_t spp_gfn = spp_gpa / 4096;
+
+/* Write `value` (8 bytes) at each address, then sync with the count. */
+static void guest_write_qwords(std::uint64_t a0, std::uint64_t a1, std::uint64_t value)
+{
+	*(volatile std::uint64_t *)a0 = value;
+	*(volatile std::uint64_t *)a1 = value;
+	GUEST_SYNC(2);
+}
+
+static void guest_read(std::uint64_t base, std::uint64_t bytes)
+{
+	std::uint64_t sum = 0;
+	for (std::uint64_t a = base; a < base + bytes; a += 8)
+		sum += *(volatile std::uint64_t *)a;
+	GUEST_SYNC(sum);
+}
+
+struct SppGuest {
+	GuestVm g{vkt::kvm()};
+	RegionId region = g.memory().add(spp_gpa, spp_pages * 4096, {.name = "spp"});
+
+	SppGuest() { g.identity_map(spp_gpa, spp_pages * 4096); }
+};
+
+VK_TEST(spp_enable_is_idempotent)
+{
+	SppGuest t;
+	TEST_ASSERT(t.g.vm().spp() == nullptr);
+	SubpageProtection &a = t.g.vm().enable_spp();
+	SubpageProtection &b = t.g.vm().enable_spp();
+	TEST_ASSERT(&a == &b);
+	TEST_ASSERT(t.g.vm().spp() == &a);
+	TEST_ASSERT(a.backend() == SppBackendKind::user);
+	TEST_ASSERT(&t.g.vm().enable_spp({.backend = SppBackendKind::user}) == &a);
+	TEST_EXPECT_ERROR(t.g.vm().enable_spp({.backend = SppBackendKind::kmod}), EINVAL);
+}
+
+VK_TEST(spp_get_default_and_round_trip)
+{
+	SppGuest t;
+	auto &spp = t.g.vm().enable_spp();
+	auto maps = spp.get_access(spp_gfn, spp_pages);
+	TEST_ASSERT_EQ(maps.size(), spp_pages);
+	for (auto m : maps)
+		TEST_ASSERT_EQ(m, SubpageProtection::all_writable);
+
+	std::vector<std::uint32_t> want(spp_pages);
+	for (std::uint64_t i = 0; i < spp_pages; i++)
+		want[i] = i % 3 == 0 ? SubpageProtection::all_writable
+				     : 0x9e3779b9u * static_cast<std::uint32_t>(i + 1);
+	spp.set_access(spp_gfn, want);
+	TEST_ASSERT(spp.get_access(spp_gfn, spp_pages) == want);
+	TEST_ASSERT_EQ(spp.stats().protected_pages, 10u);
+	/* A sub-range reads the same values. */
+	auto mid = spp.get_access(spp_gfn + 5, 3);
+	TEST_ASSERT(mid == std::vector<std::uint32_t>(want.begin() + 5, want.begin() + 8));
+
+	/* Setting all-ones again removes every protection and every trap. */
+	std::size_t slots_protected = t.g.memory().slot_count();
+	spp.set_access(spp_gfn, std::vector<std::uint32_t>(spp_pages, SubpageProtection::all_writable));
+	TEST_ASSERT_EQ(spp.stats().protected_pages, 0u);
+	TEST_ASSERT(t.g.memory().slot_count() < slots_protected);
+	for (auto m : spp.get_access(spp_gfn, spp_pages))
+		TEST_ASSERT_EQ(m, SubpageProtection::all_writable);
+	/* npages == 0 is a no-op, wherever it points. */
+	spp.set_access(~0ull, std::span<const std::uint32_t>{});
+	TEST_ASSERT(spp.get_access(~0ull, 0).empty());
+}
+
+VK_TEST(spp_bad_arguments_change_nothing)
+{
+	SppGuest t;
+	auto &spp = t.g.vm().enable_spp();
+	spp.set_access(spp_gfn + 2, {0x0000ffffu});
+	auto before = spp.get_access(spp_gfn, spp_pages);
+	std::size_t slots = t.g.memory().slot_count();
+	const std::uint32_t two[2] = {0, 0};
+
+	TEST_EXPECT_ERROR(spp.set_access(spp_gfn, {0u}, 1), EINVAL);
+	TEST_EXPECT_ERROR(spp.get_access(spp_gfn, 1, 0x80000000u), EINVAL);
+	/* Ranges that wrap. */
+	TEST_EXPECT_ERROR(spp.set_access(~0ull, two), EINVAL);
+	TEST_EXPECT_ERROR(spp.get_access(~0ull - 2, 4), EINVAL);
+	/* Outside guest memory, wholly or partly (the last page sticks out). */
+	TEST_EXPECT_ERROR(spp.set_access(0x7ffff000, {0u}), EFAULT);
+	TEST_EXPECT_ERROR(spp.set_access(spp_gfn + spp_pages - 1, two), EFAULT);
+	TEST_EXPECT_ERROR(spp.get_access(spp_gfn + spp_pages - 1, 2), EFAULT);
+	TEST_EXPECT_ERROR(spp.set_access(spp_gfn - 1, two), EFAULT);
+	/* Beyond what a 4-level table can describe, and absurd sizes. */
+	TEST_EXPECT_ERROR(spp.set_access(1ull << 40, {0u}), EFAULT);
+	TEST_EXPECT_ERROR(spp.get_access(0, 1ull << 40), EFAULT);
+	/* A read-only region cannot be protected further. */
+	t.g.memory().add(0x50000000, 4096, {.readonly = true, .name = "rom"});
+	TEST_EXPECT_ERROR(spp.set_access(0x50000, {0u}), EFAULT);
+
+	TEST_ASSERT(spp.get_access(spp_gfn, spp_pages) == before);
+	TEST_ASSERT_EQ(t.g.memory().slot_count(), slots + 1); /* + the rom */
+	TEST_ASSERT_EQ(spp.stats().protected_pages, 1u);
+}
+
+VK_TEST(spp_blocks_protected_and_allows_writable_subpage)
+{
+	SppGuest t;
+	auto &spp = t.g.vm().enable_spp();
+	std::vector<SppViolation> seen;
+	spp.on_violation([&](Vcpu &, const SppViolation &v) {
+		seen.push_back(v);
+		return SppDecision::drop;
+	});
+	/* Page 3: sub-page 5 protected, everything else writable. */
+	spp.set_access(spp_gfn + 3, {~(1u << 5)});
+	const std::uint64_t page3 = spp_gpa + 3 * 4096;
+	const std::uint64_t blocked = page3 + 5 * 128 + 8, allowed = page3 + 6 * 128;
+	Vcpu &v = t.g.add_vcpu(guest_write_qwords, blocked, allowed, 0x1122334455667788ull);
+	TEST_ASSERT_EQ(t.g.run(v).args[0], 2u);
+
+	TEST_ASSERT_EQ(t.g.memory().read_obj<std::uint64_t>(blocked), 0u);
+	TEST_ASSERT_EQ(t.g.memory().read_obj<std::uint64_t>(allowed), 0x1122334455667788ull);
+	TEST_ASSERT_EQ(seen.size(), 1u);
+	TEST_ASSERT_EQ(seen[0].gpa, blocked);
+	TEST_ASSERT_EQ(seen[0].write_gpa, blocked);
+	TEST_ASSERT_EQ(seen[0].size, 8u);
+	TEST_ASSERT_EQ(seen[0].vcpu, 0u);
+	std::uint64_t data;
+	std::memcpy(&data, seen[0].data().data(), 8);
+	TEST_ASSERT_EQ(data, 0x1122334455667788ull);
+	auto st = spp.stats();
+	TEST_ASSERT_EQ(st.violations, 1u);
+	TEST_ASSERT_EQ(st.allowed_writes, 1u);
+	TEST_ASSERT_EQ(st.checked_writes, 2u);
+}
+
+VK_TEST(spp_stop_returns_to_caller_and_allow_once_writes)
+{
+	SppGuest t;
+	auto &spp = t.g.vm().enable_spp();
+	spp.set_access(spp_gfn, {0u});
+	int calls = 0;
+	spp.on_violation([&](Vcpu &, const SppViolation &) {
+		return ++calls == 1 ? SppDecision::stop : SppDecision::allow_once;
+	});
+	Vcpu &v = t.g.add_vcpu(guest_write_qwords, spp_gpa, spp_gpa + 8, 42);
+	Exit e = v.run();
+	auto *sv = std::get_if<SppViolationExit>(&e);
+	TEST_ASSERT(sv, "got %s", describe(e).c_str());
+	TEST_ASSERT_EQ(sv->violation.gpa, spp_gpa);
+	TEST_ASSERT_EQ(t.g.memory().read_obj<std::uint64_t>(spp_gpa), 0u);
+	/* The stopped write stays dropped; the next one is allowed once. */
+	TEST_ASSERT_EQ(t.g.run(v).args[0], 2u);
+	TEST_ASSERT_EQ(t.g.memory().read_obj<std::uint64_t>(spp_gpa), 0u);
+	TEST_ASSERT_EQ(t.g.memory().read_obj<std::uint64_t>(spp_gpa + 8), 42u);
+	TEST_ASSERT(spp.get_access(spp_gfn, 1) == std::vector<std::uint32_t>{0u});
+}
+
+VK_TEST(spp_vmm_writes_are_never_restricted)
+{
+	SppGuest t;
+	auto &spp = t.g.vm().enable_spp();
+	spp.set_access(spp_gfn, {0u});
+	t.g.memory().write_obj<std::uint64_t>(spp_gpa + 16, 7);
+	TEST_ASSERT_EQ(t.g.memory().read_obj<std::uint64_t>(spp_gpa + 16), 7u);
+	std::memset(t.g.memory().host_ptr(spp_gpa, 4096), 0xaa, 4096);
+	TEST_ASSERT_EQ(t.g.memory().read_obj<std::uint8_t>(spp_gpa + 4095), 0xaau);
+	TEST_ASSERT_EQ(spp.stats().checked_writes, 0u);
+}
+
+VK_TEST(spp_reads_of_protected_pages_do_not_exit)
+{
+	SppGuest t;
+	auto &spp = t.g.vm().enable_spp();
+	t.g.memory().fill(spp_gpa, std::byte{1}, spp_pages * 4096);
+	std::vector<std::uint32_t> none(spp_pages, 0u);
+	spp.set_access(spp_gfn, none);
+	int mmio = 0;
+	auto reg = t.g.vm().add_exit_handler([&](Vcpu &, Exit &e) {
+		mmio += std::holds_alternative<MmioExit>(e);
+		return ExitAction::pass;
+	});
+	Vcpu &v = t.g.add_vcpu(guest_read, spp_gpa, spp_pages * 4096);
+	TEST_ASSERT_EQ(t.g.run(v).args[0], spp_pages * 4096 / 8 * 0x0101010101010101ull);
+	TEST_ASSERT_EQ(mmio, 0);
+	TEST_ASSERT_EQ(spp.stats().checked_writes, 0u);
+}
+
