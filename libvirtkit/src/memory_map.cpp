@@ -592,6 +592,24 @@ void MemoryMap::guest_write_locked(std::uint64_t gpa, const std::byte *data, std
 	mark_dirty_locked(*r, gpa - r->gpa, len);
 }
 
+bool MemoryMap::guest_cmpxchg16b_locked(std::uint64_t gpa, std::uint64_t expected[2],
+					const std::uint64_t desired[2])
+{
+	auto *r = const_cast<Region *>(find_gpa(gpa));
+	if (!r || r->opts.readonly || gpa % 16 || 16 > r->gpa + r->size - gpa)
+		throw Error("GuestMemory", EFAULT, range(gpa, 16) + " is not aligned writable RAM");
+	std::byte *host = r->map.data() + (gpa - r->gpa);
+	bool equal;
+	asm volatile("lock cmpxchg16b %1"
+		     : "=@ccz"(equal), "+m"(*reinterpret_cast<unsigned __int128 *>(host)),
+		       "+a"(expected[0]), "+d"(expected[1])
+		     : "b"(desired[0]), "c"(desired[1])
+		     : "memory");
+	if (equal && (desired[0] != expected[0] || desired[1] != expected[1]))
+		mark_dirty_locked(*r, gpa - r->gpa, 16);
+	return equal;
+}
+
 std::uint64_t MemoryMap::trapped_pages() const
 {
 	std::shared_lock lock(mu_);

@@ -96,6 +96,14 @@ public:
 	 * page dirty. Under lock_shared().
 	 */
 	void guest_write_locked(std::uint64_t gpa, const std::byte *data, std::uint32_t len);
+	/*
+	 * lock cmpxchg16b on the 16-byte aligned guest RAM at gpa: compares with
+	 * expected (low, high), stores desired if equal and marks the page
+	 * dirty, else loads the current value into expected. Under
+	 * lock_shared(). desired == expected reads atomically without a change.
+	 */
+	bool guest_cmpxchg16b_locked(std::uint64_t gpa, std::uint64_t expected[2],
+				     const std::uint64_t desired[2]);
 	/* Pages that trap writes (for diagnostics and benchmarks). */
 	std::uint64_t trapped_pages() const;
 

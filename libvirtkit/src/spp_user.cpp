@@ -12,6 +12,7 @@
 
 #include "ioctl.hpp"
 #include "state.hpp"
+#include "x86/cmpxchg16b.hpp"
 
 namespace virtkit::detail {
 
@@ -224,8 +225,131 @@ struct PendingWrite {
 
 } // namespace
 
+std::optional<std::uint64_t> SppUserBackend::first_blocked_locked(std::uint64_t gpa,
+								 std::uint64_t len) const
+{
+	for (std::uint64_t a = gpa; a < gpa + len; a = (a | (VK_SPP_SUBPAGE_SIZE - 1)) + 1) {
+		std::uint32_t map = table_.get(a / page);
+		if (!(map >> (a % page / VK_SPP_SUBPAGE_SIZE) & 1))
+			return a;
+	}
+	return std::nullopt;
+}
+
+SppDecision SppUserBackend::report(Vcpu &vcpu, const SppViolation &v)
+{
+	violations_++;
+	std::shared_ptr<const SppViolationHandler> handler;
+	{
+		std::lock_guard lock(handler_mu_);
+		handler = handler_;
+	}
+	return handler ? (*handler)(vcpu, v) : SppDecision::drop;
+}
+
+/*
+ * cmpxchg16b on a trapping page: KVM's emulator cannot emulate 16-byte
+ * cmpxchg and reports an emulation failure with the instruction not
+ * executed. Decode it, check its 16 bytes against the maps and complete it
+ * here - atomically on the VMM's mapping when allowed; when blocked, with the
+ * compare done but the store dropped, as on ROM.
+ */
+ExitAction SppUserBackend::complete_cmpxchg16b(Vcpu &vcpu, Exit &exit)
+{
+	kvm_regs regs = vcpu.regs();
+	kvm_sregs sregs = vcpu.sregs();
+	std::array<std::uint8_t, 15> insn{};
+	std::size_t got = 0;
+	for (std::uint64_t va = regs.rip; got < insn.size();) {
+		kvm_translation t = vcpu.translate(va);
+		if (!t.valid)
+			break;
+		std::size_t n = std::min<std::uint64_t>(insn.size() - got, page - va % page);
+		if (!vm_.facade.contains(t.physical_address, n))
+			break;
+		vm_.facade.read(t.physical_address, std::as_writable_bytes(
+							     std::span(insn.data() + got, n)));
+		got += n;
+		va += n;
+	}
+	auto d = decode_cmpxchg16b(std::span(insn.data(), got), regs, sregs);
+	if (!d)
+		return ExitAction::pass;
+	kvm_translation t = vcpu.translate(d->gva);
+	if (!t.valid || !t.writeable || t.physical_address % 16)
+		return ExitAction::pass;
+	const std::uint64_t gpa = t.physical_address;
+	std::uint64_t expected[2] = {regs.rax, regs.rdx};
+	const std::uint64_t desired[2] = {regs.rbx, regs.rcx};
+	std::optional<std::uint64_t> blocked;
+	bool equal;
+	{
+		auto lock = mem_.lock_shared();
+		if (!mem_.writable_ram_locked(gpa, 16))
+			return ExitAction::pass;
+		blocked = first_blocked_locked(gpa, 16);
+		checked_++;
+		if (!blocked) {
+			equal = mem_.guest_cmpxchg16b_locked(gpa, expected, desired);
+			allowed_++;
+		} else {
+			/* Compare only: an atomic read that stores nothing new. */
+			std::uint64_t same[2] = {expected[0], expected[1]};
+			equal = mem_.guest_cmpxchg16b_locked(gpa, expected, same);
+		}
+	}
+
+	auto finish = [&](bool eq) {
+		const std::uint64_t zf = 1u << 6;
+		regs.rflags = eq ? regs.rflags | zf : regs.rflags & ~zf;
+		regs.rax = expected[0];
+		regs.rdx = expected[1];
+		regs.rip += d->length;
+		vcpu.set_regs(regs);
+	};
+	if (!blocked) {
+		finish(equal);
+		return ExitAction::resume;
+	}
+
+	/* The processor stores on failure too (the old value): report that. */
+	SppViolation v{};
+	v.vcpu = vcpu.id();
+	v.gpa = *blocked;
+	v.write_gpa = gpa;
+	v.size = 16;
+	v.rip = regs.rip + d->length;
+	const std::uint64_t *data = equal ? desired : expected;
+	std::memcpy(v.bytes.data(), data, 16);
+	switch (report(vcpu, v)) {
+	case SppDecision::drop:
+		finish(equal);
+		return ExitAction::resume;
+	case SppDecision::allow_once: {
+		expected[0] = regs.rax;
+		expected[1] = regs.rdx;
+		bool eq;
+		{
+			auto lock = mem_.lock_shared();
+			eq = mem_.guest_cmpxchg16b_locked(gpa, expected, desired);
+		}
+		finish(eq);
+		return ExitAction::resume;
+	}
+	case SppDecision::stop:
+		break;
+	}
+	finish(equal);
+	exit = SppViolationExit{v};
+	return ExitAction::pass;
+}
+
 ExitAction SppUserBackend::on_exit(Vcpu &vcpu, Exit &exit)
 {
+	if (auto *ie = std::get_if<InternalErrorExit>(&exit))
+		return ie->suberror == KVM_INTERNAL_ERROR_EMULATION
+			       ? complete_cmpxchg16b(vcpu, exit)
+			       : ExitAction::pass;
 	auto *m = std::get_if<MmioExit>(&exit);
 	if (!m || !m->is_write || m->data.empty())
 		return ExitAction::pass;
@@ -257,14 +381,8 @@ ExitAction SppUserBackend::on_exit(Vcpu &vcpu, Exit &exit)
 			const MmioFragment &f = w.pieces[i];
 			if (!mem_.writable_ram_locked(f.gpa, f.len))
 				continue; /* the non-RAM part of a straddling write */
-			for (std::uint64_t a = f.gpa; a < f.gpa + f.len;
-			     a = (a | (VK_SPP_SUBPAGE_SIZE - 1)) + 1) {
-				std::uint32_t map = table_.get(a / page);
-				if (!(map >> (a % page / VK_SPP_SUBPAGE_SIZE) & 1)) {
-					blocked = a;
-					break;
-				}
-			}
+			if (auto b = first_blocked_locked(f.gpa, f.len))
+				blocked = *b;
 		}
 		checked_++;
 		if (blocked == ~0ull && !w.overflow) {
@@ -277,8 +395,6 @@ ExitAction SppUserBackend::on_exit(Vcpu &vcpu, Exit &exit)
 			return ExitAction::resume;
 		}
 	}
-	violations_++;
-
 	SppViolation v{};
 	v.vcpu = vcpu.id();
 	v.gpa = blocked != ~0ull ? blocked : first.gpa;
@@ -289,13 +405,7 @@ ExitAction SppUserBackend::on_exit(Vcpu &vcpu, Exit &exit)
 		v.size += w.pieces[i].len;
 	}
 
-	std::shared_ptr<const SppViolationHandler> handler;
-	{
-		std::lock_guard lock(handler_mu_);
-		handler = handler_;
-	}
-	SppDecision d = handler ? (*handler)(vcpu, v) : SppDecision::drop;
-	switch (d) {
+	switch (report(vcpu, v)) {
 	case SppDecision::drop:
 		return ExitAction::resume;
 	case SppDecision::allow_once: {

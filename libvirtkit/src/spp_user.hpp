@@ -21,6 +21,7 @@
 #include <atomic>
 #include <memory>
 #include <mutex>
+#include <optional>
 
 #include <virtkit/vm.hpp>
 
@@ -54,6 +55,13 @@ private:
 	/* Whether page gfn must trap writes, given its map and its neighbours'. */
 	template <class MapAt> static bool needs_trap(std::uint64_t gfn, const MapAt &map_at);
 	void refresh_traps_locked(std::uint64_t gfn, std::uint64_t n);
+	/* The first protected byte in [gpa, gpa + len), if any. Under the lock. */
+	std::optional<std::uint64_t> first_blocked_locked(std::uint64_t gpa,
+							  std::uint64_t len) const;
+	/* Ask the VMM's violation handler (default: drop). */
+	SppDecision report(Vcpu &vcpu, const SppViolation &v);
+	/* A cmpxchg16b that KVM's emulator refused on a trapping page. */
+	ExitAction complete_cmpxchg16b(Vcpu &vcpu, Exit &exit);
 	void count_protected(std::uint64_t gfn, std::span<const std::uint32_t> old_maps,
 			     std::span<const std::uint32_t> new_maps);
 

@@ -54,9 +54,11 @@ struct SppViolation {
 	std::uint64_t write_gpa;	/* first byte of the write */
 	std::uint32_t size;		/* bytes the write covers (1..max_write) */
 	/*
-	 * Guest RIP when KVM reported the write: the next instruction, as KVM
-	 * retires an emulated store before it reports it - except for a rep
-	 * string instruction with elements left, where it is the instruction.
+	 * The RIP the guest continues at: KVM retires an emulated store before
+	 * it reports it, so this is the next instruction (the target for a
+	 * call) - except for a rep string instruction, where it is the
+	 * instruction itself, also after its last element (the guest retires
+	 * it on re-entry with RCX = 0).
 	 */
 	std::uint64_t rip;
 	std::array<std::byte, 64> bytes; /* the first `size` are the data */
