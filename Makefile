@@ -4,7 +4,7 @@
 #   make run        install missing Debian packages, build, run `virtkit info` and
 #                   `virtkit demo` (in a QEMU guest when /dev/kvm is not usable)
 #   make check      install missing Debian packages, build, run every test suite
-#   make bench      build the benchmarks (bench/*.cpp; not part of all or check)
+#   make bench      build the benchmarks (bench/*.cpp; built by all, not run by check)
 #   make run-bench  build and run them (in a QEMU guest when /dev/kvm is not usable)
 #   make install    install headers, libraries, pkg-config and CMake files (PREFIX, DESTDIR)
 #
@@ -59,7 +59,7 @@ LDLIBS     := -lpthread
 .PHONY: all lib tool selftests unit run check check-unit check-selftests \
         check-install deps install uninstall clean bench run-bench
 
-all: lib tool selftests unit
+all: lib tool selftests unit bench
 
 lib: $(LIB_A) $(LIB_SO)
 tool: $(TOOL_BIN)

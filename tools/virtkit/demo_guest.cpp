@@ -151,6 +151,19 @@ void guest_worker(std::uint64_t shared, std::uint64_t iterations)
 	GUEST_DONE();
 }
 
+void guest_spp(std::uint64_t page)
+{
+	std::uint64_t blocked = page + spp_blocked_subpage * 128;
+	std::uint64_t allowed = page + spp_allowed_subpage * 128;
+
+	/* Two ordinary stores; the host decides about the protected one. */
+	*(volatile std::uint64_t *)blocked = spp_blocked_value;
+	*(volatile std::uint64_t *)allowed = spp_allowed_value;
+	/* What the guest itself reads back afterwards. */
+	GUEST_SYNC(*(volatile std::uint64_t *)allowed, *(volatile std::uint64_t *)blocked);
+	GUEST_DONE();
+}
+
 void guest_bench_pio(std::uint64_t n)
 {
 	for (std::uint64_t i = 0; i < n; i++)

@@ -21,6 +21,15 @@ inline constexpr std::uint64_t mmio_base = 0xd0000000;
 inline constexpr std::uint64_t mmio_id = mmio_base + 0x0;	/* read: device id */
 inline constexpr std::uint64_t mmio_doorbell = mmio_base + 0x8;	/* write: value printed */
 
+/*
+ * Sub-page protection: the guest writes 8 bytes into two 128-byte sub-pages
+ * of one page; the host write-protects the second.
+ */
+inline constexpr std::uint32_t spp_allowed_subpage = 1;
+inline constexpr std::uint32_t spp_blocked_subpage = 2;
+inline constexpr std::uint64_t spp_allowed_value = 0x1111222233334444ull;
+inline constexpr std::uint64_t spp_blocked_value = 0xbad0bad0bad0bad0ull;
+
 /* Values the steps check. */
 inline constexpr std::uint64_t fib_n = 90;
 inline constexpr std::uint64_t pattern_seed = 0x9e3779b97f4a7c15ull;
@@ -32,6 +41,7 @@ void guest_ports(void);
 void guest_mmio(void);
 void guest_exceptions(std::uint64_t unmapped);
 void guest_worker(std::uint64_t shared, std::uint64_t iterations);
+void guest_spp(std::uint64_t page);
 void guest_bench_pio(std::uint64_t n);
 void guest_bench_mmio(std::uint64_t n);
 

@@ -3,7 +3,8 @@
  * virtkit info - what this host offers virtkit.
  *
  * Every answer is a question asked of the kernel (KVM_CHECK_EXTENSION,
- * KVM_GET_SUPPORTED_CPUID, KVM_GET_MSR_INDEX_LIST, stat of /dev/virtkit);
+ * KVM_GET_SUPPORTED_CPUID, KVM_GET_MSR_INDEX_LIST, stat of /dev/virtkit)
+ * or, for a backend that needs /dev/virtkit, of the library on a scratch VM;
  * nothing is inferred from CPU models or kernel versions. Capabilities that
  * KVM answers per VM are asked on the fd of a scratch VM: the /dev/kvm answer
  * is only a default, and the features use them per VM.
@@ -113,6 +114,8 @@ struct HostFacts {
 	bool pkrs_msr = false;
 	bool virtkit_present = false;
 	std::string virtkit_state;
+	/* With /dev/virtkit present: why Vm::enable_spp() refused the kmod backend. */
+	std::optional<std::string> spp_kmod_error;
 };
 
 int cap(const HostFacts &f, long which)
@@ -178,6 +181,18 @@ void probe_kvm(HostFacts &f)
 		if (m == msr_ia32_pkrs)
 			f.pkrs_msr = true;
 	f.feature_msrs = sys->feature_msr_index_list().size();
+
+	/* The kmod backend of SPP: ask the library on a VM of its own. */
+	if (f.virtkit_present && !vm) {
+		f.spp_kmod_error = "no VM could be created";
+	} else if (f.virtkit_present) {
+		try {
+			Vm scratch = sys->create_vm();
+			scratch.enable_spp({.backend = SppBackendKind::kmod});
+		} catch (const Error &e) {
+			f.spp_kmod_error = e.what();
+		}
+	}
 }
 
 void probe_module(HostFacts &f)
@@ -202,8 +217,8 @@ HostFacts probe(const std::string &device)
 	struct utsname u;
 	f.kernel = ::uname(&u) == 0 ? std::string(u.sysname) + " " + u.release + " " + u.machine
 				    : "unknown";
-	probe_kvm(f);
 	probe_module(f);
+	probe_kvm(f);
 	return f;
 }
 
@@ -271,11 +286,28 @@ void print_features(const HostFacts &f)
 	bool umsr = cap(f, KVM_CAP_X86_USER_SPACE_MSR);
 	bool filter = cap(f, KVM_CAP_X86_MSR_FILTER);
 	Need kmod = {f.virtkit_present, "/dev/virtkit (virtkit.ko loaded)"};
+	bool spp_kmod = f.virtkit_present && !f.spp_kmod_error;
 
-	section("Features (which backend this host could run; none is implemented yet)");
-	field("spp", later);
-	field("spp user backend", readiness({{ro, "KVM_CAP_READONLY_MEM"}}));
-	field("spp kmod backend", readiness({kmod}));
+	section("Features (SPP is implemented; KVMI and PKS are not yet)");
+	if (ro || spp_kmod)
+		field("spp", std::string("available with the ") +
+				     (ro && spp_kmod ? "user and kmod backends"
+				      : ro	     ? "user backend"
+						     : "kmod backend") +
+				     " (Vm::enable_spp())");
+	else
+		field("spp", "not available on this host: no backend can run (see below)");
+	field("spp user backend", std::string(ro ? "available" : "not available") +
+					  ": read-only memslots; requires KVM_CAP_READONLY_MEM: " +
+					  yes_no(ro));
+	if (spp_kmod)
+		field("spp kmod backend", "available: needs /dev/virtkit: present");
+	else if (f.virtkit_present)
+		field("spp kmod backend", "not available: needs /dev/virtkit: present, but " +
+						  *f.spp_kmod_error);
+	else
+		field("spp kmod backend", "not available: needs /dev/virtkit: absent "
+					  "(virtkit.ko not loaded)");
 	field("kvmi", later);
 	field("kvmi user backend", readiness({{ro, "KVM_CAP_READONLY_MEM"},
 					      {umsr, "KVM_CAP_X86_USER_SPACE_MSR"},
