@@ -51,13 +51,7 @@ std::vector<std::uint32_t> SubpageProtection::get_access(std::uint64_t gfn, std:
 		throw Error("SubpageProtection::get_access", EINVAL,
 			    "gfn=" + hex(gfn) + " npages=" + std::to_string(npages) +
 				    ": range wraps");
-	/* Bound the allocation by what a table can describe before allocating. */
-	if (npages > VK_SPPT_GFN_LIMIT)
-		throw Error("SubpageProtection::get_access", EFAULT,
-			    "npages=" + std::to_string(npages) + ": more than guest memory can hold");
-	std::vector<std::uint32_t> maps(npages);
-	backend_->get_access(gfn, maps);
-	return maps;
+	return backend_->get_access(gfn, npages);
 }
 
 void SubpageProtection::on_violation(SppViolationHandler handler)

@@ -8,6 +8,7 @@
 
 #include <cstdint>
 #include <span>
+#include <vector>
 
 #include <virtkit/spp.hpp>
 
@@ -18,7 +19,9 @@ public:
 	virtual ~SppBackend() = default;
 	virtual SppBackendKind kind() const noexcept = 0;
 	virtual void set_access(std::uint64_t gfn, std::span<const std::uint32_t> maps) = 0;
-	virtual void get_access(std::uint64_t gfn, std::span<std::uint32_t> maps) const = 0;
+	/* Checks the range before it allocates the result. */
+	virtual std::vector<std::uint32_t> get_access(std::uint64_t gfn,
+						      std::uint64_t npages) const = 0;
 	virtual void on_violation(SppViolationHandler handler) = 0;
 	virtual SppStats stats() const = 0;
 };

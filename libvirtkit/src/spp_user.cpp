@@ -107,9 +107,8 @@ void SppUserBackend::set_access(std::uint64_t gfn, std::span<const std::uint32_t
 	count_protected(gfn, old, maps);
 }
 
-void SppUserBackend::get_access(std::uint64_t gfn, std::span<std::uint32_t> maps) const
+std::vector<std::uint32_t> SppUserBackend::get_access(std::uint64_t gfn, std::uint64_t n) const
 {
-	const std::uint64_t n = maps.size();
 	if (gfn >= VK_SPPT_GFN_LIMIT || n > VK_SPPT_GFN_LIMIT - gfn)
 		throw Error("SubpageProtection::get_access", EFAULT,
 			    pages(gfn, n) + ": beyond the 48-bit guest-physical space");
@@ -117,8 +116,10 @@ void SppUserBackend::get_access(std::uint64_t gfn, std::span<std::uint32_t> maps
 	if (!mem_.writable_ram_locked(gfn * page, n * page))
 		throw Error("SubpageProtection::get_access", EFAULT,
 			    pages(gfn, n) + ": not all writable guest RAM");
+	std::vector<std::uint32_t> maps(n);
 	if (table_.get(gfn, maps) != VK_SPPT_OK)
 		throw Error("SubpageProtection::get_access", EIO, pages(gfn, n) + ": table corrupt");
+	return maps;
 }
 
 void SppUserBackend::on_violation(SppViolationHandler handler)

@@ -44,7 +44,8 @@ public:
 
 	SppBackendKind kind() const noexcept override { return SppBackendKind::user; }
 	void set_access(std::uint64_t gfn, std::span<const std::uint32_t> maps) override;
-	void get_access(std::uint64_t gfn, std::span<std::uint32_t> maps) const override;
+	std::vector<std::uint32_t> get_access(std::uint64_t gfn,
+					      std::uint64_t npages) const override;
 	void on_violation(SppViolationHandler handler) override;
 	SppStats stats() const override;
 

@@ -111,6 +111,8 @@ VK_TEST(spp_bad_arguments_change_nothing)
 	/* Beyond what a 4-level table can describe, and absurd sizes. */
 	TEST_EXPECT_ERROR(spp.set_access(1ull << 40, {0u}), EFAULT);
 	TEST_EXPECT_ERROR(spp.get_access(0, 1ull << 40), EFAULT);
+	/* Checked before anything is allocated for the answer (128 GiB here). */
+	TEST_EXPECT_ERROR(spp.get_access(spp_gfn, 1ull << 35), EFAULT);
 	/* A read-only region cannot be protected further. */
 	t.g.memory().add(0x50000000, 4096, {.readonly = true, .name = "rom"});
 	TEST_EXPECT_ERROR(spp.set_access(0x50000, {0u}), EFAULT);
