@@ -18,7 +18,9 @@
 #include <virtkit/spp.hpp>
 #include <virtkit/x86/guest_vm.hpp>
 
+#include <algorithm>
 #include <atomic>
+#include <chrono>
 #include <cstring>
 #include <exception>
 #include <functional>
@@ -47,7 +49,7 @@ static constexpr std::uint64_t progress_gpa(std::uint64_t vcpu)
 {
 	return CTRL + 64 * (1 + vcpu);
 }
-/* Per-vCPU mailbox echo (test vmm_writes...). */
+/* Where each vCPU echoes the VMM's mailbox (guest_hammer). */
 static constexpr std::uint64_t echo_gpa(std::uint64_t vcpu)
 {
 	return CTRL + 1024 + 64 * vcpu;
@@ -273,7 +275,7 @@ struct ConcGuest {
 VK_TEST(spp_set_access_is_sound_while_vcpus_write)
 {
 	constexpr unsigned nvcpus = 3, npages = 4, slots = 8 * npages;
-	constexpr int iterations = 120;
+	constexpr int iterations = 200;
 	ConcGuest t;
 
 	/* Violations per (page, sub-page): count, highest sequence number. */
@@ -309,8 +311,8 @@ VK_TEST(spp_set_access_is_sound_while_vcpus_write)
 
 	for (unsigned i = 0; i < nvcpus; i++)
 		t.g.add_vcpu(guest_seq_writer, i, npages);
-	Threads threads(t.mem);
 	std::vector<std::uint64_t> last_seq(nvcpus);
+	Threads threads(t.mem);
 	for (unsigned i = 0; i < nvcpus; i++)
 		threads.start([&, i] { last_seq[i] = t.run_to_sync(t.g.vcpu(i)); });
 	for (unsigned i = 0; i < nvcpus; i++)
@@ -320,7 +322,11 @@ VK_TEST(spp_set_access_is_sound_while_vcpus_write)
 	auto value = [&](std::uint64_t page, std::uint64_t sub) {
 		return t.mem.read_obj<std::uint64_t>(addr(page, sub));
 	};
-	/* Every vCPU completes two more rounds: each slot was written after "now". */
+	/*
+	 * Every vCPU completes two more rounds. The round after the one that
+	 * published "now" may have begun before; the one after that began
+	 * after "now" was read, so it wrote each slot after set_access returned.
+	 */
 	auto two_rounds = [&] {
 		std::uint64_t now[nvcpus];
 		for (unsigned i = 0; i < nvcpus; i++)
@@ -450,8 +456,8 @@ VK_TEST(spp_handler_may_call_set_access)
 
 	for (unsigned i = 0; i < nvcpus; i++)
 		t.g.add_vcpu(guest_page_rounds, i);
-	Threads threads(t.mem);
 	std::vector<std::uint64_t> rounds(nvcpus);
+	Threads threads(t.mem);
 	for (unsigned i = 0; i < nvcpus; i++)
 		threads.start([&, i] { rounds[i] = t.run_to_sync(t.g.vcpu(i)); });
 
@@ -492,6 +498,8 @@ VK_TEST(spp_vmm_writes_are_never_blocked_while_vcpus_run)
 	t.spp.set_access(BASE_GFN, {0u, 0u});
 	for (unsigned i = 0; i < nvcpus; i++)
 		t.g.add_vcpu(guest_hammer, i);
+	std::atomic<bool> done{false};
+	std::atomic<std::uint64_t> toggles{0};
 	Threads threads(t.mem);
 	for (unsigned i = 0; i < nvcpus; i++)
 		threads.start([&, i] { t.run_to_sync(t.g.vcpu(i)); });
@@ -499,8 +507,6 @@ VK_TEST(spp_vmm_writes_are_never_blocked_while_vcpus_run)
 		wait_for(t.mem, threads, progress_gpa(i), 1);
 
 	/* Another thread re-cuts slots next door all the time. */
-	std::atomic<bool> done{false};
-	std::atomic<std::uint64_t> toggles{0};
 	threads.start([&] {
 		for (std::uint64_t n = 0; !done && !threads.quit(); n++) {
 			t.spp.set_access(BASE_GFN + 4, {n % 2 ? ALL : 0x0000ffffu});
@@ -548,21 +554,25 @@ VK_TEST(spp_vmm_writes_are_never_blocked_while_vcpus_run)
 }
 
 /*
- * Run v (from this thread) while another thread kicks it once the guest
- * made progress past `from`; returns the exit. If the kick were lost, the
- * kicker stops the guest after a lot more progress, so run() ends with a
- * SYNC instead of hanging.
+ * Run v (guest_spin) from this thread; with `kick`, another thread kicks it
+ * once the guest's progress passed `from`. The run must end soon after the
+ * kick (or by itself, without): should the guest make 1000 more iterations
+ * instead, the watcher sets the stop flag, so run() returns the guest's SYNC
+ * - which the test reports - instead of hanging.
  */
-static Exit run_and_kick(ConcGuest &t, Vcpu &v, std::uint64_t from)
+static Exit run_watched(ConcGuest &t, Vcpu &v, std::uint64_t from, bool kick)
 {
 	std::atomic<bool> returned{false};
-	std::thread kicker([&] {
-		while (t.mem.read_obj<std::uint64_t>(progress_gpa(0)) <= from && !returned)
-			std::this_thread::sleep_for(std::chrono::microseconds(200));
-		v.kick();
-		std::uint64_t at = t.mem.read_obj<std::uint64_t>(progress_gpa(0));
+	auto progress = [&] { return t.mem.read_obj<std::uint64_t>(progress_gpa(0)); };
+	std::thread watcher([&] {
+		if (kick) {
+			while (progress() <= from && !returned)
+				std::this_thread::sleep_for(std::chrono::microseconds(200));
+			v.kick();
+		}
+		std::uint64_t at = progress();
 		while (!returned) {
-			if (t.mem.read_obj<std::uint64_t>(progress_gpa(0)) > at + 1000) {
+			if (progress() > at + 1000) {
 				t.mem.write_obj<std::uint64_t>(STOP, 1);
 				break;
 			}
@@ -574,11 +584,11 @@ static Exit run_and_kick(ConcGuest &t, Vcpu &v, std::uint64_t from)
 		e = v.run();
 	} catch (...) {
 		returned = true;
-		kicker.join();
+		watcher.join();
 		throw;
 	}
 	returned = true;
-	kicker.join();
+	watcher.join();
 	return e;
 }
 
@@ -610,9 +620,9 @@ VK_TEST(spp_kick_interrupts_guest)
 	vp = &v;
 
 	/* A toggler keeps pausing the VM for slot changes meanwhile. */
-	Threads threads(t.mem);
 	std::atomic<bool> done{false};
 	std::atomic<std::uint64_t> toggles{0};
+	Threads threads(t.mem);
 	threads.start([&] {
 		for (std::uint64_t n = 0; !done && !threads.quit(); n++) {
 			t.spp.set_access(BASE_GFN + 2, {n % 2 ? ALL : ~1u});
@@ -623,7 +633,7 @@ VK_TEST(spp_kick_interrupts_guest)
 
 	std::uint64_t progress = 0;
 	for (int round = 0; round < 20; round++) {
-		Exit e = run_and_kick(t, v, progress);
+		Exit e = run_watched(t, v, progress, true);
 		TEST_ASSERT(std::holds_alternative<InterruptedExit>(e), "round %d: %s", round,
 			    describe(e).c_str());
 		std::uint64_t now = t.mem.read_obj<std::uint64_t>(progress_gpa(0));
@@ -636,7 +646,7 @@ VK_TEST(spp_kick_interrupts_guest)
 		std::uint64_t before = violations;
 		after_kick = -1;
 		countdown = 3;
-		Exit e = v.run();
+		Exit e = run_watched(t, v, 0, false);
 		TEST_ASSERT(std::holds_alternative<InterruptedExit>(e), "handler round %d: %s",
 			    round, describe(e).c_str());
 		/* It kicked in the 4th violation and the guest did not go on. */
@@ -663,10 +673,10 @@ VK_TEST(spp_internal_pauses_are_not_interrupted_exits)
 	t.spp.set_access(BASE_GFN, {~(1u << 4)});
 	Vcpu &v = t.g.add_vcpu(guest_spin, 1);
 
-	Threads threads(t.mem);
 	std::atomic<std::uint64_t> interrupted{0};
 	std::optional<Ucall> result;
 	std::string other;
+	Threads threads(t.mem); /* joined before the above go away */
 	threads.start([&] {
 		for (;;) {
 			Exit e = v.run();
