@@ -610,15 +610,6 @@ bool MemoryMap::guest_cmpxchg16b_locked(std::uint64_t gpa, std::uint64_t expecte
 	return equal;
 }
 
-std::uint64_t MemoryMap::trapped_pages() const
-{
-	std::shared_lock lock(mu_);
-	std::uint64_t n = 0;
-	for (auto &[gpa, r] : regions_)
-		n += r->wp_pages.size();
-	return n;
-}
-
 bool MemoryMap::complete_mmio(const MmioExit &exit)
 {
 	std::shared_lock lock(mu_);

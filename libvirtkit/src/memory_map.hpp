@@ -104,14 +104,12 @@ public:
 	 */
 	bool guest_cmpxchg16b_locked(std::uint64_t gpa, std::uint64_t expected[2],
 				     const std::uint64_t desired[2]);
-	/* Pages that trap writes (for diagnostics and benchmarks). */
-	std::uint64_t trapped_pages() const;
 
 	/*
-	 * An MMIO exit the guest took on guest RAM that currently traps writes
-	 * only because of the memslot layout (a write-protected page whose
-	 * feature passed it on, or a layout change in flight): complete it from
-	 * the host mapping. Returns false for accesses outside RAM and for
+	 * An MMIO exit the guest took on guest RAM only because of the memslot
+	 * layout - the VMM moved or added a region while the vCPU ran, so the
+	 * access raced the new slots: complete it from the host mapping (the
+	 * library's own re-planning pauses vCPUs and never needs this). Returns false for accesses outside RAM and for
 	 * writes to read-only regions, which belong to the VMM.
 	 */
 	bool complete_mmio(const MmioExit &exit);

@@ -33,17 +33,10 @@ void RunGate::remove(VcpuState *v)
 	vcpus_.erase(std::remove(vcpus_.begin(), vcpus_.end(), v), vcpus_.end());
 }
 
-std::uint64_t RunGate::pauses() const
-{
-	std::lock_guard lock(mu_);
-	return pauses_;
-}
-
 RunGate::Pause::Pause(RunGate &gate) : gate_(gate)
 {
 	std::unique_lock lock(gate_.mu_);
 	gate_.pausers_++;
-	gate_.pauses_++;
 	/*
 	 * A vCPU between enter() and KVM_RUN sees immediate_exit; one in the
 	 * guest gets the kick signal. Either way it comes back to enter().

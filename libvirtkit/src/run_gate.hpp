@@ -48,15 +48,11 @@ public:
 		RunGate &gate_;
 	};
 
-	/* Times any Pause was taken (for diagnostics and benchmarks). */
-	std::uint64_t pauses() const;
-
 private:
-	mutable std::mutex mu_;
+	std::mutex mu_;
 	std::condition_variable cv_;
 	int in_guest_ = 0;
 	int pausers_ = 0;
-	std::uint64_t pauses_ = 0;
 	std::vector<VcpuState *> vcpus_;
 };
 

@@ -25,7 +25,6 @@ public:
 	int get(std::uint64_t gfn, std::span<std::uint32_t> maps) const;
 	/* One page's map; all-writable beyond the table's reach. */
 	std::uint32_t get(std::uint64_t gfn) const;
-	std::uint64_t table_pages() const noexcept { return t_.pages; }
 
 private:
 	vk_sppt t_;

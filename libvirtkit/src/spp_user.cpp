@@ -64,7 +64,7 @@ void SppUserBackend::refresh_traps_locked(std::uint64_t gfn, std::uint64_t n)
 			      [&](std::uint64_t g) { return needs_trap(g, map_at); });
 }
 
-void SppUserBackend::count_protected(std::uint64_t, std::span<const std::uint32_t> old_maps,
+void SppUserBackend::count_protected(std::span<const std::uint32_t> old_maps,
 				     std::span<const std::uint32_t> new_maps)
 {
 	for (std::size_t i = 0; i < old_maps.size(); i++) {
@@ -104,7 +104,7 @@ void SppUserBackend::set_access(std::uint64_t gfn, std::span<const std::uint32_t
 		throw Error("SubpageProtection::set_access",
 			    r == VK_SPPT_ENOMEM ? ENOMEM : EINVAL, pages(gfn, n));
 	}
-	count_protected(gfn, old, maps);
+	count_protected(old, maps);
 }
 
 std::vector<std::uint32_t> SppUserBackend::get_access(std::uint64_t gfn, std::uint64_t n) const
@@ -144,32 +144,27 @@ SppStats SppUserBackend::stats() const
 void SppUserBackend::region_moved(std::uint64_t from, std::uint64_t to, std::uint64_t size)
 {
 	std::uint64_t n = size / page, src = from / page, dst = to / page;
-	if (dst >= VK_SPPT_GFN_LIMIT || n > VK_SPPT_GFN_LIMIT - dst) {
-		if (src < VK_SPPT_GFN_LIMIT) {
-			std::vector<std::uint32_t> maps(std::min(n, gfn_limit - src));
-			table_.get(src, maps);
-			if (std::any_of(maps.begin(), maps.end(),
-					[](std::uint32_t m) { return m != VK_SPP_ALL_WRITABLE; }))
-				throw Error("GuestMemory::move", EINVAL,
-					    "sub-page protection cannot follow the region beyond "
-					    "the 48-bit guest-physical space");
-		}
-		return;
-	}
-	if (src >= VK_SPPT_GFN_LIMIT)
+	if (src >= gfn_limit)
 		return;
 	std::vector<std::uint32_t> maps(std::min(n, gfn_limit - src));
 	table_.get(src, maps);
 	if (std::all_of(maps.begin(), maps.end(),
 			[](std::uint32_t m) { return m == VK_SPP_ALL_WRITABLE; }))
 		return;
+	if (dst >= gfn_limit || n > gfn_limit - dst)
+		throw Error("GuestMemory::move", EINVAL,
+			    "sub-page protection cannot follow the region beyond "
+			    "the 48-bit guest-physical space");
 	maps.resize(n, VK_SPP_ALL_WRITABLE);
 	if (table_.set(dst, maps) != VK_SPPT_OK)
 		throw Error("GuestMemory::move", ENOMEM, "sub-page protection table");
-	/* Clear what is left of the old range (cannot fail: frees only). */
-	for (std::uint64_t g = src; g < src + n && g < VK_SPPT_GFN_LIMIT; g++)
-		if (g < dst || g >= dst + n)
-			table_.fill(g, 1, VK_SPP_ALL_WRITABLE);
+	/* Clear the part of the old range the new one does not cover (frees only). */
+	std::uint64_t end = std::min(src + n, gfn_limit);
+	if (dst > src)
+		table_.fill(src, std::min(dst, end) - src, VK_SPP_ALL_WRITABLE);
+	else if (dst + n < end)
+		table_.fill(std::max(dst + n, src), end - std::max(dst + n, src),
+			    VK_SPP_ALL_WRITABLE);
 }
 
 void SppUserBackend::region_removed(std::uint64_t gpa, std::uint64_t size) noexcept
@@ -181,7 +176,7 @@ void SppUserBackend::region_removed(std::uint64_t gpa, std::uint64_t size) noexc
 	std::vector<std::uint32_t> old(n);
 	table_.get(g, old);
 	std::vector<std::uint32_t> none(n, VK_SPP_ALL_WRITABLE);
-	count_protected(g, old, none);
+	count_protected(old, none);
 	table_.fill(g, n, VK_SPP_ALL_WRITABLE);
 }
 
@@ -221,6 +216,15 @@ struct PendingWrite {
 		}
 		pieces[count++] = f;
 		bytes += f.len;
+	}
+
+	/* Write the pieces that land in RAM (a straddle into MMIO drops the rest). */
+	void perform_locked(MemoryMap &mem) const
+	{
+		for (std::size_t i = 0; i < count; i++)
+			if (mem.writable_ram_locked(pieces[i].gpa, pieces[i].len))
+				mem.guest_write_locked(pieces[i].gpa, pieces[i].data.data(),
+						       pieces[i].len);
 	}
 };
 
@@ -387,11 +391,7 @@ ExitAction SppUserBackend::on_exit(Vcpu &vcpu, Exit &exit)
 		}
 		checked_++;
 		if (blocked == ~0ull && !w.overflow) {
-			for (std::size_t i = 0; i < w.count; i++) {
-				const MmioFragment &f = w.pieces[i];
-				if (mem_.writable_ram_locked(f.gpa, f.len))
-					mem_.guest_write_locked(f.gpa, f.data.data(), f.len);
-			}
+			w.perform_locked(mem_);
 			allowed_++;
 			return ExitAction::resume;
 		}
@@ -411,11 +411,7 @@ ExitAction SppUserBackend::on_exit(Vcpu &vcpu, Exit &exit)
 		return ExitAction::resume;
 	case SppDecision::allow_once: {
 		auto lock = mem_.lock_shared();
-		for (std::size_t i = 0; i < w.count; i++) {
-			const MmioFragment &f = w.pieces[i];
-			if (mem_.writable_ram_locked(f.gpa, f.len))
-				mem_.guest_write_locked(f.gpa, f.data.data(), f.len);
-		}
+		w.perform_locked(mem_);
 		return ExitAction::resume;
 	}
 	case SppDecision::stop:

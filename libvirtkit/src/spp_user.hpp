@@ -63,7 +63,7 @@ private:
 	SppDecision report(Vcpu &vcpu, const SppViolation &v);
 	/* A cmpxchg16b that KVM's emulator refused on a trapping page. */
 	ExitAction complete_cmpxchg16b(Vcpu &vcpu, Exit &exit);
-	void count_protected(std::uint64_t gfn, std::span<const std::uint32_t> old_maps,
+	void count_protected(std::span<const std::uint32_t> old_maps,
 			     std::span<const std::uint32_t> new_maps);
 
 	VmState &vm_;

@@ -153,7 +153,7 @@ Exit Vcpu::run()
 		}
 		if (resume)
 			continue;
-		/* RAM behind a write-protecting slot that no feature claimed. */
+		/* Guest RAM whose slot was in flight (a VMM layout change). */
 		if (auto *m = std::get_if<MmioExit>(&exit); m && s.vm->memory.complete_mmio(*m))
 			continue;
 		return exit;

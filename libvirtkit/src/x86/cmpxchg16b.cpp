@@ -43,6 +43,17 @@ std::optional<Cmpxchg16bInsn> decode_cmpxchg16b(std::span<const std::uint8_t> in
 	if (mod == 3 || reg != 1)
 		return std::nullopt;
 
+	/* A sign-extended 32-bit displacement at i, if the bytes are there. */
+	auto disp32 = [&](std::uint64_t &to) {
+		if (!more(4))
+			return false;
+		std::int32_t d;
+		__builtin_memcpy(&d, &insn[i], 4);
+		i += 4;
+		to += static_cast<std::int64_t>(d);
+		return true;
+	};
+
 	std::uint64_t ea = 0;
 	bool rip_relative = false;
 	if (rm == 4) {
@@ -54,12 +65,8 @@ std::optional<Cmpxchg16bInsn> decode_cmpxchg16b(std::span<const std::uint8_t> in
 		if (index != 4)
 			ea += gpr(regs, index) << scale;
 		if ((sib & 7) == 5 && mod == 0) {
-			if (!more(4))
+			if (!disp32(ea))
 				return std::nullopt;
-			std::int32_t d;
-			__builtin_memcpy(&d, &insn[i], 4);
-			i += 4;
-			ea += static_cast<std::int64_t>(d);
 		} else {
 			ea += gpr(regs, base);
 		}
@@ -72,13 +79,8 @@ std::optional<Cmpxchg16bInsn> decode_cmpxchg16b(std::span<const std::uint8_t> in
 		if (!more(1))
 			return std::nullopt;
 		ea += static_cast<std::int64_t>(static_cast<std::int8_t>(insn[i++]));
-	} else if (mod == 2 || rip_relative) {
-		if (!more(4))
-			return std::nullopt;
-		std::int32_t d;
-		__builtin_memcpy(&d, &insn[i], 4);
-		i += 4;
-		ea += static_cast<std::int64_t>(d);
+	} else if ((mod == 2 || rip_relative) && !disp32(ea)) {
+		return std::nullopt;
 	}
 	if (rip_relative)
 		ea += regs.rip + i;
