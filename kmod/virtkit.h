@@ -1,0 +1,67 @@
+/* SPDX-License-Identifier: GPL-2.0 OR MIT */
+/*
+ * virtkit.ko internals: the per-VM attachment and its features.
+ *
+ * Lifetime: a struct virtkit_vm lives exactly as long as the per-VM file
+ * that VIRTKIT_ATTACH_VM returned, and holds a reference on its struct kvm
+ * for that time, so the VM outlives every use of it here whatever order
+ * the VMM closes its files in. One attachment per VM (virtkit_vms).
+ */
+#ifndef VIRTKIT_KMOD_H
+#define VIRTKIT_KMOD_H
+
+#include <linux/atomic.h>
+#include <linux/fs.h>
+#include <linux/kvm_host.h>
+#include <linux/list.h>
+#include <linux/rwsem.h>
+
+#include "spp_table.h"
+
+struct virtkit_spp {
+	/*
+	 * Guards everything below: updates write-lock it, the VCPU_RUN fast
+	 * path read-locks it from its decision until the write is done, so
+	 * no write allowed by an old map lands after SET_ACCESS returns.
+	 */
+	struct rw_semaphore lock;
+	bool enabled;
+	struct vk_sppt table;
+	bool over_budget;	/* the last allocation hit spp_max_table_pages */
+	u64 protected_pages;
+	atomic64_t fast_writes;
+	atomic64_t user_exits;
+};
+
+struct virtkit_vm {
+	struct kvm *kvm;
+	/* KVM's VM file operations: vCPU files come from the same module. */
+	const struct file_operations *kvm_fops;
+	struct list_head node;	/* in virtkit_vms, under virtkit_vms_lock */
+	struct virtkit_spp spp;
+};
+
+/* main.c */
+extern unsigned long spp_max_table_pages;
+long virtkit_check_extension(unsigned long cap);
+
+/* vm.c */
+int virtkit_attach_vm(struct file *kvm_file);
+
+/* spp.c */
+void virtkit_spp_init(struct virtkit_spp *spp);
+void virtkit_spp_destroy(struct virtkit_spp *spp);
+long virtkit_spp_ioctl(struct virtkit_spp *spp, unsigned int ioctl, void __user *argp);
+
+enum virtkit_spp_verdict {
+	VIRTKIT_SPP_NOT_OURS,	/* not a protected-page write: userspace's */
+	VIRTKIT_SPP_DENIED,	/* touches a write-protected sub-page */
+	VIRTKIT_SPP_ALLOWED,
+};
+enum virtkit_spp_verdict virtkit_spp_check(struct virtkit_spp *spp, gpa_t gpa,
+					   unsigned int len);
+
+/* run.c */
+long virtkit_vcpu_run(struct virtkit_vm *vm, void __user *argp);
+
+#endif /* VIRTKIT_KMOD_H */
