@@ -3,10 +3,14 @@
 #   make            build everything userspace (library, tool, selftests, unit tests)
 #   make run        install missing Debian packages, build, run `virtkit info` and
 #                   `virtkit demo` (in a QEMU guest when /dev/kvm is not usable)
-#   make check      install missing Debian packages, build, run every test suite
+#   make check      install missing Debian packages, build, run every test suite:
+#                   unit tests, selftests, virtkit.ko's build and tests in Debian's
+#                   6.1 and 6.12 kernels (QEMU), its DKMS build, the install check
 #   make bench      build the benchmarks (bench/*.cpp; built by all, not run by check)
 #   make run-bench  build and run them (in a QEMU guest when /dev/kvm is not usable)
 #   make install    install headers, libraries, pkg-config and CMake files (PREFIX, DESTDIR)
+#   make kmod       build the kernel module virtkit.ko for Debian's 6.1 and 6.12 kernels
+#   make check-kmod, check-dkms, dkms-install, dkms-uninstall: see mk/kmod.mk
 #
 # Everything is built out of tree in $(BUILD).
 
@@ -42,6 +46,9 @@ ST_LIB_SRCS := $(wildcard selftests/lib/*.cpp)
 ST_LIB_OBJS := $(ST_LIB_SRCS:%.cpp=$(BUILD)/%.o)
 ST_SRCS    := $(wildcard selftests/x86/*.cpp)
 ST_BINS    := $(ST_SRCS:selftests/x86/%.cpp=$(BUILD)/selftests/x86/%)
+# Tests of virtkit.ko itself; they run where the module is loaded (vmtest).
+KMOD_ST_SRCS := $(wildcard selftests/kmod/*.cpp)
+KMOD_ST_BINS := $(KMOD_ST_SRCS:selftests/kmod/%.cpp=$(BUILD)/selftests/kmod/%)
 
 UNIT_SRCS  := $(wildcard selftests/unit/*.cpp)
 UNIT_OBJS  := $(UNIT_SRCS:%.cpp=$(BUILD)/%.o)
@@ -63,7 +70,7 @@ all: lib tool selftests unit bench
 
 lib: $(LIB_A) $(LIB_SO)
 tool: $(TOOL_BIN)
-selftests: $(ST_BINS)
+selftests: $(ST_BINS) $(KMOD_ST_BINS)
 unit: $(UNIT_BIN)
 bench: $(BENCH_BINS)
 
@@ -102,12 +109,20 @@ $(BUILD)/selftests/x86/%: $(BUILD)/selftests/x86/%.o $(ST_LIB_OBJS) $(LIB_A)
 	@mkdir -p $(@D)
 	$(CXX) -no-pie -o $@ $< $(ST_LIB_OBJS) $(LIB_A) $(LDLIBS)
 
+$(BUILD)/selftests/kmod/%: $(BUILD)/selftests/kmod/%.o $(ST_LIB_OBJS) $(LIB_A)
+	@mkdir -p $(@D)
+	$(CXX) -no-pie -o $@ $< $(ST_LIB_OBJS) $(LIB_A) $(LDLIBS)
+
 # Test sources hold guest code, which must not touch x87/SSE state: some
 # hosts (PVM-based KVM, like our CI machines) cannot run guest FPU
 # instructions and fail them with KVM_EXIT_INTERNAL_ERROR (emulation).
 GUESTCODE := -mgeneral-regs-only
 
 $(BUILD)/selftests/x86/%.o: selftests/x86/%.cpp
+	@mkdir -p $(@D)
+	$(CXX) $(CPPFLAGS) -Iselftests/lib $(CXXFLAGS) $(GUESTCODE) -fno-pie -c $< -o $@
+
+$(BUILD)/selftests/kmod/%.o: selftests/kmod/%.cpp
 	@mkdir -p $(@D)
 	$(CXX) $(CPPFLAGS) -Iselftests/lib $(CXXFLAGS) $(GUESTCODE) -fno-pie -c $< -o $@
 
@@ -169,27 +184,29 @@ run-bench: $(BENCH_BINS)
 	@if [ -c /dev/kvm ] && [ -r /dev/kvm ] && [ -w /dev/kvm ]; then \
 		for b in $(BENCH_BINS); do echo "$$b"; $$b || exit 1; done; \
 	else \
-		echo "this host has no usable /dev/kvm: running the benchmarks on nested KVM in a Debian guest under QEMU"; \
+		echo "this host has no usable /dev/kvm: running the benchmarks on nested KVM in a Debian guest under QEMU, with virtkit.ko loaded"; \
+		ko=$$(scripts/build-kmod --kernel 6.1 --out $(KMOD_OUT)) || exit 1; \
 		for b in $(BENCH_BINS); do \
-			echo "scripts/vmtest --copy $$b -- $$(basename $$b)"; \
-			scripts/vmtest --copy $$b -- $$(basename $$b) || exit 1; \
+			echo "scripts/vmtest --module $$ko --copy $$b -- $$(basename $$b)"; \
+			scripts/vmtest --module $$ko --copy $$b -- $$(basename $$b) || exit 1; \
 		done; \
 	fi
 
 check: deps
 	$(MAKE) all
-	$(MAKE) check-unit check-selftests check-install
+	$(MAKE) check-unit check-selftests check-kmod check-dkms check-install
 
 check-unit: $(UNIT_BIN)
 	$(UNIT_BIN)
 
-check-selftests: $(ST_BINS)
+check-selftests: $(ST_BINS) $(KMOD_ST_BINS)
 	scripts/run-selftests $(BUILD)/selftests/x86
 
 check-install: lib
 	scripts/check-install $(BUILD)
 
 include mk/install.mk
+include mk/kmod.mk
 
 clean:
 	rm -rf $(BUILD)
