@@ -1,10 +1,13 @@
 // SPDX-License-Identifier: MIT
 #include <virtkit/spp.hpp>
 
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include <cerrno>
 #include <climits>
+#include <cstdlib>
+#include <cstring>
 #include <vector>
 
 #include <virtkit/error.hpp>
@@ -12,7 +15,8 @@
 #include <virtkit/vm.hpp>
 
 #include "ioctl.hpp"
-#include "spp_user.hpp"
+#include "kmod.hpp"
+#include "spp_engine.hpp"
 #include "state.hpp"
 
 namespace virtkit {
@@ -75,6 +79,27 @@ static const char *backend_name(SppBackendKind k)
 	return "?";
 }
 
+/*
+ * What `automatic` means (Documentation/spp.rst): VIRTKIT_SPP_BACKEND=user|kmod
+ * when set, else kmod where /dev/virtkit exists and user elsewhere.
+ */
+static SppBackendKind choose_backend(SppBackendKind asked)
+{
+	if (asked != SppBackendKind::automatic)
+		return asked;
+	if (const char *env = std::getenv("VIRTKIT_SPP_BACKEND"); env && *env) {
+		if (!std::strcmp(env, "user"))
+			return SppBackendKind::user;
+		if (!std::strcmp(env, "kmod"))
+			return SppBackendKind::kmod;
+		throw Error("Vm::enable_spp", EINVAL,
+			    std::string("VIRTKIT_SPP_BACKEND=") + env + ": expected user or kmod");
+	}
+	struct stat st;
+	return ::stat(detail::kmod_device_path, &st) == 0 ? SppBackendKind::kmod
+							  : SppBackendKind::user;
+}
+
 SubpageProtection &Vm::enable_spp(const SppOptions &options)
 {
 	auto &st = *state_;
@@ -87,21 +112,29 @@ SubpageProtection &Vm::enable_spp(const SppOptions &options)
 					    backend_name(st.spp->backend()) + " backend");
 		return *st.spp;
 	}
-	switch (options.backend) {
-	case SppBackendKind::kmod:
-		throw Error("Vm::enable_spp", ENODEV,
-			    "the kmod backend needs virtkit.ko (/dev/virtkit), which this "
-			    "version of libvirtkit does not drive yet");
-	case SppBackendKind::automatic:
-	case SppBackendKind::user:
-		break;
+	const SppBackendKind kind = choose_backend(options.backend);
+	std::unique_ptr<detail::SppStore> store;
+	detail::KmodVm *kmod = nullptr;
+	if (kind == SppBackendKind::kmod) {
+		kmod = &detail::attach_kmod(st);
+		if (kmod->check_extension(VIRTKIT_CAP_SPP) <= 0)
+			throw Error("Vm::enable_spp", EOPNOTSUPP,
+				    "this virtkit.ko does not offer sub-page protection "
+				    "(VIRTKIT_CAP_SPP = 0)");
+		kmod->spp_enable();
+		store = std::make_unique<detail::KmodSppStore>(*kmod);
+	} else {
+		store = std::make_unique<detail::LocalSppStore>();
 	}
-	auto backend = std::make_unique<detail::SppUserBackend>(st);
+	auto backend = std::make_unique<detail::SppEngine>(st, std::move(store));
 	auto *b = backend.get();
 	/* Library features see exits before any handler of the VMM. */
 	b->keep_registration(add_exit_handler(
 		[b](Vcpu &v, Exit &e) { return b->on_exit(v, e); }, INT_MIN));
 	st.spp.reset(new SubpageProtection(std::move(backend)));
+	/* From their next entry on, vCPUs run through the module's fast path. */
+	if (kmod)
+		st.run_fd.store(kmod->fd());
 	return *st.spp;
 }
 

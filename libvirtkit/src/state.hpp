@@ -22,6 +22,7 @@
 #include <virtkit/spp.hpp>
 #include <virtkit/vm.hpp>
 
+#include "kmod.hpp"
 #include "memory_map.hpp"
 #include "run_gate.hpp"
 
@@ -62,10 +63,25 @@ struct VmState {
 		return handlers;
 	}
 
+	/*
+	 * virtkit.ko's per-VM file, once attached (attach_kmod(); kmod_mu
+	 * guards attaching). Outlives the features that use it.
+	 */
+	std::mutex kmod_mu;
+	std::unique_ptr<KmodVm> kmod;
+	/*
+	 * The per-VM file through which vCPUs enter the guest
+	 * (VIRTKIT_VCPU_RUN), or -1 for KVM_RUN. Read once per entry.
+	 */
+	std::atomic<int> run_fd{-1};
+
 	/* Sub-page protection, once enabled (spp_mu guards enabling). */
 	std::mutex spp_mu;
 	std::unique_ptr<SubpageProtection> spp;
 };
+
+/* The VM's attachment to virtkit.ko, attaching it on first use; throws. */
+KmodVm &attach_kmod(VmState &vm);
 
 struct VcpuState {
 	VcpuState() = default;

@@ -113,7 +113,15 @@ Exit Vcpu::run()
 			s.running_thread = pthread_self();
 			s.in_run = true;
 		}
-		int r = detail::value_ioctl<KVM_RUN>(s.fd.get(), 0);
+		/* KVM_RUN, or the same through virtkit.ko's fast path (kmod SPP). */
+		const int run_fd = s.vm->run_fd.load();
+		int r;
+		if (run_fd >= 0) {
+			auto arg = detail::KmodVm::run_arg(s.fd.get());
+			r = detail::typed_ioctl<detail::KmodVm::run_request>(run_fd, &arg);
+		} else {
+			r = detail::value_ioctl<KVM_RUN>(s.fd.get(), 0);
+		}
 		int err = errno;
 		{
 			std::lock_guard lock(s.kick_mu);
@@ -124,7 +132,9 @@ Exit Vcpu::run()
 		if (r < 0) {
 			if (err != EINTR && err != EAGAIN) {
 				errno = err;
-				detail::throw_ioctl_error("KVM_RUN", who(s), s.vm->fd.get());
+				detail::throw_ioctl_error(run_fd >= 0 ? detail::KmodVm::run_name
+								      : "KVM_RUN",
+							  who(s), s.vm->fd.get());
 			}
 			interrupted = true;
 		}

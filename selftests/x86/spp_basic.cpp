@@ -10,8 +10,17 @@
 #include <virtkit/spp.hpp>
 #include <virtkit/x86/guest_vm.hpp>
 
+#include <fcntl.h>
+#include <linux/virtkit.h>
+#include <sys/ioctl.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
 #include <cerrno>
+#include <cstdlib>
 #include <cstring>
+#include <optional>
+#include <string>
 #include <vector>
 
 using namespace virtkit;
@@ -44,6 +53,26 @@ struct SppGuest {
 	SppGuest() { g.identity_map(spp_gpa, spp_pages * 4096); }
 };
 
+static bool kmod_present()
+{
+	struct stat st;
+	return ::stat("/dev/virtkit", &st) == 0;
+}
+
+/* What `automatic` must pick here (Documentation/spp.rst). */
+static SppBackendKind automatic_backend()
+{
+	const char *env = std::getenv("VIRTKIT_SPP_BACKEND");
+	if (env && *env)
+		return std::strcmp(env, "kmod") ? SppBackendKind::user : SppBackendKind::kmod;
+	return kmod_present() ? SppBackendKind::kmod : SppBackendKind::user;
+}
+
+static const char *backend_name(SppBackendKind k)
+{
+	return k == SppBackendKind::kmod ? "kmod" : k == SppBackendKind::user ? "user" : "automatic";
+}
+
 VK_TEST(spp_enable_is_idempotent)
 {
 	SppGuest t;
@@ -52,9 +81,82 @@ VK_TEST(spp_enable_is_idempotent)
 	SubpageProtection &b = t.g.vm().enable_spp();
 	TEST_ASSERT(&a == &b);
 	TEST_ASSERT(t.g.vm().spp() == &a);
-	TEST_ASSERT(a.backend() == SppBackendKind::user);
-	TEST_ASSERT(&t.g.vm().enable_spp({.backend = SppBackendKind::user}) == &a);
-	TEST_EXPECT_ERROR(t.g.vm().enable_spp({.backend = SppBackendKind::kmod}), EINVAL);
+	const SppBackendKind want = automatic_backend();
+	vkt::diag("spp backend: %s", backend_name(a.backend()));
+	TEST_ASSERT(a.backend() == want, "automatic chose %s, expected %s",
+		    backend_name(a.backend()), backend_name(want));
+	const SppBackendKind other =
+		want == SppBackendKind::user ? SppBackendKind::kmod : SppBackendKind::user;
+	TEST_ASSERT(&t.g.vm().enable_spp({.backend = want}) == &a);
+	TEST_EXPECT_ERROR(t.g.vm().enable_spp({.backend = other}), EINVAL);
+}
+
+/* Each backend asked for explicitly: user everywhere, kmod where virtkit.ko is loaded. */
+VK_TEST(spp_explicit_backends)
+{
+	SppGuest u;
+	TEST_ASSERT(u.g.vm().enable_spp({.backend = SppBackendKind::user}).backend() ==
+		    SppBackendKind::user);
+
+	SppGuest k;
+	if (!kmod_present()) {
+		try {
+			k.g.vm().enable_spp({.backend = SppBackendKind::kmod});
+			TEST_ASSERT(false, "enable_spp(kmod) succeeded without /dev/virtkit");
+		} catch (const Error &e) {
+			TEST_ASSERT(e.err() == ENOENT || e.err() == ENODEV, "%s", e.what());
+		}
+		TEST_ASSERT(k.g.vm().spp() == nullptr);
+		return;
+	}
+	auto &spp = k.g.vm().enable_spp({.backend = SppBackendKind::kmod});
+	TEST_ASSERT(spp.backend() == SppBackendKind::kmod);
+	spp.set_access(spp_gfn + 1, {0x0000ffffu});
+	TEST_ASSERT(spp.get_access(spp_gfn + 1, 1) == std::vector<std::uint32_t>{0x0000ffffu});
+
+	/* One SET larger than the module takes is refused whole (E2BIG). */
+	int dev = ::open("/dev/virtkit", O_RDWR | O_CLOEXEC);
+	TEST_ASSERT(dev >= 0);
+	long max = ::ioctl(dev, VIRTKIT_CHECK_EXTENSION, VIRTKIT_CAP_SPP_MAX_PAGES);
+	::close(dev);
+	TEST_ASSERT(max > 0);
+	std::size_t slots = k.g.memory().slot_count();
+	std::vector<std::uint32_t> big(max + 1, 0u);
+	TEST_EXPECT_ERROR(spp.set_access(spp_gfn, big), E2BIG);
+	TEST_ASSERT_EQ(k.g.memory().slot_count(), slots);
+	TEST_ASSERT_EQ(spp.stats().protected_pages, 1u);
+}
+
+/* Sets an environment variable for a scope. */
+struct ScopedEnv {
+	const char *name;
+	std::optional<std::string> old;
+	ScopedEnv(const char *n, const char *value) : name(n)
+	{
+		if (const char *v = std::getenv(n))
+			old = v;
+		::setenv(n, value, 1);
+	}
+	~ScopedEnv() { old ? ::setenv(name, old->c_str(), 1) : ::unsetenv(name); }
+};
+
+/* VIRTKIT_SPP_BACKEND overrides `automatic` only; a bad value is refused. */
+VK_TEST(spp_backend_environment)
+{
+	{
+		ScopedEnv env("VIRTKIT_SPP_BACKEND", "userspace");
+		SppGuest t;
+		std::string msg = TEST_EXPECT_ERROR(t.g.vm().enable_spp(), EINVAL);
+		TEST_ASSERT(msg.find("VIRTKIT_SPP_BACKEND=userspace") != std::string::npos, "%s",
+			    msg.c_str());
+		TEST_ASSERT(t.g.vm().spp() == nullptr);
+		/* An explicit choice does not read it. */
+		TEST_ASSERT(t.g.vm().enable_spp({.backend = SppBackendKind::user}).backend() ==
+			    SppBackendKind::user);
+	}
+	ScopedEnv env("VIRTKIT_SPP_BACKEND", "user");
+	SppGuest t;
+	TEST_ASSERT(t.g.vm().enable_spp().backend() == SppBackendKind::user);
 }
 
 VK_TEST(spp_get_default_and_round_trip)

@@ -3,8 +3,9 @@
  * virtkit info - what this host offers virtkit.
  *
  * Every answer is a question asked of the kernel (KVM_CHECK_EXTENSION,
- * KVM_GET_SUPPORTED_CPUID, KVM_GET_MSR_INDEX_LIST, stat of /dev/virtkit)
- * or, for a backend that needs /dev/virtkit, of the library on a scratch VM;
+ * KVM_GET_SUPPORTED_CPUID, KVM_GET_MSR_INDEX_LIST, stat of /dev/virtkit and
+ * its VIRTKIT_GET_API_VERSION and VIRTKIT_CHECK_EXTENSION) or, for which
+ * backend a feature runs with, of the library on a scratch VM;
  * nothing is inferred from CPU models or kernel versions. Capabilities that
  * KVM answers per VM are asked on the fd of a scratch VM: the /dev/kvm answer
  * is only a default, and the features use them per VM.
@@ -13,12 +14,16 @@
  * headers, with keys unique across sections so that `grep KEY` finds one
  * line. Keep keys stable: scripts read them.
  */
+#include <fcntl.h>
+#include <linux/virtkit.h>
+#include <sys/ioctl.h>
 #include <sys/stat.h>
 #include <sys/utsname.h>
 
 #include <cerrno>
 #include <cstdint>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <optional>
 #include <string>
@@ -41,8 +46,9 @@ const char info_help[] =
 	"Show what this host offers virtkit: the KVM device and API version, the\n"
 	"KVM capabilities virtkit's features rely on (asked on /dev/kvm, or on a\n"
 	"scratch VM where KVM answers per VM), the CPUID leaves and MSRs KVM\n"
-	"supports, whether the virtkit kernel module (/dev/virtkit) is present, and\n"
-	"for each feature which backend this host could run and why not.\n"
+	"supports, whether the virtkit kernel module (/dev/virtkit) is present with\n"
+	"its API version and capabilities, and for each feature which backend this\n"
+	"host could run and why not, and which one Vm::enable_spp() picks.\n"
 	"\n"
 	"Options:\n"
 	"  --device PATH   KVM device to probe (default /dev/kvm)\n"
@@ -54,7 +60,7 @@ const char info_help[] =
 
 namespace {
 
-constexpr const char *virtkit_device = "/dev/virtkit";
+constexpr const char *virtkit_device = "/dev/" VIRTKIT_DEVICE_NAME;
 constexpr std::uint32_t msr_ia32_pkrs = 0x6e1;
 
 /* Where KVM answers a capability. */
@@ -96,6 +102,14 @@ const CapQuery cap_queries[] = {
 	{"KVM_CAP_NR_MEMSLOTS", KVM_CAP_NR_MEMSLOTS, Scope::vm, Show::number, ""},
 };
 
+/* virtkit.ko's capabilities (VIRTKIT_CHECK_EXTENSION on /dev/virtkit). */
+const CapQuery module_cap_queries[] = {
+	{"VIRTKIT_CAP_SPP", VIRTKIT_CAP_SPP, Scope::system, Show::flag, ""},
+	{"VIRTKIT_CAP_SPP_FAST_WRITE", VIRTKIT_CAP_SPP_FAST_WRITE, Scope::system, Show::flag, ""},
+	{"VIRTKIT_CAP_SPP_MAX_PAGES", VIRTKIT_CAP_SPP_MAX_PAGES, Scope::system, Show::number, ""},
+	{"VIRTKIT_CAP_PKS", VIRTKIT_CAP_PKS, Scope::system, Show::flag, ""},
+};
+
 /* Everything probed, before anything is printed. */
 struct HostFacts {
 	std::string device;
@@ -114,8 +128,14 @@ struct HostFacts {
 	bool pkrs_msr = false;
 	bool virtkit_present = false;
 	std::string virtkit_state;
+	/* With /dev/virtkit present: why asking it failed, or its answers. */
+	std::optional<Error> virtkit_error;
+	int virtkit_api_version = 0;
+	std::vector<int> module_caps;	/* per module_cap_queries entry */
 	/* With /dev/virtkit present: why Vm::enable_spp() refused the kmod backend. */
 	std::optional<std::string> spp_kmod_error;
+	/* What Vm::enable_spp() picks by default, or why it failed. */
+	std::string spp_automatic;
 };
 
 int cap(const HostFacts &f, long which)
@@ -182,10 +202,13 @@ void probe_kvm(HostFacts &f)
 			f.pkrs_msr = true;
 	f.feature_msrs = sys->feature_msr_index_list().size();
 
-	/* The kmod backend of SPP: ask the library on a VM of its own. */
-	if (f.virtkit_present && !vm) {
+	/* SPP backends: ask the library, each on a VM of its own. */
+	if (!vm) {
 		f.spp_kmod_error = "no VM could be created";
-	} else if (f.virtkit_present) {
+		f.spp_automatic = "unknown (no VM could be created)";
+		return;
+	}
+	if (f.virtkit_present) {
 		try {
 			Vm scratch = sys->create_vm();
 			scratch.enable_spp({.backend = SppBackendKind::kmod});
@@ -193,6 +216,15 @@ void probe_kvm(HostFacts &f)
 			f.spp_kmod_error = e.what();
 		}
 	}
+	try {
+		Vm scratch = sys->create_vm();
+		auto kind = scratch.enable_spp().backend();
+		f.spp_automatic = kind == SppBackendKind::kmod ? "kmod" : "user";
+	} catch (const Error &e) {
+		f.spp_automatic = std::string("none: ") + e.what();
+	}
+	if (const char *env = std::getenv("VIRTKIT_SPP_BACKEND"); env && *env)
+		f.spp_automatic += std::string(" (VIRTKIT_SPP_BACKEND=") + env + ")";
 }
 
 void probe_module(HostFacts &f)
@@ -207,6 +239,22 @@ void probe_module(HostFacts &f)
 	} else {
 		f.virtkit_state = "cannot tell: " + format_error("stat", errno, virtkit_device,
 								 Error::VmState::unknown);
+	}
+	if (!f.virtkit_present)
+		return;
+	try {
+		FileDesc dev = FileDesc::open(virtkit_device, O_RDWR | O_CLOEXEC);
+		f.virtkit_api_version = ::ioctl(dev.get(), VIRTKIT_GET_API_VERSION, 0);
+		if (f.virtkit_api_version < 0)
+			throw Error("VIRTKIT_GET_API_VERSION", errno, virtkit_device);
+		for (auto &q : module_cap_queries) {
+			int v = ::ioctl(dev.get(), VIRTKIT_CHECK_EXTENSION, q.cap);
+			if (v < 0)
+				throw Error("VIRTKIT_CHECK_EXTENSION", errno, q.name);
+			f.module_caps.push_back(v);
+		}
+	} catch (const Error &e) {
+		f.virtkit_error = e;
 	}
 }
 
@@ -308,6 +356,7 @@ void print_features(const HostFacts &f)
 	else
 		field("spp kmod backend", "not available: needs /dev/virtkit: absent "
 					  "(virtkit.ko not loaded)");
+	field("spp automatic backend", f.spp_automatic);
 	field("kvmi", later);
 	field("kvmi user backend", readiness({{ro, "KVM_CAP_READONLY_MEM"},
 					      {umsr, "KVM_CAP_X86_USER_SPACE_MSR"},
@@ -359,6 +408,19 @@ void print(const HostFacts &f)
 
 	section("virtkit kernel module");
 	field("module device", std::string(virtkit_device) + ": " + f.virtkit_state);
+	if (f.virtkit_error) {
+		field("module usable", std::string("no: ") + f.virtkit_error->what());
+	} else if (f.virtkit_present) {
+		field("module api version",
+		      std::to_string(f.virtkit_api_version) +
+			      (f.virtkit_api_version == VIRTKIT_API_VERSION
+				       ? " (libvirtkit speaks it)"
+				       : " (libvirtkit speaks " +
+						 std::to_string(VIRTKIT_API_VERSION) + ")"));
+		for (std::size_t i = 0; i < std::size(module_cap_queries); i++)
+			field(module_cap_queries[i].name,
+			      cap_value(module_cap_queries[i], f.module_caps[i]));
+	}
 
 	if (!f.kvm_error)
 		print_features(f);

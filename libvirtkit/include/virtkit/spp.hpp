@@ -22,8 +22,11 @@
  *	});
  *
  * Backends: `user` enforces the maps in this process through read-only
- * memslots (works on any KVM); `kmod` is served by virtkit.ko when
- * /dev/virtkit exists. Both give the same semantics.
+ * memslots (works on any KVM); `kmod` keeps them in virtkit.ko, which
+ * completes allowed writes in the kernel. Both give the same semantics.
+ * `automatic` (the default) is kmod when /dev/virtkit exists, else user, or
+ * what the environment variable VIRTKIT_SPP_BACKEND=user|kmod says; it
+ * throws rather than fall back when the module exists but cannot be used.
  *
  * Thread safety: every call may be made from any thread, also while vCPUs
  * run and from inside on_violation handlers. When set_access returns, every
@@ -104,8 +107,10 @@ public:
 	/*
 	 * Set the access maps of pages gfn .. gfn + maps.size() - 1. All or
 	 * nothing: every page must be writable guest RAM (EFAULT otherwise),
-	 * the range must not wrap (EINVAL), flags must be 0 (EINVAL); on any
-	 * error nothing changed. An empty span does nothing.
+	 * the range must not wrap (EINVAL), flags must be 0 (EINVAL), and with
+	 * the kmod backend it must fit one call of the module (E2BIG, see
+	 * Documentation/spp.rst); on any error nothing changed. An empty span
+	 * does nothing.
 	 */
 	void set_access(std::uint64_t gfn, std::span<const std::uint32_t> maps,
 			std::uint32_t flags = 0);

@@ -1,5 +1,5 @@
 // SPDX-License-Identifier: MIT
-#include "spp_user.hpp"
+#include "spp_engine.hpp"
 
 #include <algorithm>
 #include <cerrno>
@@ -25,13 +25,65 @@ static std::string pages(std::uint64_t gfn, std::uint64_t n)
 	return "gfn=" + hex(gfn) + " npages=" + std::to_string(n);
 }
 
-SppUserBackend::SppUserBackend(VmState &vm) : vm_(vm), mem_(vm.memory)
+/* An Error for a store that failed with err: names the store's ioctl, if any. */
+[[noreturn]] static void store_error(const SppStore &store, const char *op, int err,
+				     std::string detail, bool set)
+{
+	if (*store.op_name(set))
+		detail += std::string(": ") + store.op_name(set) + " failed";
+	throw Error(op, err, std::move(detail));
+}
+
+static bool is_protected(std::uint32_t map) { return map != VK_SPP_ALL_WRITABLE; }
+
+/*
+ * The maps of pages lo .. hi - 1, read from the store in one GET (pages
+ * beyond the table read as all-writable). Other pages are read one at a
+ * time. Errors are thrown as `op`.
+ */
+class MapWindow {
+public:
+	MapWindow(const SppStore &store, const char *op, std::uint64_t lo, std::uint64_t hi)
+		: store_(store), op_(op), base_(std::min(lo, gfn_limit)),
+		  maps_(std::min(hi, gfn_limit) - base_)
+	{
+		if (int r = store_.get(base_, maps_))
+			store_error(store_, op_, r, pages(base_, maps_.size()), false);
+	}
+
+	std::uint32_t at(std::uint64_t gfn) const
+	{
+		if (gfn - base_ < maps_.size())
+			return maps_[gfn - base_];
+		if (gfn >= gfn_limit)
+			return VK_SPP_ALL_WRITABLE;
+		std::uint32_t m;
+		if (int r = store_.get(gfn, std::span(&m, 1)))
+			store_error(store_, op_, r, pages(gfn, 1), false);
+		return m;
+	}
+
+	/* Pages gfn .. gfn + n - 1, all inside the window. */
+	std::span<const std::uint32_t> range(std::uint64_t gfn, std::uint64_t n) const
+	{
+		return std::span(maps_).subspan(gfn - base_, n);
+	}
+
+private:
+	const SppStore &store_;
+	const char *op_;
+	std::uint64_t base_;
+	std::vector<std::uint32_t> maps_;
+};
+
+SppEngine::SppEngine(VmState &vm, std::unique_ptr<SppStore> store)
+	: vm_(vm), mem_(vm.memory), store_(std::move(store))
 {
 	auto lock = mem_.lock();
 	mem_.set_observer_locked(this);
 }
 
-SppUserBackend::~SppUserBackend()
+SppEngine::~SppEngine()
 {
 	reg_.reset();
 	auto lock = mem_.lock();
@@ -46,90 +98,102 @@ SppUserBackend::~SppUserBackend()
  * store to be decided whole.
  */
 template <class MapAt>
-bool SppUserBackend::needs_trap(std::uint64_t gfn, const MapAt &map_at)
+bool SppEngine::needs_trap(std::uint64_t gfn, const MapAt &map_at)
 {
-	if (map_at(gfn) != VK_SPP_ALL_WRITABLE)
+	if (is_protected(map_at(gfn)))
 		return true;
 	if (gfn + 1 < VK_SPPT_GFN_LIMIT && !(map_at(gfn + 1) & 1))
 		return true;
 	return gfn > 0 && !(map_at(gfn - 1) >> 31 & 1);
 }
 
-void SppUserBackend::refresh_traps_locked(std::uint64_t gfn, std::uint64_t n)
+/*
+ * A change of the maps of pages gfn .. gfn + n - 1 changes whether those
+ * pages and one neighbour either side trap; needs_trap() of those reads one
+ * page further either side. The window holds all of them (one GET).
+ */
+static MapWindow trap_window(const SppStore &store, const char *op, std::uint64_t gfn,
+			     std::uint64_t n)
+{
+	return MapWindow(store, op, gfn > 1 ? gfn - 2 : 0, gfn + n + 2);
+}
+
+template <class MapAt>
+void SppEngine::set_traps_locked(std::uint64_t gfn, std::uint64_t n, const MapAt &map_at)
 {
 	std::uint64_t lo = gfn ? gfn - 1 : 0;
 	std::uint64_t hi = std::min(gfn + n + 1, gfn_limit);
-	auto map_at = [&](std::uint64_t g) { return table_.get(g); };
 	mem_.set_traps_locked(lo, hi - lo,
 			      [&](std::uint64_t g) { return needs_trap(g, map_at); });
 }
 
-void SppUserBackend::count_protected(std::span<const std::uint32_t> old_maps,
-				     std::span<const std::uint32_t> new_maps)
+/* The traps of pages gfn .. gfn + n - 1 and their neighbours, as the store says. */
+void SppEngine::refresh_traps_locked(std::uint64_t gfn, std::uint64_t n)
 {
-	for (std::size_t i = 0; i < old_maps.size(); i++) {
-		bool was = old_maps[i] != VK_SPP_ALL_WRITABLE;
-		bool is = new_maps[i] != VK_SPP_ALL_WRITABLE;
-		protected_pages_ += is - was;
-	}
+	MapWindow w = trap_window(*store_, "SubpageProtection", gfn, n);
+	set_traps_locked(gfn, n, [&](std::uint64_t g) { return w.at(g); });
 }
 
-void SppUserBackend::set_access(std::uint64_t gfn, std::span<const std::uint32_t> maps)
+void SppEngine::count_protected(std::span<const std::uint32_t> old_maps,
+				std::span<const std::uint32_t> new_maps)
 {
+	for (std::size_t i = 0; i < old_maps.size(); i++)
+		protected_pages_ += is_protected(new_maps[i]) - is_protected(old_maps[i]);
+}
+
+void SppEngine::set_access(std::uint64_t gfn, std::span<const std::uint32_t> maps)
+{
+	const char *op = "SubpageProtection::set_access";
 	const std::uint64_t n = maps.size();
 	if (gfn >= VK_SPPT_GFN_LIMIT || n > VK_SPPT_GFN_LIMIT - gfn)
-		throw Error("SubpageProtection::set_access", EFAULT,
-			    pages(gfn, n) + ": beyond the 48-bit guest-physical space");
+		throw Error(op, EFAULT, pages(gfn, n) + ": beyond the 48-bit guest-physical space");
+	if (n > store_->max_set_pages())
+		throw Error(op, E2BIG,
+			    pages(gfn, n) + ": virtkit.ko sets at most " +
+				    std::to_string(store_->max_set_pages()) +
+				    " pages per call (VIRTKIT_CAP_SPP_MAX_PAGES); split the range");
 
 	auto lock = mem_.lock();
 	if (!mem_.writable_ram_locked(gfn * page, n * page))
-		throw Error("SubpageProtection::set_access", EFAULT,
-			    pages(gfn, n) + ": not all writable guest RAM");
+		throw Error(op, EFAULT, pages(gfn, n) + ": not all writable guest RAM");
 
-	std::vector<std::uint32_t> old(n);
-	if (table_.get(gfn, old) != VK_SPPT_OK)
-		throw Error("SubpageProtection::set_access", EIO, pages(gfn, n) + ": table corrupt");
+	/* The old maps, and the neighbours' that needs_trap() reads, in one GET. */
+	MapWindow old = trap_window(*store_, op, gfn, n);
 
 	/* Re-cut the slots for the new maps first: it is the step that can fail. */
-	auto map_at = [&](std::uint64_t g) {
-		return g - gfn < n ? maps[g - gfn] : table_.get(g);
-	};
-	std::uint64_t lo = gfn ? gfn - 1 : 0;
-	std::uint64_t hi = std::min(gfn + n + 1, gfn_limit);
-	mem_.set_traps_locked(lo, hi - lo,
-			      [&](std::uint64_t g) { return needs_trap(g, map_at); });
-
-	if (int r = table_.set(gfn, maps); r != VK_SPPT_OK) {
-		refresh_traps_locked(gfn, n); /* back to what the table says */
-		throw Error("SubpageProtection::set_access",
-			    r == VK_SPPT_ENOMEM ? ENOMEM : EINVAL, pages(gfn, n));
+	set_traps_locked(gfn, n, [&](std::uint64_t g) {
+		return g - gfn < n ? maps[g - gfn] : old.at(g);
+	});
+	if (int r = store_->set(gfn, maps)) {
+		/* Back to the layout of the maps the store kept. */
+		set_traps_locked(gfn, n, [&](std::uint64_t g) { return old.at(g); });
+		store_error(*store_, op, r, pages(gfn, n), true);
 	}
-	count_protected(old, maps);
+	count_protected(old.range(gfn, n), maps);
 }
 
-std::vector<std::uint32_t> SppUserBackend::get_access(std::uint64_t gfn, std::uint64_t n) const
+std::vector<std::uint32_t> SppEngine::get_access(std::uint64_t gfn, std::uint64_t n) const
 {
+	const char *op = "SubpageProtection::get_access";
 	if (gfn >= VK_SPPT_GFN_LIMIT || n > VK_SPPT_GFN_LIMIT - gfn)
-		throw Error("SubpageProtection::get_access", EFAULT,
-			    pages(gfn, n) + ": beyond the 48-bit guest-physical space");
+		throw Error(op, EFAULT, pages(gfn, n) + ": beyond the 48-bit guest-physical space");
 	auto lock = mem_.lock_shared();
 	if (!mem_.writable_ram_locked(gfn * page, n * page))
-		throw Error("SubpageProtection::get_access", EFAULT,
-			    pages(gfn, n) + ": not all writable guest RAM");
+		throw Error(op, EFAULT, pages(gfn, n) + ": not all writable guest RAM");
 	std::vector<std::uint32_t> maps(n);
-	if (table_.get(gfn, maps) != VK_SPPT_OK)
-		throw Error("SubpageProtection::get_access", EIO, pages(gfn, n) + ": table corrupt");
+	if (int r = store_->get(gfn, maps))
+		store_error(*store_, op, r, pages(gfn, n), false);
 	return maps;
 }
 
-void SppUserBackend::on_violation(SppViolationHandler handler)
+void SppEngine::on_violation(SppViolationHandler handler)
 {
 	auto h = handler ? std::make_shared<const SppViolationHandler>(std::move(handler)) : nullptr;
 	std::lock_guard lock(handler_mu_);
 	handler_ = std::move(h);
 }
 
-SppStats SppUserBackend::stats() const
+SppStats SppEngine::stats() const
 {
 	SppStats s{};
 	s.checked_writes = checked_.load();
@@ -137,54 +201,85 @@ SppStats SppUserBackend::stats() const
 	s.violations = violations_.load();
 	auto lock = mem_.lock_shared();
 	s.protected_pages = protected_pages_;
+	store_->add_stats(s);
 	return s;
 }
 
-/* The maps travel with the memory; the old addresses become unprotected. */
-void SppUserBackend::region_moved(std::uint64_t from, std::uint64_t to, std::uint64_t size)
+int SppEngine::set_pieces_locked(std::uint64_t gfn, std::span<const std::uint32_t> maps)
 {
+	const std::uint64_t max = store_->max_set_pages();
+	if (maps.size() <= max)
+		return store_->set(gfn, maps);
+	std::vector<std::uint32_t> old(maps.size());
+	if (int r = store_->get(gfn, old))
+		return r;
+	for (std::uint64_t done = 0; done < maps.size(); done += max) {
+		std::uint64_t n = std::min<std::uint64_t>(maps.size() - done, max);
+		if (int r = store_->set(gfn + done, maps.subspan(done, n))) {
+			/* Put back the pieces already set, as far as the store can. */
+			for (std::uint64_t u = 0; u < done; u += max)
+				store_->set(gfn + u, std::span(old).subspan(u, max));
+			return r;
+		}
+	}
+	return 0;
+}
+
+void SppEngine::clear_locked(std::uint64_t gfn, std::span<const std::uint32_t> maps) noexcept
+{
+	auto first = std::find_if(maps.begin(), maps.end(), is_protected);
+	if (first == maps.end())
+		return;
+	auto last = std::find_if(maps.rbegin(), maps.rend(), is_protected).base();
+	store_->fill(gfn + (first - maps.begin()), last - first, VK_SPP_ALL_WRITABLE);
+}
+
+/* The maps travel with the memory; the old addresses become unprotected. */
+void SppEngine::region_moved(std::uint64_t from, std::uint64_t to, std::uint64_t size)
+{
+	const char *op = "GuestMemory::move";
 	std::uint64_t n = size / page, src = from / page, dst = to / page;
 	if (src >= gfn_limit)
 		return;
 	std::vector<std::uint32_t> maps(std::min(n, gfn_limit - src));
-	table_.get(src, maps);
-	if (std::all_of(maps.begin(), maps.end(),
-			[](std::uint32_t m) { return m == VK_SPP_ALL_WRITABLE; }))
+	if (int r = store_->get(src, maps))
+		store_error(*store_, op, r, "sub-page protection of " + pages(src, maps.size()),
+			    false);
+	if (std::none_of(maps.begin(), maps.end(), is_protected))
 		return;
 	if (dst >= gfn_limit || n > gfn_limit - dst)
-		throw Error("GuestMemory::move", EINVAL,
+		throw Error(op, EINVAL,
 			    "sub-page protection cannot follow the region beyond "
 			    "the 48-bit guest-physical space");
 	maps.resize(n, VK_SPP_ALL_WRITABLE);
-	if (table_.set(dst, maps) != VK_SPPT_OK)
-		throw Error("GuestMemory::move", ENOMEM, "sub-page protection table");
-	/* Clear the part of the old range the new one does not cover (frees only). */
+	if (int r = set_pieces_locked(dst, maps))
+		store_error(*store_, op, r, "sub-page protection of " + pages(dst, n), true);
+	/* Clear the part of the old range the new one does not cover. */
 	std::uint64_t end = std::min(src + n, gfn_limit);
 	if (dst > src)
-		table_.fill(src, std::min(dst, end) - src, VK_SPP_ALL_WRITABLE);
-	else if (dst + n < end)
-		table_.fill(std::max(dst + n, src), end - std::max(dst + n, src),
-			    VK_SPP_ALL_WRITABLE);
+		clear_locked(src, std::span(maps).first(std::min(dst, end) - src));
+	else if (std::uint64_t s = std::max(dst + n, src); s < end)
+		clear_locked(s, std::span(maps).subspan(s - src, end - s));
 }
 
-void SppUserBackend::region_removed(std::uint64_t gpa, std::uint64_t size) noexcept
+void SppEngine::region_removed(std::uint64_t gpa, std::uint64_t size) noexcept
 {
 	std::uint64_t g = gpa / page, n = size / page;
 	if (g >= VK_SPPT_GFN_LIMIT)
 		return;
 	n = std::min(n, gfn_limit - g);
-	std::vector<std::uint32_t> old(n);
-	table_.get(g, old);
-	std::vector<std::uint32_t> none(n, VK_SPP_ALL_WRITABLE);
-	count_protected(old, none);
-	table_.fill(g, n, VK_SPP_ALL_WRITABLE);
+	std::vector<std::uint32_t> old(n, VK_SPP_ALL_WRITABLE);
+	if (store_->get(g, old))
+		return; /* the store cannot tell: leave it */
+	protected_pages_ -= std::count_if(old.begin(), old.end(), is_protected);
+	clear_locked(g, old);
 }
 
 /*
  * A region appeared next to others: its edge pages, and its neighbours'
  * edge pages, may need to trap for straddling writes.
  */
-void SppUserBackend::region_placed(std::uint64_t gpa, std::uint64_t size) noexcept
+void SppEngine::region_placed(std::uint64_t gpa, std::uint64_t size) noexcept
 {
 	std::uint64_t g = gpa / page, n = size / page;
 	try {
@@ -230,18 +325,18 @@ struct PendingWrite {
 
 } // namespace
 
-std::optional<std::uint64_t> SppUserBackend::first_blocked_locked(std::uint64_t gpa,
-								 std::uint64_t len) const
+std::optional<std::uint64_t> SppEngine::first_blocked(const MapWindow &maps, std::uint64_t gpa,
+						       std::uint64_t len)
 {
 	for (std::uint64_t a = gpa; a < gpa + len; a = (a | (VK_SPP_SUBPAGE_SIZE - 1)) + 1) {
-		std::uint32_t map = table_.get(a / page);
+		std::uint32_t map = maps.at(a / page);
 		if (!(map >> (a % page / VK_SPP_SUBPAGE_SIZE) & 1))
 			return a;
 	}
 	return std::nullopt;
 }
 
-SppDecision SppUserBackend::report(Vcpu &vcpu, const SppViolation &v)
+SppDecision SppEngine::report(Vcpu &vcpu, const SppViolation &v)
 {
 	violations_++;
 	std::shared_ptr<const SppViolationHandler> handler;
@@ -259,7 +354,7 @@ SppDecision SppUserBackend::report(Vcpu &vcpu, const SppViolation &v)
  * here - atomically on the VMM's mapping when allowed; when blocked, with the
  * compare done but the store dropped, as on ROM.
  */
-ExitAction SppUserBackend::complete_cmpxchg16b(Vcpu &vcpu, Exit &exit)
+ExitAction SppEngine::complete_cmpxchg16b(Vcpu &vcpu, Exit &exit)
 {
 	kvm_regs regs = vcpu.regs();
 	kvm_sregs sregs = vcpu.sregs();
@@ -292,7 +387,8 @@ ExitAction SppUserBackend::complete_cmpxchg16b(Vcpu &vcpu, Exit &exit)
 		auto lock = mem_.lock_shared();
 		if (!mem_.writable_ram_locked(gpa, 16))
 			return ExitAction::pass;
-		blocked = first_blocked_locked(gpa, 16);
+		MapWindow maps(*store_, "SubpageProtection (cmpxchg16b)", gpa / page, gpa / page + 1);
+		blocked = first_blocked(maps, gpa, 16);
 		checked_++;
 		if (!blocked) {
 			equal = mem_.guest_cmpxchg16b_locked(gpa, expected, desired);
@@ -349,7 +445,7 @@ ExitAction SppUserBackend::complete_cmpxchg16b(Vcpu &vcpu, Exit &exit)
 	return ExitAction::pass;
 }
 
-ExitAction SppUserBackend::on_exit(Vcpu &vcpu, Exit &exit)
+ExitAction SppEngine::on_exit(Vcpu &vcpu, Exit &exit)
 {
 	if (auto *ie = std::get_if<InternalErrorExit>(&exit))
 		return ie->suberror == KVM_INTERNAL_ERROR_EMULATION
@@ -378,15 +474,24 @@ ExitAction SppUserBackend::on_exit(Vcpu &vcpu, Exit &exit)
 		w.add(*f);
 	}
 
+	/* The (at most two) pages the write touches: their maps in one GET. */
+	std::uint64_t lo = ~0ull, hi = 0;
+	for (std::size_t i = 0; i < w.count; i++) {
+		lo = std::min(lo, w.pieces[i].gpa / page);
+		hi = std::max(hi, (w.pieces[i].gpa + w.pieces[i].len - 1) / page);
+	}
+	hi = std::min(hi, lo + 1);
+
 	/* Decide on the whole write with the layout and the maps stable. */
 	std::uint64_t blocked = std::numeric_limits<std::uint64_t>::max();
 	{
 		auto lock = mem_.lock_shared();
+		MapWindow maps(*store_, "SubpageProtection (guest write)", lo, hi + 1);
 		for (std::size_t i = 0; i < w.count && blocked == ~0ull; i++) {
 			const MmioFragment &f = w.pieces[i];
 			if (!mem_.writable_ram_locked(f.gpa, f.len))
 				continue; /* the non-RAM part of a straddling write */
-			if (auto b = first_blocked_locked(f.gpa, f.len))
+			if (auto b = first_blocked(maps, f.gpa, f.len))
 				blocked = *b;
 		}
 		checked_++;
