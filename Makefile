@@ -2,7 +2,8 @@
 #
 #   make            build everything userspace (library, tool, selftests, unit tests)
 #   make run        install missing Debian packages, build, run `virtkit info` and
-#                   `virtkit demo` (in a QEMU guest when /dev/kvm is not usable)
+#                   `virtkit demo` (in a QEMU guest with virtkit.ko loaded when
+#                   /dev/kvm is not usable)
 #   make check      install missing Debian packages, build, run every test suite:
 #                   unit tests, selftests, virtkit.ko's build and tests in Debian's
 #                   6.1 and 6.12 kernels (QEMU), its DKMS build, the install check
@@ -173,9 +174,10 @@ run: deps
 		echo "$(TOOL_BIN) info && $(TOOL_BIN) demo"; \
 		$(TOOL_BIN) info && $(TOOL_BIN) demo; \
 	else \
-		echo "this host has no usable /dev/kvm: running the demo on nested KVM in a Debian guest under QEMU"; \
-		echo "scripts/vmtest --copy $(TOOL_BIN) -- sh -c 'virtkit info && virtkit demo'"; \
-		scripts/vmtest --copy $(TOOL_BIN) -- sh -c 'virtkit info && virtkit demo'; \
+		echo "this host has no usable /dev/kvm: running the demo on nested KVM in a Debian guest under QEMU, with virtkit.ko loaded"; \
+		ko=$$(scripts/build-kmod --kernel 6.1 --out $(KMOD_OUT)) || exit 1; \
+		echo "scripts/vmtest --module $$ko --copy $(TOOL_BIN) -- sh -c 'virtkit info && virtkit demo'"; \
+		scripts/vmtest --module $$ko --copy $(TOOL_BIN) -- sh -c 'virtkit info && virtkit demo'; \
 	fi
 
 # Without a usable /dev/kvm (the test scripts/run-selftests makes), each

@@ -526,8 +526,10 @@ void Demo::subpages()
 		std::to_string(spp_blocked_subpage) + " and 8 bytes into sub-page " +
 		std::to_string(spp_allowed_subpage) + ". The host's violation handler sees the "
 		"first store and decides to drop it; the second lands as on ordinary memory. "
-		"With the user backend the page sits in a read-only memslot: both stores exit, "
-		"KVM decodes them, and the library checks each against the map.");
+		"The page sits in a read-only memslot, so both stores exit and KVM decodes "
+		"them. With the user backend the library checks each against the map; with "
+		"the kmod backend (virtkit.ko loaded) the module checks them, completes the "
+		"allowed store inside the kernel and passes only the blocked one on.");
 	if (!g.vm().check_extension(KVM_CAP_READONLY_MEM)) {
 		show("skipped: the user backend needs KVM_CAP_READONLY_MEM, which this KVM "
 		     "does not offer");
