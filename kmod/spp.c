@@ -87,6 +87,12 @@ static long virtkit_spp_access_args(void __user *argp, struct virtkit_spp_access
 	return 0;
 }
 
+/* A kernel buffer for the maps of a checked range (npages may be 0). */
+static u32 *virtkit_spp_maps_alloc(u64 npages)
+{
+	return kvmalloc_array(max_t(u64, npages, 1), sizeof(u32), GFP_KERNEL_ACCOUNT);
+}
+
 static long virtkit_sppt_errno(int r, const struct virtkit_spp *spp)
 {
 	switch (r) {
@@ -111,14 +117,14 @@ static long virtkit_spp_set(struct virtkit_spp *spp, void __user *argp)
 	r = virtkit_spp_access_args(argp, &a);
 	if (r)
 		return r;
-	maps = kvmalloc_array(max_t(u64, a.npages, 1), sizeof(*maps), GFP_KERNEL_ACCOUNT);
+	maps = virtkit_spp_maps_alloc(a.npages);
 	if (!maps)
 		return -ENOMEM;
 	r = -EFAULT;
 	if (copy_from_user(maps, u64_to_user_ptr(a.maps), a.npages * sizeof(*maps)))
 		goto out;
 	r = -ENOMEM;
-	old = kvmalloc_array(max_t(u64, a.npages, 1), sizeof(*old), GFP_KERNEL_ACCOUNT);
+	old = virtkit_spp_maps_alloc(a.npages);
 	if (!old)
 		goto out;
 
@@ -154,7 +160,7 @@ static long virtkit_spp_get(struct virtkit_spp *spp, void __user *argp)
 	r = virtkit_spp_access_args(argp, &a);
 	if (r)
 		return r;
-	maps = kvmalloc_array(max_t(u64, a.npages, 1), sizeof(*maps), GFP_KERNEL_ACCOUNT);
+	maps = virtkit_spp_maps_alloc(a.npages);
 	if (!maps)
 		return -ENOMEM;
 	down_read(&spp->lock);

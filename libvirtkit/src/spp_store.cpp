@@ -53,8 +53,6 @@ int KmodSppStore::get(std::uint64_t gfn, std::span<std::uint32_t> maps) const no
 
 int KmodSppStore::set(std::uint64_t gfn, std::span<const std::uint32_t> maps) noexcept
 {
-	if (maps.size() > vm_.spp_max_pages())
-		return E2BIG;
 	return vm_.spp_set(gfn, maps);
 }
 
@@ -79,7 +77,6 @@ void KmodSppStore::add_stats(SppStats &s) const
 	virtkit_spp_stats k = vm_.spp_stats();
 	s.checked_writes += k.fast_writes;
 	s.allowed_writes += k.fast_writes;
-	s.protected_pages = k.protected_pages;
 }
 
 } // namespace virtkit::detail

@@ -42,7 +42,7 @@ public:
 	 * which only frees; a store may do it in pieces.
 	 */
 	virtual int fill(std::uint64_t gfn, std::uint64_t npages, std::uint32_t map) noexcept = 0;
-	/* Adds what the store counts itself (the kernel's fast writes). */
+	/* Adds what only the store sees (the writes the kernel completed). */
 	virtual void add_stats(SppStats &) const {}
 };
 
