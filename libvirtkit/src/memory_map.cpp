@@ -245,7 +245,7 @@ RegionId MemoryMap::add(std::uint64_t gpa, std::uint64_t size, const RegionOptio
 		throw Error("madvise(MADV_POPULATE_WRITE)", errno,
 			    name + " " + range(gpa, size) + ": not enough free huge pages");
 	r->dirty.assign((size / page + 63) / 64, 0);
-	apply_plan(*r, plan_slots(gpa, size, opts.readonly, r->wp_pages));
+	apply_plan(*r, plan_slots(gpa, size, opts.readonly, r->traps));
 
 	next_id_++;
 	RegionId id = r->id;
@@ -274,10 +274,10 @@ void MemoryMap::move(RegionId id, std::uint64_t new_gpa)
 	remove_slots(r);
 	r.gpa = new_gpa;
 	try {
-		apply_plan(r, plan_slots(r.gpa, r.size, r.opts.readonly, r.wp_pages));
+		apply_plan(r, plan_slots(r.gpa, r.size, r.opts.readonly, r.traps));
 	} catch (...) {
 		r.gpa = old_gpa;
-		apply_plan(r, plan_slots(r.gpa, r.size, r.opts.readonly, r.wp_pages));
+		apply_plan(r, plan_slots(r.gpa, r.size, r.opts.readonly, r.traps));
 		node.key() = old_gpa;
 		regions_.insert(std::move(node));
 		if (observer_ && !r.opts.readonly) {
@@ -491,6 +491,18 @@ bool MemoryMap::writable_ram_locked(std::uint64_t gpa, std::uint64_t size) const
 void MemoryMap::set_traps_locked(std::uint64_t gfn, std::uint64_t n,
 				 const std::function<bool(std::uint64_t)> &trapped)
 {
+	retrap_locked(&TrappedPages::write, gfn, n, trapped);
+}
+
+void MemoryMap::set_hidden_locked(std::uint64_t gfn, std::uint64_t n,
+				  const std::function<bool(std::uint64_t)> &hidden)
+{
+	retrap_locked(&TrappedPages::all, gfn, n, hidden);
+}
+
+void MemoryMap::retrap_locked(std::set<std::uint64_t> TrappedPages::*which, std::uint64_t gfn,
+			      std::uint64_t n, const std::function<bool(std::uint64_t)> &want)
+{
 	struct Change {
 		Region *r;
 		std::uint64_t lo, hi;		/* pages of r whose trap may change */
@@ -513,30 +525,47 @@ void MemoryMap::set_traps_locked(std::uint64_t gfn, std::uint64_t n,
 		g = base + hi;
 		if (r->opts.readonly)
 			continue;
+		auto &set = r->traps.*which;
 		Change c{r, lo, hi, 0, 0, {}};
 		bool differs = false;
 		for (std::uint64_t p = lo; p < hi; p++) {
-			bool was = r->wp_pages.count(p), want = trapped(base + p);
+			bool was = set.count(p), on = want(base + p);
 			c.old.push_back(was);
-			differs |= was != want;
+			differs |= was != on;
 		}
 		if (!differs)
 			continue;
-		/* Slots touching lo - 1 .. hi may split or merge: re-plan them whole. */
-		auto slot_at = [&](std::uint64_t p) { return std::prev(r->slots.upper_bound(p)); };
-		auto a = slot_at(lo ? lo - 1 : 0), b = slot_at(std::min(hi, pages - 1));
-		c.first = a->first;
-		c.end = b->first + b->second.spec.size / page;
+		/*
+		 * Slots touching lo - 1 .. hi may split or merge: re-plan them
+		 * whole. A page in no slot (fully trapped) is a boundary itself.
+		 */
+		auto slot_first = [&](std::uint64_t p) {
+			auto it = r->slots.upper_bound(p);
+			if (it == r->slots.begin())
+				return p;
+			--it;
+			return p < it->first + it->second.spec.size / page ? it->first : p;
+		};
+		auto slot_end = [&](std::uint64_t p) {
+			auto it = r->slots.upper_bound(p);
+			if (it == r->slots.begin())
+				return p + 1;
+			--it;
+			std::uint64_t e = it->first + it->second.spec.size / page;
+			return p < e ? e : p + 1;
+		};
+		c.first = slot_first(lo ? lo - 1 : 0);
+		c.end = slot_end(std::min(hi, pages - 1));
 		changes.push_back(std::move(c));
 	}
 	if (changes.empty())
 		return;
 
-	auto set_wp = [](Region &r, std::uint64_t p, bool on) {
+	auto set_trap = [which](Region &r, std::uint64_t p, bool on) {
 		if (on)
-			r.wp_pages.insert(p);
+			(r.traps.*which).insert(p);
 		else
-			r.wp_pages.erase(p);
+			(r.traps.*which).erase(p);
 	};
 	RunGate::Pause pause(gate_);
 	std::size_t done = 0;
@@ -545,13 +574,13 @@ void MemoryMap::set_traps_locked(std::uint64_t gfn, std::uint64_t n,
 			Change &c = changes[done];
 			std::uint64_t base = c.r->gpa / page;
 			for (std::uint64_t p = c.lo; p < c.hi; p++)
-				set_wp(*c.r, p, trapped(base + p));
+				set_trap(*c.r, p, want(base + p));
 			try {
 				apply_span(*c.r, c.first, c.end,
-					   plan_span(c.r->gpa, c.first, c.end, c.r->wp_pages));
+					   plan_span(c.r->gpa, c.first, c.end, c.r->traps));
 			} catch (...) {
 				for (std::uint64_t p = c.lo; p < c.hi; p++)
-					set_wp(*c.r, p, c.old[p - c.lo]);
+					set_trap(*c.r, p, c.old[p - c.lo]);
 				throw;
 			}
 		}
@@ -559,12 +588,18 @@ void MemoryMap::set_traps_locked(std::uint64_t gfn, std::uint64_t n,
 		while (done--) {
 			Change &c = changes[done];
 			for (std::uint64_t p = c.lo; p < c.hi; p++)
-				set_wp(*c.r, p, c.old[p - c.lo]);
+				set_trap(*c.r, p, c.old[p - c.lo]);
 			apply_span(*c.r, c.first, c.end,
-				   plan_span(c.r->gpa, c.first, c.end, c.r->wp_pages));
+				   plan_span(c.r->gpa, c.first, c.end, c.r->traps));
 		}
 		throw;
 	}
+}
+
+bool MemoryMap::hidden_locked(std::uint64_t gpa) const
+{
+	const Region *r = find_gpa(gpa);
+	return r && r->traps.all.count((gpa - r->gpa) / page);
 }
 
 void MemoryMap::guest_write_locked(std::uint64_t gpa, const std::byte *data, std::uint32_t len)
@@ -617,6 +652,10 @@ bool MemoryMap::complete_mmio(const MmioExit &exit)
 	if (!r || exit.data.size() > r->gpa + r->size - exit.gpa)
 		return false;
 	if (exit.is_write && r->opts.readonly)
+		return false;
+	/* Pages a feature took from the guest are that feature's to complete. */
+	std::uint64_t last = exit.gpa + (exit.data.empty() ? 0 : exit.data.size() - 1);
+	if (hidden_locked(exit.gpa) || hidden_locked(last))
 		return false;
 	std::byte *host = r->map.data() + (exit.gpa - r->gpa);
 	if (exit.is_write) {

@@ -90,6 +90,15 @@ public:
 	void set_traps_locked(std::uint64_t gfn, std::uint64_t n,
 			      const std::function<bool(std::uint64_t)> &trapped);
 	/*
+	 * The same for taking pages away from the guest entirely (no memslot:
+	 * every guest access exits as MMIO; instruction fetches from them
+	 * fail). complete_mmio() leaves such accesses to the feature.
+	 */
+	void set_hidden_locked(std::uint64_t gfn, std::uint64_t n,
+			       const std::function<bool(std::uint64_t)> &hidden);
+	/* Whether the page holding gpa is hidden. Under lock() or lock_shared(). */
+	bool hidden_locked(std::uint64_t gpa) const;
+	/*
 	 * Perform a guest write the feature allowed: [gpa, gpa + len) must be
 	 * writable RAM inside one region. Naturally aligned 1/2/4/8-byte
 	 * writes are single stores, as the guest's own would be. Marks the
@@ -132,7 +141,7 @@ private:
 		Mapping map;
 		std::map<std::uint64_t, Slot> slots; /* by first page */
 		std::vector<std::uint64_t> dirty; /* harvested from deleted slots */
-		std::set<std::uint64_t> wp_pages;
+		TrappedPages traps;
 	};
 
 	Region &find(RegionId id, const char *op) const;
@@ -143,6 +152,8 @@ private:
 		      void *host, std::uint32_t flags);
 	std::uint32_t slot_flags(const Region &r, const SlotSpec &s) const;
 	void apply_plan(Region &r, const std::vector<SlotSpec> &plan);
+	void retrap_locked(std::set<std::uint64_t> TrappedPages::*which, std::uint64_t gfn,
+			   std::uint64_t n, const std::function<bool(std::uint64_t)> &want);
 	void apply_span(Region &r, std::uint64_t first, std::uint64_t end,
 			const std::vector<SlotSpec> &plan);
 	void delete_slot(Region &r, const Slot &s);

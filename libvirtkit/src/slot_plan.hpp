@@ -4,8 +4,10 @@
  *
  * A region is one memslot unless some of its pages must trap guest writes
  * (a read-only region, or pages write-protected by a feature such as
- * sub-page protection). Write-protected pages become read-only slots -
- * adjacent pages merged into one slot - and the rest stays writable. The plan
+ * sub-page protection) or every guest access (pages an introspection tool
+ * made unreadable). Write-protected pages become read-only slots - adjacent
+ * pages merged into one slot -, fully trapped pages get no slot, and the
+ * rest stays writable. The plan
  * is a pure function so that re-planning can diff old and new layouts and
  * touch only the slots that change.
  */
@@ -22,25 +24,35 @@ struct SlotSpec {
 	std::uint64_t size;
 	std::uint64_t offset; /* into the region's memory */
 	bool readonly;
-
 	bool operator==(const SlotSpec &) const = default;
 };
 
 /*
- * Slots for the region [gpa, gpa + size) whose pages (indices relative to
- * the region) in wp_pages must trap writes. Slots are returned in address
- * order and cover the region exactly.
+ * Pages of a region (indices relative to it) that features take away from
+ * the guest: `write` pages trap guest writes (read-only slots), `all` pages
+ * have no slot at all, so every guest access to them exits (a page in both
+ * is in no slot).
+ */
+struct TrappedPages {
+	std::set<std::uint64_t> write;
+	std::set<std::uint64_t> all;
+};
+
+/*
+ * Slots for the region [gpa, gpa + size) with the given trapped pages.
+ * Slots are returned in address order and cover the region except the
+ * `all` pages.
  */
 std::vector<SlotSpec> plan_slots(std::uint64_t gpa, std::uint64_t size,
-				 bool readonly, const std::set<std::uint64_t> &wp_pages);
+				 bool readonly, const TrappedPages &traps);
 
 /*
  * The slots of a writable region at gpa for its pages [first, end) alone:
  * what plan_slots() gives for that range when first and end are slot
- * boundaries of the whole plan. Costs O(protected pages in the range), so
+ * boundaries of the whole plan. Costs O(trapped pages in the range), so
  * that re-planning around one page of a large layout stays cheap.
  */
 std::vector<SlotSpec> plan_span(std::uint64_t gpa, std::uint64_t first, std::uint64_t end,
-				const std::set<std::uint64_t> &wp_pages);
+				const TrappedPages &traps);
 
 } // namespace virtkit::detail

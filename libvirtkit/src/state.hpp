@@ -12,10 +12,12 @@
 
 #include <array>
 #include <atomic>
-#include <optional>
+#include <condition_variable>
 #include <cstdint>
+#include <map>
 #include <memory>
 #include <mutex>
+#include <optional>
 #include <vector>
 
 #include <virtkit/fd.hpp>
@@ -27,6 +29,20 @@
 #include "run_gate.hpp"
 
 namespace virtkit::detail {
+
+struct VcpuState;
+
+/*
+ * A feature that acts on a vCPU's own thread between two guest entries
+ * (VM introspection raises its events there). Vcpu::run() calls
+ * before_entry() when request_vcpu_work() was called for the vCPU since the
+ * last call; an Exit it returns ends run() with that exit.
+ */
+class VcpuWork {
+public:
+	virtual ~VcpuWork() = default;
+	virtual std::optional<Exit> before_entry(Vcpu &vcpu) = 0;
+};
 
 struct HandlerEntry {
 	std::uint64_t id;
@@ -78,6 +94,25 @@ struct VmState {
 	/* Sub-page protection, once enabled (spp_mu guards enabling). */
 	std::mutex spp_mu;
 	std::unique_ptr<SubpageProtection> spp;
+
+	/*
+	 * The VM's vCPUs by id, for features that address them by number
+	 * (introspection). Weak: a Vcpu handle owns its state.
+	 */
+	std::mutex vcpus_mu;
+	std::map<std::uint32_t, std::weak_ptr<VcpuState>> vcpus;
+	std::shared_ptr<VcpuState> find_vcpu(std::uint32_t id);
+	/* The live vCPUs, by id. */
+	std::vector<std::shared_ptr<VcpuState>> live_vcpus();
+
+	/* The VcpuWork of the VM (one feature at a time), or nullptr. */
+	std::mutex work_mu;
+	std::shared_ptr<VcpuWork> work;
+	std::shared_ptr<VcpuWork> current_work()
+	{
+		std::lock_guard lock(work_mu);
+		return work;
+	}
 };
 
 /* The VM's attachment to virtkit.ko, attaching it on first use; throws. */
@@ -117,6 +152,14 @@ struct VcpuState {
 	bool in_run = false;
 	bool kick_pending = false;
 	bool internal_kick = false;
+	/*
+	 * VcpuHold: while holds > 0 the vCPU does not enter the guest;
+	 * kick_cv signals in_run turning false and holds reaching 0.
+	 */
+	unsigned holds = 0;
+	std::condition_variable kick_cv;
+	/* request_vcpu_work() was called: run before_entry() before the next entry. */
+	std::atomic<bool> work_pending{false};
 
 	/* The thread whose signal mask KVM_SET_SIGNAL_MASK was derived from. */
 	pthread_t mask_thread{};
@@ -125,6 +168,28 @@ struct VcpuState {
 
 /* Make the vCPU leave KVM_RUN without run() reporting it (see RunGate). */
 void internal_kick(VcpuState &v);
+
+/* Make the vCPU's thread call the VM's VcpuWork before its next guest entry. */
+void request_vcpu_work(VcpuState &v);
+
+/*
+ * Keeps one vCPU out of the guest while it exists, so that another thread
+ * can read and change its state consistently (KVM serializes vCPU ioctls,
+ * but a vCPU that re-entered the guest would run on between two of them).
+ * The constructor kicks the vCPU out of KVM_RUN and waits until it is out;
+ * a vCPU thread that is elsewhere (an exit handler, not in run() at all) is
+ * not disturbed. Holds nest and may be taken on the vCPU's own thread.
+ */
+class VcpuHold {
+public:
+	explicit VcpuHold(VcpuState &v);
+	~VcpuHold();
+	VcpuHold(const VcpuHold &) = delete;
+	VcpuHold &operator=(const VcpuHold &) = delete;
+
+private:
+	VcpuState &v_;
+};
 
 /* One piece of an MMIO access as KVM reports it (at most 8 bytes). */
 struct MmioFragment {
@@ -146,6 +211,8 @@ std::optional<MmioFragment> next_mmio_fragment(VcpuState &v);
 /* The friend through which library internals reach a Vcpu's state. */
 struct VcpuAccess {
 	static VcpuState &state(Vcpu &v);
+	/* Another handle on the same vCPU (for library threads). */
+	static Vcpu handle(std::shared_ptr<VcpuState> state);
 };
 
 } // namespace virtkit::detail

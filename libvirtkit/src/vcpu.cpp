@@ -22,6 +22,7 @@ using detail::hex;
 
 namespace detail {
 VcpuState &VcpuAccess::state(Vcpu &v) { return *v.state_; }
+Vcpu VcpuAccess::handle(std::shared_ptr<VcpuState> state) { return Vcpu(std::move(state)); }
 } // namespace detail
 
 /*
@@ -41,7 +42,7 @@ static int kick_signal()
 	return sig;
 }
 
-Vcpu::Vcpu(std::unique_ptr<detail::VcpuState> state) : state_(std::move(state))
+Vcpu::Vcpu(std::shared_ptr<detail::VcpuState> state) : state_(std::move(state))
 {
 	kick_signal();
 }
@@ -107,9 +108,26 @@ Exit Vcpu::run()
 	update_run_sigmask(s);
 
 	for (;;) {
+		/* A feature's work on this thread (introspection events). */
+		if (s.work_pending.exchange(false)) {
+			if (auto work = s.vm->current_work())
+				if (auto exit = work->before_entry(*this))
+					return std::move(*exit);
+		}
+		{
+			/* Another thread holds this vCPU (VcpuHold). */
+			std::unique_lock lock(s.kick_mu);
+			s.kick_cv.wait(lock, [&] { return s.holds == 0; });
+		}
 		s.vm->gate.enter();
 		{
-			std::lock_guard lock(s.kick_mu);
+			std::unique_lock lock(s.kick_mu);
+			if (s.holds) {
+				/* Held between the wait and here: start over. */
+				lock.unlock();
+				s.vm->gate.leave();
+				continue;
+			}
 			s.running_thread = pthread_self();
 			s.in_run = true;
 		}
@@ -126,6 +144,8 @@ Exit Vcpu::run()
 		{
 			std::lock_guard lock(s.kick_mu);
 			s.in_run = false;
+			if (s.holds)
+				s.kick_cv.notify_all();
 		}
 		s.vm->gate.leave();
 		bool interrupted = false;
@@ -189,6 +209,31 @@ void internal_kick(VcpuState &s)
 	std::atomic_ref(s.run.as<kvm_run>()->immediate_exit).store(1);
 	if (s.in_run)
 		pthread_kill(s.running_thread, kick_signal());
+}
+
+void request_vcpu_work(VcpuState &s)
+{
+	s.work_pending.store(true);
+	internal_kick(s);
+}
+
+VcpuHold::VcpuHold(VcpuState &v) : v_(v)
+{
+	std::unique_lock lock(v.kick_mu);
+	v.holds++;
+	if (!v.in_run)
+		return;
+	v.internal_kick = true;
+	std::atomic_ref(v.run.as<kvm_run>()->immediate_exit).store(1);
+	pthread_kill(v.running_thread, kick_signal());
+	v.kick_cv.wait(lock, [&] { return !v.in_run; });
+}
+
+VcpuHold::~VcpuHold()
+{
+	std::lock_guard lock(v_.kick_mu);
+	if (--v_.holds == 0)
+		v_.kick_cv.notify_all();
 }
 
 std::optional<MmioFragment> next_mmio_fragment(VcpuState &s)

@@ -59,7 +59,7 @@ void Vm::reset_dirty_rings()
 
 Vcpu Vm::create_vcpu(std::uint32_t id)
 {
-	auto s = std::make_unique<detail::VcpuState>();
+	auto s = std::make_shared<detail::VcpuState>();
 	s->vm = state_;
 	s->id = id;
 	std::string what = "vcpu " + std::to_string(id);
@@ -76,8 +76,38 @@ Vcpu Vm::create_vcpu(std::uint32_t id)
 	}
 	state_->gate.add(s.get());
 	s->gated = true;
+	{
+		std::lock_guard lock(state_->vcpus_mu);
+		state_->vcpus[id] = s;
+	}
 	return Vcpu(std::move(s));
 }
+
+namespace detail {
+
+std::shared_ptr<VcpuState> VmState::find_vcpu(std::uint32_t id)
+{
+	std::lock_guard lock(vcpus_mu);
+	auto it = vcpus.find(id);
+	return it == vcpus.end() ? nullptr : it->second.lock();
+}
+
+std::vector<std::shared_ptr<VcpuState>> VmState::live_vcpus()
+{
+	std::lock_guard lock(vcpus_mu);
+	std::vector<std::shared_ptr<VcpuState>> out;
+	for (auto it = vcpus.begin(); it != vcpus.end();) {
+		if (auto v = it->second.lock()) {
+			out.push_back(std::move(v));
+			++it;
+		} else {
+			it = vcpus.erase(it);
+		}
+	}
+	return out;
+}
+
+} // namespace detail
 
 ExitHandlerRegistration Vm::add_exit_handler(ExitHandler handler, int priority)
 {

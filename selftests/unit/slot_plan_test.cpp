@@ -11,13 +11,21 @@
 
 #include "slot_plan.hpp"
 
-using virtkit::detail::plan_slots;
 using virtkit::detail::SlotSpec;
+using virtkit::detail::TrappedPages;
 
 namespace {
 
 constexpr std::uint64_t page = 4096;
 constexpr std::uint64_t base = 0x100000;
+
+/* plan_slots() with write-trapped pages wp and fully trapped pages hidden. */
+std::vector<SlotSpec> plan_slots(std::uint64_t gpa, std::uint64_t size, bool readonly,
+				 std::set<std::uint64_t> wp, std::set<std::uint64_t> hidden = {})
+{
+	return virtkit::detail::plan_slots(gpa, size, readonly,
+					   TrappedPages{std::move(wp), std::move(hidden)});
+}
 
 std::string show(const std::vector<SlotSpec> &v)
 {
@@ -31,31 +39,37 @@ std::string show(const std::vector<SlotSpec> &v)
 
 /* The invariants every plan keeps. */
 void check_covers(std::uint64_t gpa, std::uint64_t size, bool readonly,
-		  const std::set<std::uint64_t> &wp, const std::vector<SlotSpec> &slots)
+		  const std::set<std::uint64_t> &wp, const std::set<std::uint64_t> &hidden,
+		  const std::vector<SlotSpec> &slots)
 {
 	INFO("plan: " << show(slots));
-	REQUIRE_FALSE(slots.empty());
-	std::uint64_t next = 0, sum = 0;
+	auto gap = [&](std::uint64_t p) { return !readonly && hidden.count(p); };
+	std::uint64_t next = 0, sum = 0, gaps = 0;
 	for (std::size_t i = 0; i < slots.size(); i++) {
 		const auto &s = slots[i];
 		CHECK(s.size > 0);
 		CHECK(s.size % page == 0);
-		CHECK(s.offset == next);	   /* contiguous, in order */
+		/* In order; what lies between two slots is hidden pages only. */
+		CHECK(s.offset >= next);
+		for (std::uint64_t p = next / page; p < s.offset / page; p++, gaps++)
+			CHECK(gap(p));
 		CHECK(s.gpa == gpa + s.offset);
 		for (std::uint64_t p = s.offset / page; p < (s.offset + s.size) / page; p++) {
 			bool want_ro = readonly || wp.count(p);
-			if (s.readonly != want_ro) {
+			if (s.readonly != want_ro || gap(p)) {
 				FAIL_CHECK("page " << p << " readonly=" << s.readonly);
 				break;
 			}
 		}
-		if (i > 0) /* maximal: neighbours differ */
+		/* Maximal: touching neighbours differ. */
+		if (i > 0 && slots[i - 1].offset + slots[i - 1].size == s.offset)
 			CHECK(slots[i - 1].readonly != s.readonly);
 		next = s.offset + s.size;
 		sum += s.size;
 	}
-	CHECK(sum == size);
-	CHECK(next == size);
+	for (std::uint64_t p = next / page; p < size / page; p++, gaps++)
+		CHECK(gap(p));
+	CHECK(sum + gaps * page == size);
 }
 
 } // namespace
@@ -178,7 +192,7 @@ TEST_CASE("plan: slots cover the region exactly (random sets)", "[slot_plan]")
 				wp.insert(p);
 		INFO("iter " << iter << " pages=" << pages << " readonly=" << readonly
 			     << " density=" << density);
-		check_covers(gpa, pages * page, readonly, wp,
+		check_covers(gpa, pages * page, readonly, wp, {},
 			     plan_slots(gpa, pages * page, readonly, wp));
 	}
 }
@@ -206,7 +220,61 @@ TEST_CASE("plan_span between slot boundaries equals the full plan there", "[slot
 		std::uint64_t first = full[a].offset / page;
 		std::uint64_t end = (full[b].offset + full[b].size) / page;
 		INFO("iter " << iter << " pages=" << pages << " span " << first << ".." << end);
-		auto span = plan_span(gpa, first, end, wp);
+		auto span = plan_span(gpa, first, end, TrappedPages{wp, {}});
+		CHECK(span == std::vector<SlotSpec>(full.begin() + a, full.begin() + b + 1));
+	}
+}
+
+TEST_CASE("plan: fully trapped pages get no slot", "[slot_plan]")
+{
+	auto v = plan_slots(base, 16 * page, false, {}, {5});
+	INFO(show(v));
+	REQUIRE(v.size() == 2);
+	CHECK(v[0] == SlotSpec{base, 5 * page, 0, false});
+	CHECK(v[1] == SlotSpec{base + 6 * page, 10 * page, 6 * page, false});
+
+	SECTION("next to write-trapped pages, and in both sets") {
+		auto w = plan_slots(base, 16 * page, false, {3, 4, 5, 6}, {5, 7});
+		INFO(show(w));
+		REQUIRE(w.size() == 4);
+		CHECK(w[0] == SlotSpec{base, 3 * page, 0, false});
+		CHECK(w[1] == SlotSpec{base + 3 * page, 2 * page, 3 * page, true});
+		CHECK(w[2] == SlotSpec{base + 6 * page, page, 6 * page, true});
+		CHECK(w[3] == SlotSpec{base + 8 * page, 8 * page, 8 * page, false});
+	}
+	SECTION("every page hidden: no slot") {
+		std::set<std::uint64_t> all;
+		for (std::uint64_t p = 0; p < 4; p++)
+			all.insert(p);
+		CHECK(plan_slots(base, 4 * page, false, {}, all).empty());
+	}
+}
+
+TEST_CASE("plan: write and full traps (random sets)", "[slot_plan]")
+{
+	using virtkit::detail::plan_span;
+	std::mt19937_64 rng(0x41d3);
+	for (int iter = 0; iter < 300; iter++) {
+		std::uint64_t pages = 1 + rng() % 64;
+		std::uint64_t gpa = (rng() % 0x100000) * page;
+		std::set<std::uint64_t> wp, hidden;
+		for (std::uint64_t p = 0; p < pages + 4; p++) {
+			if (rng() % 3 == 0)
+				wp.insert(p);
+			if (rng() % 5 == 0)
+				hidden.insert(p);
+		}
+		INFO("iter " << iter << " pages=" << pages);
+		auto full = plan_slots(gpa, pages * page, false, wp, hidden);
+		check_covers(gpa, pages * page, false, wp, hidden, full);
+		/* A span from a slot's start (or a hidden page) to a slot's end. */
+		if (full.empty())
+			continue;
+		std::size_t a = rng() % full.size();
+		std::size_t b = a + rng() % (full.size() - a);
+		std::uint64_t first = full[a].offset / page;
+		std::uint64_t end = (full[b].offset + full[b].size) / page;
+		auto span = plan_span(gpa, first, end, TrappedPages{wp, hidden});
 		CHECK(span == std::vector<SlotSpec>(full.begin() + a, full.begin() + b + 1));
 	}
 }

@@ -100,8 +100,8 @@ public:
 private:
 	friend class Vm;
 	friend struct detail::VcpuAccess;
-	explicit Vcpu(std::unique_ptr<detail::VcpuState> state);
-	std::unique_ptr<detail::VcpuState> state_;
+	explicit Vcpu(std::shared_ptr<detail::VcpuState> state);
+	std::shared_ptr<detail::VcpuState> state_;
 };
 
 } // namespace virtkit
