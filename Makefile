@@ -32,7 +32,7 @@ GUESTSAFE  := -fno-stack-protector -mno-red-zone -fcf-protection=none
 CPPFLAGS   := -Ilibvirtkit/include -Iuapi -Icommon -MMD -MP
 CXXFLAGS   := $(CXXSTD) $(WARN) $(OPT) $(GUESTSAFE)
 
-LIB_SRCS   := $(wildcard libvirtkit/src/*.cpp libvirtkit/src/x86/*.cpp)
+LIB_SRCS   := $(wildcard libvirtkit/src/*.cpp libvirtkit/src/x86/*.cpp libvirtkit/src/introspection/*.cpp libvirtkit/src/introspect/*.cpp)
 LIB_ASM    := $(wildcard libvirtkit/src/x86/*.S)
 # Freestanding C shared with virtkit.ko (common/*.c), built into the library.
 COMMON_SRCS := $(wildcard common/*.c)
@@ -50,6 +50,10 @@ ST_BINS    := $(ST_SRCS:selftests/x86/%.cpp=$(BUILD)/selftests/x86/%)
 # Tests of virtkit.ko itself; they run where the module is loaded (vmtest).
 KMOD_ST_SRCS := $(wildcard selftests/kmod/*.cpp)
 KMOD_ST_BINS := $(KMOD_ST_SRCS:selftests/kmod/%.cpp=$(BUILD)/selftests/kmod/%)
+# --- introspection selftests (issue 5): guest + in-process KVMI tool ---
+INTRO_ST_SRCS := $(wildcard selftests/introspection/*.cpp)
+INTRO_ST_BINS := $(INTRO_ST_SRCS:selftests/introspection/%.cpp=$(BUILD)/selftests/introspection/%)
+# --- end introspection selftests ---
 
 UNIT_SRCS  := $(wildcard selftests/unit/*.cpp)
 UNIT_OBJS  := $(UNIT_SRCS:%.cpp=$(BUILD)/%.o)
@@ -62,7 +66,16 @@ TOOL_SRCS  := $(wildcard tools/virtkit/*.cpp)
 TOOL_OBJS  := $(TOOL_SRCS:%.cpp=$(BUILD)/%.o)
 TOOL_BIN   := $(BUILD)/bin/virtkit
 
-LDLIBS     := -lpthread
+# --- example introspection tool (issue 5, virtkit::introspect) ---
+INTROSPECT_SRCS := $(wildcard tools/virtkit-introspect/*.cpp)
+INTROSPECT_OBJS := $(INTROSPECT_SRCS:%.cpp=$(BUILD)/%.o)
+INTROSPECT_BIN  := $(BUILD)/bin/virtkit-introspect
+
+# liburing (virtkit::introspect's EventLoop) is linked in statically: neither
+# the library nor its programs need liburing at run time, and the shared
+# library keeps liburing's symbols to itself (--exclude-libs).
+URING_LIBS := -l:liburing.a
+LDLIBS     := $(URING_LIBS) -lpthread
 
 .PHONY: all lib tool selftests unit run check check-unit check-selftests \
         check-install deps install uninstall clean bench run-bench
@@ -70,8 +83,8 @@ LDLIBS     := -lpthread
 all: lib tool selftests unit bench
 
 lib: $(LIB_A) $(LIB_SO)
-tool: $(TOOL_BIN)
-selftests: $(ST_BINS) $(KMOD_ST_BINS)
+tool: $(TOOL_BIN) $(INTROSPECT_BIN)
+selftests: $(ST_BINS) $(KMOD_ST_BINS) $(INTRO_ST_BINS)
 unit: $(UNIT_BIN)
 bench: $(BENCH_BINS)
 
@@ -100,7 +113,8 @@ $(LIB_A): $(LIB_OBJS)
 
 $(LIB_SO): $(LIB_OBJS)
 	@mkdir -p $(@D)
-	$(CXX) -shared -Wl,-soname,libvirtkit.so.$(SOVERSION) -o $@ $^ $(LDLIBS)
+	$(CXX) -shared -Wl,-soname,libvirtkit.so.$(SOVERSION) -Wl,--exclude-libs,liburing.a \
+		-o $@ $^ $(LDLIBS)
 	ln -sf libvirtkit.so.$(VERSION) $(BUILD)/lib/libvirtkit.so.$(SOVERSION)
 	ln -sf libvirtkit.so.$(SOVERSION) $(BUILD)/lib/libvirtkit.so
 
@@ -114,6 +128,11 @@ $(BUILD)/selftests/kmod/%: $(BUILD)/selftests/kmod/%.o $(ST_LIB_OBJS) $(LIB_A)
 	@mkdir -p $(@D)
 	$(CXX) -no-pie -o $@ $< $(ST_LIB_OBJS) $(LIB_A) $(LDLIBS)
 
+# --- introspection selftests: linked like the x86 ones (LDLIBS has liburing for the tool side) ---
+$(BUILD)/selftests/introspection/%: $(BUILD)/selftests/introspection/%.o $(ST_LIB_OBJS) $(LIB_A)
+	@mkdir -p $(@D)
+	$(CXX) -no-pie -o $@ $< $(ST_LIB_OBJS) $(LIB_A) $(LDLIBS)
+
 # Test sources hold guest code, which must not touch x87/SSE state: some
 # hosts (PVM-based KVM, like our CI machines) cannot run guest FPU
 # instructions and fail them with KVM_EXIT_INTERNAL_ERROR (emulation).
@@ -124,6 +143,11 @@ $(BUILD)/selftests/x86/%.o: selftests/x86/%.cpp
 	$(CXX) $(CPPFLAGS) -Iselftests/lib $(CXXFLAGS) $(GUESTCODE) -fno-pie -c $< -o $@
 
 $(BUILD)/selftests/kmod/%.o: selftests/kmod/%.cpp
+	@mkdir -p $(@D)
+	$(CXX) $(CPPFLAGS) -Iselftests/lib $(CXXFLAGS) $(GUESTCODE) -fno-pie -c $< -o $@
+
+# --- introspection selftests: guest code inside, built like the x86 ones ---
+$(BUILD)/selftests/introspection/%.o: selftests/introspection/%.cpp
 	@mkdir -p $(@D)
 	$(CXX) $(CPPFLAGS) -Iselftests/lib $(CXXFLAGS) $(GUESTCODE) -fno-pie -c $< -o $@
 
@@ -152,6 +176,10 @@ $(UNIT_BIN): $(UNIT_OBJS) $(LIB_A)
 $(TOOL_BIN): $(TOOL_OBJS) $(LIB_A)
 	@mkdir -p $(@D)
 	$(CXX) -no-pie -o $@ $(TOOL_OBJS) $(LIB_A) $(LDLIBS)
+
+$(INTROSPECT_BIN): $(INTROSPECT_OBJS) $(LIB_A)
+	@mkdir -p $(@D)
+	$(CXX) -no-pie -o $@ $(INTROSPECT_OBJS) $(LIB_A) $(LDLIBS)
 
 $(BUILD)/tools/%.o: tools/%.cpp
 	@mkdir -p $(@D)
@@ -201,8 +229,9 @@ check: deps
 check-unit: $(UNIT_BIN)
 	$(UNIT_BIN)
 
-check-selftests: $(ST_BINS) $(KMOD_ST_BINS)
+check-selftests: $(ST_BINS) $(KMOD_ST_BINS) $(INTRO_ST_BINS)
 	scripts/run-selftests $(BUILD)/selftests/x86
+	scripts/run-selftests $(BUILD)/selftests/introspection
 
 check-install: lib
 	scripts/check-install $(BUILD)

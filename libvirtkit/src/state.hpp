@@ -208,6 +208,13 @@ struct MmioFragment {
  */
 std::optional<MmioFragment> next_mmio_fragment(VcpuState &v);
 
+/* The friend through which library internals reach a Vm's state. */
+struct VmAccess {
+	static const std::shared_ptr<VmState> &state(Vm &vm);
+	/* Another handle on the same VM (for library threads). */
+	static Vm handle(std::shared_ptr<VmState> state);
+};
+
 /* The friend through which library internals reach a Vcpu's state. */
 struct VcpuAccess {
 	static VcpuState &state(Vcpu &v);

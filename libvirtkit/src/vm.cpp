@@ -80,10 +80,16 @@ Vcpu Vm::create_vcpu(std::uint32_t id)
 		std::lock_guard lock(state_->vcpus_mu);
 		state_->vcpus[id] = s;
 	}
+	/* A feature's VcpuWork sees the vCPU before its first entry. */
+	if (state_->current_work())
+		s->work_pending.store(true);
 	return Vcpu(std::move(s));
 }
 
 namespace detail {
+
+const std::shared_ptr<VmState> &VmAccess::state(Vm &vm) { return vm.state_; }
+Vm VmAccess::handle(std::shared_ptr<VmState> state) { return Vm(std::move(state)); }
 
 std::shared_ptr<VcpuState> VmState::find_vcpu(std::uint32_t id)
 {

@@ -27,6 +27,7 @@ struct VmOptions;
 
 namespace detail {
 struct VmState;
+struct VmAccess;
 }
 
 /* What an exit handler did with an exit. */
@@ -108,6 +109,7 @@ public:
 
 private:
 	friend class System;
+	friend struct detail::VmAccess;
 	explicit Vm(std::shared_ptr<detail::VmState> state);
 	std::shared_ptr<detail::VmState> state_;
 };

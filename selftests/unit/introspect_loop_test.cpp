@@ -1,0 +1,409 @@
+// SPDX-License-Identifier: MIT
+/*
+ * virtkit::introspect::Listener and EventLoop on the host: unix sockets in
+ * a temporary directory, VMM peers (introspect_peer.hpp) on their own
+ * threads, io_uring for the loop.
+ */
+#include <catch2/catch.hpp>
+
+#include <sys/stat.h>
+#include <sys/un.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cerrno>
+#include <chrono>
+#include <cstdlib>
+#include <fstream>
+#include <memory>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "introspect_peer.hpp"
+
+using namespace std::chrono_literals;
+using namespace introspect_test;
+using virtkit::Error;
+using virtkit::introspect::Action;
+using virtkit::introspect::Event;
+using virtkit::introspect::EventId;
+using virtkit::introspect::EventLoop;
+using virtkit::introspect::Listener;
+using virtkit::introspect::Session;
+using virtkit::introspect::SessionOptions;
+using Catch::Matchers::Contains;
+
+namespace {
+
+/* A fresh directory, removed with what is left in it. */
+struct TempDir {
+	std::string path;
+	TempDir()
+	{
+		char t[] = "/tmp/virtkit-introspect-XXXXXX";
+		if (!::mkdtemp(t))
+			throw std::runtime_error("mkdtemp");
+		path = t;
+	}
+	~TempDir()
+	{
+		std::string cmd = "rm -rf '" + path + "'";
+		if (std::system(cmd.c_str()) != 0) {
+		}
+	}
+	std::string operator/(const std::string &name) const { return path + "/" + name; }
+};
+
+template <class F> Error error_of(F &&f)
+{
+	try {
+		f();
+	} catch (const Error &e) {
+		return e;
+	}
+	FAIL("no exception");
+	return Error("none", 0);
+}
+
+bool exists(const std::string &path)
+{
+	struct stat st;
+	return ::lstat(path.c_str(), &st) == 0;
+}
+
+/* A VMM: connect, handshake, then script(peer). */
+Peer vmm_connect(const std::string &path, const std::string &name)
+{
+	auto p = Peer::connect_unix(path);
+	p.write_all(Peer::handshake_bytes(104, name, 0x10000000));
+	p.read_handshake_reply();
+	return p;
+}
+
+} // namespace
+
+/* --- Listener --- */
+
+TEST_CASE("Listener: a unix socket, mode 0600, removed at the end", "[introspect][listener]")
+{
+	TempDir dir;
+	auto path = dir / "kvmi.sock";
+	{
+		auto l = Listener::unix_socket(path);
+		CHECK(l.address() == "unix:" + path);
+		CHECK(l.fd() >= 0);
+		struct stat st;
+		REQUIRE(::lstat(path.c_str(), &st) == 0);
+		CHECK(S_ISSOCK(st.st_mode));
+		CHECK((st.st_mode & 0777) == 0600);
+		Listener moved = std::move(l);
+		CHECK(exists(path));
+	}
+	CHECK_FALSE(exists(path));
+}
+
+TEST_CASE("Listener: what is already at the path", "[introspect][listener]")
+{
+	TempDir dir;
+	auto path = dir / "kvmi.sock";
+
+	SECTION("a regular file is left alone: EEXIST") {
+		std::ofstream(path) << "precious";
+		auto e = error_of([&] { Listener::unix_socket(path); });
+		CHECK(e.err() == EEXIST);
+		CHECK_THAT(e.what(), Contains("not a socket"));
+		std::ifstream in(path);
+		std::string s;
+		in >> s;
+		CHECK(s == "precious");
+	}
+	SECTION("a stale socket is replaced") {
+		{
+			/* Bound, then closed without unlink: nobody listens. */
+			auto fd = virtkit::FileDesc::adopt(::socket(AF_UNIX, SOCK_STREAM, 0), "socket");
+			sockaddr_un a{};
+			a.sun_family = AF_UNIX;
+			std::memcpy(a.sun_path, path.data(), path.size());
+			REQUIRE(::bind(fd.get(), reinterpret_cast<sockaddr *>(&a), sizeof(a)) == 0);
+		}
+		REQUIRE(exists(path));
+		auto l = Listener::unix_socket(path);
+		CHECK(l.fd() >= 0);
+	}
+	SECTION("a live socket: EADDRINUSE") {
+		auto first = Listener::unix_socket(path);
+		auto e = error_of([&] { Listener::unix_socket(path); });
+		CHECK(e.err() == EADDRINUSE);
+		/* The probe that found it alive was a connection that closed at
+		 * once; after it, the first socket still works. */
+		CHECK(error_of([&] { Session::accept(first, "secret", 5s); }).err() == ECONNRESET);
+		PeerThread t([&] { vmm_connect(path, "x"); });
+		auto s = Session::accept(first, "secret", 5s);
+		t.join();
+		CHECK(s.info().name == "x");
+	}
+	SECTION("a path too long for sun_path") {
+		auto e = error_of([&] { Listener::unix_socket(std::string(200, 'p')); });
+		CHECK(e.err() == ENAMETOOLONG);
+	}
+}
+
+TEST_CASE("Listener::parse", "[introspect][listener]")
+{
+	TempDir dir;
+	auto l = Listener::parse("unix:" + (dir / "p.sock"));
+	CHECK(l.address() == "unix:" + (dir / "p.sock"));
+	for (auto bad : {"", "unix:", "vsock:", "vsock:12x", "tcp:1234", "vsock:-1"})
+		CHECK(error_of([&] { Listener::parse(bad); }).err() == EINVAL);
+}
+
+TEST_CASE("Session::accept: timeout, then a VMM", "[introspect][listener]")
+{
+	TempDir dir;
+	auto path = dir / "kvmi.sock";
+	auto l = Listener::unix_socket(path);
+	CHECK(error_of([&] { Session::accept(l, "secret", 20ms); }).err() == ETIMEDOUT);
+
+	Peer vmm;
+	PeerThread t([&] { vmm = vmm_connect(path, "accepted"); });
+	auto s = Session::accept(l, "secret", 5s);
+	t.join();
+	CHECK(s.connected());
+	CHECK(s.info().name == "accepted");
+	CHECK(*s.info().max_gpa == 0x10000000);
+}
+
+/* --- EventLoop --- */
+
+TEST_CASE("EventLoop: many VMs, events, disconnects", "[introspect][loop]")
+{
+	TempDir dir;
+	auto path = dir / "kvmi.sock";
+	constexpr int vms = 3, events_per_vm = 4;
+
+	std::vector<std::string> names;
+	std::atomic<int> events{0};
+	int disconnects = 0;
+	std::vector<std::uint32_t> replied_seqs;
+
+	EventLoop *loop_ptr = nullptr;
+	EventLoop::Handlers h;
+	h.on_session = [&](Session &s) { names.push_back(s.info().name); };
+	h.on_event = [&](Session &s, Event &ev) {
+		events++;
+		CHECK(ev.id == EventId::breakpoint);
+		s.reply(ev, Action::retry);
+	};
+	h.on_disconnect = [&](Session &s) {
+		CHECK_THAT(s.disconnect_reason(), Contains("closed"));
+		if (++disconnects == vms)
+			loop_ptr->stop();
+	};
+	h.on_error = [&](const Error &e) { FAIL(e.what()); };
+	EventLoop loop(h);
+	loop_ptr = &loop;
+	loop.listen(Listener::unix_socket(path), "secret");
+
+	/* Each VMM sends an event, waits for its reply, repeats, closes. */
+	std::vector<std::unique_ptr<PeerThread>> peers;
+	std::atomic<int> good_replies{0};
+	for (int v = 0; v < vms; v++)
+		peers.push_back(std::make_unique<PeerThread>([&, v] {
+			auto p = vmm_connect(path, "vm" + std::to_string(v));
+			for (int i = 0; i < events_per_vm; i++) {
+				kvmi_event_breakpoint bp{};
+				bp.gpa = 0x1000 + i;
+				bp.insn_len = 1;
+				std::uint32_t seq = 100 * v + i;
+				p.send_message(KVMI_EVENT, seq,
+					       event_payload(std::uint16_t(v), KVMI_EVENT_BREAKPOINT,
+							     bytes_of(bp)));
+				auto r = p.read_message();
+				auto er = load<kvmi_event_reply>(r.payload, 8);
+				if (r.hdr.id == KVMI_EVENT_REPLY && r.hdr.seq == seq &&
+				    er.action == KVMI_EVENT_ACTION_RETRY &&
+				    er.event == KVMI_EVENT_BREAKPOINT)
+					good_replies++;
+			}
+		}));
+
+	CHECK(loop.run_for(10s));
+	for (auto &p : peers)
+		p->join();
+	CHECK(names.size() == vms);
+	CHECK(events == vms * events_per_vm);
+	CHECK(good_replies == vms * events_per_vm);
+	CHECK(disconnects == vms);
+	CHECK(loop.session_count() == 0);
+}
+
+TEST_CASE("EventLoop: a command from a callback; events it read are still dispatched",
+	  "[introspect][loop]")
+{
+	auto [fd, peer] = Peer::pair();
+	peer.write_all(Peer::handshake_bytes(104, "cb", 0));
+	auto session = Session::handshake(std::move(fd), "secret", 5s);
+	peer.read_handshake_reply();
+
+	std::vector<std::uint32_t> seen;
+	std::uint32_t vcpus = 0;
+	EventLoop::Handlers h;
+	EventLoop *lp = nullptr;
+	h.on_event = [&](Session &s, Event &ev) {
+		seen.push_back(ev.seq);
+		if (ev.seq == 1)
+			vcpus = s.get_guest_info(); /* the VMM sends event 2 first */
+		s.reply(ev, Action::continue_);
+		if (seen.size() == 2)
+			lp->stop();
+	};
+	EventLoop loop(h);
+	lp = &loop;
+	loop.add(std::move(session));
+
+	PeerThread t([&, &peer = peer] {
+		peer.send_message(KVMI_EVENT, 1, event_payload(0, KVMI_EVENT_PAUSE_VCPU));
+		auto cmd = peer.read_message();
+		/* Event 2 and the reply in one write: the command's read takes
+		 * both, and no poll will report event 2 again. */
+		kvmi_error_code ec{};
+		kvmi_get_guest_info_reply gi{};
+		gi.vcpu_count = 7;
+		auto both = Peer::message(KVMI_EVENT, 2, event_payload(1, KVMI_EVENT_PAUSE_VCPU));
+		auto reply = Peer::message(cmd.hdr.id, cmd.hdr.seq, pack(ec, gi));
+		both.insert(both.end(), reply.begin(), reply.end());
+		peer.write_all(both);
+		auto r1 = peer.read_message();
+		auto r2 = peer.read_message();
+		if (r1.hdr.seq != 1 || r2.hdr.seq != 2)
+			throw std::runtime_error("replies out of order");
+	});
+	CHECK(loop.run_for(5s));
+	t.join();
+	CHECK(vcpus == 7);
+	CHECK(seen == std::vector<std::uint32_t>{1, 2});
+	CHECK(loop.session_count() == 1);
+}
+
+TEST_CASE("EventLoop: stop() from another thread, run_for timeout", "[introspect][loop]")
+{
+	TempDir dir;
+	EventLoop loop({});
+	loop.listen(Listener::unix_socket(dir / "s.sock"), "secret");
+
+	auto t0 = std::chrono::steady_clock::now();
+	CHECK_FALSE(loop.run_for(30ms));
+	CHECK(std::chrono::steady_clock::now() - t0 >= 30ms);
+
+	std::thread stopper([&] {
+		std::this_thread::sleep_for(20ms);
+		loop.stop();
+	});
+	t0 = std::chrono::steady_clock::now();
+	loop.run();
+	stopper.join();
+	CHECK(std::chrono::steady_clock::now() - t0 < 5s);
+
+	/* stop() before run(): run returns at once. */
+	loop.stop();
+	CHECK(loop.run_for(5s));
+}
+
+TEST_CASE("EventLoop: run() returns when there is nothing to wait for", "[introspect][loop]")
+{
+	EventLoop loop({});
+	CHECK(loop.run_for(5s));
+	loop.run();
+}
+
+TEST_CASE("EventLoop: failed handshakes go to on_error", "[introspect][loop]")
+{
+	TempDir dir;
+	auto path = dir / "kvmi.sock";
+	std::vector<int> errors;
+	EventLoop *lp = nullptr;
+	EventLoop::Handlers h;
+	h.on_session = [&](Session &) { FAIL("no session expected"); };
+	h.on_error = [&](const Error &e) {
+		errors.push_back(e.err());
+		if (errors.size() == 2)
+			lp->stop();
+	};
+	EventLoop loop(h);
+	lp = &loop;
+	SessionOptions opts;
+	opts.handshake_timeout = 100ms;
+	loop.listen(Listener::unix_socket(path), "secret", opts);
+
+	/* One VMM says nothing; one sends a struct_size below the minimum. */
+	auto silent = Peer::connect_unix(path);
+	auto bad = Peer::connect_unix(path);
+	bad.write_all(Peer::handshake_bytes(8, ""));
+	CHECK(loop.run_for(5s));
+	std::sort(errors.begin(), errors.end());
+	CHECK(errors == std::vector<int>{std::min(EPROTO, ETIMEDOUT), std::max(EPROTO, ETIMEDOUT)});
+	CHECK(loop.session_count() == 0);
+	CHECK(silent.sees_eof(1s));
+}
+
+TEST_CASE("EventLoop: the tool closes a session from a callback", "[introspect][loop]")
+{
+	auto [fd, peer] = Peer::pair();
+	peer.write_all(Peer::handshake_bytes(104, "closing", 0));
+	auto session = Session::handshake(std::move(fd), "secret", 5s);
+	peer.read_handshake_reply();
+
+	std::string reason;
+	EventLoop::Handlers h;
+	h.on_event = [&](Session &s, Event &) { s.close(); };
+	h.on_disconnect = [&](Session &s) { reason = s.disconnect_reason(); };
+	EventLoop loop(h);
+	loop.add(std::move(session));
+	peer.send_message(KVMI_EVENT, 1, event_payload(0, KVMI_EVENT_PAUSE_VCPU));
+	CHECK(loop.run_for(5s)); /* nothing left after the session ends */
+	CHECK(reason == "closed by the tool");
+	CHECK(peer.sees_eof());
+}
+
+TEST_CASE("EventLoop: a broken message ends the session, the loop goes on", "[introspect][loop]")
+{
+	auto [fd1, peer1] = Peer::pair();
+	auto [fd2, peer2] = Peer::pair();
+	for (auto *p : {&peer1, &peer2})
+		p->write_all(Peer::handshake_bytes(104, "vm", 0));
+	auto s1 = Session::handshake(std::move(fd1), "secret", 5s);
+	auto s2 = Session::handshake(std::move(fd2), "secret", 5s);
+	peer1.read_handshake_reply();
+	peer2.read_handshake_reply();
+
+	int events = 0;
+	std::string reason;
+	EventLoop *lp = nullptr;
+	EventLoop::Handlers h;
+	h.on_event = [&](Session &s, Event &ev) {
+		events++;
+		s.reply(ev, Action::continue_);
+		lp->stop();
+	};
+	h.on_disconnect = [&](Session &s) { reason = s.disconnect_reason(); };
+	EventLoop loop(h);
+	lp = &loop;
+	loop.add(std::move(s1));
+	loop.add(std::move(s2));
+
+	kvmi_msg_hdr big{};
+	big.id = KVMI_EVENT;
+	big.size = KVMI_MSG_SIZE + 100;
+	peer1.write_all(bytes_of(big));
+	CHECK_FALSE(loop.run_for(200ms));
+	CHECK_THAT(reason, Contains("KVMI_MSG_SIZE"));
+	CHECK(loop.session_count() == 1);
+	CHECK(peer1.sees_eof());
+
+	peer2.send_message(KVMI_EVENT, 5, event_payload(0, KVMI_EVENT_PAUSE_VCPU));
+	CHECK(loop.run_for(5s));
+	CHECK(events == 1);
+	CHECK(peer2.read_message().hdr.seq == 5);
+}
