@@ -30,6 +30,8 @@
 #include <virtkit/virtkit.hpp>
 #include <virtkit/x86/guest_vm.hpp>
 
+#include "bench_util.hpp"
+
 #include <algorithm>
 #include <climits>
 #include <chrono>
@@ -46,7 +48,6 @@
 
 using namespace virtkit;
 using namespace virtkit::x86;
-using Clock = std::chrono::steady_clock;
 
 /* Region A: the pages the guest writes to. */
 static constexpr std::uint64_t a_gpa = 0x40000000; /* 1 GiB */
@@ -98,46 +99,6 @@ static void guest_rep_stosb(std::uint64_t dst, std::uint64_t len, std::uint64_t 
 }
 
 /* Host side. */
-
-class BenchFailure : public std::runtime_error {
-public:
-	using std::runtime_error::runtime_error;
-};
-
-__attribute__((format(printf, 2, 3))) static void check(bool ok, const char *fmt, ...)
-{
-	if (ok)
-		return;
-	char buf[256];
-	va_list ap;
-	va_start(ap, fmt);
-	std::vsnprintf(buf, sizeof(buf), fmt, ap);
-	va_end(ap);
-	throw BenchFailure(buf);
-}
-
-/* num / den with `decimals` decimals, rounded ("n/a" when den is 0). */
-static std::string fixed(unsigned __int128 num, unsigned __int128 den, int decimals)
-{
-	if (!den)
-		return "n/a";
-	unsigned __int128 scale = 1;
-	for (int i = 0; i < decimals; i++)
-		scale *= 10;
-	unsigned __int128 v = (num * scale + den / 2) / den;
-	char buf[64];
-	if (decimals)
-		std::snprintf(buf, sizeof(buf), "%llu.%0*llu", (unsigned long long)(v / scale),
-			      decimals, (unsigned long long)(v % scale));
-	else
-		std::snprintf(buf, sizeof(buf), "%llu", (unsigned long long)v);
-	return buf;
-}
-
-static std::uint64_t ns_since(Clock::time_point t)
-{
-	return std::chrono::duration_cast<std::chrono::nanoseconds>(Clock::now() - t).count();
-}
 
 /* "12.3 ms" style, from nanoseconds. */
 static std::string dur(std::uint64_t ns)

@@ -109,23 +109,24 @@ Exit Vcpu::run()
 
 	for (;;) {
 		/* A feature's work on this thread (introspection events). */
-		if (s.work_pending.exchange(false)) {
+		if (s.work_pending.load(std::memory_order_relaxed) && s.work_pending.exchange(false)) {
 			if (auto work = s.vm->current_work())
 				if (auto exit = work->before_entry(*this))
 					return std::move(*exit);
-		}
-		{
-			/* Another thread holds this vCPU (VcpuHold). */
-			std::unique_lock lock(s.kick_mu);
-			s.kick_cv.wait(lock, [&] { return s.holds == 0; });
 		}
 		s.vm->gate.enter();
 		{
 			std::unique_lock lock(s.kick_mu);
 			if (s.holds) {
-				/* Held between the wait and here: start over. */
+				/*
+				 * Another thread holds this vCPU (VcpuHold): wait
+				 * outside the gate, so that a Pause is not kept
+				 * waiting for it, then start over.
+				 */
 				lock.unlock();
 				s.vm->gate.leave();
+				lock.lock();
+				s.kick_cv.wait(lock, [&] { return s.holds == 0; });
 				continue;
 			}
 			s.running_thread = pthread_self();

@@ -9,6 +9,8 @@
 
 #include <linux/virtkit_kvmi.h>
 
+#include "../kvmi_layout.hpp"
+
 #include <algorithm>
 #include <cstddef>
 #include <cstdint>
@@ -24,34 +26,12 @@ inline constexpr std::size_t msg_hdr_size = sizeof(kvmi_msg_hdr);
 inline constexpr std::size_t max_payload = KVMI_MSG_SIZE;
 inline constexpr std::size_t max_message = msg_hdr_size + max_payload;
 
-static_assert(msg_hdr_size == 8 && max_message == 8192);
-static_assert(sizeof(kvmi_qemu2introspector) == 104 && sizeof(kvmi_introspector2qemu) == 24);
-static_assert(sizeof(kvmi_event) == 544 && sizeof(kvmi_event_arch) == 536);
-static_assert(sizeof(kvmi_get_registers_reply) == 8 + sizeof(kvm_regs) + sizeof(kvm_sregs) + 8);
-static_assert(sizeof(kvmi_event_pf_reply) == 272);
+static_assert(max_message == 8192);
 
-template <class T> std::span<const std::byte> bytes_of(const T &v) noexcept
-{
-	static_assert(std::is_trivially_copyable_v<T>);
-	return std::as_bytes(std::span<const T, 1>(&v, 1));
-}
-
-/* A T from bytes at offset; the caller has checked the size. */
-template <class T> T load(std::span<const std::byte> b, std::size_t offset = 0) noexcept
-{
-	static_assert(std::is_trivially_copyable_v<T>);
-	T v;
-	std::memcpy(&v, b.data() + offset, sizeof(v));
-	return v;
-}
-
-inline bool all_zero(std::span<const std::byte> b) noexcept
-{
-	return std::all_of(b.begin(), b.end(), [](std::byte x) { return x == std::byte{0}; });
-}
-
-/* A padding field of a received struct is zero. */
-template <class T> bool zero(const T &field) noexcept { return all_zero(bytes_of(field)); }
+using virtkit::detail::kvmi::all_zero;
+using virtkit::detail::kvmi::bytes_of;
+using virtkit::detail::kvmi::load;
+using virtkit::detail::kvmi::zero;
 
 inline kvmi_vcpu_hdr vcpu_hdr(std::uint16_t vcpu) noexcept
 {

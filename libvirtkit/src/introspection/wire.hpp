@@ -1,7 +1,6 @@
 // SPDX-License-Identifier: MIT
 /*
- * Internal: the pure parts of the KVMI server - the wire layouts checked
- * against the protocol's sizes, which ids this backend knows and serves, how
+ * Internal: the pure parts of the KVMI server - which ids this backend knows and serves, how
  * big each request must be, padding checks, the event reply sizes, the
  * introspection address syntax and the CPU mode of an event. No KVM, no
  * sockets: everything here is unit-tested (selftests/unit/kvmi_*).
@@ -11,6 +10,8 @@
 #include <virtkit/kvm.h>
 
 #include <linux/virtkit_kvmi.h>
+
+#include "../kvmi_layout.hpp"
 
 #include <cstddef>
 #include <cstdint>
@@ -22,36 +23,6 @@
 #include <type_traits>
 
 namespace virtkit::detail::kvmi {
-
-/* The kvmi-v7 sizes (libkvmi master, x86_64). */
-static_assert(sizeof(kvmi_msg_hdr) == 8);
-static_assert(sizeof(kvmi_error_code) == 8);
-static_assert(sizeof(kvmi_vcpu_hdr) == 8);
-static_assert(sizeof(kvmi_qemu2introspector) == 104);
-static_assert(offsetof(kvmi_qemu2introspector, name) == 32);
-static_assert(sizeof(kvmi_introspector2qemu) == 24);
-static_assert(sizeof(kvmi_features) == 8);
-static_assert(sizeof(kvmi_get_version_reply) == 16);
-static_assert(sizeof(kvmi_get_guest_info_reply) == 16);
-static_assert(sizeof(kvmi_get_registers) == 8);
-static_assert(sizeof(kvm_regs) == 144 && sizeof(kvm_sregs) == 312 && sizeof(kvm_msrs) == 8);
-static_assert(sizeof(kvmi_get_registers_reply) == 8 + 144 + 312 + 8);
-static_assert(sizeof(kvmi_event_arch) == 536);
-static_assert(offsetof(kvmi_event_arch, regs) == 8);
-static_assert(offsetof(kvmi_event_arch, msrs) == 464);
-static_assert(sizeof(kvmi_event) == 544);
-static_assert(offsetof(kvmi_event, arch) == 8);
-static_assert(sizeof(kvmi_event_reply) == 8);
-static_assert(sizeof(kvmi_event_msr) == 24 && sizeof(kvmi_event_msr_reply) == 8);
-static_assert(sizeof(kvmi_event_pf) == 24 && sizeof(kvmi_event_pf_reply) == 272);
-static_assert(sizeof(kvmi_event_breakpoint) == 16 && sizeof(kvmi_event_trap) == 16);
-static_assert(sizeof(kvmi_event_singlestep) == 8);
-static_assert(sizeof(kvmi_page_access_entry) == 16 && sizeof(kvmi_set_page_access) == 8);
-static_assert(sizeof(kvmi_page_write_bitmap_entry) == 16 && sizeof(kvmi_set_page_write_bitmap) == 8);
-static_assert(sizeof(kvmi_inject_exception) == 16 && sizeof(kvmi_read_physical) == 16);
-static_assert(sizeof(kvmi_write_physical) == 16 && sizeof(kvmi_query_physical_reply) == 16);
-static_assert(sizeof(kvmi_control_cmd_response) == 8 && sizeof(kvmi_pause_vcpu) == 8);
-static_assert(KVMI_MSG_SIZE == 8184);
 
 /* Largest reply data (after kvmi_error_code) one message can carry. */
 inline constexpr std::size_t max_reply_data = KVMI_MSG_SIZE - sizeof(kvmi_error_code);
@@ -97,24 +68,7 @@ std::size_t event_data_size(std::uint16_t event);
  */
 bool payload_size_ok(std::uint16_t id, std::span<const std::byte> payload);
 
-/* Copy a wire struct out of a (possibly unaligned) byte buffer. */
-template <class T> T load(std::span<const std::byte> p, std::size_t offset = 0)
-{
-	static_assert(std::is_trivially_copyable_v<T>);
-	T v;
-	std::memcpy(&v, p.data() + offset, sizeof(T));
-	return v;
-}
-
-inline bool all_zero(const void *p, std::size_t n)
-{
-	auto *b = static_cast<const unsigned char *>(p);
-	for (std::size_t i = 0; i < n; i++)
-		if (b[i])
-			return false;
-	return true;
-}
-#define VK_KVMI_ZERO(field) (::virtkit::detail::kvmi::all_zero(&(field), sizeof(field)))
+#define VK_KVMI_ZERO(field) (::virtkit::detail::kvmi::zero(field))
 
 /* A parsed IntrospectionOptions::address. */
 struct Address {
