@@ -1,8 +1,9 @@
 # virtkit front door.
 #
 #   make            build everything userspace (library, tool, selftests, unit tests)
-#   make run        install missing Debian packages, build, run `virtkit info` and
-#                   `virtkit demo` (in a QEMU guest with virtkit.ko loaded when
+#   make run        install missing Debian packages, build, run `virtkit info`,
+#                   `virtkit demo` and the example introspection tool against a
+#                   second demo (in a QEMU guest with virtkit.ko loaded when
 #                   /dev/kvm is not usable)
 #   make check      install missing Debian packages, build, run every test suite:
 #                   unit tests, selftests, virtkit.ko's build and tests in Debian's
@@ -193,19 +194,34 @@ $(BUILD)/tools/virtkit/demo_guest.o: CXXFLAGS += -ffreestanding -fno-builtin -fn
 deps:
 	scripts/install-deps
 
+# What `make run` runs, with the tools in PATH: virtkit info and virtkit
+# demo, then the example introspection tool against a second demo: the tool
+# listens in the background (its output goes to a file, shown afterwards),
+# the demo's VM connects to it with --introspect. Fails if any of them fails.
+RUN_DEMO = echo "virtkit info && virtkit demo"; virtkit info && virtkit demo || exit 1; \
+	d=$$(mktemp -d) || exit 1; \
+	s=$$(head -c 16 /dev/urandom | od -An -tx1 | tr -d " \n"); \
+	echo; echo "virtkit-introspect --listen unix:$$d/tool.sock --secret $$s --msr 0xc0000102 --count 10 --timeout 60 &"; \
+	echo "virtkit demo --introspect unix:$$d/tool.sock --secret $$s"; \
+	virtkit-introspect --listen unix:$$d/tool.sock --secret $$s --msr 0xc0000102 --count 10 --timeout 60 >$$d/tool.log 2>&1 & \
+	tool=$$!; \
+	virtkit demo --introspect unix:$$d/tool.sock --secret $$s; demo=$$?; \
+	wait $$tool; rc=$$?; \
+	echo; echo "virtkit-introspect printed (exit status $$rc):"; cat $$d/tool.log; rm -rf $$d; \
+	[ $$demo = 0 ] && [ $$rc = 0 ]
+
 # `virtkit info` decides whether this host's /dev/kvm is usable (it opens and
-# a VM can be created); without it, both commands run on nested KVM in a
+# a VM can be created); without it, everything runs on nested KVM in a
 # Debian kernel booted under QEMU TCG, in one boot.
 run: deps
 	$(MAKE) tool
 	@if $(TOOL_BIN) info >/dev/null 2>&1; then \
-		echo "$(TOOL_BIN) info && $(TOOL_BIN) demo"; \
-		$(TOOL_BIN) info && $(TOOL_BIN) demo; \
+		PATH=$(abspath $(BUILD))/bin:$$PATH sh -c '$(RUN_DEMO)'; \
 	else \
 		echo "this host has no usable /dev/kvm: running the demo on nested KVM in a Debian guest under QEMU, with virtkit.ko loaded"; \
 		ko=$$(scripts/build-kmod --kernel 6.1 --out $(KMOD_OUT)) || exit 1; \
-		echo "scripts/vmtest --module $$ko --copy $(TOOL_BIN) -- sh -c 'virtkit info && virtkit demo'"; \
-		scripts/vmtest --module $$ko --copy $(TOOL_BIN) -- sh -c 'virtkit info && virtkit demo'; \
+		echo "scripts/vmtest --module $$ko --copy $(TOOL_BIN) --copy $(INTROSPECT_BIN) -- sh -c '...'"; \
+		scripts/vmtest --module $$ko --copy $(TOOL_BIN) --copy $(INTROSPECT_BIN) -- sh -c '$(RUN_DEMO)'; \
 	fi
 
 # Without a usable /dev/kvm (the test scripts/run-selftests makes), each

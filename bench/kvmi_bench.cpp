@@ -14,7 +14,10 @@
  *   (b) the same with guest breakpoints (INT3 -> BREAKPOINT event), where
  *       this host's KVM reports INT3 to the VMM at all (the server probes
  *       it; nested KVM under QEMU TCG and some hosts do not: then the line
- *       says so);
+ *       says so), and with single-steps: a guest loop stepped instruction
+ *       by instruction, each step a SINGLESTEP event answered CONTINUE,
+ *       against the bare KVM debug exit (KVM_GUESTDBG_SINGLESTEP, a plain
+ *       exit handler resuming each KVM_EXIT_DEBUG) over the same loop;
  *   (c) READ_PHYSICAL throughput for 4 KiB and 8 KiB reads (an 8 KiB read
  *       is two page-sized commands on the wire), against memcpy of the same
  *       sizes in this process.
@@ -59,6 +62,7 @@ using namespace virtkit::x86;
 static constexpr std::uint32_t bench_msr = 0x174; /* IA32_SYSENTER_CS: no side effects */
 static constexpr std::uint64_t n_events = 2000;
 static constexpr std::uint64_t n_reads = 20000;
+static constexpr std::uint64_t n_step_iterations = 500;
 static constexpr std::uint64_t buf_gpa = 0x40000000;
 static constexpr std::uint64_t buf_pages = 4;
 static constexpr const char *secret = "kvmi-bench";
@@ -83,6 +87,15 @@ static void guest_int3_loop(std::uint64_t n)
 
 static void guest_bp_handler(struct virtkit_ex_frame *)
 {
+}
+
+/* Stepped from SYNC(0) to SYNC(1): a few instructions per iteration. */
+static void guest_step_loop(std::uint64_t n)
+{
+	GUEST_SYNC(0);
+	for (std::uint64_t i = 0; i < n; i++)
+		__asm__ volatile("nop");
+	GUEST_SYNC(1);
 }
 
 /* Host side. */
@@ -150,6 +163,40 @@ static std::uint64_t bare_msr_exits(const System &sys)
 	      (unsigned long long)exits, (unsigned long long)n_events);
 	check(g.vcpu(0).msr(bench_msr) == (n_events & 0xffff), "bare MSR exits: last value lost");
 	return ns;
+}
+
+/*
+ * The baseline of the single-step case: KVM_GUESTDBG_SINGLESTEP from the
+ * guest's SYNC(0) to its SYNC(1), every KVM_EXIT_DEBUG resumed by a plain
+ * exit handler. Returns the time and the number of steps.
+ */
+static std::pair<std::uint64_t, std::uint64_t> bare_debug_exits(const System &sys)
+{
+	GuestVm g(sys);
+	std::uint64_t exits = 0;
+	auto reg = g.vm().add_exit_handler([&](Vcpu &, Exit &e) {
+		if (!std::holds_alternative<DebugExit>(e))
+			return ExitAction::pass;
+		exits++;
+		return ExitAction::resume;
+	});
+	Vcpu &v = g.add_vcpu(guest_step_loop, n_step_iterations);
+	Ucall uc = g.run(v);
+	check(uc.kind == Ucall::Kind::sync && uc.args.at(0) == 0, "expected SYNC(0), got %s",
+	      uc.describe().c_str());
+	kvm_guest_debug dbg{};
+	dbg.control = KVM_GUESTDBG_ENABLE | KVM_GUESTDBG_SINGLESTEP;
+	v.set_guest_debug(dbg);
+	auto t0 = Clock::now();
+	uc = g.run(v);
+	std::uint64_t ns = ns_since(t0);
+	check(uc.kind == Ucall::Kind::sync && uc.args.at(0) == 1, "expected SYNC(1), got %s",
+	      uc.describe().c_str());
+	v.set_guest_debug(kvm_guest_debug{});
+	g.run_to_done(v);
+	check(exits >= n_step_iterations, "bare debug exits: %llu steps for %llu iterations",
+	      (unsigned long long)exits, (unsigned long long)n_step_iterations);
+	return {ns, exits};
 }
 
 /* The tool: a thread with its own Session, answering every event CONTINUE. */
@@ -305,6 +352,38 @@ int main()
 			check(n == n_events, "BREAKPOINT events: %llu of %llu",
 			      (unsigned long long)n, (unsigned long long)n_events);
 			line("BREAKPOINT event round trip", per_event(ns, n_events));
+		}
+
+		/* (b) single-steps: SINGLESTEP events against bare debug exits. */
+		auto [bare_ns, bare_steps] = bare_debug_exits(sys);
+		std::printf("\n");
+		line("bare debug exit (single-step)", per_event(bare_ns, bare_steps));
+		{
+			Introspected in(sys, socket_path("step"));
+			in.g.add_vcpu(guest_step_loop, n_step_iterations);
+			Vcpu &v = in.g.vcpu(0);
+			Ucall uc = in.g.run(v);
+			check(uc.kind == Ucall::Kind::sync && uc.args.at(0) == 0,
+			      "expected SYNC(0), got %s", uc.describe().c_str());
+			in.tool.session.control_events(0, introspect::EventId::singlestep, true);
+			in.tool.session.control_singlestep(0, true);
+			in.tool.serve();
+			auto t0 = Clock::now();
+			uc = in.g.run(v);
+			std::uint64_t ns = ns_since(t0);
+			check(uc.kind == Ucall::Kind::sync && uc.args.at(0) == 1,
+			      "expected SYNC(1), got %s", uc.describe().c_str());
+			in.tool.join();
+			std::uint64_t steps = in.tool.events;
+			in.tool.session.control_singlestep(0, false);
+			in.g.run_to_done(v);
+			/* The same guest code, stepped the same way: the same count. */
+			check(steps == bare_steps, "SINGLESTEP events: %llu steps, bare: %llu",
+			      (unsigned long long)steps, (unsigned long long)bare_steps);
+			line("SINGLESTEP event round trip", per_event(ns, steps));
+			line("  ratio event / bare debug exit",
+			     fixed((unsigned __int128)ns * bare_steps,
+				   (unsigned __int128)bare_ns * steps, 2));
 		}
 
 		/* (c) READ_PHYSICAL against memcpy. */

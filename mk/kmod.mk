@@ -5,8 +5,9 @@
 #                        $(BUILD)/kmod/<kver>/
 #   make check-kmod      for each kernel: build it, boot the kernel under QEMU
 #                        with the module loaded (scripts/vmtest --module) and
-#                        run, in that one boot, the x86 selftests against the
-#                        kmod SPP backend and then the module's own tests
+#                        run, in that one boot, the x86 and introspection
+#                        selftests against the kmod SPP backend and then the
+#                        module's own tests
 #                        (selftests/kmod); the module must unload cleanly
 #   make check-dkms      `dkms build` of the DKMS package for both kernels' headers,
 #                        in a private DKMS tree under $(BUILD)/dkms (the system's
@@ -30,6 +31,8 @@ KMOD_PAYLOAD   = $(KMOD_OUT)/payload
 KMOD_GUEST_CMD = f=0; \
 	echo scripts/run-selftests x86: Debian $(1) guest, virtkit.ko, VIRTKIT_SPP_BACKEND=kmod; \
 	VIRTKIT_SPP_BACKEND=kmod run-selftests x86 || f=1; \
+	echo scripts/run-selftests introspection: Debian $(1) guest, virtkit.ko, VIRTKIT_SPP_BACKEND=kmod; \
+	VIRTKIT_SPP_BACKEND=kmod run-selftests introspection || f=1; \
 	echo scripts/run-selftests kmod: Debian $(1) guest, virtkit.ko; \
 	run-selftests kmod || f=1; \
 	exit $$f
@@ -65,18 +68,21 @@ kmod:
 		scripts/build-kmod --kernel $$s --out $(KMOD_OUT) || exit 1; \
 	done
 
-check-kmod: $(ST_BINS) $(KMOD_ST_BINS)
+check-kmod: $(ST_BINS) $(INTRO_ST_BINS) $(KMOD_ST_BINS)
 	rm -rf $(KMOD_PAYLOAD)
-	mkdir -p $(KMOD_PAYLOAD)/x86 $(KMOD_PAYLOAD)/kmod
+	mkdir -p $(KMOD_PAYLOAD)/x86 $(KMOD_PAYLOAD)/introspection $(KMOD_PAYLOAD)/kmod
 	cp $(ST_BINS) $(KMOD_PAYLOAD)/x86/
+	cp $(INTRO_ST_BINS) $(KMOD_PAYLOAD)/introspection/
 	$(if $(KMOD_ST_BINS),cp $(KMOD_ST_BINS) $(KMOD_PAYLOAD)/kmod/)
 	@rc=0; for s in $(KMOD_SERIES); do \
 		ko=$$(scripts/build-kmod --kernel $$s --out $(KMOD_OUT)) || { rc=1; continue; }; \
 		echo "scripts/vmtest --kernel $$s --timeout $(KMOD_TIMEOUT) --module $$ko" \
-		     "--copy scripts/run-selftests --copy $(KMOD_PAYLOAD)/x86 --copy $(KMOD_PAYLOAD)/kmod" \
+		     "--copy scripts/run-selftests --copy $(KMOD_PAYLOAD)/x86" \
+		     "--copy $(KMOD_PAYLOAD)/introspection --copy $(KMOD_PAYLOAD)/kmod" \
 		     "-- sh -c '$(subst @S@,$$s,$(subst $$,\$$,$(call KMOD_GUEST_CMD,@S@)))'"; \
 		scripts/vmtest --kernel $$s --timeout $(KMOD_TIMEOUT) --module $$ko \
 			--copy scripts/run-selftests --copy $(KMOD_PAYLOAD)/x86 \
+			--copy $(KMOD_PAYLOAD)/introspection \
 			--copy $(KMOD_PAYLOAD)/kmod -- sh -c '$(call KMOD_GUEST_CMD,'$$s')' || rc=1; \
 	done; exit $$rc
 

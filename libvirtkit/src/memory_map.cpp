@@ -602,6 +602,25 @@ bool MemoryMap::hidden_locked(std::uint64_t gpa) const
 	return r && r->traps.all.count((gpa - r->gpa) / page);
 }
 
+/*
+ * A naturally aligned 1, 2, 4 or 8-byte guest access is one load or store
+ * on the processor: call access(T{}) with its unsigned type T and return
+ * true; false for any other size or alignment.
+ */
+template <class Access>
+static bool single_access(std::uint64_t gpa, std::uint32_t len, Access &&access)
+{
+	if (len == 0 || (gpa & (len - 1)))
+		return false;
+	switch (len) {
+	case 1: access(std::uint8_t{}); return true;
+	case 2: access(std::uint16_t{}); return true;
+	case 4: access(std::uint32_t{}); return true;
+	case 8: access(std::uint64_t{}); return true;
+	default: return false;
+	}
+}
+
 void MemoryMap::guest_write_locked(std::uint64_t gpa, const std::byte *data, std::uint32_t len)
 {
 	auto *r = const_cast<Region *>(find_gpa(gpa));
@@ -609,22 +628,27 @@ void MemoryMap::guest_write_locked(std::uint64_t gpa, const std::byte *data, std
 		throw Error("GuestMemory", EFAULT, range(gpa, len) + " is not writable RAM");
 	std::byte *host = r->map.data() + (gpa - r->gpa);
 	/* Other vCPUs read this memory directly: do not tear aligned stores. */
-	auto store = [&](auto v) {
-		std::memcpy(&v, data, sizeof(v));
-		__atomic_store_n(reinterpret_cast<decltype(v) *>(host), v, __ATOMIC_RELAXED);
-	};
-	bool aligned = (gpa & (len - 1)) == 0;
-	if (aligned && len == 1)
-		store(std::uint8_t{});
-	else if (aligned && len == 2)
-		store(std::uint16_t{});
-	else if (aligned && len == 4)
-		store(std::uint32_t{});
-	else if (aligned && len == 8)
-		store(std::uint64_t{});
-	else
+	if (!single_access(gpa, len, [&](auto v) {
+		    std::memcpy(&v, data, sizeof(v));
+		    __atomic_store_n(reinterpret_cast<decltype(v) *>(host), v, __ATOMIC_RELAXED);
+	    }))
 		std::memcpy(host, data, len);
 	mark_dirty_locked(*r, gpa - r->gpa, len);
+}
+
+void MemoryMap::guest_read_locked(std::uint64_t gpa, std::byte *data, std::uint32_t len) const
+{
+	const Region *r = find_gpa(gpa);
+	if (!r || len > r->gpa + r->size - gpa)
+		throw Error("GuestMemory", EFAULT, range(gpa, len) + " is not RAM");
+	const std::byte *host = r->map.data() + (gpa - r->gpa);
+	/* Other vCPUs write this memory directly: do not tear aligned loads. */
+	if (!single_access(gpa, len, [&](auto v) {
+		    v = __atomic_load_n(reinterpret_cast<const decltype(v) *>(host),
+					__ATOMIC_RELAXED);
+		    std::memcpy(data, &v, sizeof(v));
+	    }))
+		std::memcpy(data, host, len);
 }
 
 bool MemoryMap::guest_cmpxchg16b_locked(std::uint64_t gpa, std::uint64_t expected[2],

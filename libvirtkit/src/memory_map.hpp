@@ -106,6 +106,12 @@ public:
 	 */
 	void guest_write_locked(std::uint64_t gpa, const std::byte *data, std::uint32_t len);
 	/*
+	 * The same for a guest read the feature allowed (on a page it hid):
+	 * [gpa, gpa + len) must be RAM inside one region; naturally aligned
+	 * 1/2/4/8-byte reads are single loads. Under lock_shared().
+	 */
+	void guest_read_locked(std::uint64_t gpa, std::byte *data, std::uint32_t len) const;
+	/*
 	 * lock cmpxchg16b on the 16-byte aligned guest RAM at gpa: compares with
 	 * expected (low, high), stores desired if equal and marks the page
 	 * dirty, else loads the current value into expected. Under

@@ -348,32 +348,317 @@ static void guest_pf_read(std::uint64_t page)
 	GUEST_SYNC(1, g_::read64(page + 0x28));
 	g_::write64(page + 0x30, 0x77);
 	GUEST_SYNC(2, g_::read64(page + 0x30));
+	GUEST_SYNC(3, g_::read64(page + 0x38));
+	__asm__ volatile("incq (%0)" : : "r"(page + 0x48) : "memory", "cc");
+	GUEST_SYNC(4);
+}
+
+static void expect_pf(const intro::Event &e, std::uint64_t gpa, std::uint8_t access)
+{
+	auto *pf = e.get<intro::PfEvent>();
+	TEST_ASSERT(pf, "%s", intro::describe(e).c_str());
+	TEST_ASSERT_EQ(pf->gpa, gpa);
+	TEST_ASSERT_EQ(pf->gva, 0u);
+	TEST_ASSERT_EQ(pf->access, access);
+}
+
+/* Attach the tool, enable PF on vCPU 0 and leave `page` only X (no R, no W). */
+static intro::Session &hide_page(KvmiTest &t, std::uint64_t page)
+{
+	t.attach();
+	auto &s = t.t();
+	s.control_events(0, intro::EventId::pf, true);
+	intro::PageAccess xo{page, intro::access_x};
+	s.set_page_access(std::span(&xo, 1));
+	return s;
 }
 
 /*
- * Read restrictions (no R) are not provided yet on this backend: the command
- * answers -KVMI_EOPNOTSUPP (Documentation/introspection.rst) and changes
- * nothing - the guest reads and writes the page without any event.
+ * No R: the page is hidden from the guest; each guest read raises a PF
+ * event with access R, each write one with access W, and CONTINUE lets the
+ * access happen on the real memory.
  */
-VK_TEST(pf_read_restriction_refused_and_nothing_changes)
+VK_TEST(pf_read_restriction)
 {
 	KvmiTest t;
+	auto &r = t.add_vcpu(guest_pf_read, page_a);
+	t.poke(page_a + 0x28, 0xfeedfacecafebeefull);
+	auto &s = hide_page(t, page_a);
+
+	r.resume();
+	auto e = t.event(intro::EventId::pf, 0);
+	expect_pf(e, page_a + 0x28, intro::access_r);
+	TEST_ASSERT(r.running());
+	s.reply_pf(e, intro::Action::continue_);
+	TEST_ASSERT_EQ(r.expect_sync(1)[1], 0xfeedfacecafebeefull);
+
+	/* A write: access W, not performed until CONTINUE; its read-back: access R. */
+	r.resume();
+	e = t.event(intro::EventId::pf, 0);
+	expect_pf(e, page_a + 0x30, intro::access_w);
+	TEST_ASSERT_EQ(t.peek(page_a + 0x30), 0u);
+	s.reply_pf(e, intro::Action::continue_);
+	e = t.event(intro::EventId::pf, 0);
+	expect_pf(e, page_a + 0x30, intro::access_r);
+	TEST_ASSERT_EQ(t.peek(page_a + 0x30), 0x77u);
+	s.reply_pf(e, intro::Action::continue_);
+	TEST_ASSERT_EQ(r.expect_sync(2)[1], 0x77u);
+	t.expect_no_event(50ms);
+
+	/* The tool is not the guest: READ/WRITE_PHYSICAL work on the hidden page. */
+	auto got = s.read_physical(page_a + 0x28, 8);
+	std::uint64_t v;
+	std::memcpy(&v, got.data(), 8);
+	TEST_ASSERT_EQ(v, 0xfeedfacecafebeefull);
+	v = 0x3838;
+	s.write_physical(page_a + 0x38, std::as_bytes(std::span(&v, 1)));
+	TEST_ASSERT_EQ(t.peek(page_a + 0x38), 0x3838u);
+	t.expect_no_event(50ms);
+
+	/* R back: the page is the guest's again, no more events. */
+	intro::PageAccess rwx{page_a, intro::access_r | intro::access_w | intro::access_x};
+	s.set_page_access(std::span(&rwx, 1));
+	TEST_ASSERT_EQ(r.run_sync(3)[1], 0x3838u);
+	t.expect_no_event(50ms);
+
+	/* A read-modify-write: R, then W. */
+	intro::PageAccess xo{page_a, intro::access_x};
+	s.set_page_access(std::span(&xo, 1));
+	t.poke(page_a + 0x48, 41);
+	r.resume();
+	e = t.event(intro::EventId::pf, 0);
+	expect_pf(e, page_a + 0x48, intro::access_r);
+	s.reply_pf(e, intro::Action::continue_);
+	e = t.event(intro::EventId::pf, 0);
+	expect_pf(e, page_a + 0x48, intro::access_w);
+	TEST_ASSERT_EQ(t.peek(page_a + 0x48), 41u);
+	s.reply_pf(e, intro::Action::continue_);
+	r.expect_sync(4);
+	TEST_ASSERT_EQ(t.peek(page_a + 0x48), 42u);
+	t.expect_no_event(50ms);
+}
+
+static void guest_read_twice(std::uint64_t gva)
+{
+	GUEST_SYNC(1, g_::read64(gva));
+	GUEST_SYNC(2, g_::read64(gva));
+}
+
+VK_TEST(pf_read_retry)
+{
+	KvmiTest t;
+	auto &r = t.add_vcpu(guest_read_twice, page_a + 0x100);
+	t.poke(page_a + 0x100, 0x1234567890abcdefull);
+	auto &s = hide_page(t, page_a);
+
+	/* RETRY while still not readable: the event comes again. */
+	r.resume();
+	auto e = t.event(intro::EventId::pf, 0);
+	expect_pf(e, page_a + 0x100, intro::access_r);
+	s.reply_pf(e, intro::Action::retry);
+	e = t.event(intro::EventId::pf, 0);
+	expect_pf(e, page_a + 0x100, intro::access_r);
+	/* R back (W stays restricted) while the event waits: RETRY completes the read. */
+	intro::PageAccess rx{page_a, intro::access_r | intro::access_x};
+	s.set_page_access(std::span(&rx, 1));
+	t.poke(page_a + 0x100, 0x2222);
+	s.reply_pf(e, intro::Action::retry);
+	TEST_ASSERT_EQ(r.expect_sync(1)[1], 0x2222u);
+	TEST_ASSERT_EQ(r.run_sync(2)[1], 0x2222u);
+	t.expect_no_event(50ms);
+}
+
+/*
+ * Reads that cross pages: from a readable page into a hidden one (KVM reads
+ * the readable part itself: one event, at the hidden page's first byte), and
+ * across two hidden pages (KVM reports one piece per page: two events).
+ */
+static void guest_straddling_reads(std::uint64_t page)
+{
+	GUEST_SYNC(1, g_::read64(page - 4));
+	GUEST_SYNC(2, g_::read64(page + 4096 - 2));
+}
+
+VK_TEST(pf_read_straddling_pages)
+{
+	KvmiTest t;
+	auto &r = t.add_vcpu(guest_straddling_reads, page_a);
+	t.poke(page_a - 8, 0x0403020100000000ull);
+	t.poke(page_a, 0x0c0b0a0908070605ull);
+	t.poke(page_a + 4096 - 8, 0x2221000000000000ull);
+	t.poke(page_a + 4096, 0x2827262524232221ull);
+	t.attach();
+	auto &s = t.t();
+	s.control_events(0, intro::EventId::pf, true);
+	intro::PageAccess xo[] = {{page_a, intro::access_x}, {page_a + 4096, intro::access_x}};
+	s.set_page_access(xo);
+
+	r.resume();
+	auto e = t.event(intro::EventId::pf, 0);
+	expect_pf(e, page_a, intro::access_r);
+	s.reply_pf(e, intro::Action::continue_);
+	TEST_ASSERT_EQ(r.expect_sync(1)[1], 0x0807060504030201ull);
+	t.expect_no_event(50ms);
+
+	r.resume();
+	e = t.event(intro::EventId::pf, 0);
+	expect_pf(e, page_a + 4096 - 2, intro::access_r);
+	s.reply_pf(e, intro::Action::continue_);
+	e = t.event(intro::EventId::pf, 0);
+	expect_pf(e, page_a + 4096, intro::access_r);
+	s.reply_pf(e, intro::Action::continue_);
+	TEST_ASSERT_EQ(r.expect_sync(2)[1], 0x2625242322212221ull);
+	t.expect_no_event(50ms);
+}
+
+VK_TEST(pf_read_crash_action)
+{
+	KvmiTest t;
+	auto &r = t.add_vcpu(guest_read_twice, page_a);
+	auto &s = hide_page(t, page_a);
+	r.resume(true);
+	auto e = t.event(intro::EventId::pf, 0);
+	expect_pf(e, page_a, intro::access_r);
+	s.reply_pf(e, intro::Action::crash);
+	Exit x = r.wait_exit();
+	auto *se = std::get_if<SystemEventExit>(&x);
+	TEST_ASSERT(se, "got %s", describe(x).c_str());
+	TEST_ASSERT_EQ(se->type, (std::uint32_t)KVM_SYSTEM_EVENT_CRASH);
+}
+
+/* The tool goes away while a read waits: the read completes, the page is the guest's. */
+VK_TEST(pf_read_disconnect_resumes)
+{
+	KvmiTest t;
+	auto &r = t.add_vcpu(guest_read_twice, page_a + 0x40);
+	t.poke(page_a + 0x40, 0x4040404040404040ull);
+	auto &s = hide_page(t, page_a);
+	r.resume();
+	auto e = t.event(intro::EventId::pf, 0);
+	expect_pf(e, page_a + 0x40, intro::access_r);
+	s.close();
+	TEST_ASSERT(t.vmm->wait_disconnected(5000ms), "the VMM did not notice the close");
+	TEST_ASSERT_EQ(r.expect_sync(1)[1], 0x4040404040404040ull);
+	/*
+	 * Still hidden, the read would come back from Vcpu::run() as an MMIO
+	 * exit (nobody completes it) and fail the ucall.
+	 */
+	t.poke(page_a + 0x40, 0x41);
+	TEST_ASSERT_EQ(r.run_sync(2)[1], 0x41u);
+}
+
+/*
+ * A SET_PAGE_ACCESS that fails changes nothing: neither when validation
+ * refuses an entry nor when a page fails while the command is applied (a
+ * read-only region cannot be restricted).
+ */
+VK_TEST(pf_read_restriction_all_or_nothing)
+{
+	KvmiTest t;
+	constexpr std::uint64_t rom_gpa = 0x50000000;
+	t.g.memory().add(rom_gpa, 4096, {.readonly = true, .name = "kvmi-rom"});
 	auto &r = t.add_vcpu(guest_pf_read, page_a);
 	t.poke(page_a + 0x28, 0xfeedfacecafebeefull);
 	t.attach();
 	auto &s = t.t();
 	s.control_events(0, intro::EventId::pf, true);
-	intro::PageAccess none{page_a, intro::access_x};
-	EXPECT_KVMI_ERROR(s.set_page_access(std::span(&none, 1)), KVMI_EOPNOTSUPP);
-	/* With a valid W restriction in the same command: refused whole. */
-	intro::PageAccess both[] = {{page_a + 4096, intro::access_r | intro::access_x},
-				    {page_a, intro::access_x}};
-	EXPECT_KVMI_ERROR(s.set_page_access(both), KVMI_EOPNOTSUPP);
+	intro::PageAccess w_only[] = {{page_a, intro::access_x},
+				      {page_a + 4096, intro::access_w | intro::access_x}};
+	EXPECT_KVMI_ERROR(s.set_page_access(w_only), KVMI_EINVAL);
+	intro::PageAccess no_x[] = {{page_a, intro::access_x},
+				    {page_a + 4096, intro::access_r | intro::access_w}};
+	EXPECT_KVMI_ERROR(s.set_page_access(no_x), KVMI_EOPNOTSUPP);
+	intro::PageAccess hole[] = {{page_a, intro::access_x}, {hole_gpa, intro::access_x}};
+	TEST_ASSERT(([&] {
+		try {
+			s.set_page_access(hole);
+		} catch (const intro::CommandError &) {
+			return true;
+		}
+		return false;
+	}()),
+		    "restricting a hole succeeded");
+	intro::PageAccess rom[] = {{page_a, intro::access_x}, {rom_gpa, intro::access_x}};
+	TEST_ASSERT(([&] {
+		try {
+			s.set_page_access(rom);
+		} catch (const intro::CommandError &e) {
+			diag("read-only page: %s", e.what());
+			return true;
+		}
+		return false;
+	}()),
+		    "restricting a read-only page succeeded");
+	TEST_ASSERT(s.connected());
+
 	r.resume();
 	TEST_ASSERT_EQ(r.expect_sync(1)[1], 0xfeedfacecafebeefull);
-	r.resume();
-	TEST_ASSERT_EQ(r.expect_sync(2)[1], 0x77u);
+	TEST_ASSERT_EQ(r.run_sync(2)[1], 0x77u);
 	TEST_ASSERT_EQ(t.peek(page_a + 0x30), 0x77u);
+	t.expect_no_event(50ms);
+}
+
+/*
+ * The limits of hiding a page (Documentation/introspection.rst): KVM can
+ * neither fetch instructions nor walk page tables through MMIO. Executing
+ * from a page without R ends run() with KVM's emulation failure; a page
+ * without R that holds a page table makes KVM's page walk fail, and the
+ * guest gets a #PF (error code 0) at the address it used. Neither raises a
+ * PF event.
+ */
+static void guest_call(std::uint64_t gva)
+{
+	reinterpret_cast<void (*)()>(gva)();
+	GUEST_SYNC(1);
+}
+
+VK_TEST(pf_read_restriction_execute_ends_vcpu)
+{
+	KvmiTest t;
+	auto &r = t.add_vcpu(guest_call, page_a);
+	const std::uint8_t ret = 0xc3;
+	t.g.memory().write(page_a, std::as_bytes(std::span(&ret, 1)));
+	hide_page(t, page_a);
+	r.resume(true);
+	Exit x = r.wait_exit();
+	auto *ie = std::get_if<InternalErrorExit>(&x);
+	TEST_ASSERT(ie, "got %s", describe(x).c_str());
+	TEST_ASSERT_EQ(ie->suberror, (std::uint32_t)KVM_INTERNAL_ERROR_EMULATION);
+	TEST_ASSERT_EQ(r.vcpu().regs().rip, page_a);
+	t.expect_no_event(50ms);
+}
+
+static void guest_read_at(std::uint64_t gva)
+{
+	GUEST_SYNC(1, g_::read64(gva));
+}
+
+VK_TEST(pf_read_restriction_page_table_faults_guest)
+{
+	KvmiTest t;
+	constexpr std::uint64_t gva = 0x7f0000000000ull; /* own tables, never used before */
+	const std::uint64_t target = data_gpa + 8 * 4096;
+	t.g.map(gva, target, 4096);
+	t.poke(target + 0x10, 0x5151);
+	std::uint64_t table = t.g.page_tables().root(); /* -> gva's last-level table */
+	for (int level = t.g.page_tables().levels(); level > 1; level--)
+		table = t.peek(table + ((gva >> (3 + 9 * level)) & 511) * 8) & PTE_ADDR_MASK;
+	auto &r = t.add_vcpu(guest_read_at, gva + 0x10);
+	hide_page(t, table);
+	r.resume();
+	auto res = r.try_wait(10000ms);
+	TEST_ASSERT(res, "the vCPU hangs");
+	auto *ep = std::get_if<std::exception_ptr>(&*res);
+	TEST_ASSERT(ep, "the guest's read of a page whose page table is hidden went through");
+	try {
+		std::rethrow_exception(*ep);
+	} catch (const GuestFailure &f) {
+		TEST_ASSERT(f.ucall() && f.ucall()->kind == Ucall::Kind::unhandled_exception, "%s",
+			    f.what());
+		TEST_ASSERT_EQ(f.ucall()->args[0], (std::uint64_t)PF_VECTOR);
+		TEST_ASSERT_EQ(f.ucall()->args[1], 0u);
+		TEST_ASSERT_EQ(f.ucall()->args[3], gva + 0x10);
+	}
 	t.expect_no_event(50ms);
 }
 

@@ -17,6 +17,7 @@
 #include <cstdlib>
 #include <fstream>
 #include <memory>
+#include <set>
 #include <string>
 #include <thread>
 #include <vector>
@@ -190,13 +191,20 @@ TEST_CASE("EventLoop: many VMs, events, disconnects", "[introspect][loop]")
 
 	EventLoop *loop_ptr = nullptr;
 	EventLoop::Handlers h;
-	h.on_session = [&](Session &s) { names.push_back(s.info().name); };
+	/* Every callback gets the same Session object for one VM. */
+	std::set<const Session *> live;
+	h.on_session = [&](Session &s) {
+		names.push_back(s.info().name);
+		live.insert(&s);
+	};
 	h.on_event = [&](Session &s, Event &ev) {
 		events++;
+		CHECK(live.count(&s) == 1);
 		CHECK(ev.id == EventId::breakpoint);
 		s.reply(ev, Action::retry);
 	};
 	h.on_disconnect = [&](Session &s) {
+		CHECK(live.erase(&s) == 1);
 		CHECK_THAT(s.disconnect_reason(), Contains("closed"));
 		if (++disconnects == vms)
 			loop_ptr->stop();

@@ -14,7 +14,9 @@
  * its own instruction; where the VMM offers single-stepping the tool steps
  * that one instruction and writes the INT3 again, otherwise the breakpoint
  * fires once. While the byte is back, another vCPU may pass the address
- * unseen: good enough for an example, not for a debugger.
+ * unseen: good enough for an example, not for a debugger. Where the VMM
+ * cannot raise BREAKPOINT events (an INT3 does not reach it, as under
+ * nested KVM on QEMU's TCG), the tool says so and does the rest.
  */
 #include <cerrno>
 #include <csignal>
@@ -54,7 +56,9 @@ const char usage_text[] =
 	"  --listen ADDRESS   unix:/path or vsock:PORT; the VMM connects there\n"
 	"  --secret SECRET    the secret the VMM was configured with\n"
 	"  --msr INDEX        e.g. 0xc0000080 (EFER)\n"
-	"  --breakpoint GPA   guest-physical address of an instruction\n"
+	"  --breakpoint GPA   guest-physical address of an instruction; where the VMM\n"
+	"                     cannot raise BREAKPOINT events, the tool says so and\n"
+	"                     goes on without\n"
 	"  --count N          events to report before detaching (default 10)\n"
 	"  --timeout SECONDS  give up waiting (for the VM, then for the events)\n"
 	"\n"
@@ -161,6 +165,9 @@ private:
 	void resume(Session &s);
 	void dump(Session &s, std::uint16_t vcpu);
 	void arm_breakpoint(Session &s);
+	/* BREAKPOINT (and SINGLESTEP) events on every vCPU; false if the VMM
+	 * cannot raise them (printed). */
+	bool enable_breakpoint_events(Session &s);
 	bool is_ours(const Event &ev) const;
 	/* SINGLESTEP events, where the VMM wants them enabled as well. */
 	void control_step_events(Session &s, std::uint16_t vcpu, bool enable);
@@ -247,6 +254,44 @@ bool Tool::is_ours(const Event &ev) const
 	return bp && opt_.breakpoint && bp->gpa == *opt_.breakpoint;
 }
 
+bool Tool::enable_breakpoint_events(Session &s)
+{
+	/*
+	 * Where an INT3 in the guest does not reach the VMM (nested KVM under
+	 * QEMU's TCG, some PVM-based hosts), CHECK_EVENT and CONTROL_EVENTS
+	 * answer EOPNOTSUPP: say why and go on without the breakpoint.
+	 */
+	std::string why;
+	int err = s.check_event(EventId::breakpoint);
+	if (err) {
+		why = std::string("CHECK_EVENT(BREAKPOINT): ") + std::strerror(err);
+	} else {
+		try {
+			for (std::uint16_t c = 0; c < vcpus_; c++) {
+				s.control_events(c, EventId::breakpoint, true);
+				bp_events_ = true;
+			}
+		} catch (const CommandError &e) {
+			if (bp_events_)
+				throw; /* refused on one vCPU but not on another */
+			err = e.err();
+			why = e.what();
+		}
+	}
+	if (!bp_events_) {
+		std::printf("breakpoint at gpa %#llx not available: %s%s\n",
+			    (unsigned long long)*opt_.breakpoint, why.c_str(),
+			    err == EOPNOTSUPP ? " (INT3 does not reach the VMM on this host)" : "");
+		return false;
+	}
+	can_step_ = s.check_command(KVMI_VCPU_CONTROL_SINGLESTEP) == 0 &&
+		    s.check_event(EventId::singlestep) == 0;
+	if (can_step_)
+		for (std::uint16_t c = 0; c < vcpus_; c++)
+			control_step_events(s, c, true);
+	return true;
+}
+
 void Tool::attach(Session &s)
 {
 	const auto &info = s.info();
@@ -274,15 +319,7 @@ void Tool::attach(Session &s)
 		}
 		std::printf("hooked writes to MSR %#x\n", unsigned(*opt_.msr));
 	}
-	if (opt_.breakpoint) {
-		can_step_ = s.check_command(KVMI_VCPU_CONTROL_SINGLESTEP) == 0 &&
-			    s.check_event(EventId::singlestep) == 0;
-		for (std::uint16_t c = 0; c < vcpus_; c++) {
-			bp_events_ = true;
-			s.control_events(c, EventId::breakpoint, true);
-			if (can_step_)
-				control_step_events(s, c, true);
-		}
+	if (opt_.breakpoint && enable_breakpoint_events(s)) {
 		auto b = s.read_physical(*opt_.breakpoint, 1);
 		saved_ = b[0];
 		arm_breakpoint(s);
@@ -376,6 +413,7 @@ void Tool::detach(Session &s)
 int run(const Options &opt)
 {
 	Tool tool(opt);
+	/* The VM's Session: the loop hands every callback the same object. */
 	Session *session = nullptr;
 	std::optional<std::string> failure;
 
@@ -391,6 +429,8 @@ int run(const Options &opt)
 		session = &s;
 		try {
 			tool.attach(s);
+			if (tool.finished()) /* --count 0 */
+				loop_ptr->stop();
 		} catch (const Error &e) {
 			failure = e.what();
 			if (e.err() == ECONNRESET)
@@ -407,7 +447,7 @@ int run(const Options &opt)
 	};
 	h.on_disconnect = [&](Session &s) {
 		if (&s != session)
-			return;
+			return; /* a VM that was refused */
 		session = nullptr;
 		if (!failure)
 			failure = "the VM disconnected: " + s.disconnect_reason();
@@ -446,6 +486,7 @@ int run(const Options &opt)
 	signal_loop = nullptr;
 
 	if (failure) {
+		std::fflush(stdout); /* what it printed before, first */
 		std::fprintf(stderr, "virtkit-introspect: %s\n", failure->c_str());
 		return 1;
 	}

@@ -8,8 +8,11 @@
  * the guest reports, and prints what happened in plain sentences. Any
  * mismatch ends the demo with the step and the reason (exit status 1).
  */
+#include <stdlib.h>
+
 #include <algorithm>
 #include <atomic>
+#include <cerrno>
 #include <chrono>
 #include <climits>
 #include <cstdarg>
@@ -17,36 +20,55 @@
 #include <cstdio>
 #include <cstring>
 #include <exception>
+#include <filesystem>
 #include <functional>
 #include <optional>
+#include <random>
 #include <stdexcept>
 #include <string>
 #include <thread>
 #include <variant>
 #include <vector>
 
+#include <virtkit/introspect.hpp>
+#include <virtkit/introspection.hpp>
 #include <virtkit/virtkit.hpp>
 #include <virtkit/x86/guest_vm.hpp>
 
 #include "commands.hpp"
 #include "demo_guest.hpp"
+#include "demo_tool.hpp"
 
 namespace virtkit::tool {
 
 const char demo_help[] =
-	"usage: virtkit demo [--device PATH]\n"
+	"usage: virtkit demo [--device PATH] [--introspect ADDRESS --secret SECRET]\n"
 	"\n"
 	"Run a small guest on KVM with libvirtkit and explain, step by step, what\n"
 	"each step shows: guest code that is an ordinary function of this program,\n"
 	"arguments and results, guest memory read by the host, port I/O and MMIO\n"
 	"exits answered by the host, guest exceptions, two vCPUs running at the\n"
 	"same time, sub-page write protection (a guest write blocked and reported,\n"
-	"another one landing), and what an exit costs on this host. Every value\n"
+	"another one landing), VM introspection (a KVMI tool pauses the vCPUs,\n"
+	"reads their registers, denies an MSR write, sees a write to a protected\n"
+	"page, and detaches), and what an exit costs on this host. Every value\n"
 	"the guest reports is checked; the last line is \"demo: ok\".\n"
 	"\n"
+	"By default the introspection tool is a thread of the demo. With\n"
+	"--introspect, the VM connects to an outside tool instead, retrying for\n"
+	"10 s until it listens, for example\n"
+	"  virtkit-introspect --listen unix:/tmp/vk.sock --secret s \\\n"
+	"                     --msr 0xc0000102 --count 10 &\n"
+	"  virtkit demo --introspect unix:/tmp/vk.sock --secret s\n"
+	"There vCPU 0 writes MSR 0xc0000102 (MSR_KERNEL_GS_BASE) up to 1000 times,\n"
+	"with a port exit after each, until the tool detaches; the demo waits up\n"
+	"to 60 s for that and shows what the guest observed.\n"
+	"\n"
 	"Options:\n"
-	"  --device PATH   KVM device to use (default /dev/kvm)\n"
-	"  -h, --help      show this help\n"
+	"  --device PATH         KVM device to use (default /dev/kvm)\n"
+	"  --introspect ADDRESS  the tool's socket: unix:/path or vsock:CID:PORT\n"
+	"  --secret SECRET       the secret the tool was given (with --introspect)\n"
+	"  -h, --help            show this help\n"
 	"\n"
 	"Exit status: 0 when every step worked, 1 when one failed (the step and\n"
 	"the reason go to stderr), 2 on a usage error.\n";
@@ -56,13 +78,23 @@ namespace {
 using namespace virtkit::x86;
 using namespace virtkit::tool::demo;
 using Clock = std::chrono::steady_clock;
+using namespace std::chrono_literals;
 
-constexpr int total_steps = 8;
+constexpr int total_steps = 9;
 constexpr std::uint64_t buffer_size = 8192;
 constexpr std::uint64_t unmapped_gva = 0x40000000000ull;
 constexpr std::uint64_t worker_iterations = 1000000;
 constexpr std::uint64_t bench_exits = 2000;
 constexpr std::uint32_t device_id = 0x54494b56; /* "VKIT" in little-endian bytes */
+/* How long the demo waits for an outside tool: to listen, to detach. */
+constexpr auto tool_listen_patience = 10s;
+constexpr auto tool_detach_timeout = 60s;
+
+/* Where the introspection step finds its tool. */
+struct ToolAddress {
+	std::string address; /* empty: the in-process tool */
+	std::string secret;
+};
 
 /* A check of a value the guest reported that did not hold. */
 class DemoFailure : public std::runtime_error {
@@ -133,6 +165,8 @@ public:
 				auto *io = std::get_if<IoExit>(&e);
 				if (io && io->port == VIRTKIT_UCALL_PORT)
 					ucalls_.fetch_add(1, std::memory_order_relaxed);
+				if (std::holds_alternative<MsrExit>(e))
+					msrs_.fetch_add(1, std::memory_order_relaxed);
 				return ExitAction::pass;
 			},
 			INT_MIN);
@@ -145,6 +179,9 @@ public:
 			n += k.load();
 		return n;
 	}
+
+	/* RDMSR/WRMSR exits: KVM's MSR filter sent them to this process. */
+	std::uint64_t msr_exits() const { return msrs_.load(); }
 
 	std::string summary() const
 	{
@@ -167,6 +204,7 @@ public:
 private:
 	std::atomic<std::uint64_t> by_kind_[kinds] = {};
 	std::atomic<std::uint64_t> ucalls_ = 0;
+	std::atomic<std::uint64_t> msrs_ = 0;
 	ExitHandlerRegistration reg_;
 };
 
@@ -205,6 +243,134 @@ Ucall expect_sync(GuestVm &g, Vcpu &v, std::size_t n)
 	      "expected GUEST_SYNC with " + std::to_string(n) + " values, got " + uc.describe());
 	return uc;
 }
+
+/* A directory only this process uses, removed with its contents. */
+class PrivateDir {
+public:
+	PrivateDir()
+	{
+		const char *t = std::getenv("TMPDIR");
+		std::string tmpl = std::string(t && *t ? t : "/tmp") + "/virtkit-demo-XXXXXX";
+		if (!::mkdtemp(tmpl.data()))
+			throw Error("mkdtemp", errno, tmpl);
+		path_ = tmpl;
+	}
+	~PrivateDir()
+	{
+		std::error_code ec;
+		std::filesystem::remove_all(path_, ec);
+	}
+	PrivateDir(const PrivateDir &) = delete;
+	PrivateDir &operator=(const PrivateDir &) = delete;
+	const std::string &path() const noexcept { return path_; }
+
+private:
+	std::string path_;
+};
+
+/* bytes random bytes, as hex: a secret nobody else knows. */
+std::string random_hex(std::size_t bytes)
+{
+	std::random_device rd;
+	std::string s;
+	for (std::size_t i = 0; i < 2 * bytes; i++)
+		s += "0123456789abcdef"[rd() & 15];
+	return s;
+}
+
+/*
+ * Connect the VM to a tool that may not listen yet: retry while its socket
+ * is missing or refuses, for at most patience.
+ */
+Introspection connect_when_listening(Vm &vm, const IntrospectionOptions &o,
+				     std::chrono::milliseconds patience)
+{
+	auto end = Clock::now() + patience;
+	for (;;) {
+		try {
+			return Introspection::connect(vm, o);
+		} catch (const Error &e) {
+			/* ECONNRESET: nobody listens on a vsock port. */
+			bool absent = e.err() == ENOENT || e.err() == ECONNREFUSED ||
+				      e.err() == ECONNRESET;
+			if (!absent || Clock::now() >= end)
+				throw;
+		}
+		std::this_thread::sleep_for(100ms);
+	}
+}
+
+/*
+ * The introspection step's vCPUs, each on a thread of its own until
+ * GUEST_DONE, collecting its GUEST_SYNCs. set() raises one of the flags
+ * the guest waits on (intro_go, intro_released); the destructor raises
+ * both, so that a failure anywhere cannot leave a vCPU spinning, and joins.
+ */
+class GuestThreads {
+public:
+	GuestThreads(GuestVm &g, std::uint64_t ctl_gva)
+		: g_(g), ctl_gpa_(*g.gva_to_gpa(ctl_gva)), results_(g.vcpu_count())
+	{
+		try {
+			for (std::size_t i = 0; i < results_.size(); i++)
+				threads_.emplace_back([this, i] { run(i); });
+		} catch (...) {
+			join_all(); /* the threads that did start */
+			throw;
+		}
+	}
+	~GuestThreads() { join_all(); }
+	GuestThreads(const GuestThreads &) = delete;
+	GuestThreads &operator=(const GuestThreads &) = delete;
+
+	void set(std::uint64_t flag)
+	{
+		auto *p = g_.memory().host_ptr(ctl_gpa_ + flag, sizeof(std::uint64_t));
+		auto &f = *reinterpret_cast<std::uint64_t *>(p);
+		std::atomic_ref(f).store(1, std::memory_order_release);
+	}
+
+	/* Raise both flags, wait for every vCPU's GUEST_DONE; the GUEST_SYNCs of each. */
+	std::vector<std::vector<Ucall>> join()
+	{
+		join_all();
+		std::vector<std::vector<Ucall>> syncs;
+		for (auto &r : results_) {
+			if (r.error)
+				std::rethrow_exception(r.error);
+			syncs.push_back(std::move(r.syncs));
+		}
+		return syncs;
+	}
+
+private:
+	struct Result {
+		std::vector<Ucall> syncs;
+		std::exception_ptr error;
+	};
+
+	void run(std::size_t i) noexcept
+	{
+		try {
+			results_[i].syncs =
+				run_with_device(g_, g_.vcpu(i), [](Exit &) { return false; });
+		} catch (...) {
+			results_[i].error = std::current_exception();
+		}
+	}
+
+	void join_all()
+	{
+		set(intro_go);
+		set(intro_released);
+		threads_.clear(); /* jthread joins */
+	}
+
+	GuestVm &g_;
+	std::uint64_t ctl_gpa_;
+	std::vector<Result> results_;
+	std::vector<std::jthread> threads_;
+};
 
 struct Demo {
 	GuestVm g;
@@ -249,7 +415,13 @@ struct Demo {
 	void exceptions();
 	void two_vcpus();
 	void subpages();
+	void introspection(const ToolAddress &outside);
 	void timing();
+
+private:
+	void watched_by_demo_tool(IntrospectionOptions &o, std::uint64_t ctl, std::uint64_t page);
+	void watched_by_outside_tool(IntrospectionOptions &o, std::uint64_t ctl,
+				     const ToolAddress &outside);
 };
 
 void Demo::hello()
@@ -610,6 +782,275 @@ void Demo::subpages()
 	step_done();
 }
 
+/* "guest_introspect_watched+0x1c" for a RIP in one of the step's guest functions. */
+std::string guest_where(std::uint64_t rip)
+{
+	auto at = [](auto *fn) { return reinterpret_cast<std::uint64_t>(fn); };
+	const std::pair<std::uint64_t, const char *> fns[] = {
+		{at(guest_introspect_watched), "guest_introspect_watched"},
+		{at(guest_introspect_writes), "guest_introspect_writes"},
+		{at(guest_introspect_idle), "guest_introspect_idle"},
+	};
+	const std::pair<std::uint64_t, const char *> *best = nullptr;
+	for (auto &f : fns)
+		if (f.first <= rip && (!best || f.first > best->first))
+			best = &f;
+	if (!best || rip - best->first >= 4096)
+		return "not in the step's guest functions";
+	return std::string(best->second) + "+" + hex(rip - best->first);
+}
+
+void Demo::introspection(const ToolAddress &outside)
+{
+	const bool in_process = outside.address.empty();
+	step("VM introspection: a tool watches from outside");
+	explain("An introspection tool - a security agent, a sandbox, a debugger - controls a "
+		"guest from outside over the KVMI protocol: the VMM connects to the tool's "
+		"socket, and the tool pauses vCPUs, reads their registers and the guest's "
+		"memory, hooks MSR writes and write-protects pages; a vCPU that raises an event "
+		"waits until the tool answers. The VM attaches with Introspection::connect(); "
+		"its vCPU loops stay as they are. Both vCPUs run guest code that spins on a "
+		"flag, so that the tool can pause them. The MSR to watch is "
+		"MSR_KERNEL_GS_BASE (" + hex(msr_kernel_gs_base) + "), which this guest does not "
+		"use otherwise.");
+	if (in_process)
+		explain("Here the tool is a thread of this program, on virtkit::introspect, "
+			"listening on a unix socket in a private temporary directory with a random "
+			"secret. It pauses both vCPUs and reads their registers, hooks writes to "
+			"the MSR, write-protects a page (SET_PAGE_ACCESS without W) and sets the "
+			"guest's flag with WRITE_PHYSICAL. vCPU 0 then writes the MSR twice - the "
+			"tool denies the first write and allows the second - and writes to the "
+			"page, which the tool sees as a PF event and lets land. The tool detaches, "
+			"and the guest does the same again with nobody watching. (--introspect "
+			"connects to an outside tool instead.)");
+	else
+		explain("Here the tool is outside this program, listening at " + outside.address +
+			". Once connected, vCPU 0 writes the MSR again and again - at most " +
+			std::to_string(intro_max_writes) + " times, with a port exit after each - "
+			"until the tool detaches, and reads each value back; what the tool hooks "
+			"and how it answers is its decision. The demo waits up to " +
+			std::to_string(tool_detach_timeout.count()) + " s for it to detach.");
+
+	const std::pair<int, const char *> needs[] = {
+		{KVM_CAP_X86_USER_SPACE_MSR, "KVM_CAP_X86_USER_SPACE_MSR"},
+		{KVM_CAP_X86_MSR_FILTER, "KVM_CAP_X86_MSR_FILTER"},
+		{KVM_CAP_READONLY_MEM, "KVM_CAP_READONLY_MEM"},
+	};
+	for (auto &[cap, name] : needs) {
+		if (g.vm().check_extension(cap) <= 0) {
+			show("skipped: MSR events and write-protected pages need %s, which "
+			     "this KVM does not offer",
+			     name);
+			step_done();
+			return;
+		}
+	}
+
+	std::uint64_t ctl = g.alloc_vaddr(GuestMemory::page_size);
+	std::uint64_t page = g.alloc_vaddr(GuestMemory::page_size);
+	if (in_process)
+		g.set_entry(g.vcpu(0), guest_introspect_watched, msr_kernel_gs_base, page, ctl);
+	else
+		g.set_entry(g.vcpu(0), guest_introspect_writes, msr_kernel_gs_base, ctl);
+	if (g.vcpu_count() < 2)
+		g.add_vcpu(guest_introspect_idle, ctl);
+	else
+		g.set_entry(g.vcpu(1), guest_introspect_idle, ctl);
+
+	IntrospectionOptions o;
+	o.name = "virtkit-demo";
+	std::random_device rd;
+	for (auto &b : o.uuid)
+		b = std::uint8_t(rd());
+	o.uuid[6] = std::uint8_t((o.uuid[6] & 0x0f) | 0x40); /* a version 4 (random) uuid */
+	o.uuid[8] = std::uint8_t((o.uuid[8] & 0x3f) | 0x80);
+	if (in_process)
+		watched_by_demo_tool(o, ctl, page);
+	else
+		watched_by_outside_tool(o, ctl, outside);
+	step_done();
+}
+
+void Demo::watched_by_demo_tool(IntrospectionOptions &o, std::uint64_t ctl, std::uint64_t page)
+{
+	constexpr std::uint64_t msr = msr_kernel_gs_base;
+	PrivateDir dir;
+	const std::string socket = dir.path() + "/tool.sock";
+	o.address = "unix:" + socket;
+	o.secret = random_hex(16);
+	std::uint64_t page_gpa = *g.gva_to_gpa(page);
+	show("the tool listens on %s; the VM connects with the secret %s", o.address.c_str(),
+	     o.secret.c_str());
+
+	ToolPlan plan;
+	plan.secret = o.secret;
+	plan.msr = msr;
+	plan.page_gpa = page_gpa;
+	plan.go_gpa = *g.gva_to_gpa(ctl) + intro_go;
+	plan.events = 3; /* two MSR writes, one page write */
+	plan.where = guest_where;
+	plan.say = [](const std::string &line) { show("%s", line.c_str()); };
+
+	ToolRecord rec;
+	std::vector<std::vector<Ucall>> syncs;
+	IntrospectionStats at_detach{}, at_end{};
+	const std::uint64_t msr_exits = exits.msr_exits();
+	{
+		/* Destroyed in reverse: the VMM disconnects, the vCPUs finish, the tool ends. */
+		DemoTool tool(introspect::Listener::unix_socket(socket), plan);
+		GuestThreads vcpus(g, ctl);
+		auto vmm = Introspection::connect(g.vm(), o);
+		rec = tool.finish();
+		check(vmm.wait_disconnected(5s),
+		      "the VM's introspection did not end after the tool closed the connection");
+		at_detach = vmm.stats();
+		syncs = vcpus.join();
+		at_end = vmm.stats();
+	}
+
+	/* What the tool saw. */
+	check(rec.info.name == o.name && rec.info.uuid == o.uuid,
+	      "the tool did not get the VM's name and uuid");
+	check(rec.vcpus == g.vcpu_count(), "the tool was told " + std::to_string(rec.vcpus) +
+						   " vCPUs, the VM has " +
+						   std::to_string(g.vcpu_count()));
+	check(rec.paused.size() == 2 && rec.paused[0].vcpu != rec.paused[1].vcpu,
+	      "the tool did not pause both vCPUs");
+	for (auto &p : rec.paused) {
+		std::string at = guest_where(p.regs.regs.rip);
+		const char *fn = p.vcpu == 0 ? "guest_introspect_watched" : "guest_introspect_idle";
+		check(at.starts_with(fn), "vCPU " + std::to_string(p.vcpu) + " was paused at " +
+						  hex(p.regs.regs.rip) + ", not in " + fn);
+	}
+	check(rec.events.size() == 3, "the tool answered " + std::to_string(rec.events.size()) +
+					      " events, expected 3");
+	auto *deny = rec.events[0].get<introspect::MsrEvent>();
+	auto *allow = rec.events[1].get<introspect::MsrEvent>();
+	auto *pf = rec.events[2].get<introspect::PfEvent>();
+	check(deny && allow && pf && rec.events[0].vcpu == 0 && rec.events[1].vcpu == 0 &&
+		      rec.events[2].vcpu == 0,
+	      "the tool did not get MSR, MSR, PF from vCPU 0");
+
+	/* What the guest saw. */
+	check(syncs.at(0).size() == 2 && syncs[0][0].args.size() >= 4 &&
+		      syncs[0][1].args.size() >= 2,
+	      "vCPU 0 did not report twice");
+	const auto &during = syncs[0][0].args, &after = syncs[0][1].args;
+	std::uint64_t before = during[0];
+	show("guest: MSR_KERNEL_GS_BASE was %s; it wrote %s and read back %s (denied), then "
+	     "wrote %s and read back %s (allowed)",
+	     hex(before).c_str(), hex(intro_denied_value).c_str(), hex(during[1]).c_str(),
+	     hex(intro_allowed_value).c_str(), hex(during[2]).c_str());
+	GuestMemory &mem = g.memory();
+	show("guest: its write of %s to the protected page landed: it read back %s, the host "
+	     "sees %s",
+	     hex(intro_page_value).c_str(), hex(during[3]).c_str(),
+	     hex(mem.read_obj<std::uint64_t>(page_gpa)).c_str());
+	check(deny->msr == msr && deny->old_value == before &&
+		      deny->new_value == intro_denied_value && rec.replied_msr[0] == before,
+	      "the first MSR event is not the write of " + hex(intro_denied_value) + " over " +
+		      hex(before));
+	check(allow->msr == msr && allow->old_value == before &&
+		      allow->new_value == intro_allowed_value,
+	      "the second MSR event is not the write of " + hex(intro_allowed_value));
+	for (auto &p : rec.paused)
+		check(p.vcpu != 0 || p.regs.msrs.at(0).value == before,
+		      "the tool read another MSR value than the guest");
+	check(during[1] == before, "the denied write changed the MSR to " + hex(during[1]));
+	check(during[2] == intro_allowed_value, "the allowed write did not land");
+	check(pf->gpa == page_gpa && (pf->access & introspect::access_w),
+	      "the PF event is not the write to gpa " + hex(page_gpa));
+	check(during[3] == intro_page_value &&
+		      mem.read_obj<std::uint64_t>(page_gpa) == intro_page_value,
+	      "the page write the tool let through did not land");
+
+	/* And after it. */
+	show("after the tool detached, the guest wrote %s to the MSR and %s to the page: it read "
+	     "back %s and %s, with no event",
+	     hex(intro_after_value).c_str(), hex(intro_page_value + 1).c_str(),
+	     hex(after[0]).c_str(), hex(after[1]).c_str());
+	show("the VM sent the tool %llu events (2 PAUSE_VCPU, 2 MSR, 1 PF) and answered %llu "
+	     "commands; %llu MSR writes exited to this process (the hooked ones)",
+	     (unsigned long long)at_end.events, (unsigned long long)at_end.commands,
+	     (unsigned long long)(exits.msr_exits() - msr_exits));
+	check(after[0] == intro_after_value && g.vcpu(0).msr(msr) == intro_after_value &&
+		      after[1] == intro_page_value + 1 &&
+		      mem.read_obj<std::uint64_t>(page_gpa + 8) == intro_page_value + 1,
+	      "the guest's writes after the detach did not land");
+	check(at_detach.events == 5 && at_end.events == 5,
+	      "the VM sent " + std::to_string(at_end.events) + " events, expected 5");
+	check(exits.msr_exits() - msr_exits == 2,
+	      "the MSR writes exited " + std::to_string(exits.msr_exits() - msr_exits) +
+		      " times, expected 2: the hooked ones");
+}
+
+void Demo::watched_by_outside_tool(IntrospectionOptions &o, std::uint64_t ctl,
+				   const ToolAddress &outside)
+{
+	constexpr std::uint64_t msr = msr_kernel_gs_base;
+	o.address = outside.address;
+	o.secret = outside.secret;
+	show("connecting to the tool at %s (for up to %llu s, until it listens)", o.address.c_str(),
+	     (unsigned long long)tool_listen_patience.count());
+	std::fflush(stdout);
+
+	bool detached;
+	double attached_s;
+	const std::uint64_t msr_exits = exits.msr_exits();
+	std::vector<std::vector<Ucall>> syncs;
+	IntrospectionStats at_detach{}, at_end{};
+	{
+		GuestThreads vcpus(g, ctl);
+		auto vmm = connect_when_listening(g.vm(), o, tool_listen_patience);
+		auto start = Clock::now();
+		show("connected: the tool answered the handshake; vCPU 0 starts writing");
+		std::fflush(stdout);
+		vcpus.set(intro_go);
+		detached = vmm.wait_disconnected(tool_detach_timeout);
+		attached_s = std::chrono::duration<double>(Clock::now() - start).count();
+		at_detach = vmm.stats();
+		vmm.disconnect();
+		syncs = vcpus.join();
+		at_end = vmm.stats();
+	}
+	check(detached, "the tool did not detach within " +
+				std::to_string(tool_detach_timeout.count()) + " s");
+
+	check(syncs.at(0).size() >= 1, "vCPU 0 did not report");
+	const auto &last = syncs[0].back().args;
+	std::size_t writes = syncs[0].size() - 1, changed = 0;
+	for (std::size_t i = 0; i < writes; i++) {
+		const auto &a = syncs[0][i].args;
+		check(a.size() >= 3 && a[0] == i && a[1] == intro_loop_base + i * 0x1000,
+		      "vCPU 0's report " + std::to_string(i) + " is not about write " +
+			      std::to_string(i));
+		if (a[2] != a[1]) {
+			if (changed++ < 3)
+				show("guest: wrote %s, read back %s: the tool denied or changed it",
+				     hex(a[1]).c_str(), hex(a[2]).c_str());
+		}
+	}
+	show("guest: wrote MSR_KERNEL_GS_BASE %zu times while the tool was connected (%.2f s); "
+	     "%llu of them exited to this process: those the tool had hooked",
+	     writes, attached_s, (unsigned long long)(exits.msr_exits() - msr_exits));
+	if (changed)
+		show("guest: %zu times it read back another value than it wrote: the tool denied "
+		     "or changed those writes",
+		     changed);
+	else
+		show("guest: it read back its own value every time: no write was denied");
+	show("the VM sent the tool %llu events and answered %llu commands, %llu of them with an "
+	     "error",
+	     (unsigned long long)at_detach.events, (unsigned long long)at_detach.commands,
+	     (unsigned long long)at_detach.errors);
+	show("after the tool detached, the guest wrote %s and read back %s, with no event",
+	     hex(last.at(1)).c_str(), hex(last.at(2)).c_str());
+	check(last.at(1) == intro_after_value && last.at(2) == intro_after_value &&
+		      g.vcpu(0).msr(msr) == intro_after_value,
+	      "the guest's write after the detach did not land");
+	check(at_end.events == at_detach.events, "events were sent after the tool detached");
+}
+
 void Demo::timing()
 {
 	step("What an exit costs");
@@ -668,7 +1109,7 @@ void Demo::timing()
 	step_done();
 }
 
-int run_demo(const std::string &device)
+int run_demo(const std::string &device, const ToolAddress &tool)
 {
 	auto start = Clock::now();
 	std::printf("virtkit demo: a guest on KVM, run with libvirtkit %s\n",
@@ -696,6 +1137,7 @@ int run_demo(const std::string &device)
 		d->exceptions();
 		d->two_vcpus();
 		d->subpages();
+		d->introspection(tool);
 		d->timing();
 	} catch (const std::exception &e) {
 		std::fflush(stdout);
@@ -721,9 +1163,33 @@ int run_demo(const std::string &device)
 int demo_main(Args args)
 {
 	std::string device = "/dev/kvm";
-	if (auto stop = parse_device_options("demo", demo_help, args, device))
+	ToolAddress tool;
+	std::vector<std::string_view> rest;
+	for (std::size_t i = 0; i < args.size(); i++) {
+		auto a = args[i];
+		std::string *value = a == "--introspect" || a.starts_with("--introspect=") ?
+					     &tool.address :
+				     a == "--secret" || a.starts_with("--secret=") ? &tool.secret :
+										  nullptr;
+		if (!value) {
+			rest.push_back(a); /* --device, --help or a usage error */
+		} else if (auto eq = a.find('='); eq != std::string_view::npos) {
+			*value = a.substr(eq + 1);
+		} else if (i + 1 < args.size()) {
+			*value = args[++i];
+		} else {
+			return usage_error("demo", "option " + std::string(a) + " needs a value");
+		}
+	}
+	if (auto stop = parse_device_options("demo", demo_help, rest, device))
 		return *stop;
-	return run_demo(device);
+	if (tool.address.empty() != tool.secret.empty())
+		return usage_error("demo", "--introspect ADDRESS and --secret SECRET go together");
+	if (!tool.address.empty() && !tool.address.starts_with("unix:") &&
+	    !tool.address.starts_with("vsock:"))
+		return usage_error("demo", "--introspect: '" + tool.address +
+						   "' is not unix:/path or vsock:CID:PORT");
+	return run_demo(device, tool);
 }
 
 } // namespace virtkit::tool

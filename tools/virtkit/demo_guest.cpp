@@ -164,6 +164,57 @@ void guest_spp(std::uint64_t page)
 	GUEST_DONE();
 }
 
+/* Spin until the host (or a tool) sets the flag; the vCPU stays in the guest. */
+static inline __attribute__((always_inline)) void wait_flag(std::uint64_t addr)
+{
+	while (!__atomic_load_n((std::uint64_t *)addr, __ATOMIC_ACQUIRE))
+		guest_pause();
+}
+
+void guest_introspect_watched(std::uint64_t msr, std::uint64_t page, std::uint64_t ctl)
+{
+	auto *p = (volatile std::uint64_t *)page;
+
+	/* The tool pauses this vCPU while it waits here, then writes "go". */
+	wait_flag(ctl + intro_go);
+	std::uint64_t before = guest_rdmsr(msr);
+	guest_wrmsr(msr, intro_denied_value);
+	std::uint64_t after_denied = guest_rdmsr(msr);
+	guest_wrmsr(msr, intro_allowed_value);
+	std::uint64_t after_allowed = guest_rdmsr(msr);
+	p[0] = intro_page_value;
+	GUEST_SYNC(before, after_denied, after_allowed, p[0]);
+
+	/* The tool has gone: the same kinds of writes, unobserved. */
+	wait_flag(ctl + intro_released);
+	guest_wrmsr(msr, intro_after_value);
+	p[1] = intro_page_value + 1;
+	GUEST_SYNC(guest_rdmsr(msr), p[1]);
+}
+
+void guest_introspect_writes(std::uint64_t msr, std::uint64_t ctl)
+{
+	std::uint64_t i;
+
+	wait_flag(ctl + intro_go);
+	/* GUEST_SYNC between the writes: port I/O, where the host looks in. */
+	for (i = 0; i < intro_max_writes && !*(volatile std::uint64_t *)(ctl + intro_released);
+	     i++) {
+		std::uint64_t v = intro_loop_base + i * 0x1000;
+		guest_wrmsr(msr, v);
+		GUEST_SYNC(i, v, guest_rdmsr(msr));
+	}
+	wait_flag(ctl + intro_released);
+	guest_wrmsr(msr, intro_after_value);
+	GUEST_SYNC(i, intro_after_value, guest_rdmsr(msr));
+}
+
+void guest_introspect_idle(std::uint64_t ctl)
+{
+	/* Running, so that a tool can pause it, until the tool has gone. */
+	wait_flag(ctl + intro_released);
+}
+
 void guest_bench_pio(std::uint64_t n)
 {
 	for (std::uint64_t i = 0; i < n; i++)

@@ -30,6 +30,21 @@ inline constexpr std::uint32_t spp_blocked_subpage = 2;
 inline constexpr std::uint64_t spp_allowed_value = 0x1111222233334444ull;
 inline constexpr std::uint64_t spp_blocked_value = 0xbad0bad0bad0bad0ull;
 
+/*
+ * Introspection: the MSR a tool hooks (harmless here: the guest never uses
+ * SWAPGS), the values the guest writes to it, and the offsets in a control
+ * page of the flags that let the guest go on.
+ */
+inline constexpr std::uint32_t msr_kernel_gs_base = 0xc0000102;
+inline constexpr std::uint64_t intro_denied_value = 0xbad000;
+inline constexpr std::uint64_t intro_allowed_value = 0x600d000;
+inline constexpr std::uint64_t intro_after_value = 0xa11000;
+inline constexpr std::uint64_t intro_page_value = 0x7001700170017001ull;
+inline constexpr std::uint64_t intro_loop_base = 0x1000000;	/* + 0x1000 per write */
+inline constexpr std::uint64_t intro_max_writes = 1000;
+inline constexpr std::uint64_t intro_go = 0;		/* set: start writing */
+inline constexpr std::uint64_t intro_released = 8;	/* set: the tool has gone */
+
 /* Values the steps check. */
 inline constexpr std::uint64_t fib_n = 90;
 inline constexpr std::uint64_t pattern_seed = 0x9e3779b97f4a7c15ull;
@@ -42,6 +57,9 @@ void guest_mmio(void);
 void guest_exceptions(std::uint64_t unmapped);
 void guest_worker(std::uint64_t shared, std::uint64_t iterations);
 void guest_spp(std::uint64_t page);
+void guest_introspect_watched(std::uint64_t msr, std::uint64_t page, std::uint64_t ctl);
+void guest_introspect_writes(std::uint64_t msr, std::uint64_t ctl);
+void guest_introspect_idle(std::uint64_t ctl);
 void guest_bench_pio(std::uint64_t n);
 void guest_bench_mmio(std::uint64_t n);
 

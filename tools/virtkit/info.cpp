@@ -20,6 +20,7 @@
 #include <sys/stat.h>
 #include <sys/utsname.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <cstdint>
 #include <cstdio>
@@ -29,7 +30,10 @@
 #include <string>
 #include <vector>
 
+#include <virtkit/introspection.hpp>
 #include <virtkit/virtkit.hpp>
+
+#include <linux/virtkit_kvmi.h> /* event ids */
 
 #include "commands.hpp"
 
@@ -333,10 +337,9 @@ void print_features(const HostFacts &f)
 	bool ro = cap(f, KVM_CAP_READONLY_MEM);
 	bool umsr = cap(f, KVM_CAP_X86_USER_SPACE_MSR);
 	bool filter = cap(f, KVM_CAP_X86_MSR_FILTER);
-	Need kmod = {f.virtkit_present, "/dev/virtkit (virtkit.ko loaded)"};
 	bool spp_kmod = f.virtkit_present && !f.spp_kmod_error;
 
-	section("Features (SPP is implemented; KVMI and PKS are not yet)");
+	section("Features (SPP and KVMI are implemented; PKS is not yet)");
 	if (ro || spp_kmod)
 		field("spp", std::string("available with the ") +
 				     (ro && spp_kmod ? "user and kmod backends"
@@ -357,11 +360,27 @@ void print_features(const HostFacts &f)
 		field("spp kmod backend", "not available: needs /dev/virtkit: absent "
 					  "(virtkit.ko not loaded)");
 	field("spp automatic backend", f.spp_automatic);
-	field("kvmi", later);
-	field("kvmi user backend", readiness({{ro, "KVM_CAP_READONLY_MEM"},
-					      {umsr, "KVM_CAP_X86_USER_SPACE_MSR"},
-					      {filter, "KVM_CAP_X86_MSR_FILTER"}}));
-	field("kvmi kmod backend", readiness({kmod}));
+	/* KVMI runs in userspace; its write restrictions use the SPP backend. */
+	const std::string kvmi_needs = readiness({{ro, "KVM_CAP_READONLY_MEM"},
+						  {umsr, "KVM_CAP_X86_USER_SPACE_MSR"},
+						  {filter, "KVM_CAP_X86_MSR_FILTER"}});
+	field("kvmi", (ro && umsr && filter ? "available (virtkit::Introspection): "
+					     : "not available: ") +
+			      kvmi_needs);
+	if (ro && umsr && filter) {
+		std::string bp;
+		try {
+			auto ev = Introspection::supported_events();
+			bp = std::find(ev.begin(), ev.end(), KVMI_EVENT_BREAKPOINT) != ev.end()
+				     ? "available: an INT3 in a guest reaches the VMM"
+				     : "not available: an INT3 in a guest does not reach the VMM "
+				       "on this host (probed)";
+		} catch (const Error &e) {
+			bp = std::string("unknown: the probe failed: ") + e.what();
+		}
+		field("kvmi breakpoint events", bp);
+		field("kvmi page restrictions", "through the spp backend: " + f.spp_automatic);
+	}
 	field("pks", later);
 	field("pks guest support",
 	      readiness({{f.pks, "PKS in KVM_GET_SUPPORTED_CPUID (7,0):ECX[31]"},

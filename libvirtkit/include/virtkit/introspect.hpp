@@ -402,7 +402,8 @@ private:
  * socket (io_uring poll) and hands each event to on_event. Callbacks run on
  * the loop's thread and may issue synchronous commands on any Session.
  * A Session whose connection ends (the VMM closed it, an error, or the tool
- * called close()) gets on_disconnect and is destroyed right after.
+ * called close()) gets on_disconnect - called with the same Session object
+ * that on_session and on_event got - and is destroyed right after.
  */
 class EventLoop {
 public:

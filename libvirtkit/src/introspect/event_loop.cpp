@@ -248,11 +248,21 @@ void LoopState::reap()
 			continue;
 		if (it->second.armed)
 			cancel(tag(Kind::session, id));
-		/* Out of the map first: on_disconnect may add sessions. */
-		Session session = std::move(it->second.session);
-		sessions.erase(it);
-		if (session.state_ && handlers.on_disconnect)
-			handlers.on_disconnect(session);
+		/*
+		 * The same Session object on_session and on_event got (tools
+		 * tell sessions apart by address); on_disconnect may add
+		 * sessions, which leaves this entry where it is. Erased by id
+		 * afterwards, also when the callback throws.
+		 */
+		Session &session = it->second.session;
+		try {
+			if (session.state_ && handlers.on_disconnect)
+				handlers.on_disconnect(session);
+		} catch (...) {
+			sessions.erase(id);
+			throw;
+		}
+		sessions.erase(id);
 	}
 }
 

@@ -7,9 +7,18 @@
  * thread, which raises the PF event and performs the write once
  * (CONTINUE), re-checks the rights (RETRY) or crashes the vCPU (CRASH).
  *
+ * A page without R (and so without W) is also hidden: the memory map takes
+ * it out of every memslot, so that every guest access to it exits as MMIO.
+ * Reads come to on_mmio_read() (the SPP engine passes reads on), which
+ * raises the PF event with access R and completes the read from guest
+ * memory; writes are MMIO writes on RAM with map 0, which the SPP engine
+ * decides as for any write-protected page - also with virtkit.ko, which
+ * leaves writes to pages without a memslot to userspace.
+ *
  * A command is validated whole before anything changes, and applied all
- * or nothing: SubpageProtection::set_access is all or nothing per call, and
- * if a later run of pages fails the earlier ones are put back.
+ * or nothing: SubpageProtection::set_access and the hiding are all or
+ * nothing per call, and if a later step fails the earlier ones are put
+ * back.
  */
 #include "server.hpp"
 
@@ -24,14 +33,6 @@ namespace {
 
 constexpr std::uint8_t access_rwx =
 	KVMI_PAGE_ACCESS_R | KVMI_PAGE_ACCESS_W | KVMI_PAGE_ACCESS_X;
-
-/*
- * HOOK (read restrictions): a page without R is to be unmapped by the
- * memory map and its reads emulated through MMIO exits, reported as PF
- * events with access R. The memory map does not offer that yet: until it
- * does, read restrictions answer -KVMI_EOPNOTSUPP.
- */
-int restrict_reads_unsupported() { return -KVMI_EOPNOTSUPP; }
 
 } // namespace
 
@@ -60,8 +61,6 @@ int IntrospectionServer::set_page_access(std::span<const std::byte> p)
 			return -KVMI_EINVAL;
 		if (!(a & KVMI_PAGE_ACCESS_X))
 			return -KVMI_EOPNOTSUPP;
-		if (!(a & KVMI_PAGE_ACCESS_R))
-			return restrict_reads_unsupported();
 		const std::uint64_t gfn = e.gpa / kvmi::page_size;
 		if (!vm_.memory().contains(gfn * kvmi::page_size, kvmi::page_size))
 			return -KVMI_EINVAL;
@@ -146,17 +145,29 @@ int IntrospectionServer::apply_pages_locked(const std::map<std::uint64_t, KvmiPa
 		std::vector<std::uint32_t> maps, old;
 	};
 	std::vector<Run> runs;
+	/* The pages that are hidden or shown (every page without R has map 0). */
+	std::map<std::uint64_t, bool> hide;
 	for (auto &[gfn, pg] : changes) {
 		auto it = pages_.find(gfn);
-		const std::uint32_t old = it == pages_.end() ? SubpageProtection::all_writable
-							     : it->second.map();
-		if (old == pg.map())
+		const KvmiPage old = it == pages_.end() ? KvmiPage{} : it->second;
+		if (old.hidden() != pg.hidden())
+			hide[gfn] = pg.hidden();
+		if (old.map() == pg.map())
 			continue;
 		if (runs.empty() || runs.back().gfn + runs.back().maps.size() != gfn)
 			runs.push_back({gfn, {}, {}});
 		runs.back().maps.push_back(pg.map());
-		runs.back().old.push_back(old);
+		runs.back().old.push_back(old.map());
 	}
+	/* Put back the first n runs (after a later step failed). */
+	auto undo_runs = [&](std::size_t n) {
+		for (std::size_t j = 0; j < n; j++) {
+			try {
+				spp_->set_access(runs[j].gfn, runs[j].old);
+			} catch (const Error &) {
+			}
+		}
+	};
 	if (!runs.empty()) {
 		SubpageProtection *spp;
 		try {
@@ -176,15 +187,22 @@ int IntrospectionServer::apply_pages_locked(const std::map<std::uint64_t, KvmiPa
 			try {
 				spp->set_access(runs[i].gfn, runs[i].maps);
 			} catch (const Error &e) {
-				/* Put back the runs already applied: nothing changed. */
-				for (std::size_t j = 0; j < i; j++) {
-					try {
-						spp->set_access(runs[j].gfn, runs[j].old);
-					} catch (const Error &) {
-					}
-				}
+				undo_runs(i);
 				return kvmi_error(e.err());
 			}
+		}
+	}
+	/*
+	 * After the maps: a page is hidden only once its map is 0. Writes to
+	 * a hidden page are MMIO writes on RAM, which the SPP engine performs
+	 * wherever the map allows them.
+	 */
+	if (!hide.empty()) {
+		try {
+			set_hidden_locked(hide);
+		} catch (const Error &e) {
+			undo_runs(runs.size());
+			return kvmi_error(e.err());
 		}
 	}
 	for (auto &[gfn, pg] : changes) {
@@ -194,6 +212,34 @@ int IntrospectionServer::apply_pages_locked(const std::map<std::uint64_t, KvmiPa
 			pages_[gfn] = pg;
 	}
 	return 0;
+}
+
+void IntrospectionServer::set_hidden_locked(const std::map<std::uint64_t, bool> &hidden)
+{
+	/* Runs of consecutive gfns: one memory map call (one vCPU pause) each. */
+	std::vector<std::pair<std::uint64_t, std::uint64_t>> runs; /* first, count */
+	for (auto &[gfn, h] : hidden) {
+		if (runs.empty() || runs.back().first + runs.back().second != gfn)
+			runs.push_back({gfn, 0});
+		runs.back().second++;
+	}
+	auto &mem = vms_->memory;
+	auto lock = mem.lock();
+	std::size_t done = 0;
+	try {
+		for (; done < runs.size(); done++)
+			mem.set_hidden_locked(runs[done].first, runs[done].second,
+					      [&](std::uint64_t g) { return hidden.at(g); });
+	} catch (const Error &) {
+		while (done--) {
+			try {
+				mem.set_hidden_locked(runs[done].first, runs[done].second,
+						      [&](std::uint64_t g) { return !hidden.at(g); });
+			} catch (const Error &) {
+			}
+		}
+		throw;
+	}
 }
 
 namespace {
@@ -213,6 +259,29 @@ template <class MapOf> bool write_allowed(std::uint64_t gpa, std::uint32_t size,
 
 } // namespace
 
+bool IntrospectionServer::pf_allows(Vcpu &vcpu, const kvmi_event_pf &pf,
+				    const std::function<bool()> &allowed)
+{
+	if (vcpu.id() > 0xffff)
+		return true; /* KVMI addresses vCPUs with 16 bits */
+	const auto id = static_cast<std::uint16_t>(vcpu.id());
+	for (;;) {
+		if (!wants(id, KVMI_EVENT_PF))
+			return true;
+		auto out = raise(id, &vcpu, KVMI_EVENT_PF, std::as_bytes(std::span(&pf, 1)));
+		switch (out.action) {
+		case KVMI_EVENT_ACTION_RETRY:
+			if (allowed())
+				return true;
+			break; /* still blocked: ask again */
+		case KVMI_EVENT_ACTION_CRASH:
+			return false; /* raise() marked the crash */
+		default:
+			return true;
+		}
+	}
+}
+
 /*
  * A blocked guest write (vCPU thread). Pages the tool did not restrict are
  * the VMM's own protection: dropped, as without a handler.
@@ -228,33 +297,52 @@ SppDecision IntrospectionServer::on_spp_violation(Vcpu &vcpu, const SppViolation
 		if (map_of(v.gpa / kvmi::page_size) == SubpageProtection::all_writable)
 			return SppDecision::drop;
 	}
-	if (vcpu.id() > 0xffff)
-		return SppDecision::allow_once;
-	const auto id = static_cast<std::uint16_t>(vcpu.id());
-
 	kvmi_event_pf pf{};
 	/* The write's own address when it starts in the blocked page (as an EPT violation). */
 	pf.gpa = v.write_gpa / kvmi::page_size == v.gpa / kvmi::page_size ? v.write_gpa : v.gpa;
 	pf.gva = 0; /* not known on this backend */
 	pf.access = KVMI_PAGE_ACCESS_W;
-	for (;;) {
-		/* Nobody to ask (PF not enabled, disconnected): the write happens. */
-		if (!wants(id, KVMI_EVENT_PF))
-			return SppDecision::allow_once;
-		auto out = raise(id, &vcpu, KVMI_EVENT_PF, std::as_bytes(std::span(&pf, 1)));
-		switch (out.action) {
-		case KVMI_EVENT_ACTION_RETRY: {
-			std::lock_guard lock(restr_mu_);
-			if (write_allowed(v.write_gpa, v.size, map_of))
-				return SppDecision::allow_once;
-			break; /* still blocked: ask again */
-		}
-		case KVMI_EVENT_ACTION_CRASH:
-			return SppDecision::drop; /* raise() marked the crash */
-		default:
-			return SppDecision::allow_once;
-		}
+	return pf_allows(vcpu, pf,
+			 [&] {
+				 std::lock_guard lock(restr_mu_);
+				 return write_allowed(v.write_gpa, v.size, map_of);
+			 })
+		       ? SppDecision::allow_once
+		       : SppDecision::drop;
+}
+
+bool IntrospectionServer::read_blocked(std::uint64_t gpa)
+{
+	std::lock_guard lock(restr_mu_);
+	auto it = pages_.find(gpa / kvmi::page_size);
+	return it != pages_.end() && it->second.hidden();
+}
+
+/*
+ * A guest read of a hidden page (vCPU thread). KVM reports it as MMIO, in
+ * pieces of at most 8 bytes, one exit each: every piece is one PF event.
+ * Whatever the instruction does next (the write of a read-modify-write,
+ * the next piece) is a new exit that goes through every handler again.
+ */
+ExitAction IntrospectionServer::on_mmio_read(Vcpu &vcpu, const MmioExit &m)
+{
+	if (m.is_write || m.data.empty() || !read_blocked(m.gpa))
+		return ExitAction::pass;
+	kvmi_event_pf pf{};
+	pf.gpa = m.gpa;
+	pf.gva = 0; /* not known on this backend */
+	pf.access = KVMI_PAGE_ACCESS_R;
+	if (!pf_allows(vcpu, pf, [&] { return !read_blocked(m.gpa); })) {
+		/* CRASH: nothing is read; before_entry() ends the vCPU. */
+		std::fill(m.data.begin(), m.data.end(), std::byte{0});
+		return ExitAction::resume;
 	}
+	auto &mem = vms_->memory;
+	auto lock = mem.lock_shared();
+	if (!mem.writable_ram_locked(m.gpa, m.data.size()))
+		return ExitAction::pass; /* the VMM removed the region meanwhile */
+	mem.guest_read_locked(m.gpa, m.data.data(), static_cast<std::uint32_t>(m.data.size()));
+	return ExitAction::resume;
 }
 
 void IntrospectionServer::remove_restrictions() noexcept
@@ -271,10 +359,12 @@ void IntrospectionServer::remove_restrictions() noexcept
 	}
 	if (err) {
 		/* All at once failed: page by page, as far as it goes. */
-		for (auto &[gfn, pg] : changes) {
+		for (auto &[gfn, pg] : pages_) {
 			try {
 				if (spp_)
 					spp_->set_access(gfn, {SubpageProtection::all_writable});
+				if (pg.hidden())
+					set_hidden_locked({{gfn, false}});
 			} catch (const Error &) {
 			}
 		}

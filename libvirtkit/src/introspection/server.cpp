@@ -30,6 +30,7 @@ int kvmi_error(int err)
 	case E2BIG: return -KVMI_E2BIG;
 	case EAGAIN: return -KVMI_EAGAIN;
 	case ENOMEM: return -KVMI_ENOMEM;
+	case ENOSPC: return -KVMI_ENOMEM; /* out of memslots or SPP table pages */
 	case EBUSY: return -KVMI_EBUSY;
 	case EINVAL: return -KVMI_EINVAL;
 	case EOPNOTSUPP: return -KVMI_EOPNOTSUPP;
@@ -58,7 +59,10 @@ void IntrospectionServer::start(std::unique_ptr<kvmi::Connection> conn)
 {
 	conn_ = std::move(conn);
 	std::weak_ptr<IntrospectionServer> weak = weak_from_this();
-	/* After sub-page protection (INT_MIN): MSR and debug exits only. */
+	/*
+	 * After sub-page protection (INT_MIN), which takes the guest writes
+	 * to restricted pages: MSR and debug exits, reads of hidden pages.
+	 */
 	exit_reg_ = vm_.add_exit_handler(
 		[weak](Vcpu &v, Exit &e) {
 			auto self = weak.lock();
@@ -299,6 +303,8 @@ ExitAction IntrospectionServer::on_exit(Vcpu &vcpu, Exit &exit)
 		return on_msr_exit(vcpu, *m);
 	if (auto *d = std::get_if<DebugExit>(&exit))
 		return on_debug_exit(vcpu, *d);
+	if (auto *m = std::get_if<MmioExit>(&exit))
+		return on_mmio_read(vcpu, *m);
 	return ExitAction::pass;
 }
 

@@ -8,8 +8,9 @@
  *    stays out of the guest meanwhile); it also completes event replies;
  *  - vCPU threads raise events (raise()) from the VcpuWork before_entry()
  *    (PAUSE_VCPU, CREATE_VCPU, TRAP, UNHOOK) and from exit handlers (MSR,
- *    BREAKPOINT, SINGLESTEP, PF through the SPP violation handler) and wait
- *    for the reply or the disconnect;
+ *    BREAKPOINT, SINGLESTEP, PF: writes through the SPP violation handler,
+ *    reads of hidden pages through MMIO exits) and wait for the reply or
+ *    the disconnect;
  *  - any thread may disconnect (request_stop()); the reader then undoes
  *    every change (teardown()) and exits.
  *
@@ -18,7 +19,8 @@
  *    state; cv_ signals replies and the disconnect. Not held across KVM
  *    ioctls of a vCPU that could be in the guest.
  *  - restr_mu_: the page restrictions; held across SubpageProtection calls
- *    (which the SPP violation path never holds when it calls us).
+ *    (which the SPP violation path never holds when it calls us) and the
+ *    memory map's lock (restr_mu_ -> memory lock, never the reverse).
  *  - Connection: its own send lock.
  *
  * Lifetime: shared_ptr. The Introspection handle, the reader thread, the
@@ -35,6 +37,7 @@
 #include <atomic>
 #include <condition_variable>
 #include <cstdint>
+#include <functional>
 #include <map>
 #include <memory>
 #include <mutex>
@@ -84,7 +87,7 @@ struct KvmiVcpu {
 	bool enabled(std::uint16_t event) const { return events >> event & 1; }
 };
 
-/* What a tool's write restriction of one page is. Under restr_mu_. */
+/* What a tool's restriction of one page is. Under restr_mu_. */
 struct KvmiPage {
 	std::uint8_t access = KVMI_PAGE_ACCESS_R | KVMI_PAGE_ACCESS_W | KVMI_PAGE_ACCESS_X;
 	std::uint32_t bitmap = SubpageProtection::all_writable; /* SET_PAGE_WRITE_BITMAP */
@@ -95,6 +98,12 @@ struct KvmiPage {
 		return (access & KVMI_PAGE_ACCESS_W) ? bitmap : 0;
 	}
 	bool unrestricted() const { return map() == SubpageProtection::all_writable; }
+	/*
+	 * No R: the page is taken out of every memslot, so guest reads exit
+	 * as MMIO (on_mmio_read). It has no W either (validated), so its map
+	 * is 0 and guest writes stay the SPP engine's: one path each.
+	 */
+	bool hidden() const { return !(access & KVMI_PAGE_ACCESS_R); }
 };
 
 class IntrospectionServer final : public VcpuWork,
@@ -187,7 +196,19 @@ private:
 	int set_page_write_bitmap(std::span<const std::byte> p);
 	/* Apply new page states all or nothing; 0 or -KVMI_E*. Under restr_mu_. */
 	int apply_pages_locked(const std::map<std::uint64_t, KvmiPage> &changes);
+	/* Hide or show pages as `hidden` says, all or nothing. Under restr_mu_. */
+	void set_hidden_locked(const std::map<std::uint64_t, bool> &hidden);
 	SppDecision on_spp_violation(Vcpu &vcpu, const SppViolation &v);
+	/*
+	 * PF events for one blocked guest access until the tool lets it
+	 * happen: true for CONTINUE, for RETRY once allowed() holds, and when
+	 * nobody is asked (PF not enabled, disconnected); false for CRASH.
+	 */
+	bool pf_allows(Vcpu &vcpu, const kvmi_event_pf &pf, const std::function<bool()> &allowed);
+	/* Whether the guest may not read the page holding gpa now. */
+	bool read_blocked(std::uint64_t gpa);
+	/* A guest read of a hidden page (an MMIO read exit). */
+	ExitAction on_mmio_read(Vcpu &vcpu, const MmioExit &m);
 	void remove_restrictions() noexcept;
 
 	/* --- msr_filter.cpp --- */
