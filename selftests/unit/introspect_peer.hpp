@@ -34,14 +34,15 @@
 #include <virtkit/fd.hpp>
 #include <virtkit/introspect.hpp>
 
+#include "kvmi_layout.hpp"
+
 namespace introspect_test {
 
 using Bytes = std::vector<std::byte>;
 
-template <class T> std::span<const std::byte> bytes_of(const T &v)
-{
-	return std::as_bytes(std::span<const T, 1>(&v, 1));
-}
+/* The wire helpers of both library ends (kvmi_layout.hpp, with its layout checks). */
+using virtkit::detail::kvmi::all_zero;
+using virtkit::detail::kvmi::bytes_of;
 
 template <class... T> Bytes pack(const T &...parts)
 {
@@ -50,21 +51,12 @@ template <class... T> Bytes pack(const T &...parts)
 	return out;
 }
 
+/* kvmi::load, checked: what the client sent may be short. */
 template <class T> T load(std::span<const std::byte> b, std::size_t offset = 0)
 {
 	if (offset + sizeof(T) > b.size())
 		throw std::runtime_error("load past the end");
-	T v;
-	std::memcpy(&v, b.data() + offset, sizeof(v));
-	return v;
-}
-
-inline bool all_zero(std::span<const std::byte> b)
-{
-	for (auto x : b)
-		if (x != std::byte{0})
-			return false;
-	return true;
+	return virtkit::detail::kvmi::load<T>(b, offset);
 }
 
 struct Msg {
