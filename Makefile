@@ -6,7 +6,8 @@
 #                   second demo (in a QEMU guest with virtkit.ko loaded when
 #                   /dev/kvm is not usable)
 #   make check      install missing Debian packages, build, run every test suite:
-#                   unit tests, selftests, virtkit.ko's build and tests in Debian's
+#                   unit tests, selftests, the page-walk oracle (QEMU TCG),
+#                   virtkit.ko's build and tests in Debian's
 #                   6.1 and 6.12 kernels (QEMU), its DKMS build, the install check
 #   make bench      build the benchmarks (bench/*.cpp; built by all, not run by check)
 #   make run-bench  build and run them (in a QEMU guest when /dev/kvm is not usable)
@@ -240,7 +241,7 @@ run-bench: $(BENCH_BINS)
 
 check: deps
 	$(MAKE) all
-	$(MAKE) check-unit check-selftests check-kmod check-dkms check-install
+	$(MAKE) check-unit check-selftests check-page-walk check-kmod check-dkms check-install
 
 check-unit: $(UNIT_BIN)
 	$(UNIT_BIN)
@@ -254,6 +255,7 @@ check-install: lib
 
 include mk/install.mk
 include mk/kmod.mk
+include mk/page_walk.mk
 
 clean:
 	rm -rf $(BUILD)
