@@ -498,7 +498,25 @@ void add_noncanonical(Builder &b)
 	}
 }
 
-/* kvm-unit-tests x86/pks.c: key 2, PKRS AD = 0x10, WD = 0x20, CPL 0. */
+/* kvm-unit-tests x86/pks.c, in its order: key 2, PKRS AD = 0x10, WD = 0x20, CPL 0. */
+struct PksScenario {
+	const char *name;
+	bool supervisor;
+	unsigned int access;
+	u32 pkrs;
+	bool wp;
+	bool fault;
+};
+constexpr PksScenario pks_scenarios[] = {
+	{"write to supervisor page when pkrs is ad and wp == 1", true, PW_ACC_WRITE, 0x10, true, true},
+	{"write to supervisor page when pkrs is ad and wp == 0", true, PW_ACC_WRITE, 0x10, false, true},
+	{"write to supervisor page when pkrs is wd and wp == 1", true, PW_ACC_WRITE, 0x20, true, true},
+	{"write to supervisor page when pkrs is wd and wp == 0", true, PW_ACC_WRITE, 0x20, false, false},
+	{"write to user page when pkrs is wd and wp == 0", false, PW_ACC_WRITE, 0x20, false, false},
+	{"write to user page when pkrs is wd and wp == 1", false, PW_ACC_WRITE, 0x20, true, false},
+	{"read from user page when pkrs is ad", false, PW_ACC_READ, 0x10, false, false},
+};
+
 void add_pks_c(Builder &b)
 {
 	u64 sup = b.probe({Size::k4, 2, Kind::sup_leaf, Rw::writable, Nx::none, Rsvd::none},
@@ -507,24 +525,7 @@ void add_pks_c(Builder &b)
 	u64 user = b.probe({Size::k4, 2, Kind::user, Rw::writable, Nx::none, Rsvd::none},
 			   "x86/pks.c's user page");
 	u32 user_probe = b.probes().size() - 1;
-	struct Scenario {
-		const char *name;
-		bool supervisor;
-		unsigned int access;
-		u32 pkrs;
-		bool wp;
-		bool fault;
-	};
-	static const Scenario scenarios[] = {
-		{"write to supervisor page when pkrs is ad and wp == 1", true, PW_ACC_WRITE, 0x10, true, true},
-		{"write to supervisor page when pkrs is ad and wp == 0", true, PW_ACC_WRITE, 0x10, false, true},
-		{"write to supervisor page when pkrs is wd and wp == 1", true, PW_ACC_WRITE, 0x20, true, true},
-		{"write to supervisor page when pkrs is wd and wp == 0", true, PW_ACC_WRITE, 0x20, false, false},
-		{"write to user page when pkrs is wd and wp == 0", false, PW_ACC_WRITE, 0x20, false, false},
-		{"write to user page when pkrs is wd and wp == 1", false, PW_ACC_WRITE, 0x20, true, false},
-		{"read from user page when pkrs is ad", false, PW_ACC_READ, 0x10, false, false},
-	};
-	for (const Scenario &sc : scenarios) {
+	for (const PksScenario &sc : pks_scenarios) {
 		State s;
 		s.access = sc.access;
 		s.pks = true;
@@ -740,6 +741,15 @@ Report compare(const Matrix &m, std::span<const std::byte> after, unsigned int q
 					     (want.vector != PW_NO_FAULT) == m.info[i].expect_fault,
 					     (got.vector != PW_NO_FAULT) == m.info[i].expect_fault});
 	}
+	/* In x86/pks.c's order. */
+	auto order = [](const NamedReport &n) {
+		for (std::size_t i = 0; i < std::size(pks_scenarios); i++)
+			if (n.name == pks_scenarios[i].name)
+				return i;
+		return std::size(pks_scenarios);
+	};
+	std::stable_sort(rep.named.begin(), rep.named.end(),
+			 [&](const NamedReport &a, const NamedReport &b) { return order(a) < order(b); });
 	return rep;
 }
 
