@@ -35,6 +35,16 @@ long virtkit_check_extension(unsigned long cap)
 		return 1;
 	case VIRTKIT_CAP_SPP_MAX_PAGES:
 		return VIRTKIT_SPP_MAX_PAGES;
+	case VIRTKIT_CAP_PKS:
+		/*
+		 * Guest PKS needs KVM's own PKS virtualization: the PKS bit
+		 * in the guest's CPUID, CR4.PKS passed through to the
+		 * hardware, IA32_PKRS switched on VM entry and exit and
+		 * saved with the vCPU state, PFEC.PK from its MMU. None of
+		 * that is exported to modules, so the module cannot add it:
+		 * always absent.
+		 */
+		return 0;
 	default:
 		return 0;
 	}

@@ -357,10 +357,18 @@ bool MemoryMap::contains(std::uint64_t gpa, std::uint64_t size) const
 std::byte *MemoryMap::host_ptr(std::uint64_t gpa, std::uint64_t size) const
 {
 	std::shared_lock lock(mu_);
+	/* The regions' mappings are writable; the const is host_ptr_locked()'s. */
+	if (auto *p = host_ptr_locked(gpa, size))
+		return const_cast<std::byte *>(p);
+	throw Error("GuestMemory::host_ptr", EFAULT,
+		    range(gpa, size) + " is not inside one region");
+}
+
+const std::byte *MemoryMap::host_ptr_locked(std::uint64_t gpa, std::uint64_t size) const noexcept
+{
 	const Region *r = wraps(gpa, size) ? nullptr : find_gpa(gpa);
 	if (!r || size > r->gpa + r->size - gpa)
-		throw Error("GuestMemory::host_ptr", EFAULT,
-			    range(gpa, size) + " is not inside one region");
+		return nullptr;
 	return r->map.data() + (gpa - r->gpa);
 }
 

@@ -61,6 +61,12 @@ public:
 	RegionInfo region_at(std::uint64_t gpa) const;
 	bool contains(std::uint64_t gpa, std::uint64_t size) const;
 	std::byte *host_ptr(std::uint64_t gpa, std::uint64_t size) const;
+	/*
+	 * The same without throwing, for many small lookups under one
+	 * lock_shared() (page walks): nullptr when [gpa, gpa + size) is not
+	 * inside one region.
+	 */
+	const std::byte *host_ptr_locked(std::uint64_t gpa, std::uint64_t size) const noexcept;
 	void read(std::uint64_t gpa, std::span<std::byte> out) const;
 	void write(std::uint64_t gpa, std::span<const std::byte> in);
 	void copy(std::uint64_t dst, std::uint64_t src, std::uint64_t size);
@@ -179,6 +185,11 @@ private:
 	std::vector<std::uint32_t> free_slots_;
 	std::uint32_t next_slot_ = 0;
 	std::size_t used_slots_ = 0;
+};
+
+/* The friend through which library internals reach a GuestMemory's map. */
+struct GuestMemoryAccess {
+	static const MemoryMap &map(const GuestMemory &m) noexcept { return m.map_; }
 };
 
 } // namespace virtkit::detail

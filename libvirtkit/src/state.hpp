@@ -91,6 +91,12 @@ struct VmState {
 	 */
 	std::atomic<int> run_fd{-1};
 
+	/*
+	 * Whether KVM lists IA32_PKRS (0x6e1) in KVM_GET_MSR_INDEX_LIST, so
+	 * that page walks read it (asked once, when the VM is created).
+	 */
+	bool pkrs_listed = false;
+
 	/* Sub-page protection, once enabled (spp_mu guards enabling). */
 	std::mutex spp_mu;
 	std::unique_ptr<SubpageProtection> spp;
@@ -160,6 +166,16 @@ struct VcpuState {
 	std::condition_variable kick_cv;
 	/* request_vcpu_work() was called: run before_entry() before the next entry. */
 	std::atomic<bool> work_pending{false};
+
+	/*
+	 * What page walks take from the vCPU's CPUID (vcpu_paging.cpp), read
+	 * on first use and again after Vcpu::set_cpuid(). paging_mu guards
+	 * them.
+	 */
+	std::mutex paging_mu;
+	bool paging_cpuid_known = false;
+	std::uint32_t maxphyaddr = 36;
+	std::uint32_t pkru_offset = 0;	/* in the XSAVE area; 0: not known */
 
 	/* The thread whose signal mask KVM_SET_SIGNAL_MASK was derived from. */
 	pthread_t mask_thread{};

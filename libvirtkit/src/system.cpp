@@ -3,6 +3,7 @@
 
 #include <fcntl.h>
 
+#include <algorithm>
 #include <cerrno>
 
 #include <virtkit/error.hpp>
@@ -80,6 +81,33 @@ std::vector<std::uint32_t> System::feature_msr_index_list() const
 	return msr_list(KVM_GET_MSR_FEATURE_INDEX_LIST, "KVM_GET_MSR_FEATURE_INDEX_LIST");
 }
 
+/* Whether KVM saves and restores IA32_PKRS. */
+static bool lists_pkrs(const System &sys)
+{
+	return std::ranges::count(sys.msr_index_list(), PksSupport::pkrs_msr) > 0;
+}
+
+PksSupport System::pks_support() const
+{
+	PksSupport p;
+	for (auto &e : supported_cpuid())
+		if (e.function == 7 && e.index == 0)
+			p.cpuid = e.ecx >> 31 & 1;
+	p.msr = lists_pkrs(*this);
+	return p;
+}
+
+std::string PksSupport::missing() const
+{
+	std::string s;
+	if (!cpuid)
+		s = "KVM_GET_SUPPORTED_CPUID (7,0):ECX[31] clear";
+	if (!msr)
+		s += std::string(s.empty() ? "" : "; ") + "IA32_PKRS (" + hex(pkrs_msr) +
+		     ") not in KVM_GET_MSR_INDEX_LIST";
+	return s;
+}
+
 Vm System::create_vm(const VmOptions &options) const
 {
 	/* Dirty ring size: a power of two of kvm_dirty_gfn entries, within the cap. */
@@ -120,6 +148,7 @@ Vm System::create_vm(const VmOptions &options) const
 	auto state = std::make_shared<detail::VmState>(std::move(vm), vcpu_mmap_size_,
 						       static_cast<std::uint32_t>(slots),
 						       options.dirty_ring_bytes);
+	state->pkrs_listed = lists_pkrs(*this);
 	return Vm(std::move(state));
 }
 

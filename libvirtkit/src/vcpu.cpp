@@ -428,6 +428,8 @@ void Vcpu::set_cpuid(std::span<const kvm_cpuid_entry2> entries)
 	std::copy(entries.begin(), entries.end(), c->entries);
 	VK_IOCTL(fd(), KVM_SET_CPUID2, c,
 		 who(*state_) + " nent=" + std::to_string(entries.size()), state_->vm->fd.get());
+	std::lock_guard lock(state_->paging_mu);
+	state_->paging_cpuid_known = false;
 }
 
 kvm_translation Vcpu::translate(std::uint64_t gva) const

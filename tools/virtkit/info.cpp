@@ -65,7 +65,6 @@ const char info_help[] =
 namespace {
 
 constexpr const char *virtkit_device = "/dev/" VIRTKIT_DEVICE_NAME;
-constexpr std::uint32_t msr_ia32_pkrs = 0x6e1;
 
 /* Where KVM answers a capability. */
 enum class Scope { system, vm };
@@ -128,8 +127,7 @@ struct HostFacts {
 	std::size_t feature_msrs = 0;
 	std::string vendor;
 	bool pku = false;
-	bool pks = false;
-	bool pkrs_msr = false;
+	PksSupport pks;			/* guest PKS: the library's detection */
 	bool virtkit_present = false;
 	std::string virtkit_state;
 	/* With /dev/virtkit present: why asking it failed, or its answers. */
@@ -193,17 +191,11 @@ void probe_kvm(HostFacts &f)
 	auto cpuid = sys->supported_cpuid();
 	f.cpuid_entries = cpuid.size();
 	f.vendor = cpuid_vendor(cpuid);
-	for (auto &e : cpuid) {
-		if (e.function == 7 && e.index == 0) {
+	for (auto &e : cpuid)
+		if (e.function == 7 && e.index == 0)
 			f.pku = e.ecx >> 3 & 1;
-			f.pks = e.ecx >> 31 & 1;
-		}
-	}
-	auto msrs = sys->msr_index_list();
-	f.msrs = msrs.size();
-	for (auto m : msrs)
-		if (m == msr_ia32_pkrs)
-			f.pkrs_msr = true;
+	f.msrs = sys->msr_index_list().size();
+	f.pks = sys->pks_support();
 	f.feature_msrs = sys->feature_msr_index_list().size();
 
 	/* SPP backends: ask the library, each on a VM of its own. */
@@ -333,13 +325,12 @@ std::string readiness(std::initializer_list<Need> needs)
 
 void print_features(const HostFacts &f)
 {
-	const char *later = "not implemented yet in this version (arrives in a later release)";
 	bool ro = cap(f, KVM_CAP_READONLY_MEM);
 	bool umsr = cap(f, KVM_CAP_X86_USER_SPACE_MSR);
 	bool filter = cap(f, KVM_CAP_X86_MSR_FILTER);
 	bool spp_kmod = f.virtkit_present && !f.spp_kmod_error;
 
-	section("Features (SPP and KVMI are implemented; PKS is not yet)");
+	section("Features (SPP, KVMI and the PKS page-walk engine are implemented)");
 	if (ro || spp_kmod)
 		field("spp", std::string("available with the ") +
 				     (ro && spp_kmod ? "user and kmod backends"
@@ -381,10 +372,16 @@ void print_features(const HostFacts &f)
 		field("kvmi breakpoint events", bp);
 		field("kvmi page restrictions", "through the spp backend: " + f.spp_automatic);
 	}
-	field("pks", later);
+	field("pks", "page-walk engine available on any host: Vcpu::translate(gva, access) "
+		     "gives the gpa or the exact #PF/#GP, protection keys (PKRU, IA32_PKRS), "
+		     "SMEP, SMAP, WP and NX included");
 	field("pks guest support",
-	      readiness({{f.pks, "PKS in KVM_GET_SUPPORTED_CPUID (7,0):ECX[31]"},
-			 {f.pkrs_msr, "MSR 0x6E1 in KVM_GET_MSR_INDEX_LIST"}}));
+	      f.pks.available()
+		      ? std::string("available: host KVM offers PKS (KVM_GET_SUPPORTED_CPUID "
+				    "(7,0):ECX[31], IA32_PKRS (0x6e1) in KVM_GET_MSR_INDEX_LIST)")
+		      : "not available: host KVM does not offer PKS: " + f.pks.missing() +
+				" (guest PKS needs KVM's own PKS virtualization; "
+				"virtkit.ko cannot add it)");
 }
 
 void print(const HostFacts &f)
@@ -421,8 +418,8 @@ void print(const HostFacts &f)
 		field("msr index list", std::to_string(f.msrs) + " MSRs");
 		field("feature msr index list", std::to_string(f.feature_msrs) + " MSRs");
 		field("cpuid pku (7,0):ECX[3]", yes_no(f.pku));
-		field("cpuid pks (7,0):ECX[31]", yes_no(f.pks));
-		field("msr 0x6E1 IA32_PKRS listed", yes_no(f.pkrs_msr));
+		field("cpuid pks (7,0):ECX[31]", yes_no(f.pks.cpuid));
+		field("msr 0x6E1 IA32_PKRS listed", yes_no(f.pks.msr));
 	}
 
 	section("virtkit kernel module");

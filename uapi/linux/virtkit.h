@@ -25,7 +25,13 @@
 #define VIRTKIT_CAP_SPP			1 /* 1: SPP_ENABLE/SET/GET/STATS */
 #define VIRTKIT_CAP_SPP_FAST_WRITE	2 /* 1: VCPU_RUN completes allowed writes */
 #define VIRTKIT_CAP_SPP_MAX_PAGES	3 /* npages limit of one SET/GET call */
-#define VIRTKIT_CAP_PKS			4 /* guest PKS through the module */
+/*
+ * Guest PKS through the module. Always 0: guest PKS needs KVM's own PKS
+ * virtualization (CPUID, CR4.PKS, IA32_PKRS switching and save/restore,
+ * its MMU's PK faults), which a module cannot add. The page-walk engine
+ * works without it.
+ */
+#define VIRTKIT_CAP_PKS			4
 
 /*
  * Sub-page protection: a page is 32 sub-pages of 128 bytes; bit i of a

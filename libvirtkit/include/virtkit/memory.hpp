@@ -28,6 +28,7 @@ namespace virtkit {
 namespace detail {
 class MemoryMap;
 struct VmState;
+struct GuestMemoryAccess;
 }
 
 using RegionId = std::uint32_t;
@@ -131,6 +132,7 @@ public:
 
 private:
 	friend struct detail::VmState;
+	friend struct detail::GuestMemoryAccess;
 	explicit GuestMemory(detail::MemoryMap &map) : map_(map) {}
 	detail::MemoryMap &map_;
 };

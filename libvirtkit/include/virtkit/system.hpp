@@ -9,6 +9,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <string>
 #include <vector>
 
 #include <virtkit/fd.hpp>
@@ -22,6 +23,27 @@ struct VmOptions {
 	unsigned long type = 0;
 	/* Bytes of dirty ring per vCPU (0: use dirty bitmaps only). */
 	std::uint32_t dirty_ring_bytes = 0;
+};
+
+/*
+ * Whether host KVM virtualizes PKS (protection keys for supervisor pages)
+ * for its guests. It takes both: the CPUID bit that lets a guest see PKS and
+ * IA32_PKRS among the MSRs KVM saves and restores. Mainline KVM has neither
+ * (Documentation/pks.rst); virtkit.ko cannot add them.
+ */
+struct PksSupport {
+	/* IA32_PKRS, the supervisor-mode protection-key rights. */
+	static constexpr std::uint32_t pkrs_msr = 0x6e1;
+
+	bool cpuid = false;	/* KVM_GET_SUPPORTED_CPUID (7,0):ECX[31] */
+	bool msr = false;	/* pkrs_msr in KVM_GET_MSR_INDEX_LIST */
+
+	bool available() const noexcept { return cpuid && msr; }
+	/*
+	 * What is missing, "" when available: "KVM_GET_SUPPORTED_CPUID
+	 * (7,0):ECX[31] clear; IA32_PKRS (0x6e1) not in KVM_GET_MSR_INDEX_LIST".
+	 */
+	std::string missing() const;
 };
 
 class System {
@@ -41,6 +63,8 @@ public:
 	std::vector<std::uint32_t> msr_index_list() const;
 	/* KVM_GET_MSR_FEATURE_INDEX_LIST (empty when unsupported). */
 	std::vector<std::uint32_t> feature_msr_index_list() const;
+	/* Whether KVM offers PKS to guests (see PksSupport). */
+	PksSupport pks_support() const;
 
 	Vm create_vm(const VmOptions &options = {}) const;
 

@@ -17,6 +17,7 @@
 #include <vector>
 
 #include <virtkit/exit.hpp>
+#include <virtkit/page_walk.hpp>
 
 namespace virtkit {
 
@@ -86,6 +87,29 @@ public:
 
 	/* KVM_TRANSLATE of a guest-virtual address with the vCPU's paging. */
 	kvm_translation translate(std::uint64_t gva) const;
+	/*
+	 * Walk gva for access with the vCPU's current state, with virtkit's
+	 * page-walk engine (virtkit/page_walk.hpp): the gpa, or the exact
+	 * fault the access would raise - protection keys, SMEP, SMAP and WP
+	 * included, which KVM_TRANSLATE ignores. Reads only the state the walk
+	 * depends on (RFLAGS only with CR4.SMAP, PKRU only with CR4.PKE,
+	 * IA32_PKRS only with CR4.PKS).
+	 * Throws Error: a failing ioctl, or "page walk" with ENOTSUP (legacy
+	 * or PAE paging) or EFAULT (paging structures outside guest memory).
+	 */
+	Walk translate(std::uint64_t gva, Access access) const;
+	/*
+	 * The vCPU's state that page walks depend on: CR0, CR3, CR4, EFER and
+	 * RFLAGS (KVM_GET_SREGS, KVM_GET_REGS); the CPL, which is SS.DPL as
+	 * KVM itself takes it (3 in virtual-8086 mode, 0 in real mode); PKRU
+	 * from the XSAVE area (KVM_GET_XSAVE), at the offset CPUID leaf 0xd
+	 * sub-leaf 9 gives (the vCPU's, else the host processor's; 0 where
+	 * KVM has no PKRU or the offset is unknown); IA32_PKRS (KVM_GET_MSRS)
+	 * when KVM lists MSR 0x6e1 in KVM_GET_MSR_INDEX_LIST, else 0;
+	 * MAXPHYADDR from the vCPU's CPUID leaf 0x80000008 (36 without it, as
+	 * KVM). The CPUID facts are read once and again after set_cpuid().
+	 */
+	PagingState paging_state() const;
 
 	/*
 	 * Harvest this vCPU's dirty ring (when VmOptions::dirty_ring_bytes was

@@ -6,6 +6,7 @@
 #include <virtkit/exit.hpp>
 #include <virtkit/fd.hpp>
 #include <virtkit/memory.hpp>
+#include <virtkit/page_walk.hpp>
 #include <virtkit/spp.hpp>
 #include <virtkit/system.hpp>
 #include <virtkit/vcpu.hpp>

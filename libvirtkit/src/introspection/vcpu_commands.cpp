@@ -254,14 +254,25 @@ int IntrospectionServer::get_mtrr_type(Vcpu &vcpu, std::span<const std::byte> p,
 }
 
 /*
- * The one place guest-virtual addresses are translated (KVM_TRANSLATE with
- * the vCPU's current paging). A gva that does not map answers gpa ~0, as the
- * kvmi implementation did (INVALID_GPA), not an error.
+ * The one place guest-virtual addresses are translated: virtkit's page walk
+ * with the vCPU's current state, asking where the gva maps rather than
+ * whether some access would succeed - a walk that reaches a leaf answers its
+ * gpa even when the read itself would fault (SMAP, a protection key, a
+ * supervisor page at CPL 3). A gva that does not map answers gpa ~0, as the
+ * kvmi implementation did (INVALID_GPA), not an error; so do walks the
+ * engine cannot make (legacy or PAE paging, page tables outside guest
+ * memory).
  */
 std::uint64_t gva_to_gpa(Vcpu &vcpu, std::uint64_t gva)
 {
-	auto t = vcpu.translate(gva);
-	return t.valid ? t.physical_address : ~0ull;
+	try {
+		Walk w = vcpu.translate(gva, Access::read);
+		return w.mapped() ? w.gpa : ~0ull;
+	} catch (const Error &e) {
+		if (e.operation() != "page walk")
+			throw;
+		return ~0ull;
+	}
 }
 
 int IntrospectionServer::translate_gva(Vcpu &vcpu, std::span<const std::byte> p,

@@ -10,7 +10,10 @@
  * shared), and sets up an IDT whose handlers report exceptions. Each vCPU gets
  * 64-bit mode at CPL0, its own GDT, TSS, stack and per-CPU page (at %gs:0),
  * and starts at an entry function with up to six integer arguments. When the
- * entry function returns, the guest reports DONE.
+ * entry function returns, the guest reports DONE. Its CPUID is everything
+ * KVM supports (KVM_GET_SUPPORTED_CPUID), so guest code may turn on any
+ * feature the host's KVM offers: SMEP, SMAP, PKU, and PKS where KVM
+ * virtualizes it (System::pks_support()).
  *
  * Guest code must be linked into the executable (link libvirtkit statically,
  * -no-pie is not required) and must not call libc: see virtkit/x86/guest.h.
