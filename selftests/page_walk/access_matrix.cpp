@@ -371,31 +371,41 @@ void for_smap(State s, auto fn)
 	}
 }
 
+/*
+ * Every key state for probed key k: AD/WD (in PKRU, the complement in PKRS)
+ * x CR0.WP x access x CPL x CR4.PKE/PKS (PKE only without PKS).
+ */
+void for_key_states(unsigned int k, bool pks, auto fn)
+{
+	for (unsigned int adwd = 0; adwd < 4; adwd++) {
+		State s;
+		std::tie(s.pkru, s.pkrs) = key_rights(k, adwd);
+		for (int wp = 0; wp < 2; wp++)
+		for (unsigned int acc : all_access)
+		for (int cpl3 = 0; cpl3 < 2; cpl3++)
+		for (int pk = 0; pk < (pks ? 4 : 2); pk++) {
+			s.wp = wp;
+			s.access = acc;
+			s.cpl3 = cpl3;
+			s.pke = pk & 1;
+			s.pks = pk & 2;
+			fn(s);
+		}
+	}
+}
+
 void add_keys(Builder &b, bool pks)
 {
 	for (unsigned int k = 0; k < 16; k++)
 		for (Kind kind : {Kind::user, Kind::sup_leaf, Kind::sup_nonleaf})
 			for (Rw rw : {Rw::writable, Rw::ro_leaf}) {
-				ProbeSpec p{Size::k4, k, kind, rw, Nx::none, Rsvd::none};
-				u64 la = b.probe(p, "");
+				u64 la = b.probe({Size::k4, k, kind, rw, Nx::none, Rsvd::none}, "");
 				u32 probe = b.probes().size() - 1;
-				for (unsigned int adwd = 0; adwd < 4; adwd++) {
-					State s;
-					std::tie(s.pkru, s.pkrs) = key_rights(k, adwd);
-					for (int wp = 0; wp < 2; wp++)
-					for (unsigned int acc : all_access)
-					for (int cpl3 = 0; cpl3 < 2; cpl3++)
-					for (int pk = 0; pk < (pks ? 4 : 2); pk++) {
-						s.wp = wp;
-						s.access = acc;
-						s.cpl3 = cpl3;
-						s.pke = pk & 1;
-						s.pks = pk & 2;
-						for_smap(s, [&](const State &t) {
-							b.add(Set::keys, la, probe, t);
-						});
-					}
-				}
+				for_key_states(k, pks, [&](const State &s) {
+					for_smap(s, [&](const State &t) {
+						b.add(Set::keys, la, probe, t);
+					});
+				});
 			}
 }
 
@@ -406,21 +416,9 @@ void add_keys_large(Builder &b, bool pks)
 			for (Kind kind : {Kind::user, Kind::sup_leaf}) {
 				u64 la = b.probe({size, k, kind, Rw::writable, Nx::none, Rsvd::none}, "");
 				u32 probe = b.probes().size() - 1;
-				for (unsigned int adwd = 0; adwd < 4; adwd++) {
-					State s;
-					std::tie(s.pkru, s.pkrs) = key_rights(k, adwd);
-					for (int wp = 0; wp < 2; wp++)
-					for (unsigned int acc : all_access)
-					for (int cpl3 = 0; cpl3 < 2; cpl3++)
-					for (int pk = 0; pk < (pks ? 4 : 2); pk++) {
-						s.wp = wp;
-						s.access = acc;
-						s.cpl3 = cpl3;
-						s.pke = pk & 1;
-						s.pks = pk & 2;
-						b.add(Set::keys_large, la, probe, s);
-					}
-				}
+				for_key_states(k, pks, [&](const State &s) {
+					b.add(Set::keys_large, la, probe, s);
+				});
 			}
 }
 
@@ -688,6 +686,10 @@ Report compare(const Matrix &m, std::span<const std::byte> after, unsigned int q
 	if (after.size() < m.image.size())
 		throw std::runtime_error("page-walk oracle: the image came back truncated");
 	std::memcpy(&out, after.data(), sizeof(out));
+	if (out.out.status == PW_EXIT_UNEXPECTED)
+		throw std::runtime_error("page-walk oracle: the probe image took exception " +
+					 std::to_string(out.out.vector) + " outside a probe, after " +
+					 std::to_string(out.out.done) + " cases");
 	if (out.out.status != PW_EXIT_OK || out.out.done != h.ncases)
 		throw std::runtime_error("page-walk oracle: the probe image stopped with status " +
 					 std::to_string(out.out.status) + " after " +

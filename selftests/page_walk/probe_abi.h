@@ -53,6 +53,7 @@
 #define PW_EXIT_BAD_HEADER	0x11	/* magic or layout wrong */
 #define PW_EXIT_NO_LONG_MODE	0x12	/* CPUID 80000001H:EDX[29] clear */
 #define PW_EXIT_NO_LA57		0x13	/* 5-level asked, CPUID 7:ECX[16] clear */
+#define PW_EXIT_UNEXPECTED	0x14	/* an exception outside a probe (out.vector) */
 
 /* Selectors of the image's GDT (also the LDT descriptor it points at a probe). */
 #define PW_SEL_KERNEL_CS	0x08
@@ -105,6 +106,12 @@
 #define PW_MAX_ROOTS		4
 #define PW_MAX_KEYSETS		256
 
+/* Offsets in struct pw_header, for the assembly (checked in probe/main.c). */
+#define PW_HDR_LA57		12
+#define PW_HDR_ROOT0		16
+#define PW_HDR_STATUS		(16 + 8 * PW_MAX_ROOTS + 24 + 8 * PW_MAX_KEYSETS)
+#define PW_HDR_VECTOR		(PW_HDR_STATUS + 12)
+
 #ifndef __ASSEMBLER__
 
 /* One access: at linear address la, in the state ctl describes. */
@@ -142,7 +149,7 @@ struct pw_header {
 		__u32 status;		/* PW_EXIT_* */
 		__u32 features;		/* PW_FEAT_* */
 		__u32 maxphyaddr;	/* CPUID 80000008H:EAX[7:0] */
-		__u32 pad;
+		__u32 vector;		/* PW_EXIT_UNEXPECTED: the exception */
 		__u64 done;		/* cases run */
 	} out;
 };

@@ -137,10 +137,9 @@ void run_matrix(bool la57)
 	for (;;) {
 		Exit e = v.run();
 		auto *io = std::get_if<IoExit>(&e);
-		if (io && io->is_out() && io->port == PW_EXIT_PORT) {
-			TEST_ASSERT_EQ(io->value(), PW_EXIT_OK);
+		/* The image's status is in the header too: compare() explains it. */
+		if (io && io->is_out() && io->port == PW_EXIT_PORT)
 			break;
-		}
 		TEST_ASSERT(false, "the probe image stopped with %s", describe(e).c_str());
 	}
 

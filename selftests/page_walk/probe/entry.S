@@ -20,11 +20,6 @@
 #define EFER_NXE	(1 << 11)
 #define RFLAGS_AC	(1 << 18)
 
-/* struct pw_header offsets */
-#define H_MAGIC		0
-#define H_LA57		12
-#define H_ROOT0		16
-#define H_STATUS	(16 + 8 * PW_MAX_ROOTS + 24 + 8 * PW_MAX_KEYSETS)
 
 	.section .multiboot, "a"
 	.balign 4
@@ -53,9 +48,9 @@ pw_entry32:
 
 	mov $PW_CASES_BASE, %ebp		/* CPUID clobbers EBX */
 	mov $PW_EXIT_BAD_HEADER, %eax
-	cmpl $(PW_MAGIC & 0xffffffff), H_MAGIC(%ebp)
+	cmpl $(PW_MAGIC & 0xffffffff), (%ebp)
 	jne fail32
-	cmpl $(PW_MAGIC >> 32), H_MAGIC + 4(%ebp)
+	cmpl $(PW_MAGIC >> 32), 4(%ebp)
 	jne fail32
 
 	/* Long mode (and NX, when present: the cases set EFER.NXE themselves). */
@@ -67,7 +62,7 @@ pw_entry32:
 	mov %edx, %esi			/* bit 20: NX */
 
 	mov $CR4_PAE, %edi
-	cmpl $0, H_LA57(%ebp)
+	cmpl $0, PW_HDR_LA57(%ebp)
 	je 1f
 	mov $7, %eax
 	xor %ecx, %ecx
@@ -77,7 +72,7 @@ pw_entry32:
 	jnc fail32
 	or $CR4_LA57, %edi
 1:	mov %edi, %cr4
-	mov H_ROOT0(%ebp), %eax
+	mov PW_HDR_ROOT0(%ebp), %eax
 	mov %eax, %cr3
 	mov $MSR_EFER, %ecx
 	rdmsr
@@ -91,7 +86,7 @@ pw_entry32:
 	ljmp $PW_SEL_KERNEL_CS, $entry64
 
 fail32:
-	mov %eax, H_STATUS(%ebp)
+	mov %eax, PW_HDR_STATUS(%ebp)
 	mov $PW_EXIT_PORT, %dx
 	outl %eax, %dx
 	hlt
@@ -160,6 +155,8 @@ pw_vectors:
 	vector 31, 0
 
 exception_common:
+	cmpq $0, pw_resume_rsp(%rip)
+	je unexpected
 	mov (%rsp), %rax
 	mov %eax, pw_last_vector(%rip)
 	mov 8(%rsp), %rax
@@ -170,11 +167,44 @@ exception_common:
 	mov %rax, pw_last_cr2(%rip)
 	jmp pw_resume
 
+/* An exception outside a probe: a bug of the image; report and stop. */
+unexpected:
+	mov (%rsp), %rax
+	movl %eax, PW_CASES_BASE + PW_HDR_VECTOR
+	movl $PW_EXIT_UNEXPECTED, PW_CASES_BASE + PW_HDR_STATUS
+	mov $PW_EXIT_UNEXPECTED, %eax
+	mov $PW_EXIT_PORT, %dx
+	outl %eax, %dx
+1:	hlt
+	jmp 1b
+
 /* INT 0x80 from the user stub: its access completed. */
 	.globl pw_user_done
 pw_user_done:
 	movl $PW_NO_FAULT, pw_last_vector(%rip)
 	jmp pw_resume
+
+/*
+ * The access itself, at la (%rdi), of kind %esi (PW_ACC_*); the implicit
+ * ones load DS with selector sel, an LDT descriptor in the probed page.
+ */
+.macro access sel
+	cmp $PW_ACC_READ, %esi
+	je 1f
+	cmp $PW_ACC_WRITE, %esi
+	je 2f
+	cmp $PW_ACC_FETCH, %esi
+	je 3f
+	mov $\sel, %eax
+	mov %ax, %ds
+	jmp 4f
+1:	movb (%rdi), %al
+	jmp 4f
+2:	movb $0xc3, (%rdi)
+	jmp 4f
+3:	call *%rdi
+4:
+.endm
 
 /*
  * unsigned int pw_probe(u64 la, unsigned int access, unsigned int cpl3,
@@ -199,21 +229,8 @@ pw_probe:
 
 	push %rcx
 	popfq
-	cmp $PW_ACC_READ, %esi
-	je 1f
-	cmp $PW_ACC_WRITE, %esi
-	je 2f
-	cmp $PW_ACC_FETCH, %esi
-	je 3f
-	mov $PW_SEL_PROBE, %eax
-	mov %ax, %ds
-	jmp 4f
-1:	movb (%rdi), %al
-	jmp 4f
-2:	movb $0xc3, (%rdi)
-	jmp 4f
-3:	call *%rdi
-4:	movl $PW_NO_FAULT, pw_last_vector(%rip)
+	access PW_SEL_PROBE
+	movl $PW_NO_FAULT, pw_last_vector(%rip)
 	jmp pw_resume
 
 to_user:
@@ -228,6 +245,7 @@ to_user:
 	.globl pw_resume
 pw_resume:
 	mov pw_resume_rsp(%rip), %rsp
+	movq $0, pw_resume_rsp(%rip)	/* no probe in flight */
 	mov $PW_SEL_KERNEL_DS, %eax
 	mov %ax, %ds
 	mov %ax, %es
@@ -246,21 +264,8 @@ pw_resume:
 /* The CPL3 side: the same accesses, then INT 0x80 back to pw_resume. */
 	.section .user_text, "ax"
 pw_user_stub:
-	cmp $PW_ACC_READ, %esi
-	je 1f
-	cmp $PW_ACC_WRITE, %esi
-	je 2f
-	cmp $PW_ACC_FETCH, %esi
-	je 3f
-	mov $(PW_SEL_PROBE | 3), %eax
-	mov %ax, %ds
-	jmp 4f
-1:	movb (%rdi), %al
-	jmp 4f
-2:	movb $0xc3, (%rdi)
-	jmp 4f
-3:	call *%rdi
-4:	int $0x80
+	access (PW_SEL_PROBE | 3)
+	int $0x80
 5:	jmp 5b
 
 	.data

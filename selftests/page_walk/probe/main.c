@@ -29,6 +29,11 @@
 #define EFER_NXE	(1ull << 11)
 #define RFLAGS_AC	(1ull << 18)
 
+_Static_assert(__builtin_offsetof(struct pw_header, la57) == PW_HDR_LA57, "pw_header");
+_Static_assert(__builtin_offsetof(struct pw_header, roots) == PW_HDR_ROOT0, "pw_header");
+_Static_assert(__builtin_offsetof(struct pw_header, out.status) == PW_HDR_STATUS, "pw_header");
+_Static_assert(__builtin_offsetof(struct pw_header, out.vector) == PW_HDR_VECTOR, "pw_header");
+
 struct tss64 {
 	__u32 reserved0;
 	__u64 rsp[3];
