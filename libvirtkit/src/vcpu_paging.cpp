@@ -51,7 +51,8 @@ std::uint32_t pkru_offset(const std::vector<kvm_cpuid_entry2> &cpuid)
 	if (auto *e = find(cpuid, 0xd, xfeature_pkru))
 		return e->ebx;
 	unsigned int eax, ebx, ecx, edx;
-	if (__get_cpuid_count(0xd, xfeature_pkru, &eax, &ebx, &ecx, &edx) && eax == 4)
+	/* EAX: the component's size, 8 bytes (PKRU and 4 reserved). */
+	if (__get_cpuid_count(0xd, xfeature_pkru, &eax, &ebx, &ecx, &edx) && eax >= 4)
 		return ebx;
 	return 0;
 }
