@@ -2,11 +2,9 @@
 #include "access_matrix.hpp"
 
 #include <algorithm>
-#include <array>
 #include <cstdio>
 #include <cstring>
 #include <map>
-#include <numeric>
 #include <stdexcept>
 #include <tuple>
 
