@@ -207,6 +207,14 @@ private:
 	VcpuState &v_;
 };
 
+/*
+ * KVM_RUN with immediate_exit: KVM completes the exit userspace has just
+ * handled (an MMIO access, a user-space MSR access) without entering the
+ * guest. A kick that arrived meanwhile stays pending. Returns KVM_RUN's
+ * result, errno as KVM_RUN left it. Called on the vCPU's own thread.
+ */
+int complete_pending_exit(VcpuState &s);
+
 /* One piece of an MMIO access as KVM reports it (at most 8 bytes). */
 struct MmioFragment {
 	std::uint64_t gpa;

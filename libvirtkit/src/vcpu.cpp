@@ -237,7 +237,7 @@ VcpuHold::~VcpuHold()
 		v_.kick_cv.notify_all();
 }
 
-std::optional<MmioFragment> next_mmio_fragment(VcpuState &s)
+int complete_pending_exit(VcpuState &s)
 {
 	auto *run = s.run.as<kvm_run>();
 	std::atomic_ref(run->immediate_exit).store(1);
@@ -249,10 +249,19 @@ std::optional<MmioFragment> next_mmio_fragment(VcpuState &s)
 		if (!s.kick_pending && !s.internal_kick)
 			std::atomic_ref(run->immediate_exit).store(0);
 	}
-	if (r < 0) {
+	errno = err;
+	return r;
+}
+
+std::optional<MmioFragment> next_mmio_fragment(VcpuState &s)
+{
+	auto *run = s.run.as<kvm_run>();
+	if (complete_pending_exit(s) < 0) {
+		const int err = errno;
 		if (err != EINTR && err != EAGAIN) {
+			std::string what = who(s) + " (completing MMIO)";
 			errno = err;
-			throw_ioctl_error("KVM_RUN", who(s) + " (completing MMIO)", s.vm->fd.get());
+			throw_ioctl_error("KVM_RUN", std::move(what), s.vm->fd.get());
 		}
 		return std::nullopt;
 	}

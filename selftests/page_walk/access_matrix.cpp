@@ -121,7 +121,12 @@ public:
 		keyset(0, 0);
 	}
 
-	u64 probe(const ProbeSpec &p, std::string what);
+	/* A mapped probe: the address to access and its index in Matrix::probes. */
+	struct Probe {
+		u64 la;
+		u32 index;
+	};
+	Probe probe(const ProbeSpec &p, std::string what);
 	/* A probe that maps nothing: an address no walk reaches. */
 	u32 unmapped(std::string what)
 	{
@@ -134,7 +139,6 @@ public:
 		 bool expect_fault = false);
 	Matrix finish(std::vector<Set> sets);
 
-	const std::vector<std::string> &probes() const { return probes_; }
 	bool la57() const { return la57_; }
 
 private:
@@ -191,7 +195,7 @@ u32 Builder::keyset(u32 pkru, u32 pkrs)
  * address to probe. The non-leaf entries above it are shared with every
  * probe whose non-leaf entries have the same flags.
  */
-u64 Builder::probe(const ProbeSpec &p, std::string what)
+Builder::Probe Builder::probe(const ProbeSpec &p, std::string what)
 {
 	const int leaf = static_cast<int>(p.size);
 	std::vector<u64> flags(top_ + 1, 0);
@@ -267,7 +271,7 @@ u64 Builder::probe(const ProbeSpec &p, std::string what)
 			  ", " + kind_name(p.kind) + ", " + rw_name(p.rw) + ", " + nx_name(p.nx) +
 			  rsvd_name(p.rsvd) + (what.empty() ? "" : ", " + what));
 	probe_key_.push_back(p.key);
-	return la + offset;
+	return {la + offset, static_cast<u32>(probes_.size() - 1)};
 }
 
 void Builder::add(Set set, u64 la, u32 probe, const State &s, const char *name, bool expect_fault)
@@ -397,8 +401,8 @@ void add_keys(Builder &b, bool pks)
 	for (unsigned int k = 0; k < 16; k++)
 		for (Kind kind : {Kind::user, Kind::sup_leaf, Kind::sup_nonleaf})
 			for (Rw rw : {Rw::writable, Rw::ro_leaf}) {
-				u64 la = b.probe({Size::k4, k, kind, rw, Nx::none, Rsvd::none}, "");
-				u32 probe = b.probes().size() - 1;
+				const auto [la, probe] =
+					b.probe({Size::k4, k, kind, rw, Nx::none, Rsvd::none}, "");
 				for_key_states(k, pks, [&](const State &s) {
 					for_smap(s, [&](const State &t) {
 						b.add(Set::keys, la, probe, t);
@@ -412,8 +416,8 @@ void add_keys_large(Builder &b, bool pks)
 	for (Size size : {Size::m2, Size::g1})
 		for (unsigned int k = 0; k < 16; k++)
 			for (Kind kind : {Kind::user, Kind::sup_leaf}) {
-				u64 la = b.probe({size, k, kind, Rw::writable, Nx::none, Rsvd::none}, "");
-				u32 probe = b.probes().size() - 1;
+				const auto [la, probe] =
+					b.probe({size, k, kind, Rw::writable, Nx::none, Rsvd::none}, "");
 				for_key_states(k, pks, [&](const State &s) {
 					b.add(Set::keys_large, la, probe, s);
 				});
@@ -426,8 +430,7 @@ void add_paging(Builder &b)
 	for (Kind kind : {Kind::user, Kind::sup_leaf, Kind::sup_nonleaf})
 	for (Rw rw : {Rw::writable, Rw::ro_leaf, Rw::ro_nonleaf})
 	for (Nx nx : {Nx::none, Nx::leaf, Nx::nonleaf}) {
-		u64 la = b.probe({size, 0, kind, rw, nx, Rsvd::none}, "");
-		u32 probe = b.probes().size() - 1;
+		const auto [la, probe] = b.probe({size, 0, kind, rw, nx, Rsvd::none}, "");
 		State s;
 		for (int wp = 0; wp < 2; wp++)
 		for (unsigned int acc : all_access)
@@ -458,8 +461,7 @@ void add_reserved(Builder &b)
 	if (b.la57())
 		specs.push_back({Size::k4, 0, Kind::user, Rw::writable, Nx::none, Rsvd::pml5_51});
 	for (const ProbeSpec &p : specs) {
-		u64 la = b.probe(p, "");
-		u32 probe = b.probes().size() - 1;
+		const auto [la, probe] = b.probe(p, "");
 		State s;
 		for (unsigned int acc : all_access)
 		for (int cpl3 = 0; cpl3 < 2; cpl3++)
@@ -515,20 +517,18 @@ constexpr PksScenario pks_scenarios[] = {
 
 void add_pks_c(Builder &b)
 {
-	u64 sup = b.probe({Size::k4, 2, Kind::sup_leaf, Rw::writable, Nx::none, Rsvd::none},
-			  "x86/pks.c's supervisor alias");
-	u32 sup_probe = b.probes().size() - 1;
-	u64 user = b.probe({Size::k4, 2, Kind::user, Rw::writable, Nx::none, Rsvd::none},
-			   "x86/pks.c's user page");
-	u32 user_probe = b.probes().size() - 1;
+	const auto sup = b.probe({Size::k4, 2, Kind::sup_leaf, Rw::writable, Nx::none, Rsvd::none},
+				 "x86/pks.c's supervisor alias");
+	const auto user = b.probe({Size::k4, 2, Kind::user, Rw::writable, Nx::none, Rsvd::none},
+				  "x86/pks.c's user page");
 	for (const PksScenario &sc : pks_scenarios) {
 		State s;
 		s.access = sc.access;
 		s.pks = true;
 		s.pkrs = sc.pkrs;
 		s.wp = sc.wp;
-		b.add(Set::pks_c, sc.supervisor ? sup : user, sc.supervisor ? sup_probe : user_probe, s,
-		      sc.name, sc.fault);
+		const auto &at = sc.supervisor ? sup : user;
+		b.add(Set::pks_c, at.la, at.index, s, sc.name, sc.fault);
 	}
 }
 

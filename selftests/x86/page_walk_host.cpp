@@ -16,6 +16,7 @@
 #include <string>
 #include <variant>
 
+#include "paging_util.hpp"
 #include "test.hpp"
 
 #include "../page_walk/access_matrix.hpp"
@@ -27,27 +28,6 @@ namespace pwm = virtkit::page_walk_matrix;
 extern "C" const unsigned char pw_probe_image[], pw_probe_image_end[];
 
 namespace {
-
-struct HostCpu {
-	bool nx = false, smep = false, smap = false, pku = false, pks = false, la57 = false;
-};
-
-HostCpu supported()
-{
-	HostCpu h;
-	for (const auto &e : vkt::kvm().supported_cpuid()) {
-		if (e.function == 7 && e.index == 0) {
-			h.smep = e.ebx >> 7 & 1;
-			h.smap = e.ebx >> 20 & 1;
-			h.pku = e.ecx >> 3 & 1;
-			h.la57 = e.ecx >> 16 & 1;
-			h.pks = e.ecx >> 31 & 1;
-		}
-		if (e.function == 0x80000001)
-			h.nx = e.edx >> 20 & 1;
-	}
-	return h;
-}
 
 /* Whether the CPU this process runs on is QEMU's TCG (its hypervisor leaf). */
 bool cpu_is_qemu_tcg()
@@ -81,7 +61,7 @@ std::uint32_t probe_entry(std::span<const unsigned char> image)
 /* Run the matrix in a KVM guest and compare; the report's figures as diag lines. */
 void run_matrix(bool la57)
 {
-	const HostCpu cpu = supported();
+	const paging::Features cpu = paging::features(vkt::kvm().supported_cpuid());
 	TEST_REQUIRE(cpu.nx, "NX in KVM_GET_SUPPORTED_CPUID (80000001H):EDX[20]");
 	TEST_REQUIRE(cpu.smep, "SMEP in KVM_GET_SUPPORTED_CPUID (7,0):EBX[7]");
 	TEST_REQUIRE(cpu.smap, "SMAP in KVM_GET_SUPPORTED_CPUID (7,0):EBX[20]");

@@ -12,6 +12,7 @@
 
 #include <virtkit/x86/guest.h>
 #include <virtkit/kvm.h>
+#include <virtkit/system.hpp>
 
 namespace paging {
 
@@ -21,7 +22,7 @@ inline constexpr std::uint64_t CR4_SMAP = 1ull << 21;
 inline constexpr std::uint64_t CR4_PKE = 1ull << 22;
 inline constexpr std::uint64_t CR4_PKS = 1ull << 24;
 inline constexpr std::uint64_t RFLAGS_AC = 1ull << 18;
-inline constexpr std::uint32_t MSR_IA32_PKRS = 0x6e1;
+inline constexpr std::uint32_t MSR_IA32_PKRS = virtkit::PksSupport::pkrs_msr;
 
 /* AD and WD of protection key k, in PKRU or IA32_PKRS. */
 constexpr std::uint32_t pkr_ad(unsigned k) { return 1u << (2 * k); }
@@ -61,15 +62,16 @@ inline bool cpuid_bit(const std::vector<kvm_cpuid_entry2> &cpuid, std::uint32_t 
 	return false;
 }
 
-/* The guest CPUID features the paging tests use. */
+/* The CPUID features the paging tests use. */
 struct Features {
-	bool smep, smap, pku, pks;
+	bool smep, smap, pku, pks, la57, nx;
 };
 
 inline Features features(const std::vector<kvm_cpuid_entry2> &cpuid)
 {
-	return {cpuid_bit(cpuid, 7, 0, 'b', 7), cpuid_bit(cpuid, 7, 0, 'b', 20),
-		cpuid_bit(cpuid, 7, 0, 'c', 3), cpuid_bit(cpuid, 7, 0, 'c', 31)};
+	return {cpuid_bit(cpuid, 7, 0, 'b', 7),	  cpuid_bit(cpuid, 7, 0, 'b', 20),
+		cpuid_bit(cpuid, 7, 0, 'c', 3),	  cpuid_bit(cpuid, 7, 0, 'c', 31),
+		cpuid_bit(cpuid, 7, 0, 'c', 16), cpuid_bit(cpuid, 0x80000001, 0, 'd', 20)};
 }
 
 } // namespace paging

@@ -79,20 +79,11 @@ void retry_instruction(Vcpu &vcpu)
 {
 	auto &s = VcpuAccess::state(vcpu);
 	auto regs = vcpu.regs();
-	auto *run = s.run.as<kvm_run>();
-	std::atomic_ref(run->immediate_exit).store(1);
-	int r = value_ioctl<KVM_RUN>(s.fd.get(), 0);
-	int err = errno;
-	{
-		/* Keep a kick that arrived meanwhile pending (as next_mmio_fragment). */
-		std::lock_guard lock(s.kick_mu);
-		if (!s.kick_pending && !s.internal_kick)
-			std::atomic_ref(run->immediate_exit).store(0);
-	}
-	if (r < 0 && err != EINTR && err != EAGAIN) {
+	if (complete_pending_exit(s) < 0 && errno != EINTR && errno != EAGAIN) {
+		const int err = errno;
+		std::string what = "vcpu " + std::to_string(vcpu.id()) + " (completing WRMSR)";
 		errno = err;
-		throw_ioctl_error("KVM_RUN", "vcpu " + std::to_string(vcpu.id()) + " (completing WRMSR)",
-				  s.vm->fd.get());
+		throw_ioctl_error("KVM_RUN", std::move(what), s.vm->fd.get());
 	}
 	vcpu.set_regs(regs);
 }
