@@ -262,4 +262,7 @@ clean:
 
 .SECONDARY:
 
--include $(shell find $(BUILD) -name '*.d' 2>/dev/null)
+# Dependency files of our objects only: build/ also caches unpacked kernels
+# and the Debian 13 build root, whose trees have their own *.d names.
+-include $(shell find $(addprefix $(BUILD)/,common libvirtkit selftests tools bench) \
+	-name '*.d' -type f 2>/dev/null)

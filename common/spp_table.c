@@ -86,6 +86,12 @@ static __u64 *sppt_map(const struct vk_sppt *t, __u64 addr)
 	return t->ops->map(t->ctx, addr);
 }
 
+static void sppt_relax(const struct vk_sppt *t)
+{
+	if (t->ops->relax)
+		t->ops->relax(t->ctx);
+}
+
 static __u64 sppt_min(__u64 a, __u64 b)
 {
 	return a < b ? a : b;
@@ -247,6 +253,7 @@ static void sppt_prune(struct vk_sppt *t, __u64 gfn, __u64 end,
 	int last;
 
 	for (; gfn < end; gfn = next) {
+		sppt_relax(t);
 		next = sppt_span_end(gfn, end);
 		last = next == end;
 		sppt_descend(t, gfn, &p);
@@ -290,6 +297,7 @@ static int sppt_update(struct vk_sppt *t, __u64 gfn, __u64 npages,
 	end = gfn + npages;
 
 	for (g = gfn; g < end; g = next) {
+		sppt_relax(t);
 		next = sppt_span_end(g, end);
 		sppt_descend(t, g, &p);
 		if (p.result == VK_SPPT_WALK_MISCONFIG) {
@@ -309,6 +317,7 @@ static int sppt_update(struct vk_sppt *t, __u64 gfn, __u64 npages,
 	}
 
 	for (g = gfn; g < end; g = next) {
+		sppt_relax(t);
 		next = sppt_span_end(g, end);
 		sppt_descend(t, g, &p);
 		if (p.result != VK_SPPT_WALK_OK)
@@ -431,6 +440,7 @@ int vk_sppt_get(const struct vk_sppt *t, __u64 gfn, __u64 npages, __u32 *maps)
 	end = gfn + npages;
 
 	for (g = gfn; g < end; g = next) {
+		sppt_relax(t);
 		next = sppt_span_end(g, end);
 		sppt_descend(t, g, &p);
 		if (p.result == VK_SPPT_WALK_MISCONFIG)
@@ -463,9 +473,12 @@ int vk_sppt_set(struct vk_sppt *t, __u64 gfn, __u64 npages, const __u32 *maps)
 	return sppt_update(t, gfn, npages, &src);
 }
 
+#ifndef __KERNEL__
+/* Userspace only: the module stores the maps it is given (vk_sppt_set()). */
 int vk_sppt_fill(struct vk_sppt *t, __u64 gfn, __u64 npages, __u32 map)
 {
 	struct sppt_src src = { .maps = NULL, .map = map, .gfn = gfn };
 
 	return sppt_update(t, gfn, npages, &src);
 }
+#endif /* !__KERNEL__ */

@@ -51,6 +51,11 @@ struct vk_sppt_ops {
 	void (*free)(void *ctx, __u64 addr);
 	/* The table page at addr, for reading and writing its 512 entries. */
 	__u64 *(*map)(void *ctx, __u64 addr);
+	/*
+	 * Optional (NULL: none): called between the 512-page spans of a long
+	 * update or read, where the kernel lets others run (cond_resched()).
+	 */
+	void (*relax)(void *ctx);
 };
 
 struct vk_sppt {
@@ -116,8 +121,13 @@ int vk_sppt_get(const struct vk_sppt *t, __u64 gfn, __u64 npages, __u32 *maps);
  */
 int vk_sppt_set(struct vk_sppt *t, __u64 gfn, __u64 npages, const __u32 *maps);
 
-/* Set every page of gfn..gfn+npages-1 to one map (e.g. to clear a range). */
+#ifndef __KERNEL__
+/*
+ * Set every page of gfn..gfn+npages-1 to one map (e.g. to clear a range).
+ * libvirtkit only: not built into virtkit.ko, which has no use for it.
+ */
 int vk_sppt_fill(struct vk_sppt *t, __u64 gfn, __u64 npages, __u32 map);
+#endif
 
 #ifdef __cplusplus
 }

@@ -31,8 +31,10 @@ long virtkit_check_extension(unsigned long cap)
 {
 	switch (cap) {
 	case VIRTKIT_CAP_SPP:
-	case VIRTKIT_CAP_SPP_FAST_WRITE:
 		return 1;
+	case VIRTKIT_CAP_SPP_FAST_WRITE:
+		/* Only where locked read-modify-writes can be told apart. */
+		return virtkit_locked_rmw_available();
 	case VIRTKIT_CAP_SPP_MAX_PAGES:
 		return VIRTKIT_SPP_MAX_PAGES;
 	case VIRTKIT_CAP_PKS:
@@ -63,7 +65,7 @@ static long virtkit_dev_attach(void __user *argp)
 	file = fget(arg.vm_fd);
 	if (!file)
 		return -EBADF;
-	r = file_is_kvm(file) ? virtkit_attach_vm(file) : -EINVAL;
+	r = virtkit_is_kvm_vm_file(file) ? virtkit_attach_vm(file) : -EINVAL;
 	fput(file);
 	return r;
 }
@@ -116,9 +118,13 @@ static int __init virtkit_init(void)
 	int r;
 
 	virtkit_abi_checks();
+	r = virtkit_locked_rmw_init();
+	if (r)
+		return r;
 	r = misc_register(&virtkit_dev);
 	if (r) {
 		pr_err("cannot register /dev/%s: %d\n", VIRTKIT_DEVICE_NAME, r);
+		virtkit_locked_rmw_exit();
 		return r;
 	}
 	return 0;
@@ -127,6 +133,7 @@ static int __init virtkit_init(void)
 static void __exit virtkit_exit(void)
 {
 	misc_deregister(&virtkit_dev);
+	virtkit_locked_rmw_exit();
 }
 
 module_init(virtkit_init);

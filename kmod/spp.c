@@ -8,6 +8,7 @@
  */
 #include <linux/gfp.h>
 #include <linux/mm.h>
+#include <linux/sched.h>
 #include <linux/slab.h>
 #include <linux/string.h>
 #include <linux/uaccess.h>
@@ -39,10 +40,17 @@ static __u64 *virtkit_sppt_map(void *ctx, __u64 addr)
 	return __va(addr);
 }
 
+/* Long updates hold spp->lock (write): let others run between spans. */
+static void virtkit_sppt_relax(void *ctx)
+{
+	cond_resched();
+}
+
 static const struct vk_sppt_ops virtkit_sppt_ops = {
 	.alloc = virtkit_sppt_alloc,
 	.free = virtkit_sppt_free,
 	.map = virtkit_sppt_map,
+	.relax = virtkit_sppt_relax,
 };
 
 void virtkit_spp_init(struct virtkit_spp *spp)
@@ -142,6 +150,8 @@ static long virtkit_spp_set(struct virtkit_spp *spp, void __user *argp)
 	for (i = 0; i < a.npages; i++) {
 		spp->protected_pages += maps[i] != VK_SPP_ALL_WRITABLE;
 		spp->protected_pages -= old[i] != VK_SPP_ALL_WRITABLE;
+		if (!(i % 4096))
+			cond_resched();
 	}
 out_unlock:
 	up_write(&spp->lock);

@@ -1,13 +1,21 @@
 // SPDX-License-Identifier: GPL-2.0 OR MIT
 /*
  * The per-VM virtkit file: VIRTKIT_ATTACH_VM creates it, its release is
- * the detach. It holds a reference on the KVM VM, so the VMM may close the
- * VM fd, the vCPU fds and this file in any order, or die: the VM is
- * destroyed by whichever reference goes last.
+ * the detach. It holds the KVM VM's file, so the VMM may close the VM fd,
+ * the vCPU fds and this file in any order, or die: the VM is destroyed
+ * when the last file goes, while KVM's modules are still loaded (since 6.7
+ * only open KVM files pin the vendor module; a struct kvm reference alone
+ * would let kvm-amd/kvm-intel unload under it).
+ *
+ * Like KVM's own VM and vCPU ioctls, every ioctl of this file fails with
+ * EIO when called from a process other than the VM's (after fork()): the
+ * run path stores guest writes into the VM's memory through the caller's
+ * address space.
  */
 #include <linux/anon_inodes.h>
 #include <linux/file.h>
 #include <linux/mutex.h>
+#include <linux/sched.h>
 #include <linux/slab.h>
 #include <linux/uaccess.h>
 
@@ -28,7 +36,7 @@ static int virtkit_vm_release(struct inode *inode, struct file *filp)
 	mutex_unlock(&virtkit_vms_lock);
 
 	virtkit_spp_destroy(&vm->spp);
-	kvm_put_kvm(vm->kvm);
+	fput(vm->kvm_file);
 	kfree(vm);
 	return 0;
 }
@@ -38,6 +46,8 @@ static long virtkit_vm_ioctl(struct file *filp, unsigned int ioctl, unsigned lon
 	struct virtkit_vm *vm = filp->private_data;
 	void __user *argp = (void __user *)arg;
 
+	if (vm->kvm->mm != current->mm)
+		return -EIO;
 	switch (ioctl) {
 	case VIRTKIT_GET_API_VERSION:
 		return arg ? -EINVAL : VIRTKIT_API_VERSION;
@@ -63,18 +73,22 @@ static const struct file_operations virtkit_vm_fops = {
 	.llseek = noop_llseek,
 };
 
-/* kvm_file passed file_is_kvm(); returns the new fd or an error. */
+/*
+ * kvm_file passed virtkit_is_kvm_vm_file(); returns the new fd or an
+ * error. The VM must belong to the calling process, as for KVM's ioctls.
+ */
 int virtkit_attach_vm(struct file *kvm_file)
 {
 	struct kvm *kvm = kvm_file->private_data;
 	struct virtkit_vm *vm, *other;
 	int fd;
 
+	if (kvm->mm != current->mm)
+		return -EIO;
 	vm = kzalloc(sizeof(*vm), GFP_KERNEL_ACCOUNT);
 	if (!vm)
 		return -ENOMEM;
 	vm->kvm = kvm;
-	vm->kvm_fops = kvm_file->f_op;
 	virtkit_spp_init(&vm->spp);
 
 	/*
@@ -89,13 +103,13 @@ int virtkit_attach_vm(struct file *kvm_file)
 			return -EBUSY;
 		}
 	}
-	kvm_get_kvm(kvm);
+	vm->kvm_file = get_file(kvm_file);
 	list_add(&vm->node, &virtkit_vms);
 	fd = anon_inode_getfd("virtkit-vm", &virtkit_vm_fops, vm, O_RDWR | O_CLOEXEC);
 	if (fd < 0) {
 		list_del(&vm->node);
 		mutex_unlock(&virtkit_vms_lock);
-		kvm_put_kvm(kvm);
+		fput(vm->kvm_file);
 		kfree(vm);
 		return fd;
 	}

@@ -25,7 +25,7 @@ static __u64 *map_page(void *, __u64 addr)
 	return reinterpret_cast<__u64 *>(static_cast<std::uintptr_t>(addr));
 }
 
-static const vk_sppt_ops heap_ops = {alloc_page, free_page, map_page};
+static const vk_sppt_ops heap_ops = {alloc_page, free_page, map_page, nullptr};
 
 /* Heap addresses are user-space virtual addresses: below 2^47. */
 SppTable::SppTable() { vk_sppt_init(&t_, &heap_ops, nullptr, 52); }

@@ -24,7 +24,7 @@ static_assert(offsetof(virtkit_spp_access, reserved) == 32);
 static_assert(sizeof(virtkit_spp_stats) == 64);
 static_assert(offsetof(virtkit_spp_stats, reserved) == 32);
 static_assert(sizeof(virtkit_vcpu_run) == 32);
-static_assert(VIRTKIT_IO == 0xE5);
+static_assert(VIRTKIT_IO == 0xE7);
 static_assert(VIRTKIT_SPP_GFN_LIMIT == 1ull << 36);
 static_assert(_IOC_SIZE(VIRTKIT_SPP_SET_ACCESS) == 64 && _IOC_DIR(VIRTKIT_SPP_SET_ACCESS) == _IOC_WRITE);
 static_assert(_IOC_SIZE(VIRTKIT_SPP_GET_STATS) == 64 && _IOC_DIR(VIRTKIT_SPP_GET_STATS) == _IOC_READ);

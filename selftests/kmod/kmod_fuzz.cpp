@@ -2,7 +2,7 @@
 /*
  * Hostile calls to /dev/virtkit and the per-VM file, from a seeded PRNG
  * (the seed is printed; VIRTKIT_FUZZ_SEED=N repeats a run,
- * VIRTKIT_FUZZ_ITERS=N sets its length): random ioctl numbers in the 0xE5
+ * VIRTKIT_FUZZ_ITERS=N sets its length): random ioctl numbers in the 0xE7
  * range and outside it, random struct contents, bad and foreign
  * descriptors, overflowing ranges, bad pointers, non-zero reserved fields.
  * Every call must return success or one of the errnos the ABI documents

@@ -44,7 +44,7 @@ TEST_CASE("virtkit ioctls encode their argument size, magic and direction", "[km
 	std::set<unsigned long> seen;
 	for (const auto &i : all) {
 		CAPTURE(i.nr);
-		CHECK(_IOC_TYPE(i.req) == 0xE5);
+		CHECK(_IOC_TYPE(i.req) == 0xE7);
 		CHECK(_IOC_NR(i.req) == i.nr);
 		CHECK(_IOC_SIZE(i.req) == i.size);
 		CHECK(_IOC_DIR(i.req) == i.dir);

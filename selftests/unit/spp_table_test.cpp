@@ -92,7 +92,7 @@ struct Pool {
 	}
 };
 
-const vk_sppt_ops pool_ops = {Pool::alloc, Pool::free, Pool::map};
+const vk_sppt_ops pool_ops = {Pool::alloc, Pool::free, Pool::map, nullptr};
 
 struct Table {
 	Pool pool;

@@ -82,7 +82,11 @@ struct virtkit_vcpu_run {
 	__u64 reserved[3];	/* 0 */
 };
 
-#define VIRTKIT_IO	0xE5
+/*
+ * The ioctl magic: unlisted in the kernel's ioctl-number.rst and unused by
+ * the UAPI headers of 6.1, 6.12 and 7.3 (0xE5, used before 0.2, is FUSE's).
+ */
+#define VIRTKIT_IO	0xE7
 
 /* /dev/virtkit and the per-VM file */
 #define VIRTKIT_GET_API_VERSION	_IO(VIRTKIT_IO, 0x00)
