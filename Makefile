@@ -8,11 +8,12 @@
 #   make check      install missing Debian packages, build, run every test suite:
 #                   unit tests, selftests, the page-walk oracle (QEMU TCG),
 #                   virtkit.ko's build and tests in Debian's
-#                   6.1 and 6.12 kernels (QEMU), its DKMS build, the install check
+#                   6.1, 6.12 and newest 7.x kernels (QEMU), its DKMS build,
+#                   the install check
 #   make bench      build the benchmarks (bench/*.cpp; built by all, not run by check)
 #   make run-bench  build and run them (in a QEMU guest when /dev/kvm is not usable)
 #   make install    install headers, libraries, pkg-config and CMake files (PREFIX, DESTDIR)
-#   make kmod       build the kernel module virtkit.ko for Debian's 6.1 and 6.12 kernels
+#   make kmod       build the kernel module virtkit.ko for Debian's 6.1, 6.12 and 7.x kernels
 #   make check-kmod, check-dkms, dkms-install, dkms-uninstall: see mk/kmod.mk
 #
 # Everything is built out of tree in $(BUILD).

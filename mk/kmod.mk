@@ -1,6 +1,9 @@
 # virtkit.ko rules, included by the top-level Makefile.
 #
-#   make kmod            build virtkit.ko for Debian's 6.1 and 6.12 kernels
+#   make kmod            build virtkit.ko for Debian's 6.1 and 6.12 kernels and
+#                        the newest 7.x kernel in Debian's archive (series 7:
+#                        trixie-backports, built in the Debian 13 build root
+#                        that scripts/debian13-root creates under $(BUILD))
 #                        with W=1 C=1, warnings fail (scripts/build-kmod), in
 #                        $(BUILD)/kmod/<kver>/
 #   make check-kmod      for each kernel: build it, boot the kernel under QEMU
@@ -9,9 +12,11 @@
 #                        selftests against the kmod SPP backend and then the
 #                        module's own tests
 #                        (selftests/kmod); the module must unload cleanly
-#   make check-dkms      `dkms build` of the DKMS package for both kernels' headers,
+#   make check-dkms      `dkms build` of the DKMS package for each kernel's headers,
 #                        in a private DKMS tree under $(BUILD)/dkms (the system's
-#                        /var/lib/dkms and /usr/src are not touched)
+#                        /var/lib/dkms and /usr/src are not touched); for the
+#                        series of KMOD_ROOT_SERIES with the dkms of the Debian 13
+#                        build root, inside it ($(BUILD)/dkms bind-mounted there)
 #   make dkms-install    as root: install the DKMS package (/usr/src/virtkit-$(VERSION)),
 #                        build and install the module for the running kernel
 #                        (DKMS_KVER=<version> for another), and the udev rule
@@ -20,7 +25,11 @@
 #
 # Documentation/kmod.rst describes them.
 
-KMOD_SERIES   := 6.1 6.12
+KMOD_SERIES   := 6.1 6.12 7
+# The series whose kbuild tools need Debian 13: built in its build root
+# (scripts/debian13-root; scripts/build-kmod and scripts/vmtest do that
+# themselves, check-dkms below runs dkms there).
+KMOD_ROOT_SERIES := 7
 KMOD_OUT       = $(abspath $(BUILD))/kmod
 # Each kernel's boot runs both suites; TCG is slow, give it time.
 KMOD_TIMEOUT  ?= 2400
@@ -51,6 +60,13 @@ DKMS          := $(DKMS_ENV) dkms
 DKMS_PRIVATE   = $(DKMS_ENV) mok_signing_key=$(DKMS_CHECK)/mok.key \
 		 mok_certificate=$(DKMS_CHECK)/mok.pub \
 		 dkms --dkmstree $(DKMS_CHECK)/var --sourcetree $(DKMS_CHECK)/src \
+		 --installtree $(DKMS_CHECK)/install
+# The same inside the Debian 13 build root, with a DKMS tree of its own (the
+# root's dkms is 3.2, the host's 3.0: each keeps its own state).
+DKMS_ROOT      = scripts/debian13-root exec --bind $(DKMS_CHECK) -- \
+		 env mok_signing_key=$(DKMS_CHECK)/mok.key \
+		 mok_certificate=$(DKMS_CHECK)/mok.pub \
+		 dkms --dkmstree $(DKMS_CHECK)/var-debian13 --sourcetree $(DKMS_CHECK)/src \
 		 --installtree $(DKMS_CHECK)/install
 
 # The DKMS source tree in $(1): the module's sources (`make -C kmod tree`)
@@ -90,15 +106,35 @@ check-dkms:
 	@command -v dkms >/dev/null || { echo "check-dkms: dkms not found: run scripts/install-deps" >&2; exit 1; }
 	rm -rf $(DKMS_CHECK)
 	$(call dkms_tree,$(DKMS_CHECK)/src/virtkit-$(VERSION))
-	mkdir -p $(DKMS_CHECK)/var $(DKMS_CHECK)/install
+	mkdir -p $(DKMS_CHECK)/var $(DKMS_CHECK)/var-debian13 $(DKMS_CHECK)/install
 	$(DKMS_PRIVATE) add virtkit/$(VERSION)
-	@for s in $(KMOD_SERIES); do \
+	@admit=$$(sed -n 's/^BUILD_EXCLUSIVE_KERNEL="\(.*\)"$$/\1/p' kmod/dkms.conf); \
+	for s in $(KMOD_SERIES); do \
 		kver=$$(scripts/kernel-headers --version $$s) && \
 		kdir=$$(scripts/kernel-headers $$s) || exit 1; \
-		echo "dkms build virtkit/$(VERSION) -k $$kver --kernelsourcedir $$kdir"; \
-		$(DKMS_PRIVATE) build virtkit/$(VERSION) -k $$kver --kernelsourcedir $$kdir || { \
-			cat $(DKMS_CHECK)/var/virtkit/$(VERSION)/build/make.log 2>/dev/null; exit 1; }; \
-		ls $(DKMS_CHECK)/var/virtkit/$(VERSION)/$$kver/*/module/virtkit.ko* || exit 1; \
+		echo "$$kver" | grep -q -E "$$admit" || { \
+			echo "check-dkms: kmod/dkms.conf's BUILD_EXCLUSIVE_KERNEL=\"$$admit\" does not" \
+			     "admit $$kver, the current kernel of tested series $$s: add the series" \
+			     "once make check-kmod passes on it (Documentation/kmod.rst)" >&2; exit 1; }; \
+		case " $(KMOD_ROOT_SERIES) " in \
+		*" $$s "*) \
+			root=$$(scripts/debian13-root) || exit 1; \
+			kdir=$${kdir#"$$root"}; \
+			var=$(DKMS_CHECK)/var-debian13; \
+			if [ ! -e $$var/virtkit/$(VERSION)/source ]; then \
+				echo "dkms add virtkit/$(VERSION) (in the Debian 13 build root)"; \
+				$(DKMS_ROOT) add virtkit/$(VERSION) || exit 1; \
+			fi; \
+			echo "dkms build virtkit/$(VERSION) -k $$kver --kernelsourcedir $$kdir (in the Debian 13 build root)"; \
+			$(DKMS_ROOT) build virtkit/$(VERSION) -k $$kver --kernelsourcedir $$kdir || { \
+				cat $$var/virtkit/$(VERSION)/build/make.log 2>/dev/null; exit 1; } ;; \
+		*) \
+			var=$(DKMS_CHECK)/var; \
+			echo "dkms build virtkit/$(VERSION) -k $$kver --kernelsourcedir $$kdir"; \
+			$(DKMS_PRIVATE) build virtkit/$(VERSION) -k $$kver --kernelsourcedir $$kdir || { \
+				cat $$var/virtkit/$(VERSION)/build/make.log 2>/dev/null; exit 1; } ;; \
+		esac; \
+		ls $$var/virtkit/$(VERSION)/$$kver/*/module/virtkit.ko* || exit 1; \
 	done
 
 dkms-install:

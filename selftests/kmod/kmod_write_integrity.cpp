@@ -9,11 +9,18 @@
  * - a write whose VMM mapping cannot be written (here: a page the VMM made
  *   read-only) comes back to userspace with no byte of it performed, also
  *   when it straddles two pages and only the second is unwritable;
+ * - the VMM page of an allowed write may fault into userspace
+ *   (userfaultfd), whose handler may itself call SPP ioctls: nothing that
+ *   can fault runs under the SPP lock, so this does not deadlock;
  * - several vCPUs on the fast path at once, and memslot changes (dirty
  *   logging toggled, a slot moved away and back) while they write: every
  *   write lands exactly once, in the right place, or comes back.
  */
 #include "kmod_util.hpp"
+
+#include <linux/userfaultfd.h>
+#include <poll.h>
+#include <sys/syscall.h>
 
 #include <atomic>
 #include <stdexcept>
@@ -83,6 +90,19 @@ static void complete_on_host(FastGuest &t, const kvm_run &run)
 {
 	t.g.memory().write(run.mmio.phys_addr,
 			   std::as_bytes(std::span(run.mmio.data, run.mmio.len)));
+}
+
+/* Runs f, returning what it failed with ("" if nothing): for threads. */
+template <class F> static std::string failure_of(F &&f)
+{
+	try {
+		f();
+	} catch (const vkt::Failure &e) {
+		return e.message;
+	} catch (const std::exception &e) {
+		return e.what();
+	}
+	return {};
 }
 
 VK_TEST(locked_rmw_is_not_completed_in_the_kernel)
@@ -181,11 +201,7 @@ VK_TEST(several_vcpus_on_the_fast_path)
 	std::vector<std::thread> threads;
 	for (unsigned i = 0; i < nvcpus; i++)
 		threads.emplace_back([&, i] {
-			try {
-				last[i] = runners[i]->until_ucall().args[0];
-			} catch (const std::exception &e) {
-				errors[i] = e.what();
-			}
+			errors[i] = failure_of([&] { last[i] = runners[i]->until_ucall().args[0]; });
 		});
 	usleep(1500000);
 	t.g.memory().write_obj<u64>(ctl_gpa, 1);
@@ -243,22 +259,16 @@ VK_TEST(memslot_changes_during_fast_writes)
 	Vcpu &v = t.g.add_vcpu(guest_count, gpa, ctl_gpa);
 	GuestRunner r(t.g, v, t.vk.get());
 	std::atomic<u64> returned{0};
-	std::string error;
+	std::string error, mmio_error;
 	r.on_mmio = [&](const kvm_run &run) {
 		returned++;
 		if (run.mmio.phys_addr != gpa || run.mmio.len != 8)
-			error = vkt::format("unexpected write of %u bytes at 0x%llx", run.mmio.len,
+			mmio_error = vkt::format("unexpected write of %u bytes at 0x%llx", run.mmio.len,
 					    (unsigned long long)run.mmio.phys_addr);
 		std::memcpy(const_cast<u64 *>(host), run.mmio.data, 8);
 	};
 	u64 last = 0;
-	std::thread runner([&] {
-		try {
-			last = r.until_ucall().args[0];
-		} catch (const std::exception &e) {
-			error = e.what();
-		}
-	});
+	std::thread runner([&] { error = failure_of([&] { last = r.until_ucall().args[0]; }); });
 	u64 toggles = 0;
 	std::string churn_error;
 	try {
@@ -284,7 +294,100 @@ VK_TEST(memslot_changes_during_fast_writes)
 		  (unsigned long long)s.fast_writes, (unsigned long long)returned.load());
 	TEST_ASSERT(churn_error.empty(), "changing the memslot: %s", churn_error.c_str());
 	TEST_ASSERT(error.empty(), "%s", error.c_str());
+	TEST_ASSERT(mmio_error.empty(), "%s", mmio_error.c_str());
 	TEST_ASSERT_EQ(*host, last);
 	TEST_ASSERT_EQ(s.fast_writes + returned.load(), last);
 	TEST_ASSERT(s.fast_writes > 0, "no write took the fast path");
+}
+
+/*
+ * The VMM page behind a protected page is missing and registered with
+ * userfaultfd. The guest's allowed write makes the fast path fault it in;
+ * the fault handler sets an SPP map (as a VMM restoring a snapshot might)
+ * before it resolves the fault. Before 0.2 the fast path faulted while
+ * holding the SPP lock, and the handler's SET waited for that lock forever.
+ */
+VK_TEST(userfault_handler_may_call_spp_ioctls)
+{
+	require_module();
+	FastGuest t;
+	constexpr u64 gpa = 0x40600000;
+	constexpr u32 slot = 201;
+	int uffd = static_cast<int>(syscall(SYS_userfaultfd, O_CLOEXEC | O_NONBLOCK));
+	TEST_REQUIRE(uffd >= 0, "userfaultfd(2)");
+	FileDesc uffd_owner = FileDesc::adopt(uffd, "userfaultfd");
+	uffdio_api api{};
+	api.api = UFFD_API;
+	TEST_ASSERT(ioctl(uffd, UFFDIO_API, &api) == 0);
+	auto mem = Mapping::map(4096, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0,
+				"userfault page");
+	uffdio_register reg{};
+	reg.range.start = reinterpret_cast<u64>(mem.data());
+	reg.range.len = 4096;
+	reg.mode = UFFDIO_REGISTER_MODE_MISSING;
+	TEST_ASSERT(ioctl(uffd, UFFDIO_REGISTER, &reg) == 0);
+
+	t.g.identity_map(gpa, 4096);
+	kvm_userspace_memory_region r{};
+	r.slot = slot;
+	r.flags = KVM_MEM_READONLY;
+	r.guest_phys_addr = gpa;
+	r.memory_size = 4096;
+	r.userspace_addr = reinterpret_cast<u64>(mem.data());
+	EXPECT_OK(sys_ioctl(t.g.vm().fd(), KVM_SET_USER_MEMORY_REGION, &r));
+	t.protect(gpa, deny(31));
+
+	std::atomic<bool> stop{false};
+	std::atomic<int> faults{0};
+	std::string handler_error;
+	std::thread handler([&] {
+		static std::byte zero_page[4096] __attribute__((aligned(4096)));
+		while (!stop.load()) {
+			pollfd p{uffd, POLLIN, 0};
+			if (poll(&p, 1, 100) <= 0)
+				continue;
+			uffd_msg msg;
+			if (read(uffd, &msg, sizeof(msg)) != sizeof(msg))
+				continue;
+			if (msg.event != UFFD_EVENT_PAGEFAULT)
+				continue;
+			faults++;
+			/* An SPP ioctl from the fault handler, before resolving it. */
+			u32 map = deny(30);
+			long res = spp_set(t.vk.get(), gpa / 4096 + 1, 1, &map);
+			if (res != 0)
+				handler_error = "SPP_SET_ACCESS in the fault handler: " + result_name(res);
+			uffdio_copy c{};
+			c.dst = msg.arg.pagefault.address & ~u64(4095);
+			c.src = reinterpret_cast<u64>(zero_page);
+			c.len = 4096;
+			if (ioctl(uffd, UFFDIO_COPY, &c) != 0)
+				handler_error = "UFFDIO_COPY: " + virtkit::errno_name(errno);
+		}
+	});
+	/* If the run deadlocks, end the process: killing it frees the lock. */
+	std::thread watchdog([&] {
+		for (int i = 0; i < 600 && !stop.load(); i++)
+			usleep(100000);
+		if (!stop.load()) {
+			fprintf(stdout, "# userfault_handler_may_call_spp_ioctls: no progress in 60 s "
+					"(the fast path faults under the SPP lock)\n");
+			fflush(stdout);
+			_exit(1);
+		}
+	});
+	Vcpu &v = t.g.add_vcpu(guest_store_then_sync, gpa + 8, u64(0x0123456789abcdefull));
+	GuestRunner runner(t.g, v, t.vk.get());
+	std::string error = failure_of([&] { TEST_ASSERT_EQ(runner.until_ucall().args[0], 1u); });
+	stop = true;
+	handler.join();
+	watchdog.join();
+	TEST_ASSERT(error.empty(), "%s", error.c_str());
+	TEST_ASSERT(handler_error.empty(), "%s", handler_error.c_str());
+	vkt::diag("%d userfaults, %llu writes in the kernel, %llu came back", faults.load(),
+		  (unsigned long long)t.st().fast_writes, (unsigned long long)runner.mmio_exits);
+	TEST_ASSERT(faults.load() >= 1, "the page was never faulted in through userfaultfd");
+	TEST_ASSERT_EQ(t.st().fast_writes, 1u);
+	TEST_ASSERT_EQ(*reinterpret_cast<volatile u64 *>(mem.data() + 8), 0x0123456789abcdefull);
+	TEST_ASSERT_EQ(get_maps(t.vk.get(), gpa / 4096 + 1, 1)[0], deny(30));
 }
