@@ -65,6 +65,7 @@ enum virtkit_spp_verdict {
 	VIRTKIT_SPP_DENIED,	/* touches a write-protected sub-page */
 	VIRTKIT_SPP_ALLOWED,
 };
+
 enum virtkit_spp_verdict virtkit_spp_check(struct virtkit_spp *spp, gpa_t gpa,
 					   unsigned int len);
 
@@ -76,6 +77,7 @@ struct virtkit_rmw_watch {
 	bool seen;		/* set when this thread's KVM emulated one */
 	unsigned long missed;	/* the probe's nmissed at the last reset */
 };
+
 int virtkit_rmw_watch_start(struct virtkit_rmw_watch *w);
 void virtkit_rmw_watch_reset(struct virtkit_rmw_watch *w);
 bool virtkit_rmw_watch_seen(const struct virtkit_rmw_watch *w);

@@ -161,6 +161,21 @@ VK_TEST(vendor_module_unload_refused_while_attached)
 	before.expect_same("after closing the per-VM file");
 }
 
+/* virtkit.ko itself cannot be unloaded while a VM is attached. */
+VK_TEST(module_unload_refused_while_attached)
+{
+	require_module();
+	vkt::kvm();
+	RawVm vm(1);
+	auto vk = attach_ok(open_dev().get(), vm.vm.get());
+	long r = syscall(SYS_delete_module, "virtkit", O_NONBLOCK);
+	TEST_ASSERT(r != 0, "delete_module(virtkit) succeeded with a VM attached");
+	TEST_ASSERT(errno == EWOULDBLOCK || errno == EBUSY,
+		    "delete_module(virtkit): expected EWOULDBLOCK or EBUSY, got %s",
+		    virtkit::errno_name(errno).c_str());
+	EXPECT_OK(spp_enable(vk.get()));
+}
+
 /*
  * Like KVM's own ioctls, the module refuses calls from a process that does
  * not own the VM (EIO): after fork(), the child can neither attach the

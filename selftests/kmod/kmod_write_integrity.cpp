@@ -226,10 +226,10 @@ VK_TEST(several_vcpus_on_the_fast_path)
 
 /*
  * While a vCPU writes 1, 2, 3, ... to a protected page, another thread
- * toggles dirty logging on its memslot and moves the slot away and back
- * (raw KVM_SET_USER_MEMORY_REGION on a slot of the test's own: the library
+ * toggles dirty logging on its memslot, moves the slot away and back, and
+ * deletes and re-creates it (raw KVM_SET_USER_MEMORY_REGION on a slot of the test's own: the library
  * keeps read-only regions out of dirty logging). Writes under dirty logging
- * or while the slot is away come back (userspace performs them); the
+ * or while the slot is away or gone come back (userspace performs them); the
  * others are completed in the kernel. Every write lands exactly once, in
  * the right page: memory ends with the last value written.
  */
@@ -243,12 +243,12 @@ VK_TEST(memslot_changes_during_fast_writes)
 	auto mem = Mapping::map(4096, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0,
 				"raw slot");
 	auto *host = mem.as<volatile u64>();
-	auto set_slot = [&](u64 at, u32 flags) {
+	auto set_slot = [&](u64 at, u32 flags, u64 size = 4096) {
 		kvm_userspace_memory_region r{};
 		r.slot = slot;
 		r.flags = flags;
 		r.guest_phys_addr = at;
-		r.memory_size = 4096;
+		r.memory_size = size;
 		r.userspace_addr = reinterpret_cast<u64>(mem.data());
 		long res = sys_ioctl(t.g.vm().fd(), KVM_SET_USER_MEMORY_REGION, &r);
 		if (res)
@@ -278,6 +278,10 @@ VK_TEST(memslot_changes_during_fast_writes)
 			set_slot(gpa, KVM_MEM_READONLY);
 			usleep(10000);
 			set_slot(away_gpa, KVM_MEM_READONLY);
+			usleep(5000);
+			set_slot(gpa, KVM_MEM_READONLY);
+			usleep(5000);
+			set_slot(gpa, KVM_MEM_READONLY, 0); /* deleted */
 			usleep(5000);
 			set_slot(gpa, KVM_MEM_READONLY);
 			toggles++;
