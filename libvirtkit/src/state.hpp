@@ -175,6 +175,7 @@ struct VcpuState {
 	std::mutex paging_mu;
 	bool paging_cpuid_known = false;
 	std::uint32_t maxphyaddr = 36;
+	std::uint32_t paging_features = 0;	/* paging_feature::* */
 	std::uint32_t pkru_offset = 0;	/* in the XSAVE area; 0: not known */
 
 	/* The thread whose signal mask KVM_SET_SIGNAL_MASK was derived from. */

@@ -138,8 +138,8 @@ int run(const std::vector<std::string> &argv, const fs::path &log, int timeout)
 std::string features(std::uint32_t f)
 {
 	std::string s;
-	const char *names[] = {"NX", "SMEP", "SMAP", "PKU", "PKS", "LA57"};
-	for (int i = 0; i < 6; i++)
+	const char *names[] = {"NX", "SMEP", "SMAP", "PKU", "PKS", "LA57", "Page1GB"};
+	for (int i = 0; i < 7; i++)
 		if (f & 1u << i)
 			s += std::string(s.empty() ? "" : " ") + names[i];
 	return s.empty() ? "none" : s;
