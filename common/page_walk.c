@@ -33,11 +33,12 @@
  * there, which VK_WALK_QUIRK_RSVD_NO_P reproduces.
  *
  * SMAP (CR4.SMAP=1) blocks supervisor-mode data accesses to user-mode
- * addresses unless EFLAGS.AC=1 and CPL < 3. So an implicit access at
- * CPL 3 is always blocked, but an implicit access at CPL 0-2 with AC=1 is
- * not: that is QEMU's cpu_mmu_index_kernel() (and KVM's permission_fault());
- * the SDM's wording for implicit accesses with CPL < 3 and AC=1 is not
- * that clear. Fetches are not subject to SMAP.
+ * addresses, explicit ones unless EFLAGS.AC=1 and CPL < 3, implicit ones
+ * always (SDM 4.6.1; KVM's permission_fault() with PFERR_IMPLICIT_ACCESS;
+ * hardware, measured through kvm_pvm). QEMU's TCG lets AC=1 at CPL 0-2 lift
+ * it for implicit accesses too (cpu_mmu_index_kernel()):
+ * VK_WALK_QUIRK_IMPLICIT_SMAP_AC reproduces that. Fetches are not subject
+ * to SMAP.
  *
  * Keys (only with EFER.LMA=1, which every supported mode has): the key is
  * bits 62:59 of the leaf; a user-mode address (U/S=1 at every level) is
@@ -234,7 +235,8 @@ int vk_walk_translate(const struct vk_walk_state *s,
 		return pw_fault(w, ec | VK_WALK_PFEC_P);
 
 	smap = (s->cr4 & VK_WALK_CR4_SMAP) && !user &&
-	       (s->cpl == 3 || !(s->rflags & VK_WALK_RFLAGS_AC));
+	       (s->cpl == 3 || !(s->rflags & VK_WALK_RFLAGS_AC) ||
+		(implicit && !(s->quirks & VK_WALK_QUIRK_IMPLICIT_SMAP_AC)));
 	allowed = 0;
 	if (!smap || !(rights & VK_WALK_RIGHT_U)) {
 		allowed |= VK_WALK_ALLOW_READ;

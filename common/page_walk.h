@@ -100,6 +100,14 @@
  * bit 0 is also set") and hardware report P=1.
  */
 #define VK_WALK_QUIRK_RSVD_NO_P	(1u << 0)
+/*
+ * QEMU's TCG lets EFLAGS.AC=1 at CPL 0-2 lift SMAP for implicit
+ * supervisor-mode accesses too (cpu_mmu_index_kernel()); the SDM (4.6.1),
+ * KVM's permission_fault() (PFERR_IMPLICIT_ACCESS) and hardware (measured
+ * through kvm_pvm on an AMD CPU) apply SMAP to implicit accesses whatever
+ * AC is.
+ */
+#define VK_WALK_QUIRK_IMPLICIT_SMAP_AC	(1u << 1)
 
 /*
  * The processor's paging features (struct vk_walk_state.features), as the

@@ -8,7 +8,8 @@
  * boot the access-probe image under `qemu-system-x86_64 -accel tcg -cpu max`
  * with the case image loaded at PW_CASES_BASE and guest RAM in a file, read
  * the results back from that file when QEMU has exited, and compare every
- * case with the engine's prediction (VK_WALK_QUIRK_RSVD_NO_P: QEMU reports
+ * case with the engine's prediction (VK_WALK_QUIRK_IMPLICIT_SMAP_AC and
+ * VK_WALK_QUIRK_RSVD_NO_P: QEMU reports
  * reserved-bit faults with P=0). KTAP output; exit 0 when every case
  * agrees, 1 otherwise.
  *
@@ -199,7 +200,7 @@ Outcome run_mode(const Args &a, const fs::path &dir, bool la57)
 	}
 	auto after = read_file(ram, PW_CASES_BASE, m.image.size());
 	fs::remove(ram);
-	pwm::Report rep = pwm::compare(m, after, VK_WALK_QUIRK_RSVD_NO_P);
+	pwm::Report rep = pwm::compare(m, after, VK_WALK_QUIRK_RSVD_NO_P | VK_WALK_QUIRK_IMPLICIT_SMAP_AC);
 	return {std::move(m), std::move(rep), secs};
 }
 

@@ -814,11 +814,24 @@ TEST_CASE("page walk: SMAP, EFLAGS.AC and implicit accesses", "[page_walk]")
 			CHECK(run(s, g, user, WR) == OK);
 		}
 	}
-	SECTION("implicit accesses at CPL 0 honour AC (QEMU, KVM)") {
+	SECTION("implicit accesses at CPL 0 are blocked whatever AC is (SDM, KVM, hardware)") {
+		CHECK(run(s, g, user, RD | IMPL) == EC_P);
+		s.rflags |= VK_WALK_RFLAGS_AC;
+		CHECK(run(s, g, user, RD | IMPL) == EC_P);
+		CHECK(run(s, g, user, WR | IMPL) == (EC_P | EC_W));
+		CHECK(walk(s, g, user, RD | IMPL).allowed == VK_WALK_ALLOW_FETCH);
+		/* Explicit ones honour AC. */
+		CHECK(run(s, g, user, RD) == OK);
+	}
+	SECTION("implicit accesses at CPL 0 honour AC on QEMU's TCG (its quirk)") {
+		s.quirks = VK_WALK_QUIRK_IMPLICIT_SMAP_AC;
 		CHECK(run(s, g, user, RD | IMPL) == EC_P);
 		s.rflags |= VK_WALK_RFLAGS_AC;
 		CHECK(run(s, g, user, RD | IMPL) == OK);
 		CHECK(run(s, g, user, WR | IMPL) == OK);
+		/* At CPL 3 the quirk changes nothing. */
+		s.cpl = 3;
+		CHECK(run(s, g, user, RD | IMPL) == EC_P);
 	}
 	SECTION("fetches are not subject to SMAP") {
 		CHECK(run(s, g, user, FE) == OK);
