@@ -148,6 +148,51 @@ VK_TEST(translate_read_matches_kvm_translate)
 }
 
 /*
+ * PS in a PDPTE is a reserved bit unless the vCPU's CPUID has Page1GB
+ * (0x80000001:EDX[26]): KVM_TRANSLATE and the walk agree with Page1GB
+ * cleared and, where KVM offers it, set.
+ */
+VK_TEST(translate_1g_page_follows_vcpu_page1gb)
+{
+	const bool kvm_1g = cpuid_bit(vkt::kvm().supported_cpuid(), 0x80000001, 0, 'd', 26);
+	vkt::diag("KVM_GET_SUPPORTED_CPUID: Page1GB %s", kvm_1g ? "yes" : "no");
+	for (bool page1gb : {false, true}) {
+		if (page1gb && !kvm_1g)
+			continue;
+		GuestVm g(vkt::kvm());
+		g.map(LARGE_GVA + GiB, 0, GiB, {}, PageSize::g1);
+		const std::uint64_t gva = LARGE_GVA + GiB + 0x1234567;
+		Vcpu &v = g.add_vcpu(guest_sync_once);
+		auto cpuid = v.cpuid();
+		for (auto &e : cpuid)
+			if (e.function == 0x80000001)
+				e.edx = page1gb ? e.edx | 1u << 26 : e.edx & ~(1u << 26);
+		v.set_cpuid(cpuid);
+		TEST_ASSERT(g.run(v).kind == Ucall::Kind::sync);
+		TEST_ASSERT_EQ(!!(v.paging_state().features & paging_feature::page1gb), page1gb);
+		const kvm_translation k = v.translate(gva);
+		for (Access a : {Access::read, Access::write, Access::fetch}) {
+			const Walk w = v.translate(gva, a);
+			vkt::diag("Page1GB %d, access %d: KVM_TRANSLATE valid=%u gpa=%#llx; walk %s "
+				  "error_code %#x level %d",
+				  page1gb, (int)a, k.valid, (unsigned long long)k.physical_address,
+				  outcome_name(w), w.error_code, w.level);
+			if (page1gb) {
+				TEST_ASSERT(k.valid && k.physical_address == 0x1234567);
+				TEST_ASSERT(w.ok() && w.gpa == 0x1234567 && w.page_size == GiB);
+			} else {
+				TEST_ASSERT(!k.valid);
+				TEST_ASSERT(w.page_fault() && (w.error_code & pfec::rsvd) &&
+						    (w.error_code & pfec::present) && w.level == 3,
+					    "a 1 GiB page without Page1GB: %s error_code %#x",
+					    outcome_name(w), w.error_code);
+			}
+		}
+		g.run_to_done(v);
+	}
+}
+
+/*
  * paging_state() is the vCPU's: registers, CPL from SS.DPL, MAXPHYADDR from
  * its CPUID. Errors name the page walk and keep the errno.
  */
@@ -172,16 +217,20 @@ VK_TEST(paging_state_and_errors)
 		if (e.function == 0x80000008)
 			want_maxphy = e.eax & 0xff;
 	TEST_ASSERT_EQ(ps.maxphyaddr, want_maxphy);
-	/* The paging features are the vCPU's CPUID's. */
-	const auto cpu = features(v.cpuid());
-	const bool has_1g = cpuid_bit(v.cpuid(), 0x80000001, 0, 'd', 26);
-	TEST_ASSERT_EQ(ps.features,
-		       (cpu.nx ? paging_feature::nx : 0) | (has_1g ? paging_feature::page1gb : 0) |
-			       (cpu.smep ? paging_feature::smep : 0) |
-			       (cpu.smap ? paging_feature::smap : 0) |
-			       (cpu.pku ? paging_feature::pku : 0) |
-			       (cpu.la57 ? paging_feature::la57 : 0) |
-			       (cpu.pks ? paging_feature::pks : 0));
+	/*
+	 * The paging features are those of the vCPU's CPUID that KVM has
+	 * (KVM_GET_SUPPORTED_CPUID), as KVM's own walk takes them.
+	 */
+	auto paging_bits = [](const std::vector<kvm_cpuid_entry2> &c) {
+		const auto f = features(c);
+		return (f.nx ? paging_feature::nx : 0) |
+		       (cpuid_bit(c, 0x80000001, 0, 'd', 26) ? paging_feature::page1gb : 0) |
+		       (f.smep ? paging_feature::smep : 0) | (f.smap ? paging_feature::smap : 0) |
+		       (f.pku ? paging_feature::pku : 0) | (f.la57 ? paging_feature::la57 : 0) |
+		       (f.pks ? paging_feature::pks : 0);
+	};
+	const std::uint32_t kvm_has = paging_bits(vkt::kvm().supported_cpuid());
+	TEST_ASSERT_EQ(ps.features, paging_bits(v.cpuid()) & kvm_has);
 	/* The CPUID facts follow set_cpuid() (the vCPU has not run yet). */
 	const auto orig = v.cpuid();
 	auto cpuid = orig;
@@ -193,12 +242,12 @@ VK_TEST(paging_state_and_errors)
 	}
 	v.set_cpuid(cpuid);
 	const PagingState after = v.paging_state();
-	if (cpuid_bit(cpuid, 0x80000000, 0, 'a', 31) && cpuid.size() > 0) {
-		for (auto &e : cpuid)
-			if (e.function == 0x80000008)
-				TEST_ASSERT_EQ(after.maxphyaddr, e.eax & 0xff);
-	}
-	TEST_ASSERT_EQ(after.features ^ ps.features, paging_feature::page1gb);
+	for (auto &e : cpuid)
+		if (e.function == 0x80000008 && cpuid_bit(cpuid, 0x80000000, 0, 'a', 31))
+			TEST_ASSERT_EQ(after.maxphyaddr, e.eax & 0xff);
+	TEST_ASSERT_EQ(after.features, paging_bits(cpuid) & kvm_has);
+	if (kvm_has & paging_feature::page1gb)
+		TEST_ASSERT_EQ(after.features ^ ps.features, paging_feature::page1gb);
 	v.set_cpuid(orig);
 	TEST_ASSERT_EQ(v.paging_state().features, ps.features);
 
