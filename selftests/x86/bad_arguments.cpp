@@ -371,13 +371,13 @@ VK_TEST(vcpu_bad_msr)
 	v.set_msr(0xc0000102 /* IA32_KERNEL_GS_BASE */, 0xffff800012345000ull);
 	TEST_ASSERT_EQ(v.msr(0xc0000102), 0xffff800012345000ull);
 	/*
-	 * ... and the TSC, which KVMs handle differently on a host write (some
-	 * take the value, others keep the vCPU in sync with the VM's other
-	 * TSCs), but which never goes backwards.
+	 * ... and the TSC, accepted and readable: what a read gives after a
+	 * host write is the KVM's (some take the value, kvm_pvm keeps the
+	 * guest TSC near 0, and on a host whose TSC is not stable nested KVM
+	 * can read it going backwards).
 	 */
 	v.set_msr(0x10 /* IA32_TSC */, 1ull << 40);
-	const std::uint64_t t0 = v.msr(0x10);
-	TEST_ASSERT(v.msr(0x10) >= t0);
+	(void)v.msr(0x10);
 	no_leaks("MSRs", [&] {
 		EXPECT_ERROR_NAMING(v.set_msr(0xdeadbeef, 1), EINVAL, "KVM_SET_MSRS");
 		EXPECT_ERROR_NAMING(v.msr(0xdeadbeef), EINVAL, "KVM_GET_MSRS");

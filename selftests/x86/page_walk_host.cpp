@@ -6,12 +6,15 @@
  * and every fault the guest took must be the one the engine predicts.
  *
  * Where the CPU behind /dev/kvm is QEMU's TCG (nested KVM in a TCG guest,
- * as on our CI machines), reserved-bit faults are compared with QEMU's P=0
+ * as on our CI machines) and walks the guest's tables itself (nested
+ * paging; without it KVM's own walker decides the faults), reserved-bit
+ * faults are compared with QEMU's P=0
  * (VK_WALK_QUIRK_RSVD_NO_P) and implicit accesses with QEMU's SMAP rule
  * (VK_WALK_QUIRK_IMPLICIT_SMAP_AC); on hardware as the SDM says.
  */
 #include <cpuid.h>
 
+#include <cstdio>
 #include <cstring>
 #include <span>
 #include <string>
@@ -44,6 +47,25 @@ bool cpu_is_qemu_tcg()
 	std::memcpy(vendor + 8, &d, 4);
 	vendor[12] = 0;
 	return std::string(vendor) == "TCGTCGTCGTCG";
+}
+
+/*
+ * Whether the KVM behind /dev/kvm lets the CPU walk the guest's tables
+ * (NPT/EPT: kvm_amd.npt or kvm_intel.ept is Y). Without it KVM shadows the
+ * guest's tables and its own walker decides every guest #PF (SDM rules).
+ */
+bool kvm_uses_tdp()
+{
+	for (const char *p : {"/sys/module/kvm_amd/parameters/npt",
+			      "/sys/module/kvm_intel/parameters/ept"}) {
+		std::FILE *f = std::fopen(p, "r");
+		if (!f)
+			continue;
+		const int c = std::fgetc(f);
+		std::fclose(f);
+		return c == 'Y' || c == '1';
+	}
+	return false;
 }
 
 /* The 32-bit entry point in the probe image's multiboot header. */
@@ -128,11 +150,15 @@ void run_matrix(bool la57)
 
 	std::vector<std::byte> after(m.image.size());
 	mem.read(PW_CASES_BASE, after);
-	const bool tcg = cpu_is_qemu_tcg();
+	const bool tcg = cpu_is_qemu_tcg() && kvm_uses_tdp();
 	const pwm::Report rep = pwm::compare(m, after, tcg ? VK_WALK_QUIRK_RSVD_NO_P | VK_WALK_QUIRK_IMPLICIT_SMAP_AC : 0);
 	if (tcg)
 		vkt::diag("the CPU behind /dev/kvm is QEMU's TCG (CPUID 40000000H "
-			  "\"TCGTCGTCGTCG\"): reserved-bit faults compared with P=0 as QEMU reports them");
+			  "\"TCGTCGTCGTCG\") walking the guest's tables (nested paging): faults "
+			  "compared with QEMU's rules (reserved bits with P=0, SMAP)");
+	else if (cpu_is_qemu_tcg())
+		vkt::diag("QEMU's TCG behind /dev/kvm, but KVM shadows the guest's tables (no "
+			  "NPT/EPT): KVM's walker decides the faults, by the SDM's rules");
 	vkt::diag("%s-level paging: %zu cases, %zu mismatches, %zu not run; guest MAXPHYADDR %u",
 		  la57 ? "5" : "4", rep.cases, rep.mismatches, rep.not_run, rep.maxphyaddr);
 	for (const auto &sr : rep.sets)
