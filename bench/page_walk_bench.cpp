@@ -165,7 +165,7 @@ int main()
 		const vk_walk_state s{.cr0 = ps.cr0, .cr3 = ps.cr3, .cr4 = ps.cr4, .efer = ps.efer,
 				      .rflags = ps.rflags, .pkru = ps.pkru, .pkrs = ps.pkrs,
 				      .cpl = ps.cpl, .maxphyaddr = ps.maxphyaddr, .quirks = 0,
-				      .pad = 0};
+				      .features = ps.features};
 		const vk_walk_mem mem{FlatMemory::read, &flat};
 		auto bare = measure("engine alone", rounds_engine, [&](std::uint64_t gva) {
 			vk_walk w;

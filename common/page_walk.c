@@ -15,7 +15,7 @@
  *     any entry is read (QEMU get_physical_address()).
  *  2. Top level down, per entry: not present -> #PF P=0; reserved bit set
  *     (address bits 51:MAXPHYADDR, XD with EFER.NXE=0, PS in a PML5E or
- *     PML4E) -> #PF RSVD. So a reserved bit at one level wins over a
+ *     PML4E, PS in a PDPTE without Page1GB) -> #PF RSVD. So a reserved bit at one level wins over a
  *     non-present entry below it, and the first bad level stops the walk.
  *  3. At the leaf, the large-page reserved bits (1G: 29:13, 2M: 20:13).
  *  4. A user-mode access to a supervisor-mode address -> #PF P, never PK
@@ -33,11 +33,12 @@
  * there, which VK_WALK_QUIRK_RSVD_NO_P reproduces.
  *
  * SMAP (CR4.SMAP=1) blocks supervisor-mode data accesses to user-mode
- * addresses unless EFLAGS.AC=1 and CPL < 3. So an implicit access at
- * CPL 3 is always blocked, but an implicit access at CPL 0-2 with AC=1 is
- * not: that is QEMU's cpu_mmu_index_kernel() (and KVM's permission_fault());
- * the SDM's wording for implicit accesses with CPL < 3 and AC=1 is not
- * that clear. Fetches are not subject to SMAP.
+ * addresses, explicit ones unless EFLAGS.AC=1 and CPL < 3, implicit ones
+ * always (SDM 4.6.1; KVM's permission_fault() with PFERR_IMPLICIT_ACCESS;
+ * hardware, measured through kvm_pvm). QEMU's TCG lets AC=1 at CPL 0-2 lift
+ * it for implicit accesses too (cpu_mmu_index_kernel()):
+ * VK_WALK_QUIRK_IMPLICIT_SMAP_AC reproduces that. Fetches are not subject
+ * to SMAP.
  *
  * Keys (only with EFER.LMA=1, which every supported mode has): the key is
  * bits 62:59 of the leaf; a user-mode address (U/S=1 at every level) is
@@ -47,6 +48,13 @@
  * supervisor-mode accesses when CR0.WP=1. Fetches are never key-checked.
  * Bits 62:52 of an entry are ignored, never reserved (QEMU: its reserved
  * mask is within bits 51:12 apart from XD).
+ *
+ * Every rule that depends on the processor's features takes them from
+ * vk_walk_state.features and .maxphyaddr (the vCPU's CPUID), never from
+ * an assumption: PS in a PDPTE is reserved without Page1GB (SDM 4.5,
+ * table 4-17; KVM's reset_guest_rsvds_bits_mask(), QEMU's mmu_translate()),
+ * and a CR4 or EFER bit the CPU does not have (LA57, SMEP, SMAP, PKE, PKS,
+ * NXE) makes the state one no such processor can be in: EINVAL.
  */
 #include "page_walk.h"
 
@@ -107,6 +115,27 @@ static __u32 pw_key_rights(__u32 pkr, __u32 key, int user, int wp)
 	return allow;
 }
 
+/* Whether every CR4 and EFER bit set has its feature in s->features. */
+static int pw_state_possible(const struct vk_walk_state *s)
+{
+	static const struct {
+		__u64 cr4;
+		__u32 feature;
+	} need[] = {
+		{ VK_WALK_CR4_LA57, VK_WALK_FEAT_LA57 },
+		{ VK_WALK_CR4_SMEP, VK_WALK_FEAT_SMEP },
+		{ VK_WALK_CR4_SMAP, VK_WALK_FEAT_SMAP },
+		{ VK_WALK_CR4_PKE, VK_WALK_FEAT_PKU },
+		{ VK_WALK_CR4_PKS, VK_WALK_FEAT_PKS },
+	};
+	unsigned int i;
+
+	for (i = 0; i < sizeof(need) / sizeof(need[0]); i++)
+		if ((s->cr4 & need[i].cr4) && !(s->features & need[i].feature))
+			return 0;
+	return !(s->efer & VK_WALK_EFER_NXE) || (s->features & VK_WALK_FEAT_NX);
+}
+
 int vk_walk_translate(const struct vk_walk_state *s,
 		      const struct vk_walk_mem *mem, __u64 la,
 		      unsigned int access, struct vk_walk *w)
@@ -133,7 +162,7 @@ int vk_walk_translate(const struct vk_walk_state *s,
 	}
 	if (!(s->efer & VK_WALK_EFER_LMA))
 		return pw_done(w, VK_WALK_UNSUPPORTED);
-	if (s->maxphyaddr < 32 || s->maxphyaddr > 52)
+	if (s->maxphyaddr < 32 || s->maxphyaddr > 52 || !pw_state_possible(s))
 		return pw_done(w, VK_WALK_EINVAL);
 
 	top = (s->cr4 & VK_WALK_CR4_LA57) ? VK_WALK_PML5 : VK_WALK_PML4;
@@ -172,7 +201,9 @@ int vk_walk_translate(const struct vk_walk_state *s,
 		if (!(e & VK_WALK_PTE_P))
 			return pw_fault(w, ec);
 		if ((e & rsvd) ||
-		    (level >= VK_WALK_PML4 && (e & VK_WALK_PTE_PS)))
+		    (level >= VK_WALK_PML4 && (e & VK_WALK_PTE_PS)) ||
+		    (level == VK_WALK_PDPT && (e & VK_WALK_PTE_PS) &&
+		     !(s->features & VK_WALK_FEAT_PAGE1GB)))
 			goto fault_rsvd;
 		acc = (acc & e & (VK_WALK_PTE_W | VK_WALK_PTE_U)) |
 		      ((acc | e) & VK_WALK_PTE_NX);
@@ -204,7 +235,8 @@ int vk_walk_translate(const struct vk_walk_state *s,
 		return pw_fault(w, ec | VK_WALK_PFEC_P);
 
 	smap = (s->cr4 & VK_WALK_CR4_SMAP) && !user &&
-	       (s->cpl == 3 || !(s->rflags & VK_WALK_RFLAGS_AC));
+	       (s->cpl == 3 || !(s->rflags & VK_WALK_RFLAGS_AC) ||
+		(implicit && !(s->quirks & VK_WALK_QUIRK_IMPLICIT_SMAP_AC)));
 	allowed = 0;
 	if (!smap || !(rights & VK_WALK_RIGHT_U)) {
 		allowed |= VK_WALK_ALLOW_READ;

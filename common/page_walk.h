@@ -100,6 +100,31 @@
  * bit 0 is also set") and hardware report P=1.
  */
 #define VK_WALK_QUIRK_RSVD_NO_P	(1u << 0)
+/*
+ * QEMU's TCG lets EFLAGS.AC=1 at CPL 0-2 lift SMAP for implicit
+ * supervisor-mode accesses too (cpu_mmu_index_kernel()); the SDM (4.6.1),
+ * KVM's permission_fault() (PFERR_IMPLICIT_ACCESS) and hardware (measured
+ * through kvm_pvm on an AMD CPU) apply SMAP to implicit accesses whatever
+ * AC is.
+ */
+#define VK_WALK_QUIRK_IMPLICIT_SMAP_AC	(1u << 1)
+
+/*
+ * The processor's paging features (struct vk_walk_state.features), as the
+ * vCPU's CPUID reports them. A feature that is absent changes the rules:
+ * without Page1GB, PS in a PDPTE is a reserved bit (#PF RSVD); without NX,
+ * SMEP, SMAP, PKU, PKS or LA57 the matching EFER or CR4 bit cannot be set
+ * (MOV to CR4, WRMSR and KVM_SET_SREGS refuse it), so a state with one set
+ * is VK_WALK_EINVAL. MAXPHYADDR is vk_walk_state.maxphyaddr.
+ */
+#define VK_WALK_FEAT_NX		(1u << 0)	/* CPUID.80000001H:EDX[20] */
+#define VK_WALK_FEAT_PAGE1GB	(1u << 1)	/* CPUID.80000001H:EDX[26] */
+#define VK_WALK_FEAT_SMEP	(1u << 2)	/* CPUID.(7,0):EBX[7] */
+#define VK_WALK_FEAT_SMAP	(1u << 3)	/* CPUID.(7,0):EBX[20] */
+#define VK_WALK_FEAT_PKU	(1u << 4)	/* CPUID.(7,0):ECX[3] */
+#define VK_WALK_FEAT_LA57	(1u << 5)	/* CPUID.(7,0):ECX[16] */
+#define VK_WALK_FEAT_PKS	(1u << 6)	/* CPUID.(7,0):ECX[31] */
+#define VK_WALK_FEAT_ALL	0x7fu
 
 #ifdef __cplusplus
 extern "C" {
@@ -117,7 +142,7 @@ struct vk_walk_state {
 	__u32 cpl;		/* 0..3 */
 	__u32 maxphyaddr;	/* CPUID.80000008H:EAX[7:0], 32..52 */
 	__u32 quirks;		/* VK_WALK_QUIRK_*; 0: the SDM */
-	__u32 pad;
+	__u32 features;		/* VK_WALK_FEAT_*: the vCPU's CPUID */
 };
 
 /*
@@ -138,7 +163,8 @@ enum {
 	VK_WALK_GP = 2,		/* #GP(0): a non-canonical linear address */
 	VK_WALK_EREAD = -1,	/* the reader failed at read_gpa */
 	VK_WALK_UNSUPPORTED = -2, /* legacy 32-bit or PAE paging */
-	VK_WALK_EINVAL = -3,	/* a bad access or state (cpl > 3) */
+	VK_WALK_EINVAL = -3,	/* a bad access or state (cpl > 3, a control
+				   bit of a feature the CPU lacks) */
 };
 
 /* Paging-structure levels, as the index of vk_walk.entry[]. */

@@ -28,6 +28,11 @@ static_assert(Walk::right_write == VK_WALK_RIGHT_W && Walk::right_user == VK_WAL
 static_assert(Walk::allow_read == VK_WALK_ALLOW_READ &&
 	      Walk::allow_write == VK_WALK_ALLOW_WRITE &&
 	      Walk::allow_fetch == VK_WALK_ALLOW_FETCH);
+static_assert(paging_feature::nx == VK_WALK_FEAT_NX &&
+	      paging_feature::page1gb == VK_WALK_FEAT_PAGE1GB &&
+	      paging_feature::smep == VK_WALK_FEAT_SMEP && paging_feature::smap == VK_WALK_FEAT_SMAP &&
+	      paging_feature::pku == VK_WALK_FEAT_PKU && paging_feature::la57 == VK_WALK_FEAT_LA57 &&
+	      paging_feature::pks == VK_WALK_FEAT_PKS && paging_feature::all == VK_WALK_FEAT_ALL);
 static_assert(std::tuple_size_v<decltype(Walk::entry)> == std::size(vk_walk{}.entry));
 
 static unsigned int engine_access(Access a)
@@ -70,7 +75,7 @@ Walk translate(const GuestMemory &memory, const PagingState &state, std::uint64_
 		.cpl = state.cpl,
 		.maxphyaddr = state.maxphyaddr,
 		.quirks = 0,
-		.pad = 0,
+		.features = state.features,
 	};
 	const auto &map = detail::GuestMemoryAccess::map(memory);
 	const vk_walk_mem mem{read_entry, const_cast<detail::MemoryMap *>(&map)};
@@ -106,7 +111,10 @@ Walk translate(const GuestMemory &memory, const PagingState &state, std::uint64_
 		throw Error("page walk", EINVAL,
 			    "gva=" + hex(gva) + ": cpl=" + std::to_string(state.cpl) +
 				    " maxphyaddr=" + std::to_string(state.maxphyaddr) +
-				    " (need cpl <= 3 and maxphyaddr 32..52)");
+				    " cr4=" + hex(state.cr4) + " efer=" + hex(state.efer) +
+				    " features=" + hex(state.features) +
+				    " (need cpl <= 3, maxphyaddr 32..52, and no CR4/EFER bit"
+				    " of a feature the CPU lacks)");
 	}
 	r.error_code = w.error_code;
 	r.gpa = w.gpa;

@@ -96,6 +96,13 @@ struct VmState {
 	 * that page walks read it (asked once, when the VM is created).
 	 */
 	bool pkrs_listed = false;
+	/*
+	 * The paging features (paging_feature::*) KVM can give a guest
+	 * (KVM_GET_SUPPORTED_CPUID, asked when the VM is created): page walks
+	 * use those of the vCPU's CPUID that KVM has, as KVM's own walk does
+	 * (guest_cpu_cap_has()).
+	 */
+	std::uint32_t kvm_paging_features = 0;
 
 	/* Sub-page protection, once enabled (spp_mu guards enabling). */
 	std::mutex spp_mu;
@@ -175,12 +182,16 @@ struct VcpuState {
 	std::mutex paging_mu;
 	bool paging_cpuid_known = false;
 	std::uint32_t maxphyaddr = 36;
+	std::uint32_t paging_features = 0;	/* paging_feature::* */
 	std::uint32_t pkru_offset = 0;	/* in the XSAVE area; 0: not known */
 
 	/* The thread whose signal mask KVM_SET_SIGNAL_MASK was derived from. */
 	pthread_t mask_thread{};
 	bool mask_set = false;
 };
+
+/* The paging features (paging_feature::*) a CPUID lists (vcpu_paging.cpp). */
+std::uint32_t paging_features(const std::vector<kvm_cpuid_entry2> &cpuid);
 
 /* Make the vCPU leave KVM_RUN without run() reporting it (see RunGate). */
 void internal_kick(VcpuState &v);

@@ -149,6 +149,7 @@ Vm System::create_vm(const VmOptions &options) const
 						       static_cast<std::uint32_t>(slots),
 						       options.dirty_ring_bytes);
 	state->pkrs_listed = lists_pkrs(*this);
+	state->kvm_paging_features = detail::paging_features(supported_cpuid());
 	return Vm(std::move(state));
 }
 

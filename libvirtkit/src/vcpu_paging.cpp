@@ -99,10 +99,13 @@ PagingState read_state(const Vcpu &vcpu, detail::VcpuState &st, Want want)
 		if (!st.paging_cpuid_known) {
 			auto cpuid = vcpu.cpuid();
 			st.maxphyaddr = maxphyaddr(cpuid);
+			st.paging_features =
+				detail::paging_features(cpuid) & st.vm->kvm_paging_features;
 			st.pkru_offset = pkru_offset(cpuid);
 			st.paging_cpuid_known = true;
 		}
 		p.maxphyaddr = st.maxphyaddr;
+		p.features = st.paging_features;
 		offset = st.pkru_offset;
 	}
 
@@ -137,6 +140,35 @@ PagingState read_state(const Vcpu &vcpu, detail::VcpuState &st, Want want)
 }
 
 } // namespace
+
+/* The paging features of a CPUID (paging_feature::*): the leaves KVM reads. */
+std::uint32_t detail::paging_features(const std::vector<kvm_cpuid_entry2> &cpuid)
+{
+	std::uint32_t f = 0;
+	auto has = [&](std::uint32_t fn, std::uint32_t index, int reg, int bit) {
+		const kvm_cpuid_entry2 *e = find(cpuid, fn, index);
+		if (!e)
+			return false;
+		const std::uint32_t regs[] = {e->eax, e->ebx, e->ecx, e->edx};
+		return (regs[reg] >> bit & 1) != 0;
+	};
+	enum { eax, ebx, ecx, edx };
+	if (has(0x80000001, 0, edx, 20))
+		f |= paging_feature::nx;
+	if (has(0x80000001, 0, edx, 26))
+		f |= paging_feature::page1gb;
+	if (has(7, 0, ebx, 7))
+		f |= paging_feature::smep;
+	if (has(7, 0, ebx, 20))
+		f |= paging_feature::smap;
+	if (has(7, 0, ecx, 3))
+		f |= paging_feature::pku;
+	if (has(7, 0, ecx, 16))
+		f |= paging_feature::la57;
+	if (has(7, 0, ecx, 31))
+		f |= paging_feature::pks;
+	return f;
+}
 
 PagingState Vcpu::paging_state() const
 {

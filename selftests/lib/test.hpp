@@ -74,6 +74,19 @@ void diag(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
 			throw ::vkt::Skip{std::string("requires ") + (what)};  \
 	} while (0)
 
+/*
+ * Skip unless a platform probe (virtkit/platform.hpp) found the capability:
+ * the skip names it and what the probe's tiny guest did.
+ */
+#define TEST_REQUIRE_PROBE(probe, what)                                        \
+	do {                                                                   \
+		const ::virtkit::Probe &vk_p_ = (probe);                       \
+		if (!vk_p_)                                                    \
+			throw ::vkt::Skip{std::string("requires ") + (what) +  \
+					  " (platform probe: " +               \
+					  vk_p_.describe() + ")"};             \
+	} while (0)
+
 #define TEST_ASSERT(cond, ...)                                                 \
 	do {                                                                   \
 		if (!(cond))                                                   \

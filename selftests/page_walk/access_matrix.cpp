@@ -539,9 +539,27 @@ const char *access_name(unsigned int a)
 	return a <= PW_ACC_IMPLICIT_WRITE ? n[a] : "?";
 }
 
-/* What the engine predicts for case c. */
-Outcome predict(const pw_header &h, const pw_case &c, u32 maxphyaddr, unsigned int quirks,
-		const vk_walk_mem &mem)
+/* The engine's features (VK_WALK_FEAT_*) for the CPUID the image saw (PW_FEAT_*). */
+u32 engine_features(u32 pw)
+{
+	static const struct {
+		u32 pw, engine;
+	} map[] = {
+		{PW_FEAT_NX, VK_WALK_FEAT_NX},	     {PW_FEAT_PAGE1GB, VK_WALK_FEAT_PAGE1GB},
+		{PW_FEAT_SMEP, VK_WALK_FEAT_SMEP},   {PW_FEAT_SMAP, VK_WALK_FEAT_SMAP},
+		{PW_FEAT_PKU, VK_WALK_FEAT_PKU},     {PW_FEAT_PKS, VK_WALK_FEAT_PKS},
+		{PW_FEAT_LA57, VK_WALK_FEAT_LA57},
+	};
+	u32 f = 0;
+	for (const auto &m : map)
+		if (pw & m.pw)
+			f |= m.engine;
+	return f;
+}
+
+/* What the engine predicts for case c on a CPU with features (PW_FEAT_*). */
+Outcome predict(const pw_header &h, const pw_case &c, u32 maxphyaddr, u32 features,
+		unsigned int quirks, const vk_walk_mem &mem)
 {
 	const u32 ctl = c.ctl;
 	const pw_keyset &k = h.keys[(ctl & PW_CTL_KEYS_MASK) >> PW_CTL_KEYS_SHIFT];
@@ -558,6 +576,7 @@ Outcome predict(const pw_header &h, const pw_case &c, u32 maxphyaddr, unsigned i
 	s.cpl = ctl & PW_CTL_CPL3 ? 3 : 0;
 	s.maxphyaddr = maxphyaddr;
 	s.quirks = quirks;
+	s.features = engine_features(features);
 
 	auto walk = [&](u64 la, unsigned int access) {
 		vk_walk w;
@@ -677,7 +696,8 @@ std::vector<std::string> outcome_summary(const Report &r)
 	return lines;
 }
 
-Report compare(const Matrix &m, std::span<const std::byte> after, unsigned int quirks)
+Report compare(const Matrix &m, std::span<const std::byte> after, unsigned int quirks,
+	       std::uint32_t implemented)
 {
 	pw_header h, out;
 	std::memcpy(&h, m.image.data(), sizeof(h));
@@ -720,7 +740,7 @@ Report compare(const Matrix &m, std::span<const std::byte> after, unsigned int q
 			rep.not_run++;
 			continue;
 		}
-		const Outcome want = predict(h, c, rep.maxphyaddr, quirks, mem);
+		const Outcome want = predict(h, c, rep.maxphyaddr, rep.features | implemented, quirks, mem);
 		const Outcome got{r.vector, r.vector == PW_NO_FAULT ? 0 : r.error_code};
 		rep.outcomes[describe(got)]++;
 		/* A #PF must be the probe's: CR2 in the probed page. */

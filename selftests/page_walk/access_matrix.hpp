@@ -100,9 +100,12 @@ std::vector<std::string> outcome_summary(const Report &r);
 /*
  * Compare the results in after (the case image as the run left it, at
  * least up to the end of the results) with the engine's prediction for
- * m's tables. quirks: VK_WALK_QUIRK_* of the implementation that ran.
+ * m's tables. quirks: VK_WALK_QUIRK_* of the implementation that ran;
+ * implemented: PW_FEAT_* that it implements whatever its CPUID says (QEMU's
+ * TCG maps 1 GiB pages on a CPU model without Page1GB: PW_FEAT_PAGE1GB).
  * Throws std::runtime_error when the run did not complete.
  */
-Report compare(const Matrix &m, std::span<const std::byte> after, unsigned int quirks);
+Report compare(const Matrix &m, std::span<const std::byte> after, unsigned int quirks,
+	       std::uint32_t implemented = 0);
 
 } // namespace virtkit::page_walk_matrix

@@ -102,6 +102,7 @@
 #define PW_FEAT_PKU		(1u << 3)
 #define PW_FEAT_PKS		(1u << 4)
 #define PW_FEAT_LA57		(1u << 5)
+#define PW_FEAT_PAGE1GB		(1u << 6)	/* 80000001H:EDX[26] */
 
 #define PW_MAX_ROOTS		4
 #define PW_MAX_KEYSETS		256

@@ -152,6 +152,7 @@ vk_walk_state long_mode(const Guest &g)
 	s.efer = VK_WALK_EFER_LMA | VK_WALK_EFER_NXE | (1ull << 8); /* LME */
 	s.rflags = 2;
 	s.maxphyaddr = 46;
+	s.features = VK_WALK_FEAT_ALL;
 	return s;
 }
 
@@ -533,6 +534,99 @@ TEST_CASE("page walk: reserved bits of 1 GiB and 2 MiB leaves", "[page_walk]")
 	CHECK(run(s, g, la1g, RD) == (EC_P | EC_RSVD));
 }
 
+TEST_CASE("page walk: PS in a PDPTE is reserved without Page1GB", "[page_walk]")
+{
+	int levels = GENERATE(4, 5);
+	Guest g(levels);
+	vk_walk_state s = long_mode(g);
+	const u64 la1g = 0x0000004040000000ull + 0x12345;
+	const u64 la2m = 0x0000008000200000ull + 0x12345;
+
+	g.map(la1g, 0x80000000ull, 3, P | W | U);
+	g.map(la2m, 0x40000000ull, 2, P | W | U);
+	REQUIRE(run(s, g, la1g, RD) == OK);
+
+	/* A CPU without Page1GB (CPUID.80000001H:EDX[26] = 0): RSVD at level 3. */
+	s.features &= ~VK_WALK_FEAT_PAGE1GB;
+	for (unsigned acc : {RD, WR, FE, RD | IMPL}) {
+		for (u32 cpl : {0u, 3u}) {
+			INFO("access " << acc << " cpl " << cpl);
+			s.cpl = cpl;
+			vk_walk w = walk(s, g, la1g, acc);
+			u32 want = EC_P | EC_RSVD;
+			if (acc == WR)
+				want |= EC_W;
+			if (acc == FE)
+				want |= EC_ID;
+			if (cpl == 3 && !(acc & IMPL))
+				want |= EC_U;
+			CHECK(outcome(w) == want);
+			CHECK(w.level == 3);
+			CHECK(w.gpa == 0);
+			CHECK(w.page_size == 0);
+		}
+	}
+	s.cpl = 0;
+	/* 2 MiB pages do not depend on it; a PDPTE that points to a table neither. */
+	CHECK(run(s, g, la2m, RD) == OK);
+	/* A reserved bit at a level above still wins. */
+	g.entry(la1g, 4) |= 1ull << 51;
+	CHECK(run(s, g, la1g, RD) == (EC_P | EC_RSVD));
+	CHECK(walk(s, g, la1g, RD).level == 4);
+	g.entry(la1g, 4) &= ~(1ull << 51);
+	/* Not present wins over PS. */
+	g.entry(la1g, 3) &= ~P;
+	CHECK(run(s, g, la1g, RD) == 0);
+	g.entry(la1g, 3) |= P;
+	/* QEMU's quirk applies to this RSVD too. */
+	s.quirks = VK_WALK_QUIRK_RSVD_NO_P;
+	CHECK(run(s, g, la1g, RD) == EC_RSVD);
+	s.quirks = 0;
+	s.features |= VK_WALK_FEAT_PAGE1GB;
+	CHECK(run(s, g, la1g, RD) == OK);
+}
+
+TEST_CASE("page walk: a control bit of a feature the CPU lacks is refused", "[page_walk]")
+{
+	int levels = GENERATE(4, 5);
+	Guest g(levels);
+	const u64 la = 0x0000123456789000ull;
+
+	g.map(la, 0x2000000ull, 1, P | W);	/* a supervisor page: SMAP lets CPL 0 read */
+	const struct {
+		u64 cr4;
+		u64 efer;
+		u32 feature;
+	} bits[] = {
+		{VK_WALK_CR4_SMEP, 0, VK_WALK_FEAT_SMEP},
+		{VK_WALK_CR4_SMAP, 0, VK_WALK_FEAT_SMAP},
+		{VK_WALK_CR4_PKE, 0, VK_WALK_FEAT_PKU},
+		{VK_WALK_CR4_PKS, 0, VK_WALK_FEAT_PKS},
+		{0, VK_WALK_EFER_NXE, VK_WALK_FEAT_NX},
+	};
+	for (const auto &b : bits) {
+		INFO("feature " << b.feature);
+		vk_walk_state s = long_mode(g);
+		s.cr4 |= b.cr4;
+		s.efer |= b.efer;
+		CHECK(run(s, g, la, RD) == OK);
+		s.features &= ~b.feature;
+		CHECK(run(s, g, la, RD) == BAD_ARG);
+		/* With the bit clear the feature's absence changes nothing. */
+		s.cr4 &= ~b.cr4;
+		s.efer &= ~b.efer;
+		CHECK(run(s, g, la, RD) == OK);
+	}
+	vk_walk_state s = long_mode(g);
+	s.features &= ~VK_WALK_FEAT_LA57;
+	CHECK(run(s, g, la, RD) == (levels == 5 ? BAD_ARG : OK));
+	/* No paging does not look at the features. */
+	s.features = 0;
+	s.cr0 = 1;
+	s.efer = 0;
+	CHECK(run(s, g, la, RD) == OK);
+}
+
 TEST_CASE("page walk: a reserved bit above wins over a lower not-present entry", "[page_walk]")
 {
 	Guest g;
@@ -720,11 +814,24 @@ TEST_CASE("page walk: SMAP, EFLAGS.AC and implicit accesses", "[page_walk]")
 			CHECK(run(s, g, user, WR) == OK);
 		}
 	}
-	SECTION("implicit accesses at CPL 0 honour AC (QEMU, KVM)") {
+	SECTION("implicit accesses at CPL 0 are blocked whatever AC is (SDM, KVM, hardware)") {
+		CHECK(run(s, g, user, RD | IMPL) == EC_P);
+		s.rflags |= VK_WALK_RFLAGS_AC;
+		CHECK(run(s, g, user, RD | IMPL) == EC_P);
+		CHECK(run(s, g, user, WR | IMPL) == (EC_P | EC_W));
+		CHECK(walk(s, g, user, RD | IMPL).allowed == VK_WALK_ALLOW_FETCH);
+		/* Explicit ones honour AC. */
+		CHECK(run(s, g, user, RD) == OK);
+	}
+	SECTION("implicit accesses at CPL 0 honour AC on QEMU's TCG (its quirk)") {
+		s.quirks = VK_WALK_QUIRK_IMPLICIT_SMAP_AC;
 		CHECK(run(s, g, user, RD | IMPL) == EC_P);
 		s.rflags |= VK_WALK_RFLAGS_AC;
 		CHECK(run(s, g, user, RD | IMPL) == OK);
 		CHECK(run(s, g, user, WR | IMPL) == OK);
+		/* At CPL 3 the quirk changes nothing. */
+		s.cpl = 3;
+		CHECK(run(s, g, user, RD | IMPL) == EC_P);
 	}
 	SECTION("fetches are not subject to SMAP") {
 		CHECK(run(s, g, user, FE) == OK);

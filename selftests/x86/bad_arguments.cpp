@@ -367,9 +367,17 @@ VK_TEST(vcpu_bad_msr)
 {
 	Vm vm = vkt::kvm().create_vm();
 	Vcpu v = vm.create_vcpu(0);
-	/* An MSR KVM does handle works. */
+	/* An MSR KVM does handle works: one KVM keeps as written... */
+	v.set_msr(0xc0000102 /* IA32_KERNEL_GS_BASE */, 0xffff800012345000ull);
+	TEST_ASSERT_EQ(v.msr(0xc0000102), 0xffff800012345000ull);
+	/*
+	 * ... and the TSC, accepted and readable: what a read gives after a
+	 * host write is the KVM's (some take the value, kvm_pvm keeps the
+	 * guest TSC near 0, and on a host whose TSC is not stable nested KVM
+	 * can read it going backwards).
+	 */
 	v.set_msr(0x10 /* IA32_TSC */, 1ull << 40);
-	TEST_ASSERT(v.msr(0x10) >= 1ull << 40);
+	(void)v.msr(0x10);
 	no_leaks("MSRs", [&] {
 		EXPECT_ERROR_NAMING(v.set_msr(0xdeadbeef, 1), EINVAL, "KVM_SET_MSRS");
 		EXPECT_ERROR_NAMING(v.msr(0xdeadbeef), EINVAL, "KVM_GET_MSRS");

@@ -75,6 +75,12 @@ VK_TEST(translate_read_matches_kvm_translate)
 	TEST_ASSERT(g.run(v).kind == Ucall::Kind::sync);
 	const PagingState ps = v.paging_state();
 	TEST_ASSERT(ps.maxphyaddr < 52, "MAXPHYADDR %u: bit 51 is not reserved", ps.maxphyaddr);
+	/*
+	 * Without Page1GB in the vCPU's CPUID, PS in a PDPTE is a reserved
+	 * bit: KVM_TRANSLATE and the walk both fail the 1 GiB page.
+	 */
+	const bool page1gb = ps.features & paging_feature::page1gb;
+	vkt::diag("guest CPUID: Page1GB %s", page1gb ? "yes" : "no");
 
 	int mapped = 0;
 	for (std::uint64_t gva : gvas) {
@@ -100,7 +106,7 @@ VK_TEST(translate_read_matches_kvm_translate)
 			    "gva %#llx: translate(memory, state) differs from Vcpu::translate",
 			    (unsigned long long)gva);
 	}
-	TEST_ASSERT_EQ(mapped, 9);
+	TEST_ASSERT_EQ(mapped, page1gb ? 9 : 8);
 
 	/* What the walks reached. */
 	Walk w = v.translate(LARGE_GVA + 0x12345, Access::read);
@@ -108,14 +114,28 @@ VK_TEST(translate_read_matches_kvm_translate)
 	TEST_ASSERT_EQ(w.level, 2);
 	TEST_ASSERT_EQ(w.gpa, gpa2m + 0x12345);
 	w = v.translate(LARGE_GVA + GiB + 0x2345678, Access::write);
-	TEST_ASSERT_EQ(w.page_size, GiB);
-	TEST_ASSERT(w.page_fault() && w.error_code == (pfec::present | pfec::write),
-		    "write to a read-only 1 GiB page: %s error_code %#x", outcome_name(w),
-		    w.error_code);
-	TEST_ASSERT(w.mapped() && w.gpa == 0x2345678 && !w.writable() && w.allows(Access::read) &&
-			    !w.allows(Access::write),
-		    "gpa %#llx rights %#x allowed %#x", (unsigned long long)w.gpa, w.rights,
-		    w.allowed);
+	if (page1gb) {
+		TEST_ASSERT_EQ(w.page_size, GiB);
+		TEST_ASSERT(w.page_fault() && w.error_code == (pfec::present | pfec::write),
+			    "write to a read-only 1 GiB page: %s error_code %#x", outcome_name(w),
+			    w.error_code);
+		TEST_ASSERT(w.mapped() && w.gpa == 0x2345678 && !w.writable() &&
+				    w.allows(Access::read) && !w.allows(Access::write),
+			    "gpa %#llx rights %#x allowed %#x", (unsigned long long)w.gpa,
+			    w.rights, w.allowed);
+	} else {
+		TEST_ASSERT(w.page_fault() &&
+				    w.error_code == (pfec::present | pfec::write | pfec::rsvd) &&
+				    w.level == 3 && !w.mapped(),
+			    "write to a 1 GiB page without Page1GB: %s error_code %#x level %d",
+			    outcome_name(w), w.error_code, w.level);
+		/* The same tables on a CPU with Page1GB: the page is there. */
+		PagingState with = ps;
+		with.features |= paging_feature::page1gb;
+		w = translate(g.memory(), with, LARGE_GVA + GiB + 0x2345678, Access::read);
+		TEST_ASSERT(w.ok() && w.page_size == GiB && w.gpa == 0x2345678,
+			    "read of a 1 GiB page with Page1GB: %s", outcome_name(w));
+	}
 	w = v.translate(gvas[6], Access::read);
 	TEST_ASSERT(w.ok() && w.user() && w.key == 5, "user page with key 5: %s key %u rights %#x",
 		    outcome_name(w), w.key, w.rights);
@@ -125,6 +145,51 @@ VK_TEST(translate_read_matches_kvm_translate)
 	w = v.translate(NONCANONICAL, Access::read);
 	TEST_ASSERT(w.general_protection(), "non-canonical: %s", outcome_name(w));
 	g.run_to_done(v);
+}
+
+/*
+ * PS in a PDPTE is a reserved bit unless the vCPU's CPUID has Page1GB
+ * (0x80000001:EDX[26]): KVM_TRANSLATE and the walk agree with Page1GB
+ * cleared and, where KVM offers it, set.
+ */
+VK_TEST(translate_1g_page_follows_vcpu_page1gb)
+{
+	const bool kvm_1g = cpuid_bit(vkt::kvm().supported_cpuid(), 0x80000001, 0, 'd', 26);
+	vkt::diag("KVM_GET_SUPPORTED_CPUID: Page1GB %s", kvm_1g ? "yes" : "no");
+	for (bool page1gb : {false, true}) {
+		if (page1gb && !kvm_1g)
+			continue;
+		GuestVm g(vkt::kvm());
+		g.map(LARGE_GVA + GiB, 0, GiB, {}, PageSize::g1);
+		const std::uint64_t gva = LARGE_GVA + GiB + 0x1234567;
+		Vcpu &v = g.add_vcpu(guest_sync_once);
+		auto cpuid = v.cpuid();
+		for (auto &e : cpuid)
+			if (e.function == 0x80000001)
+				e.edx = page1gb ? e.edx | 1u << 26 : e.edx & ~(1u << 26);
+		v.set_cpuid(cpuid);
+		TEST_ASSERT(g.run(v).kind == Ucall::Kind::sync);
+		TEST_ASSERT_EQ(!!(v.paging_state().features & paging_feature::page1gb), page1gb);
+		const kvm_translation k = v.translate(gva);
+		for (Access a : {Access::read, Access::write, Access::fetch}) {
+			const Walk w = v.translate(gva, a);
+			vkt::diag("Page1GB %d, access %d: KVM_TRANSLATE valid=%u gpa=%#llx; walk %s "
+				  "error_code %#x level %d",
+				  page1gb, (int)a, k.valid, (unsigned long long)k.physical_address,
+				  outcome_name(w), w.error_code, w.level);
+			if (page1gb) {
+				TEST_ASSERT(k.valid && k.physical_address == 0x1234567);
+				TEST_ASSERT(w.ok() && w.gpa == 0x1234567 && w.page_size == GiB);
+			} else {
+				TEST_ASSERT(!k.valid);
+				TEST_ASSERT(w.page_fault() && (w.error_code & pfec::rsvd) &&
+						    (w.error_code & pfec::present) && w.level == 3,
+					    "a 1 GiB page without Page1GB: %s error_code %#x",
+					    outcome_name(w), w.error_code);
+			}
+		}
+		g.run_to_done(v);
+	}
 }
 
 /*
@@ -152,18 +217,39 @@ VK_TEST(paging_state_and_errors)
 		if (e.function == 0x80000008)
 			want_maxphy = e.eax & 0xff;
 	TEST_ASSERT_EQ(ps.maxphyaddr, want_maxphy);
-	/* The CPUID facts follow set_cpuid(). */
-	auto cpuid = v.cpuid();
-	bool changed = false;
-	for (auto &e : cpuid)
-		if (e.function == 0x80000008 && (e.eax & 0xff) != 39) {
-			e.eax = (e.eax & ~0xffu) | 39;
-			changed = true;
-		}
-	if (changed) {
-		v.set_cpuid(cpuid);
-		TEST_ASSERT_EQ(v.paging_state().maxphyaddr, 39);
+	/*
+	 * The paging features are those of the vCPU's CPUID that KVM has
+	 * (KVM_GET_SUPPORTED_CPUID), as KVM's own walk takes them.
+	 */
+	auto paging_bits = [](const std::vector<kvm_cpuid_entry2> &c) {
+		const auto f = features(c);
+		return (f.nx ? paging_feature::nx : 0) |
+		       (cpuid_bit(c, 0x80000001, 0, 'd', 26) ? paging_feature::page1gb : 0) |
+		       (f.smep ? paging_feature::smep : 0) | (f.smap ? paging_feature::smap : 0) |
+		       (f.pku ? paging_feature::pku : 0) | (f.la57 ? paging_feature::la57 : 0) |
+		       (f.pks ? paging_feature::pks : 0);
+	};
+	const std::uint32_t kvm_has = paging_bits(vkt::kvm().supported_cpuid());
+	TEST_ASSERT_EQ(ps.features, paging_bits(v.cpuid()) & kvm_has);
+	/* The CPUID facts follow set_cpuid() (the vCPU has not run yet). */
+	const auto orig = v.cpuid();
+	auto cpuid = orig;
+	for (auto &e : cpuid) {
+		if (e.function == 0x80000008)
+			e.eax = (e.eax & ~0xffu) | (want_maxphy == 39 ? 40 : 39);
+		if (e.function == 0x80000001)
+			e.edx ^= 1u << 26;	/* Page1GB */
 	}
+	v.set_cpuid(cpuid);
+	const PagingState after = v.paging_state();
+	for (auto &e : cpuid)
+		if (e.function == 0x80000008 && cpuid_bit(cpuid, 0x80000000, 0, 'a', 31))
+			TEST_ASSERT_EQ(after.maxphyaddr, e.eax & 0xff);
+	TEST_ASSERT_EQ(after.features, paging_bits(cpuid) & kvm_has);
+	if (kvm_has & paging_feature::page1gb)
+		TEST_ASSERT_EQ(after.features ^ ps.features, paging_feature::page1gb);
+	v.set_cpuid(orig);
+	TEST_ASSERT_EQ(v.paging_state().features, ps.features);
 
 	/* The CPL is SS.DPL, as KVM takes it. */
 	kvm_sregs user = s;
@@ -181,14 +267,39 @@ VK_TEST(paging_state_and_errors)
 	v.set_sregs(s);
 
 	/* PAE paging (CR0.PG=1, EFER.LMA=0): not walked. */
-	kvm_sregs pae = s;
+	PagingState pae_state = ps;
+	pae_state.efer = 0;
+	std::string m = TEST_EXPECT_ERROR(translate(g.memory(), pae_state, code, Access::read),
+					  ENOTSUP);
+	TEST_ASSERT(m.find("page walk") != std::string::npos, "%s", m.c_str());
+	/*
+	 * The vCPU in PAE paging: Vcpu::translate() walks the state KVM
+	 * holds, which is not always the one given (a KVM that runs guests
+	 * with shadow paging in long mode only, kvm_pvm, keeps CR0.PG clear,
+	 * and that vCPU cannot go back to long mode: a second vCPU, which
+	 * never runs, takes the state).
+	 */
+	Vcpu &p = g.add_vcpu(guest_sync_once);
+	kvm_sregs pae = p.sregs();
 	pae.efer = 0;
 	pae.cs.l = 0;
 	pae.cs.db = 1;
 	pae.cr3 = s.cr3 & 0xffffffffull;
-	v.set_sregs(pae);
-	std::string m = TEST_EXPECT_ERROR(v.translate(code, Access::read), ENOTSUP);
-	TEST_ASSERT(m.find("page walk") != std::string::npos, "%s", m.c_str());
+	p.set_sregs(pae);
+	const kvm_sregs back = p.sregs();
+	vkt::diag("KVM_SET_SREGS with PAE paging: KVM holds efer %#llx cr0 %#llx cr4 %#llx",
+		  (unsigned long long)back.efer, (unsigned long long)back.cr0,
+		  (unsigned long long)back.cr4);
+	TEST_ASSERT(!(back.efer & (1ull << 10)), "EFER.LMA is set with EFER.LME clear");
+	if (back.cr0 & (1ull << 31)) {
+		m = TEST_EXPECT_ERROR(p.translate(code, Access::read), ENOTSUP);
+		TEST_ASSERT(m.find("page walk") != std::string::npos, "%s", m.c_str());
+	} else {
+		/* Paging off: the identity. */
+		w = p.translate(code, Access::read);
+		TEST_ASSERT(w.ok() && w.gpa == code && w.level == 0, "no paging: %s gpa %#llx",
+			    outcome_name(w), (unsigned long long)w.gpa);
+	}
 
 	/* Page tables outside guest memory: EFAULT, not a guest fault. */
 	kvm_sregs gone = s;

@@ -31,6 +31,7 @@
 #include <vector>
 
 #include <virtkit/introspection.hpp>
+#include <virtkit/platform.hpp>
 #include <virtkit/virtkit.hpp>
 
 #include <linux/virtkit_kvmi.h> /* event ids */
@@ -138,6 +139,10 @@ struct HostFacts {
 	std::optional<std::string> spp_kmod_error;
 	/* What Vm::enable_spp() picks by default, or why it failed. */
 	std::string spp_automatic;
+	/* Paging features of KVM_GET_SUPPORTED_CPUID (a guest gets at most these). */
+	bool smep = false, smap = false, page1gb = false, la57 = false;
+	/* The platform probes (virtkit/platform.hpp), with a VM only. */
+	std::vector<std::pair<std::string, Probe>> probes;
 };
 
 int cap(const HostFacts &f, long which)
@@ -191,9 +196,16 @@ void probe_kvm(HostFacts &f)
 	auto cpuid = sys->supported_cpuid();
 	f.cpuid_entries = cpuid.size();
 	f.vendor = cpuid_vendor(cpuid);
-	for (auto &e : cpuid)
-		if (e.function == 7 && e.index == 0)
+	for (auto &e : cpuid) {
+		if (e.function == 7 && e.index == 0) {
 			f.pku = e.ecx >> 3 & 1;
+			f.smep = e.ebx >> 7 & 1;
+			f.smap = e.ebx >> 20 & 1;
+			f.la57 = e.ecx >> 16 & 1;
+		}
+		if (e.function == 0x80000001)
+			f.page1gb = e.edx >> 26 & 1;
+	}
 	f.msrs = sys->msr_index_list().size();
 	f.pks = sys->pks_support();
 	f.feature_msrs = sys->feature_msr_index_list().size();
@@ -221,6 +233,13 @@ void probe_kvm(HostFacts &f)
 	}
 	if (const char *env = std::getenv("VIRTKIT_SPP_BACKEND"); env && *env)
 		f.spp_automatic += std::string(" (VIRTKIT_SPP_BACKEND=") + env + ")";
+
+	f.probes = {
+		{"int3 in a guest", platform::guest_int3(*sys)},
+		{"xgetbv in a guest", platform::guest_xgetbv(*sys)},
+		{"2 MiB mappings", platform::large_mappings(*sys)},
+		{"cmpxchg16b in a guest", platform::guest_cmpxchg16b(*sys)},
+	};
 }
 
 void probe_module(HostFacts &f)
@@ -420,6 +439,16 @@ void print(const HostFacts &f)
 		field("cpuid pku (7,0):ECX[3]", yes_no(f.pku));
 		field("cpuid pks (7,0):ECX[31]", yes_no(f.pks.cpuid));
 		field("msr 0x6E1 IA32_PKRS listed", yes_no(f.pks.msr));
+		field("cpuid smep (7,0):EBX[7]", yes_no(f.smep));
+		field("cpuid smap (7,0):EBX[20]", yes_no(f.smap));
+		field("cpuid la57 (7,0):ECX[16]", yes_no(f.la57));
+		field("cpuid page1gb 0x80000001:EDX[26]", yes_no(f.page1gb));
+	}
+
+	if (!f.probes.empty()) {
+		section("Platform probes (tiny guests; selftests skip on what they find)");
+		for (auto &[name, p] : f.probes)
+			field(name, p.describe());
 	}
 
 	section("virtkit kernel module");

@@ -27,7 +27,9 @@
  *            (the tables CR3 points to are not backed by any region): the
  *            processor would not raise a #PF for that, so neither do we
  *   EINVAL   a state the engine cannot use (cpl > 3, maxphyaddr outside
- *            32..52)
+ *            32..52) or that no processor with the state's features can
+ *            be in (CR4.SMEP, SMAP, PKE, PKS, LA57 or EFER.NXE set without
+ *            the feature)
  */
 #pragma once
 
@@ -53,6 +55,23 @@ enum class Access : std::uint8_t {
 	implicit_write,
 };
 
+/*
+ * The processor features a walk depends on (PagingState::features), from
+ * the vCPU's CPUID. Without page1gb, PS in a PDPTE is a reserved bit (the
+ * walk gives #PF with pfec::rsvd); without one of the others its CR4 or
+ * EFER bit cannot be set.
+ */
+namespace paging_feature {
+inline constexpr std::uint32_t nx = 1u << 0;		/* CPUID.80000001H:EDX[20] */
+inline constexpr std::uint32_t page1gb = 1u << 1;	/* CPUID.80000001H:EDX[26] */
+inline constexpr std::uint32_t smep = 1u << 2;		/* CPUID.(7,0):EBX[7] */
+inline constexpr std::uint32_t smap = 1u << 3;		/* CPUID.(7,0):EBX[20] */
+inline constexpr std::uint32_t pku = 1u << 4;		/* CPUID.(7,0):ECX[3] */
+inline constexpr std::uint32_t la57 = 1u << 5;		/* CPUID.(7,0):ECX[16] */
+inline constexpr std::uint32_t pks = 1u << 6;		/* CPUID.(7,0):ECX[31] */
+inline constexpr std::uint32_t all = 0x7fu;
+} // namespace paging_feature
+
 /* The vCPU state a walk depends on. */
 struct PagingState {
 	std::uint64_t cr0 = 0;
@@ -64,6 +83,11 @@ struct PagingState {
 	std::uint32_t pkru = 0;
 	std::uint32_t pkrs = 0;		/* IA32_PKRS bits 31:0 (63:32 are reserved) */
 	std::uint32_t maxphyaddr = 36;	/* CPUID.80000008H:EAX[7:0] */
+	/*
+	 * paging_feature::* the processor has (Vcpu::paging_state(): the
+	 * vCPU's CPUID); the default is a processor with all of them.
+	 */
+	std::uint32_t features = paging_feature::all;
 };
 
 /* #PF error code bits (Walk::error_code). */

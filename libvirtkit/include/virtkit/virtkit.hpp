@@ -7,6 +7,7 @@
 #include <virtkit/fd.hpp>
 #include <virtkit/memory.hpp>
 #include <virtkit/page_walk.hpp>
+#include <virtkit/platform.hpp>
 #include <virtkit/spp.hpp>
 #include <virtkit/system.hpp>
 #include <virtkit/vcpu.hpp>

@@ -157,7 +157,13 @@ pw_vectors:
 exception_common:
 	cmpq $0, pw_resume_rsp(%rip)
 	je unexpected
-	mov (%rsp), %rax
+	/* #GP from the user stub's HLT: its access completed. */
+	cmpq $13, (%rsp)
+	jne 1f
+	lea pw_user_hlt(%rip), %rax
+	cmp %rax, 16(%rsp)
+	je pw_user_done
+1:	mov (%rsp), %rax
 	mov %eax, pw_last_vector(%rip)
 	mov 8(%rsp), %rax
 	mov %eax, pw_last_error(%rip)
@@ -178,7 +184,11 @@ unexpected:
 1:	hlt
 	jmp 1b
 
-/* INT 0x80 from the user stub: its access completed. */
+/*
+ * INT 0x80 or the #GP of HLT from the user stub: its access completed.
+ * (The stub ends in HLT, which every KVM delivers as #GP at CPL3; some
+ * KVMs fail INT n from CPL3 with #UD: kvm_pvm.)
+ */
 	.globl pw_user_done
 pw_user_done:
 	movl $PW_NO_FAULT, pw_last_vector(%rip)
@@ -261,11 +271,12 @@ pw_resume:
 	mov pw_last_vector(%rip), %eax
 	ret
 
-/* The CPL3 side: the same accesses, then INT 0x80 back to pw_resume. */
+/* The CPL3 side: the same accesses, then HLT (#GP) back to pw_resume. */
 	.section .user_text, "ax"
 pw_user_stub:
 	access (PW_SEL_PROBE | 3)
-	int $0x80
+pw_user_hlt:
+	hlt
 5:	jmp 5b
 
 	.data

@@ -169,6 +169,8 @@ static __u32 cpu_features(__u32 *maxphyaddr)
 	cpuid(0x80000001, 0, r);
 	if (r[3] & 1u << 20)
 		f |= PW_FEAT_NX;
+	if (r[3] & 1u << 26)
+		f |= PW_FEAT_PAGE1GB;
 	*maxphyaddr = 36;
 	if (max_ext >= 0x80000008) {
 		cpuid(0x80000008, 0, r);
