@@ -59,6 +59,40 @@ struct virtkit_write {
 };
 
 /*
+ * The MMIO pieces KVM reports for w: each fragment in pieces of up to 8
+ * bytes, in order, one exit each. Piece k of w is (gpa, len, bytes).
+ */
+static int virtkit_write_pieces(const struct virtkit_write *w)
+{
+	int i, n = 0;
+
+	for (i = 0; i < w->nr; i++)
+		n += DIV_ROUND_UP(w->frag[i].len, VIRTKIT_MMIO_PIECE);
+	return n;
+}
+
+static bool virtkit_piece_matches(const struct virtkit_write *w, int k, const struct kvm_run *run)
+{
+	unsigned int off, len;
+	int i;
+
+	for (i = 0; i < w->nr; i++) {
+		int n = DIV_ROUND_UP(w->frag[i].len, VIRTKIT_MMIO_PIECE);
+
+		if (k >= n) {
+			k -= n;
+			continue;
+		}
+		off = k * VIRTKIT_MMIO_PIECE;
+		len = min_t(unsigned int, VIRTKIT_MMIO_PIECE, w->frag[i].len - off);
+		return run->exit_reason == KVM_EXIT_MMIO && run->mmio.is_write &&
+		       run->mmio.phys_addr == w->frag[i].gpa + off && run->mmio.len == len &&
+		       !memcmp(run->mmio.data, w->frag[i].bytes + off, len);
+	}
+	return false;
+}
+
+/*
  * Whether the exit just returned is the first piece of an emulated guest
  * write that the fast path may take; copies its fragments into w.
  */
@@ -82,7 +116,8 @@ static bool virtkit_write_snapshot(struct kvm_vcpu *vcpu, struct virtkit_write *
 		w->frag[i].len = f->len;
 		memcpy(w->frag[i].bytes, f->data, f->len);
 	}
-	return true;
+	/* The exit must be the write's first piece, as KVM's protocol has it. */
+	return !WARN_ON_ONCE(!virtkit_piece_matches(w, 0, vcpu->run));
 }
 
 /*
@@ -247,40 +282,6 @@ static enum virtkit_fast_result virtkit_write_commit(struct virtkit_vm *vm, stru
 		return v == VIRTKIT_SPP_ALLOWED ? VIRTKIT_FAST_STORED : virtkit_left_result(v);
 	}
 	return virtkit_write_leave(vm, vcpu, w);
-}
-
-/*
- * The MMIO pieces KVM reports for w after its first: each fragment in
- * pieces of up to 8 bytes, in order. Piece k of w is (gpa, len, bytes).
- */
-static int virtkit_write_pieces(const struct virtkit_write *w)
-{
-	int i, n = 0;
-
-	for (i = 0; i < w->nr; i++)
-		n += DIV_ROUND_UP(w->frag[i].len, VIRTKIT_MMIO_PIECE);
-	return n;
-}
-
-static bool virtkit_piece_matches(const struct virtkit_write *w, int k, const struct kvm_run *run)
-{
-	unsigned int off, len;
-	int i;
-
-	for (i = 0; i < w->nr; i++) {
-		int n = DIV_ROUND_UP(w->frag[i].len, VIRTKIT_MMIO_PIECE);
-
-		if (k >= n) {
-			k -= n;
-			continue;
-		}
-		off = k * VIRTKIT_MMIO_PIECE;
-		len = min_t(unsigned int, VIRTKIT_MMIO_PIECE, w->frag[i].len - off);
-		return run->exit_reason == KVM_EXIT_MMIO && run->mmio.is_write &&
-		       run->mmio.phys_addr == w->frag[i].gpa + off && run->mmio.len == len &&
-		       !memcmp(run->mmio.data, w->frag[i].bytes + off, len);
-	}
-	return false;
 }
 
 /*
