@@ -271,6 +271,18 @@ const Probe &guest_cmpxchg16b(const System &sys)
 	return cached("cmpxchg16b", probe_cmpxchg16b, sys, once, p);
 }
 
+bool tdp_enabled()
+{
+	for (const char *p : {"/sys/module/kvm_amd/parameters/npt",
+			      "/sys/module/kvm_intel/parameters/ept"}) {
+		std::ifstream f(p);
+		char c;
+		if (f >> c)
+			return c == 'Y' || c == 'y' || c == '1';
+	}
+	return false;
+}
+
 /*
  * KVM_GET_STATS_FD (Documentation/virt/kvm/api.rst 4.133): a header, then
  * num_desc descriptors of sizeof(kvm_stats_desc) + name_size bytes each,

@@ -101,6 +101,10 @@ PagingState read_state(const Vcpu &vcpu, detail::VcpuState &st, Want want)
 			st.maxphyaddr = maxphyaddr(cpuid);
 			st.paging_features =
 				detail::paging_features(cpuid) & st.vm->kvm_paging_features;
+			if (st.vm->tdp_page1gb)
+				st.paging_features = *st.vm->tdp_page1gb
+							     ? st.paging_features | paging_feature::page1gb
+							     : st.paging_features & ~paging_feature::page1gb;
 			st.pkru_offset = pkru_offset(cpuid);
 			st.paging_cpuid_known = true;
 		}

@@ -49,25 +49,6 @@ bool cpu_is_qemu_tcg()
 	return std::string(vendor) == "TCGTCGTCGTCG";
 }
 
-/*
- * Whether the KVM behind /dev/kvm lets the CPU walk the guest's tables
- * (NPT/EPT: kvm_amd.npt or kvm_intel.ept is Y). Without it KVM shadows the
- * guest's tables and its own walker decides every guest #PF (SDM rules).
- */
-bool kvm_uses_tdp()
-{
-	for (const char *p : {"/sys/module/kvm_amd/parameters/npt",
-			      "/sys/module/kvm_intel/parameters/ept"}) {
-		std::FILE *f = std::fopen(p, "r");
-		if (!f)
-			continue;
-		const int c = std::fgetc(f);
-		std::fclose(f);
-		return c == 'Y' || c == '1';
-	}
-	return false;
-}
-
 /* The 32-bit entry point in the probe image's multiboot header. */
 std::uint32_t probe_entry(std::span<const unsigned char> image)
 {
@@ -150,7 +131,7 @@ void run_matrix(bool la57)
 
 	std::vector<std::byte> after(m.image.size());
 	mem.read(PW_CASES_BASE, after);
-	const bool tcg = cpu_is_qemu_tcg() && kvm_uses_tdp();
+	const bool tcg = cpu_is_qemu_tcg() && platform::tdp_enabled();
 	const pwm::Report rep = pwm::compare(m, after, tcg ? VK_WALK_QUIRK_RSVD_NO_P | VK_WALK_QUIRK_IMPLICIT_SMAP_AC : 0);
 	if (tcg)
 		vkt::diag("the CPU behind /dev/kvm is QEMU's TCG (CPUID 40000000H "

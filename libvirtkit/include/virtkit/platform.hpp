@@ -77,6 +77,16 @@ const Probe &large_mappings(const System &sys);
 const Probe &guest_cmpxchg16b(const System &sys);
 
 /*
+ * Whether KVM lets the processor walk the guest's page tables (two-
+ * dimensional paging: kvm_amd's npt or kvm_intel's ept parameter is Y),
+ * read from /sys/module. False where KVM shadows the guest's tables (no
+ * NPT/EPT, kvm_pvm): then KVM's own walker decides every guest #PF. With
+ * it, 1 GiB guest pages follow the host processor, not the vCPU's CPUID
+ * (KVM's guest_can_use_gbpages()).
+ */
+bool tdp_enabled();
+
+/*
  * A VM statistic by name from KVM's binary statistics (KVM_GET_STATS_FD);
  * nullopt if KVM has no such statistic or no binary statistics.
  */
