@@ -53,6 +53,14 @@ namespace platform {
 const Probe &guest_int3(const System &sys);
 
 /*
+ * With KVM_GUESTDBG_USE_SW_BP, an INT3 in a (real-mode) guest exits to the
+ * VMM with KVM_EXIT_DEBUG. No: the guest took #BP itself (QEMU's nested
+ * SVM does not intercept INT3) or the run failed (kvm_pvm). KVMI's
+ * BREAKPOINT event is offered only where this says yes.
+ */
+const Probe &guest_debug_int3(const System &sys);
+
+/*
  * XGETBV (XCR0) in a 64-bit guest with CR4.OSXSAVE runs. No: KVM ended the
  * run instead. Unknown where the vCPU's CPUID has no XSAVE (1:ECX[26]).
  */
