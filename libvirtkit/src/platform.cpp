@@ -139,6 +139,49 @@ Probe probe_int3(const System &sys)
 	return no("INT3 in a 64-bit guest: " + describe(e) + " instead of #BP in the guest");
 }
 
+/*
+ * A real-mode guest with KVM_GUESTDBG_USE_SW_BP: INT3 at 0x100, and a #BP
+ * handler (IVT entry 3) that halts. Intercepted: KVM_EXIT_DEBUG. Not
+ * intercepted: HLT (the guest took #BP). Anything else: no.
+ */
+Probe probe_debug_int3(const System &sys)
+{
+	if (!sys.has(KVM_CAP_SET_GUEST_DEBUG))
+		return no("KVM has no KVM_CAP_SET_GUEST_DEBUG");
+	Vm vm = sys.create_vm();
+	vm.memory().add(0, 0x1000, {.name = "int3 probe"});
+	const std::uint8_t code[] = {0xcc, 0xf4};	/* int3; hlt */
+	const std::uint16_t ivt3[] = {0x200, 0};	/* offset, segment */
+	const std::uint8_t handler[] = {0xf4};		/* hlt */
+	vm.memory().write(0x100, std::as_bytes(std::span(code)));
+	vm.memory().write(4 * bp_vector, std::as_bytes(std::span(ivt3)));
+	vm.memory().write(0x200, std::as_bytes(std::span(handler)));
+	Vcpu v = vm.create_vcpu(0);
+	auto s = v.sregs();
+	s.cs.base = 0;
+	s.cs.selector = 0;
+	v.set_sregs(s);
+	kvm_regs r{};
+	r.rip = 0x100;
+	r.rsp = 0xf00;
+	r.rflags = 2;
+	v.set_regs(r);
+	kvm_guest_debug d{};
+	d.control = KVM_GUESTDBG_ENABLE | KVM_GUESTDBG_USE_SW_BP;
+	v.set_guest_debug(d);
+	Exit e = run_bounded(v);
+	if (auto *dbg = std::get_if<DebugExit>(&e); dbg && dbg->exception == bp_vector)
+		return yes("with KVM_GUESTDBG_USE_SW_BP an INT3 in a guest exits to the VMM "
+			   "(KVM_EXIT_DEBUG)");
+	if (std::holds_alternative<HltExit>(e))
+		return no("with KVM_GUESTDBG_USE_SW_BP an INT3 in a guest raised #BP in the guest "
+			  "instead of exiting to the VMM");
+	if (std::holds_alternative<InternalErrorExit>(e))
+		return no("with KVM_GUESTDBG_USE_SW_BP an INT3 in a guest ended in " +
+			  internal_error(e));
+	return no("with KVM_GUESTDBG_USE_SW_BP an INT3 in a guest: " + describe(e));
+}
+
 Probe probe_xgetbv(const System &sys)
 {
 	/* xor %ecx,%ecx; xgetbv; hlt */
@@ -233,11 +276,13 @@ Probe probe_cmpxchg16b(const System &sys)
 	return no("lock cmpxchg16b on guest RAM: " + describe(e));
 }
 
-/* Once per process. */
-const Probe &cached(const char *what, Probe (*probe)(const System &), const System &sys,
-		    std::once_flag &once, Probe &result)
+/* A probe's answer, found once per process. */
+template <Probe (*probe)(const System &)>
+const Probe &once(const char *what, const System &sys)
 {
-	std::call_once(once, [&] { result = guarded(what, [&] { return probe(sys); }); });
+	static std::once_flag flag;
+	static Probe result;
+	std::call_once(flag, [&] { result = guarded(what, [&] { return probe(sys); }); });
 	return result;
 }
 
@@ -245,30 +290,39 @@ const Probe &cached(const char *what, Probe (*probe)(const System &), const Syst
 
 const Probe &guest_int3(const System &sys)
 {
-	static std::once_flag once;
-	static Probe p;
-	return cached("INT3", probe_int3, sys, once, p);
+	return once<probe_int3>("INT3", sys);
+}
+
+const Probe &guest_debug_int3(const System &sys)
+{
+	return once<probe_debug_int3>("guest-debug INT3", sys);
 }
 
 const Probe &guest_xgetbv(const System &sys)
 {
-	static std::once_flag once;
-	static Probe p;
-	return cached("XGETBV", probe_xgetbv, sys, once, p);
+	return once<probe_xgetbv>("XGETBV", sys);
 }
 
 const Probe &large_mappings(const System &sys)
 {
-	static std::once_flag once;
-	static Probe p;
-	return cached("large-mapping", probe_large, sys, once, p);
+	return once<probe_large>("large-mapping", sys);
 }
 
 const Probe &guest_cmpxchg16b(const System &sys)
 {
-	static std::once_flag once;
-	static Probe p;
-	return cached("cmpxchg16b", probe_cmpxchg16b, sys, once, p);
+	return once<probe_cmpxchg16b>("cmpxchg16b", sys);
+}
+
+bool tdp_enabled()
+{
+	for (const char *p : {"/sys/module/kvm_amd/parameters/npt",
+			      "/sys/module/kvm_intel/parameters/ept"}) {
+		std::ifstream f(p);
+		char c;
+		if (f >> c)
+			return c == 'Y' || c == 'y' || c == '1';
+	}
+	return false;
 }
 
 /*

@@ -103,6 +103,13 @@ struct VmState {
 	 * (guest_cpu_cap_has()).
 	 */
 	std::uint32_t kvm_paging_features = 0;
+	/*
+	 * With two-dimensional paging (platform::tdp_enabled()) the processor
+	 * walks the guest's tables, and 1 GiB pages follow the host processor
+	 * (KVM's guest_can_use_gbpages()): whether it has Page1GB. Unset where
+	 * KVM shadows the tables (the vCPU's CPUID decides).
+	 */
+	std::optional<bool> tdp_page1gb;
 
 	/* Sub-page protection, once enabled (spp_mu guards enabling). */
 	std::mutex spp_mu;

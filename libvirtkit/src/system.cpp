@@ -1,12 +1,14 @@
 // SPDX-License-Identifier: MIT
 #include <virtkit/system.hpp>
 
+#include <cpuid.h>
 #include <fcntl.h>
 
 #include <algorithm>
 #include <cerrno>
 
 #include <virtkit/error.hpp>
+#include <virtkit/platform.hpp>
 #include <virtkit/vm.hpp>
 
 #include "ioctl.hpp"
@@ -150,6 +152,10 @@ Vm System::create_vm(const VmOptions &options) const
 						       options.dirty_ring_bytes);
 	state->pkrs_listed = lists_pkrs(*this);
 	state->kvm_paging_features = detail::paging_features(supported_cpuid());
+	if (platform::tdp_enabled()) {
+		unsigned int a, b, c, d;
+		state->tdp_page1gb = __get_cpuid(0x80000001, &a, &b, &c, &d) && (d >> 26 & 1);
+	}
 	return Vm(std::move(state));
 }
 

@@ -101,6 +101,10 @@ PagingState read_state(const Vcpu &vcpu, detail::VcpuState &st, Want want)
 			st.maxphyaddr = maxphyaddr(cpuid);
 			st.paging_features =
 				detail::paging_features(cpuid) & st.vm->kvm_paging_features;
+			if (st.vm->tdp_page1gb)
+				st.paging_features = *st.vm->tdp_page1gb
+							     ? st.paging_features | paging_feature::page1gb
+							     : st.paging_features & ~paging_feature::page1gb;
 			st.pkru_offset = pkru_offset(cpuid);
 			st.paging_cpuid_known = true;
 		}
@@ -144,29 +148,25 @@ PagingState read_state(const Vcpu &vcpu, detail::VcpuState &st, Want want)
 /* The paging features of a CPUID (paging_feature::*): the leaves KVM reads. */
 std::uint32_t detail::paging_features(const std::vector<kvm_cpuid_entry2> &cpuid)
 {
-	std::uint32_t f = 0;
-	auto has = [&](std::uint32_t fn, std::uint32_t index, int reg, int bit) {
-		const kvm_cpuid_entry2 *e = find(cpuid, fn, index);
-		if (!e)
-			return false;
-		const std::uint32_t regs[] = {e->eax, e->ebx, e->ecx, e->edx};
-		return (regs[reg] >> bit & 1) != 0;
+	enum Reg { eax, ebx, ecx, edx };
+	static const struct {
+		std::uint32_t fn;
+		Reg reg;
+		int bit;
+		std::uint32_t feature;
+	} bits[] = {
+		{0x80000001, edx, 20, paging_feature::nx},   {0x80000001, edx, 26, paging_feature::page1gb},
+		{7, ebx, 7, paging_feature::smep},	      {7, ebx, 20, paging_feature::smap},
+		{7, ecx, 3, paging_feature::pku},	      {7, ecx, 16, paging_feature::la57},
+		{7, ecx, 31, paging_feature::pks},
 	};
-	enum { eax, ebx, ecx, edx };
-	if (has(0x80000001, 0, edx, 20))
-		f |= paging_feature::nx;
-	if (has(0x80000001, 0, edx, 26))
-		f |= paging_feature::page1gb;
-	if (has(7, 0, ebx, 7))
-		f |= paging_feature::smep;
-	if (has(7, 0, ebx, 20))
-		f |= paging_feature::smap;
-	if (has(7, 0, ecx, 3))
-		f |= paging_feature::pku;
-	if (has(7, 0, ecx, 16))
-		f |= paging_feature::la57;
-	if (has(7, 0, ecx, 31))
-		f |= paging_feature::pks;
+	std::uint32_t f = 0;
+	for (const auto &b : bits)
+		if (const kvm_cpuid_entry2 *e = find(cpuid, b.fn, 0)) {
+			const std::uint32_t regs[] = {e->eax, e->ebx, e->ecx, e->edx};
+			if (regs[b.reg] >> b.bit & 1)
+				f |= b.feature;
+		}
 	return f;
 }
 

@@ -260,7 +260,7 @@ int main(int argc, char **argv)
 		try {
 			Outcome o = run_mode(a, dir, cpu, la57);
 			if (o.no_la57) {
-				lines.push_back({true, mode + ": # SKIP the CPU model has no LA57 "
+				lines.push_back({true, mode + " # SKIP the CPU model has no LA57 "
 							      "(CPUID (7,0):ECX[16] clear in the guest)"});
 				continue;
 			}
@@ -324,6 +324,11 @@ int main(int argc, char **argv)
 	std::cout << "# matrix: " << total << " cases, " << mismatches << " mismatches\n";
 	std::cout << "# Totals: pass:" << pass << " fail:" << fail
 		  << " xfail:0 xpass:0 skip:" << skip << " error:0" << std::endl;
+	std::string models;
+	for (const auto &c : a.cpus)
+		models += (models.empty() ? "" : ", ") + c;
+	std::cout << "# summary: suite=page_walk_oracle platform=QEMU TCG (-cpu " << models
+		  << ") pass=" << pass << " fail=" << fail << " skip=" << skip << std::endl;
 	if (a.keep.empty())
 		fs::remove_all(dir);
 	return fail ? 1 : 0;

@@ -49,25 +49,6 @@ bool cpu_is_qemu_tcg()
 	return std::string(vendor) == "TCGTCGTCGTCG";
 }
 
-/*
- * Whether the KVM behind /dev/kvm lets the CPU walk the guest's tables
- * (NPT/EPT: kvm_amd.npt or kvm_intel.ept is Y). Without it KVM shadows the
- * guest's tables and its own walker decides every guest #PF (SDM rules).
- */
-bool kvm_uses_tdp()
-{
-	for (const char *p : {"/sys/module/kvm_amd/parameters/npt",
-			      "/sys/module/kvm_intel/parameters/ept"}) {
-		std::FILE *f = std::fopen(p, "r");
-		if (!f)
-			continue;
-		const int c = std::fgetc(f);
-		std::fclose(f);
-		return c == 'Y' || c == '1';
-	}
-	return false;
-}
-
 /* The 32-bit entry point in the probe image's multiboot header. */
 std::uint32_t probe_entry(std::span<const unsigned char> image)
 {
@@ -82,7 +63,13 @@ std::uint32_t probe_entry(std::span<const unsigned char> image)
 }
 
 /* Run the matrix in a KVM guest and compare; the report's figures as diag lines. */
-void run_matrix(bool la57)
+/*
+ * without_page1gb: the vCPU's CPUID has Page1GB (0x80000001:EDX[26])
+ * cleared, so that PS in a PDPTE is a reserved bit - where KVM's own walker
+ * decides the guest's faults (it shadows the guest's tables) and the guest
+ * reads its CPUID from KVM; elsewhere the test skips naming what is missing.
+ */
+void run_matrix(bool la57, bool without_page1gb = false)
 {
 	const paging::Features cpu = paging::features(vkt::kvm().supported_cpuid());
 	TEST_REQUIRE(cpu.nx, "NX in KVM_GET_SUPPORTED_CPUID (80000001H):EDX[20]");
@@ -92,12 +79,16 @@ void run_matrix(bool la57)
 	 */
 	if (la57)
 		TEST_REQUIRE(cpu.la57, "5-level paging: LA57 in KVM_GET_SUPPORTED_CPUID (7,0):ECX[16]");
+	if (without_page1gb)
+		TEST_REQUIRE(!platform::tdp_enabled(),
+			     "KVM shadowing the guest's page tables (with NPT/EPT the processor maps "
+			     "1 GiB pages whatever the vCPU's CPUID says)");
 
 	pwm::Options o;
 	o.la57 = la57;
 	o.sets = {pwm::Set::paging, pwm::Set::reserved, pwm::Set::noncanonical};
 	/* Keys for user pages where KVM offers PKU; never PKS (no KVM has it). */
-	if (cpu.pku) {
+	if (cpu.pku && !without_page1gb) {
 		o.sets.push_back(pwm::Set::keys);
 		o.sets.push_back(pwm::Set::keys_large);
 		o.pks = false;
@@ -113,7 +104,12 @@ void run_matrix(bool la57)
 	mem.write(PW_CASES_BASE, m.image);
 
 	Vcpu v = vm.create_vcpu(0);
-	v.set_cpuid(vkt::kvm().supported_cpuid());
+	auto cpuid = vkt::kvm().supported_cpuid();
+	if (without_page1gb)
+		for (auto &e : cpuid)
+			if (e.function == 0x80000001)
+				e.edx &= ~(1u << 26);
+	v.set_cpuid(cpuid);
 	/* Flat 32-bit protected mode, paging off: what a multiboot loader leaves. */
 	kvm_sregs s = v.sregs();
 	kvm_segment code{};
@@ -150,7 +146,7 @@ void run_matrix(bool la57)
 
 	std::vector<std::byte> after(m.image.size());
 	mem.read(PW_CASES_BASE, after);
-	const bool tcg = cpu_is_qemu_tcg() && kvm_uses_tdp();
+	const bool tcg = cpu_is_qemu_tcg() && platform::tdp_enabled();
 	const pwm::Report rep = pwm::compare(m, after, tcg ? VK_WALK_QUIRK_RSVD_NO_P | VK_WALK_QUIRK_IMPLICIT_SMAP_AC : 0);
 	if (tcg)
 		vkt::diag("the CPU behind /dev/kvm is QEMU's TCG (CPUID 40000000H "
@@ -159,6 +155,10 @@ void run_matrix(bool la57)
 	else if (cpu_is_qemu_tcg())
 		vkt::diag("QEMU's TCG behind /dev/kvm, but KVM shadows the guest's tables (no "
 			  "NPT/EPT): KVM's walker decides the faults, by the SDM's rules");
+	if (without_page1gb)
+		TEST_REQUIRE(!(rep.features & PW_FEAT_PAGE1GB),
+			     "the guest reading the vCPU's CPUID (it read Page1GB set, the vCPU's "
+			     "CPUID has it clear: this KVM does not intercept CPUID)");
 	vkt::diag("%s-level paging: %zu cases, %zu mismatches, %zu not run; guest MAXPHYADDR %u",
 		  la57 ? "5" : "4", rep.cases, rep.mismatches, rep.not_run, rep.maxphyaddr);
 	for (const auto &sr : rep.sets)
@@ -208,4 +208,10 @@ VK_TEST(page_walk_matches_cpu_4level)
 VK_TEST(page_walk_matches_cpu_5level)
 {
 	run_matrix(true);
+}
+
+/* 1 GiB pages on a vCPU without Page1GB: every PDPTE with PS faults RSVD. */
+VK_TEST(page_walk_matches_cpu_without_page1gb)
+{
+	run_matrix(false, true);
 }

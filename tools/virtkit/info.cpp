@@ -236,6 +236,7 @@ void probe_kvm(HostFacts &f)
 
 	f.probes = {
 		{"int3 in a guest", platform::guest_int3(*sys)},
+		{"int3 with guest debugging", platform::guest_debug_int3(*sys)},
 		{"xgetbv in a guest", platform::guest_xgetbv(*sys)},
 		{"2 MiB mappings", platform::large_mappings(*sys)},
 		{"cmpxchg16b in a guest", platform::guest_cmpxchg16b(*sys)},

@@ -53,6 +53,14 @@ namespace platform {
 const Probe &guest_int3(const System &sys);
 
 /*
+ * With KVM_GUESTDBG_USE_SW_BP, an INT3 in a (real-mode) guest exits to the
+ * VMM with KVM_EXIT_DEBUG. No: the guest took #BP itself (QEMU's nested
+ * SVM does not intercept INT3) or the run failed (kvm_pvm). KVMI's
+ * BREAKPOINT event is offered only where this says yes.
+ */
+const Probe &guest_debug_int3(const System &sys);
+
+/*
  * XGETBV (XCR0) in a 64-bit guest with CR4.OSXSAVE runs. No: KVM ended the
  * run instead. Unknown where the vCPU's CPUID has no XSAVE (1:ECX[26]).
  */
@@ -75,6 +83,16 @@ const Probe &large_mappings(const System &sys);
  * (virtkit's user SPP backend, inside its regions) gets past it.
  */
 const Probe &guest_cmpxchg16b(const System &sys);
+
+/*
+ * Whether KVM lets the processor walk the guest's page tables (two-
+ * dimensional paging: kvm_amd's npt or kvm_intel's ept parameter is Y),
+ * read from /sys/module. False where KVM shadows the guest's tables (no
+ * NPT/EPT, kvm_pvm): then KVM's own walker decides every guest #PF. With
+ * it, 1 GiB guest pages follow the host processor, not the vCPU's CPUID
+ * (KVM's guest_can_use_gbpages()).
+ */
+bool tdp_enabled();
 
 /*
  * A VM statistic by name from KVM's binary statistics (KVM_GET_STATS_FD);

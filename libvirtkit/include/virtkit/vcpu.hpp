@@ -108,8 +108,9 @@ public:
 	 * when KVM lists MSR 0x6e1 in KVM_GET_MSR_INDEX_LIST, else 0;
 	 * MAXPHYADDR from the vCPU's CPUID leaf 0x80000008 (36 without it, as
 	 * KVM) and the paging features (NX, Page1GB, SMEP, SMAP, PKU, LA57,
-	 * PKS: PagingState::features) from the vCPU's CPUID, as KVM's own walk
-	 * takes them. The CPUID facts are read once and again after set_cpuid().
+	 * PKS: PagingState::features) from the vCPU's CPUID, those KVM has, as
+	 * KVM's own walk takes them (with NPT/EPT, Page1GB is the host
+	 * processor's: platform::tdp_enabled()). The CPUID facts are read once and again after set_cpuid().
 	 */
 	PagingState paging_state() const;
 

@@ -7,8 +7,8 @@
  *
  * Not every host intercepts INT3 although it accepts USE_SW_BP (a
  * PVM-based host ends in KVM_EXIT_INTERNAL_ERROR, QEMU's nested SVM lets
- * the guest take #BP itself): a one-instruction guest probes it once per
- * process, and where it fails BREAKPOINT is not supported.
+ * the guest take #BP itself): a platform probe (platform::guest_debug_int3())
+ * finds out once per process, and where it fails BREAKPOINT is not supported.
  */
 #include "server.hpp"
 
@@ -18,6 +18,7 @@
 
 #include <virtkit/error.hpp>
 #include <virtkit/memory.hpp>
+#include <virtkit/platform.hpp>
 #include <virtkit/system.hpp>
 
 namespace virtkit::detail {
@@ -25,66 +26,6 @@ namespace virtkit::detail {
 namespace {
 
 constexpr std::uint32_t bp_vector = 3, db_vector = 1;
-
-/*
- * A real-mode guest: INT3 at 0x100, and a #BP handler (IVT entry 3) that
- * halts. INT3 intercepted: KVM_EXIT_DEBUG. Not intercepted: HLT. A host
- * that cannot run it: anything else, or nothing within two seconds.
- */
-bool probe_int3() noexcept
-{
-	try {
-		auto sys = System::open();
-		if (!sys.has(KVM_CAP_SET_GUEST_DEBUG))
-			return false;
-		Vm vm = sys.create_vm();
-		vm.memory().add(0, 0x1000, {.name = "int3 probe"});
-		const std::uint8_t code[] = {0xcc, 0xf4};	/* int3; hlt */
-		const std::uint16_t ivt3[] = {0x200, 0};	/* offset, segment */
-		const std::uint8_t handler[] = {0xf4};		/* hlt */
-		vm.memory().write(0x100, std::as_bytes(std::span(code)));
-		vm.memory().write(4 * bp_vector, std::as_bytes(std::span(ivt3)));
-		vm.memory().write(0x200, std::as_bytes(std::span(handler)));
-		Vcpu v = vm.create_vcpu(0);
-		auto s = v.sregs();
-		s.cs.base = 0;
-		s.cs.selector = 0;
-		v.set_sregs(s);
-		kvm_regs r{};
-		r.rip = 0x100;
-		r.rsp = 0xf00;
-		r.rflags = 2;
-		v.set_regs(r);
-		kvm_guest_debug d{};
-		d.control = KVM_GUESTDBG_ENABLE | KVM_GUESTDBG_USE_SW_BP;
-		v.set_guest_debug(d);
-
-		std::mutex mu;
-		std::condition_variable cv;
-		bool done = false;
-		std::thread watchdog([&] {
-			std::unique_lock lock(mu);
-			if (!cv.wait_for(lock, std::chrono::seconds(2), [&] { return done; }))
-				v.kick();
-		});
-		bool ok = false;
-		try {
-			Exit e = v.run();
-			auto *dbg = std::get_if<DebugExit>(&e);
-			ok = dbg && dbg->exception == bp_vector;
-		} catch (...) {
-		}
-		{
-			std::lock_guard lock(mu);
-			done = true;
-		}
-		cv.notify_all();
-		watchdog.join();
-		return ok;
-	} catch (...) {
-		return false;
-	}
-}
 
 /* CONTINUE: the guest takes the #BP it would have taken without us. */
 void reinject_bp(Vcpu &vcpu)
@@ -101,8 +42,11 @@ void reinject_bp(Vcpu &vcpu)
 
 bool IntrospectionServer::int3_exits()
 {
-	static const bool result = probe_int3();
-	return result;
+	try {
+		return static_cast<bool>(platform::guest_debug_int3(System::open()));
+	} catch (const Error &) {
+		return false;
+	}
 }
 
 int IntrospectionServer::control_singlestep(Vcpu &vcpu, std::span<const std::byte> p)
