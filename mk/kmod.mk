@@ -38,7 +38,6 @@ KMOD_PAYLOAD   = $(KMOD_OUT)/payload
 # failing fails. Each suite's KTAP follows a line naming it (.ci/run labels
 # the suite's "# Totals" with it).
 KMOD_GUEST_CMD = f=0; \
-	export VIRTKIT_SELFTESTS_PLATFORM="nested kvm-amd (Debian $$(uname -r), QEMU -cpu max), virtkit.ko"; \
 	echo scripts/run-selftests x86: Debian $(1) guest, virtkit.ko, VIRTKIT_SPP_BACKEND=kmod; \
 	VIRTKIT_SPP_BACKEND=kmod run-selftests x86 || f=1; \
 	echo scripts/run-selftests introspection: Debian $(1) guest, virtkit.ko, VIRTKIT_SPP_BACKEND=kmod; \
