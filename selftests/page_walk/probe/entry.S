@@ -185,11 +185,10 @@ unexpected:
 	jmp 1b
 
 /*
- * INT 0x80 or the #GP of HLT from the user stub: its access completed.
- * (The stub ends in HLT, which every KVM delivers as #GP at CPL3; some
- * KVMs fail INT n from CPL3 with #UD: kvm_pvm.)
+ * The #GP of HLT from the user stub: its access completed. (HLT at CPL3
+ * raises #GP on every KVM; an INT n gate would not do: kvm_pvm fails INT n
+ * from CPL3 with #UD.)
  */
-	.globl pw_user_done
 pw_user_done:
 	movl $PW_NO_FAULT, pw_last_vector(%rip)
 	jmp pw_resume

@@ -61,7 +61,6 @@ struct table_ptr {
 
 extern __u64 pw_gdt[];
 extern char pw_vectors[];
-extern char pw_user_done[];
 extern __u32 pw_last_vector, pw_last_error;
 extern __u64 pw_last_cr2;
 unsigned int pw_probe(__u64 la, unsigned int access, unsigned int cpl3, __u64 rflags);
@@ -154,7 +153,6 @@ static void setup_cpu(void)
 
 	for (v = 0; v < 32; v++)
 		set_gate(v, (__u64)pw_vectors + 16 * v, 0, v == 8 ? 1 : 0);
-	set_gate(0x80, (__u64)pw_user_done, 3, 0);
 	p.limit = sizeof(idt) - 1;
 	p.base = (__u64)idt;
 	asm volatile("lidt %0" : : "m"(p));
