@@ -47,17 +47,17 @@ static struct kprobe virtkit_rmw_kprobe = {
 	.pre_handler = virtkit_rmw_hit,
 };
 
-int virtkit_locked_rmw_init(void)
+/* Never fails the module's load: without the probe the fast path is off. */
+void virtkit_locked_rmw_init(void)
 {
 	int r = register_kprobe(&virtkit_rmw_kprobe);
 
 	if (r) {
 		pr_warn("cannot probe KVM's emulator_cmpxchg_emulated (%d): the VCPU_RUN fast path is off\n",
 			r);
-		return 0;
+		return;
 	}
 	virtkit_rmw_probed = true;
-	return 0;
 }
 
 void virtkit_locked_rmw_exit(void)

@@ -118,9 +118,7 @@ static int __init virtkit_init(void)
 	int r;
 
 	virtkit_abi_checks();
-	r = virtkit_locked_rmw_init();
-	if (r)
-		return r;
+	virtkit_locked_rmw_init();
 	r = misc_register(&virtkit_dev);
 	if (r) {
 		pr_err("cannot register /dev/%s: %d\n", VIRTKIT_DEVICE_NAME, r);

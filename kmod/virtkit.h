@@ -70,7 +70,7 @@ enum virtkit_spp_verdict virtkit_spp_check(struct virtkit_spp *spp, gpa_t gpa,
 					   unsigned int len);
 
 /* locked_rmw.c: which KVM_RUNs emulated a locked read-modify-write. */
-int virtkit_locked_rmw_init(void);
+void virtkit_locked_rmw_init(void);
 void virtkit_locked_rmw_exit(void);
 bool virtkit_locked_rmw_available(void);
 struct virtkit_rmw_watch {

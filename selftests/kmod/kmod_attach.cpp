@@ -132,6 +132,16 @@ VK_TEST(per_vm_file_keeps_the_vm)
 		    kvm_vendor_module(), kvm_refs_vm_only, before.kvm);
 }
 
+/* delete_module(name) is refused while a VM is attached: the module is in use. */
+static void expect_unload_refused(const char *name)
+{
+	long r = syscall(SYS_delete_module, name, O_NONBLOCK);
+	TEST_ASSERT(r != 0, "delete_module(%s) succeeded with a VM attached", name);
+	TEST_ASSERT(errno == EWOULDBLOCK || errno == EBUSY,
+		    "delete_module(%s): expected EWOULDBLOCK or EBUSY, got %s", name,
+		    virtkit::errno_name(errno).c_str());
+}
+
 /*
  * Unloading KVM's vendor module while only the per-VM file holds a VM is
  * refused (before 0.2 it succeeded on 6.7+ and closing the file oopsed).
@@ -147,13 +157,7 @@ VK_TEST(vendor_module_unload_refused_while_attached)
 		auto vk = attach_ok(dev.get(), vm.vm.get());
 		vm.vcpus.clear();
 		vm.vm.close();
-		const char *vendor = kvm_vendor_module();
-		long r = syscall(SYS_delete_module, vendor, O_NONBLOCK);
-		TEST_ASSERT(r != 0, "delete_module(%s) succeeded with a VM held by the per-VM file",
-			    vendor);
-		TEST_ASSERT(errno == EWOULDBLOCK || errno == EBUSY,
-			    "delete_module(%s): expected EWOULDBLOCK or EBUSY, got %s", vendor,
-			    virtkit::errno_name(errno).c_str());
+		expect_unload_refused(kvm_vendor_module());
 		/* The VM is intact: the per-VM file still works. */
 		EXPECT_OK(spp_enable(vk.get()));
 	}
@@ -168,11 +172,7 @@ VK_TEST(module_unload_refused_while_attached)
 	vkt::kvm();
 	RawVm vm(1);
 	auto vk = attach_ok(open_dev().get(), vm.vm.get());
-	long r = syscall(SYS_delete_module, "virtkit", O_NONBLOCK);
-	TEST_ASSERT(r != 0, "delete_module(virtkit) succeeded with a VM attached");
-	TEST_ASSERT(errno == EWOULDBLOCK || errno == EBUSY,
-		    "delete_module(virtkit): expected EWOULDBLOCK or EBUSY, got %s",
-		    virtkit::errno_name(errno).c_str());
+	expect_unload_refused("virtkit");
 	EXPECT_OK(spp_enable(vk.get()));
 }
 
