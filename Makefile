@@ -28,26 +28,87 @@ VERSION    := 0.1.0
 SOVERSION  := 0
 
 CXX        ?= g++
+CC         ?= gcc
 CXXSTD     := -std=c++20
 WARN       := -Wall -Wextra -Werror
 OPT        ?= -O2 -g
+
+# Build flags follow the audience (Documentation/architecture.rst).
+#
+# The shipped libraries (libvirtkit, libvirtkit-introspect) and the host-only
+# tool get the hardening Debian's dpkg-buildflags gives packages: stack
+# protector, stack-clash protection, CET (IBT and shadow-stack notes),
+# _FORTIFY_SOURCE (needs optimisation), full RELRO. The libraries export
+# only their public API: -fvisibility=hidden, and the public headers mark
+# what they declare visible (#pragma GCC visibility).
+FORTIFY    := $(if $(filter -O1 -O2 -O3 -Os,$(OPT)),-U_FORTIFY_SOURCE -D_FORTIFY_SOURCE=2)
+HARDEN     := -fstack-protector-strong -fstack-clash-protection -fcf-protection=full \
+              -Wformat -Werror=format-security $(FORTIFY)
+HARDEN_LDFLAGS := -Wl,-z,relro -Wl,-z,now
+# Shared libraries resolve every symbol they use at link time and carry the
+# CET properties (IBT, SHSTK) their code has: every object is built with
+# -fcf-protection=full, but Debian 12's crti.o/crtn.o (the legacy _init and
+# _fini stubs, without ENDBR64 or a property note) would drop them. They are
+# left out (-nostartfiles; constructors run from .init_array), keeping GCC's
+# crtbeginS.o/crtendS.o, whose entry points have ENDBR64.
+SO_LDFLAGS := $(HARDEN_LDFLAGS) -Wl,-z,defs -Wl,-z,ibt -Wl,-z,shstk -nostartfiles
+SO_CRTBEGIN := $(shell $(CXX) -print-file-name=crtbeginS.o)
+SO_CRTEND   := $(shell $(CXX) -print-file-name=crtendS.o)
+VISIBILITY := -fvisibility=hidden
 # Guest code runs from the executable's own pages at their host addresses:
 # no stack protector (the guest has no %fs canary), no red zone (exceptions
-# at CPL0 push their frame on the interrupted stack) and no CET notes.
+# at CPL0 push their frame on the interrupted stack) and no CET notes. It is
+# the guest environment (guest/), the selftests, the benchmarks and the
+# demo's guest half, never the shipped libraries.
 GUESTSAFE  := -fno-stack-protector -mno-red-zone -fcf-protection=none
-CPPFLAGS   := -Ilibvirtkit/include -Iuapi -Icommon -MMD -MP
-CXXFLAGS   := $(CXXSTD) $(WARN) $(OPT) $(GUESTSAFE)
+# Guest code must not touch x87/SSE state: some hosts (PVM-based KVM, like
+# our CI machines) cannot run guest FPU instructions and fail them with
+# KVM_EXIT_INTERNAL_ERROR (emulation).
+GUESTCODE  := -mgeneral-regs-only
+# Code that runs in the guest, where there is no libc: keep the compiler
+# from turning its loops into memset/memcpy calls.
+FREESTANDING := -ffreestanding -fno-builtin -fno-tree-loop-distribute-patterns $(GUESTCODE)
 
-LIB_SRCS   := $(wildcard libvirtkit/src/*.cpp libvirtkit/src/x86/*.cpp libvirtkit/src/introspection/*.cpp libvirtkit/src/introspect/*.cpp)
-LIB_ASM    := $(wildcard libvirtkit/src/x86/*.S)
-# Freestanding C shared with virtkit.ko (common/*.c), built into the library.
-COMMON_SRCS := $(wildcard common/*.c)
+DEPFLAGS   := -MMD -MP
+CPPFLAGS   := -Ilibvirtkit/include -Iuapi -Icommon
+LIB_CPPFLAGS := $(CPPFLAGS) -Ilibvirtkit/src
+GUEST_CPPFLAGS := $(CPPFLAGS) -Iguest/include
+CXXFLAGS   := $(CXXSTD) $(WARN) $(OPT)
+LIB_CXXFLAGS := $(CXXFLAGS) $(HARDEN) $(VISIBILITY) -fvisibility-inlines-hidden -fPIC
+GUEST_CXXFLAGS := $(CXXFLAGS) $(GUESTSAFE)
+# Freestanding C shared with virtkit.ko (common/*.c), built into libvirtkit.
 COMMON_CFLAGS := -std=gnu11 -ffreestanding -fno-builtin \
-                 -fno-tree-loop-distribute-patterns $(WARN) $(OPT)
-LIB_OBJS   := $(LIB_SRCS:%.cpp=$(BUILD)/%.o) $(LIB_ASM:%.S=$(BUILD)/%.o) \
-              $(COMMON_SRCS:%.c=$(BUILD)/%.o)
+                 -fno-tree-loop-distribute-patterns $(WARN) $(OPT) $(HARDEN) $(VISIBILITY) -fPIC
+
+# libvirtkit: the VMM library (core, SPP, paging, the module client and the
+# VMM end of KVMI) with the KVMI protocol module and common/.
+LIB_DIRS   := core spp paging kmod kvmi/protocol kvmi/vmm
+LIB_SRCS   := $(foreach d,$(LIB_DIRS),$(wildcard libvirtkit/src/$(d)/*.cpp))
+COMMON_SRCS := $(wildcard common/*.c)
+LIB_OBJS   := $(LIB_SRCS:%.cpp=$(BUILD)/%.o) $(COMMON_SRCS:%.c=$(BUILD)/%.o)
 LIB_A      := $(BUILD)/lib/libvirtkit.a
 LIB_SO     := $(BUILD)/lib/libvirtkit.so.$(VERSION)
+
+# libvirtkit-introspect: the tool end of KVMI, the only library that uses
+# liburing. The shared library links liburing.so (liburing's code is not
+# built for CET, so it is not copied into ours); programs linked statically
+# take liburing.a. The static archive leaves the protocol module to
+# libvirtkit.a, which is linked after it; the shared one carries its own
+# hidden copy.
+INTROSPECT_LIB_SRCS := $(wildcard libvirtkit/src/kvmi/tool/*.cpp)
+INTROSPECT_LIB_OBJS := $(INTROSPECT_LIB_SRCS:%.cpp=$(BUILD)/%.o)
+KVMI_PROTOCOL_OBJS  := $(patsubst %.cpp,$(BUILD)/%.o,$(wildcard libvirtkit/src/kvmi/protocol/*.cpp))
+INTROSPECT_A  := $(BUILD)/lib/libvirtkit-introspect.a
+INTROSPECT_SO := $(BUILD)/lib/libvirtkit-introspect.so.$(VERSION)
+URING_LIBS := -l:liburing.a
+
+# The guest environment (x86::GuestVm, the guest runtime, page tables, the
+# platform probes that run tiny guests): a static library built with the
+# guest-code flags, for programs linked as non-PIE executables.
+GUEST_SRCS := $(wildcard guest/src/*.cpp)
+GUEST_ASM  := $(wildcard guest/src/*.S)
+GUEST_OBJS := $(GUEST_SRCS:%.cpp=$(BUILD)/%.o) $(GUEST_ASM:%.S=$(BUILD)/%.o)
+GUEST_A    := $(BUILD)/lib/libvirtkit-guest.a
 
 ST_LIB_SRCS := $(wildcard selftests/lib/*.cpp)
 ST_LIB_OBJS := $(ST_LIB_SRCS:%.cpp=$(BUILD)/%.o)
@@ -56,10 +117,9 @@ ST_BINS    := $(ST_SRCS:selftests/x86/%.cpp=$(BUILD)/selftests/x86/%)
 # Tests of virtkit.ko itself; they run where the module is loaded (vmtest).
 KMOD_ST_SRCS := $(wildcard selftests/kmod/*.cpp)
 KMOD_ST_BINS := $(KMOD_ST_SRCS:selftests/kmod/%.cpp=$(BUILD)/selftests/kmod/%)
-# --- introspection selftests (issue 5): guest + in-process KVMI tool ---
+# Introspection selftests: a guest and an in-process KVMI tool.
 INTRO_ST_SRCS := $(wildcard selftests/introspection/*.cpp)
 INTRO_ST_BINS := $(INTRO_ST_SRCS:selftests/introspection/%.cpp=$(BUILD)/selftests/introspection/%)
-# --- end introspection selftests ---
 
 UNIT_SRCS  := $(wildcard selftests/unit/*.cpp)
 UNIT_OBJS  := $(UNIT_SRCS:%.cpp=$(BUILD)/%.o)
@@ -72,45 +132,36 @@ TOOL_SRCS  := $(wildcard tools/virtkit/*.cpp)
 TOOL_OBJS  := $(TOOL_SRCS:%.cpp=$(BUILD)/%.o)
 TOOL_BIN   := $(BUILD)/bin/virtkit
 
-# --- example introspection tool (issue 5, virtkit::introspect) ---
 INTROSPECT_SRCS := $(wildcard tools/virtkit-introspect/*.cpp)
 INTROSPECT_OBJS := $(INTROSPECT_SRCS:%.cpp=$(BUILD)/%.o)
 INTROSPECT_BIN  := $(BUILD)/bin/virtkit-introspect
 
-# liburing (virtkit::introspect's EventLoop) is linked in statically: neither
-# the library nor its programs need liburing at run time, and the shared
-# library keeps liburing's symbols to itself (--exclude-libs).
-URING_LIBS := -l:liburing.a
-LDLIBS     := $(URING_LIBS) -lpthread
+# Programs with guest code inside (selftests, benchmarks, the virtkit tool)
+# link the guest environment, libvirtkit-introspect and libvirtkit
+# statically, as non-PIE executables like the kernel's KVM selftests: guest
+# code is loaded at the binary's own addresses.
+GUEST_LINK := $(GUEST_A) $(INTROSPECT_A) $(LIB_A) $(URING_LIBS) -lpthread
 
-.PHONY: all lib tool selftests unit run check check-unit check-selftests check-selftests-nested \
+.PHONY: all lib guest tool selftests unit run check check-unit check-selftests check-selftests-nested \
         check-install deps install uninstall clean bench run-bench
 
-all: lib tool selftests unit bench
+all: lib guest tool selftests unit bench
 
-lib: $(LIB_A) $(LIB_SO)
+lib: $(LIB_A) $(LIB_SO) $(INTROSPECT_A) $(INTROSPECT_SO)
+guest: $(GUEST_A)
 tool: $(TOOL_BIN) $(INTROSPECT_BIN)
 selftests: $(ST_BINS) $(KMOD_ST_BINS) $(INTRO_ST_BINS)
 unit: $(UNIT_BIN)
 bench: $(BENCH_BINS)
 
-$(BUILD)/%.o: %.cpp
+# --- the shipped libraries: hardened, hidden visibility ---
+$(BUILD)/libvirtkit/%.o: libvirtkit/%.cpp
 	@mkdir -p $(@D)
-	$(CXX) $(CPPFLAGS) $(CXXFLAGS) -fPIC -c $< -o $@
+	$(CXX) $(LIB_CPPFLAGS) $(DEPFLAGS) $(LIB_CXXFLAGS) -c $< -o $@
 
-$(BUILD)/%.o: %.S
+$(BUILD)/common/%.o: common/%.c
 	@mkdir -p $(@D)
-	$(CXX) $(CPPFLAGS) -fPIC -c $< -o $@
-
-$(BUILD)/%.o: %.c
-	@mkdir -p $(@D)
-	$(CC) $(CPPFLAGS) $(COMMON_CFLAGS) -fPIC -c $< -o $@
-
-# The guest runtime runs inside the guest, where there is no libc: keep the
-# compiler from turning its loops into memset/memcpy calls.
-$(BUILD)/libvirtkit/src/x86/guest_runtime.o: CXXFLAGS += -ffreestanding -fno-builtin -fno-tree-loop-distribute-patterns -mgeneral-regs-only
-
-$(BUILD)/selftests/lib/string_override.o: CXXFLAGS += -ffreestanding -fno-builtin -fno-tree-loop-distribute-patterns -mgeneral-regs-only
+	$(CC) $(CPPFLAGS) $(DEPFLAGS) $(COMMON_CFLAGS) -c $< -o $@
 
 $(LIB_A): $(LIB_OBJS)
 	@mkdir -p $(@D)
@@ -119,82 +170,113 @@ $(LIB_A): $(LIB_OBJS)
 
 $(LIB_SO): $(LIB_OBJS)
 	@mkdir -p $(@D)
-	$(CXX) -shared -Wl,-soname,libvirtkit.so.$(SOVERSION) -Wl,--exclude-libs,liburing.a \
-		-o $@ $^ $(LDLIBS)
+	$(CXX) -shared -Wl,-soname,libvirtkit.so.$(SOVERSION) $(SO_LDFLAGS) \
+		-o $@ $(SO_CRTBEGIN) $^ -lpthread $(SO_CRTEND)
 	ln -sf libvirtkit.so.$(VERSION) $(BUILD)/lib/libvirtkit.so.$(SOVERSION)
 	ln -sf libvirtkit.so.$(SOVERSION) $(BUILD)/lib/libvirtkit.so
 
-# Selftests link the library statically and as non-PIE executables, like the
-# kernel's KVM selftests: guest code is loaded at the binary's own addresses.
-$(BUILD)/selftests/x86/%: $(BUILD)/selftests/x86/%.o $(ST_LIB_OBJS) $(LIB_A)
+$(INTROSPECT_A): $(INTROSPECT_LIB_OBJS)
 	@mkdir -p $(@D)
-	$(CXX) -no-pie -o $@ $< $(ST_LIB_OBJS) $(LIB_A) $(LDLIBS)
+	rm -f $@
+	ar rcs $@ $^
 
-$(BUILD)/selftests/kmod/%: $(BUILD)/selftests/kmod/%.o $(ST_LIB_OBJS) $(LIB_A)
+$(INTROSPECT_SO): $(INTROSPECT_LIB_OBJS) $(KVMI_PROTOCOL_OBJS) $(LIB_SO)
 	@mkdir -p $(@D)
-	$(CXX) -no-pie -o $@ $< $(ST_LIB_OBJS) $(LIB_A) $(LDLIBS)
+	$(CXX) -shared -Wl,-soname,libvirtkit-introspect.so.$(SOVERSION) $(SO_LDFLAGS) \
+		-o $@ $(SO_CRTBEGIN) $(INTROSPECT_LIB_OBJS) $(KVMI_PROTOCOL_OBJS) \
+		-L$(BUILD)/lib -lvirtkit -luring -lpthread $(SO_CRTEND)
+	ln -sf libvirtkit-introspect.so.$(VERSION) $(BUILD)/lib/libvirtkit-introspect.so.$(SOVERSION)
+	ln -sf libvirtkit-introspect.so.$(SOVERSION) $(BUILD)/lib/libvirtkit-introspect.so
 
-# --- introspection selftests: linked like the x86 ones (LDLIBS has liburing for the tool side) ---
-$(BUILD)/selftests/introspection/%: $(BUILD)/selftests/introspection/%.o $(ST_LIB_OBJS) $(LIB_A)
+# --- the guest environment: guest-code flags, static only ---
+$(BUILD)/guest/%.o: guest/%.cpp
 	@mkdir -p $(@D)
-	$(CXX) -no-pie -o $@ $< $(ST_LIB_OBJS) $(LIB_A) $(LDLIBS)
+	$(CXX) $(GUEST_CPPFLAGS) -Ilibvirtkit/src $(DEPFLAGS) $(GUEST_CXXFLAGS) -fno-pie -c $< -o $@
 
-# Test sources hold guest code, which must not touch x87/SSE state: some
-# hosts (PVM-based KVM, like our CI machines) cannot run guest FPU
-# instructions and fail them with KVM_EXIT_INTERNAL_ERROR (emulation).
-GUESTCODE := -mgeneral-regs-only
+$(BUILD)/guest/%.o: guest/%.S
+	@mkdir -p $(@D)
+	$(CXX) $(GUEST_CPPFLAGS) $(DEPFLAGS) -fno-pie -c $< -o $@
+
+# The guest runtime and memcpy/memset run inside the guest.
+$(BUILD)/guest/src/guest_runtime.o $(BUILD)/guest/src/string_override.o: GUEST_CXXFLAGS += $(FREESTANDING)
+
+$(GUEST_A): $(GUEST_OBJS)
+	@mkdir -p $(@D)
+	rm -f $@
+	ar rcs $@ $^
+
+# --- programs with guest code: selftests, benchmarks ---
+GUEST_PROG_FLAGS = $(GUEST_CPPFLAGS) -Iselftests/lib $(DEPFLAGS) $(GUEST_CXXFLAGS) $(GUESTCODE) -fno-pie
 
 $(BUILD)/selftests/x86/%.o: selftests/x86/%.cpp
 	@mkdir -p $(@D)
-	$(CXX) $(CPPFLAGS) -Iselftests/lib $(CXXFLAGS) $(GUESTCODE) -fno-pie -c $< -o $@
+	$(CXX) $(GUEST_PROG_FLAGS) -c $< -o $@
 
 $(BUILD)/selftests/kmod/%.o: selftests/kmod/%.cpp
 	@mkdir -p $(@D)
-	$(CXX) $(CPPFLAGS) -Iselftests/lib $(CXXFLAGS) $(GUESTCODE) -fno-pie -c $< -o $@
+	$(CXX) $(GUEST_PROG_FLAGS) -c $< -o $@
 
-# --- introspection selftests: guest code inside, built like the x86 ones ---
 $(BUILD)/selftests/introspection/%.o: selftests/introspection/%.cpp
 	@mkdir -p $(@D)
-	$(CXX) $(CPPFLAGS) -Iselftests/lib $(CXXFLAGS) $(GUESTCODE) -fno-pie -c $< -o $@
+	$(CXX) $(GUEST_PROG_FLAGS) -Ilibvirtkit/src -c $< -o $@
 
 $(BUILD)/selftests/lib/%.o: selftests/lib/%.cpp
 	@mkdir -p $(@D)
-	$(CXX) $(CPPFLAGS) -Iselftests/lib $(CXXFLAGS) -fno-pie -c $< -o $@
+	$(CXX) $(GUEST_CPPFLAGS) -Iselftests/lib $(DEPFLAGS) $(GUEST_CXXFLAGS) -fno-pie -c $< -o $@
 
-# Benchmarks are built like the selftests (guest code inside, static non-PIE
-# link), without the test harness: each is a plain program printing figures.
-$(BUILD)/bench/%: $(BUILD)/bench/%.o $(BUILD)/selftests/lib/string_override.o $(LIB_A)
+$(BUILD)/selftests/x86/%: $(BUILD)/selftests/x86/%.o $(ST_LIB_OBJS) $(GUEST_A) $(INTROSPECT_A) $(LIB_A)
 	@mkdir -p $(@D)
-	$(CXX) -no-pie -o $@ $< $(BUILD)/selftests/lib/string_override.o $(LIB_A) $(LDLIBS)
+	$(CXX) -no-pie -o $@ $< $(ST_LIB_OBJS) $(GUEST_LINK)
 
+$(BUILD)/selftests/kmod/%: $(BUILD)/selftests/kmod/%.o $(ST_LIB_OBJS) $(GUEST_A) $(INTROSPECT_A) $(LIB_A)
+	@mkdir -p $(@D)
+	$(CXX) -no-pie -o $@ $< $(ST_LIB_OBJS) $(GUEST_LINK)
+
+$(BUILD)/selftests/introspection/%: $(BUILD)/selftests/introspection/%.o $(ST_LIB_OBJS) $(GUEST_A) $(INTROSPECT_A) $(LIB_A)
+	@mkdir -p $(@D)
+	$(CXX) -no-pie -o $@ $< $(ST_LIB_OBJS) $(GUEST_LINK)
+
+# Benchmarks are built like the selftests, without the test harness: each is
+# a plain program printing figures.
 $(BUILD)/bench/%.o: bench/%.cpp
 	@mkdir -p $(@D)
-	$(CXX) $(CPPFLAGS) $(CXXFLAGS) $(GUESTCODE) -fno-pie -c $< -o $@
+	$(CXX) $(GUEST_CPPFLAGS) $(DEPFLAGS) $(GUEST_CXXFLAGS) $(GUESTCODE) -fno-pie -c $< -o $@
 
+$(BUILD)/bench/%: $(BUILD)/bench/%.o $(GUEST_A) $(INTROSPECT_A) $(LIB_A)
+	@mkdir -p $(@D)
+	$(CXX) -no-pie -o $@ $< $(GUEST_LINK)
+
+# Unit tests reach library internals (-Ilibvirtkit/src) and need no KVM.
 $(BUILD)/selftests/unit/%.o: selftests/unit/%.cpp
 	@mkdir -p $(@D)
-	$(CXX) $(CPPFLAGS) -Ilibvirtkit/src $(CXXFLAGS) -c $< -o $@
+	$(CXX) $(GUEST_CPPFLAGS) -Ilibvirtkit/src -Iguest/src $(DEPFLAGS) $(CXXFLAGS) -fno-pie -c $< -o $@
 
-$(UNIT_BIN): $(UNIT_OBJS) $(LIB_A)
+$(UNIT_BIN): $(UNIT_OBJS) $(GUEST_A) $(INTROSPECT_A) $(LIB_A)
 	@mkdir -p $(@D)
-	$(CXX) -o $@ $(UNIT_OBJS) $(LIB_A) $(LDLIBS)
+	$(CXX) -no-pie -o $@ $(UNIT_OBJS) $(GUEST_LINK)
 
-$(TOOL_BIN): $(TOOL_OBJS) $(LIB_A)
+# --- tools ---
+# virtkit runs guests (the demo, the platform probes): linked like the
+# selftests; only the demo's guest half is guest code.
+$(BUILD)/tools/virtkit/%.o: tools/virtkit/%.cpp
 	@mkdir -p $(@D)
-	$(CXX) -no-pie -o $@ $(TOOL_OBJS) $(LIB_A) $(LDLIBS)
+	$(CXX) $(GUEST_CPPFLAGS) $(DEPFLAGS) $(GUEST_CXXFLAGS) -fno-pie -c $< -o $@
 
-$(INTROSPECT_BIN): $(INTROSPECT_OBJS) $(LIB_A)
+$(BUILD)/tools/virtkit/demo_guest.o: GUEST_CXXFLAGS += $(FREESTANDING)
+
+$(TOOL_BIN): $(TOOL_OBJS) $(GUEST_A) $(INTROSPECT_A) $(LIB_A)
 	@mkdir -p $(@D)
-	$(CXX) -no-pie -o $@ $(INTROSPECT_OBJS) $(LIB_A) $(LDLIBS)
+	$(CXX) -no-pie -o $@ $(TOOL_OBJS) $(GUEST_LINK)
 
-$(BUILD)/tools/%.o: tools/%.cpp
+# virtkit-introspect runs no guest: a hardened PIE like any host program.
+$(BUILD)/tools/virtkit-introspect/%.o: tools/virtkit-introspect/%.cpp
 	@mkdir -p $(@D)
-	$(CXX) $(CPPFLAGS) $(CXXFLAGS) -fno-pie -c $< -o $@
+	$(CXX) $(CPPFLAGS) $(DEPFLAGS) $(CXXFLAGS) $(HARDEN) -fPIE -c $< -o $@
 
-# The demo's guest code runs in the guest, where there is no libc and (on some
-# hosts) no usable FPU; the host side of the tool uses both, so only this file
-# is guest code.
-$(BUILD)/tools/virtkit/demo_guest.o: CXXFLAGS += -ffreestanding -fno-builtin -fno-tree-loop-distribute-patterns $(GUESTCODE)
+$(INTROSPECT_BIN): $(INTROSPECT_OBJS) $(INTROSPECT_A) $(LIB_A)
+	@mkdir -p $(@D)
+	$(CXX) -pie $(HARDEN_LDFLAGS) -o $@ $(INTROSPECT_OBJS) $(INTROSPECT_A) $(LIB_A) \
+		$(URING_LIBS) -lpthread
 
 deps:
 	scripts/install-deps
@@ -294,5 +376,5 @@ clean:
 
 # Dependency files of our objects only: build/ also caches unpacked kernels
 # and the Debian 13 build root, whose trees have their own *.d names.
--include $(shell find $(addprefix $(BUILD)/,common libvirtkit selftests tools bench) \
+-include $(shell find $(addprefix $(BUILD)/,common libvirtkit guest selftests tools bench) \
 	-name '*.d' -type f 2>/dev/null)

@@ -45,15 +45,22 @@ $(PW_PROBE_BIN): $(PW_PROBE_ELF)
 $(BUILD)/$(PW_DIR)/probe_blob.o: $(PW_DIR)/probe_blob.S $(PW_PROBE_BIN)
 	$(CC) -DPW_PROBE_BIN='"$(PW_PROBE_BIN)"' -c $< -o $@
 
+# The oracle and the access matrix are host code; the matrix is also linked
+# into page_walk_host, a program with guest code, so both get the
+# guest-environment flags (no -mgeneral-regs-only: they run on the host).
+$(BUILD)/$(PW_DIR)/%.o: $(PW_DIR)/%.cpp
+	@mkdir -p $(@D)
+	$(CXX) $(GUEST_CPPFLAGS) -Iselftests/lib $(DEPFLAGS) $(GUEST_CXXFLAGS) -fno-pie -c $< -o $@
+
 $(PW_ORACLE): $(BUILD)/$(PW_DIR)/qemu_oracle.o $(PW_MATRIX_OBJ) $(LIB_A)
-	$(CXX) -o $@ $(BUILD)/$(PW_DIR)/qemu_oracle.o $(PW_MATRIX_OBJ) $(LIB_A) $(LDLIBS)
+	$(CXX) -no-pie -o $@ $(BUILD)/$(PW_DIR)/qemu_oracle.o $(PW_MATRIX_OBJ) $(LIB_A) -lpthread
 
 # Linked like the other x86 selftests, plus the matrix and the image.
 $(PW_HOST_TEST): $(BUILD)/selftests/x86/page_walk_host.o $(PW_MATRIX_OBJ) \
-		 $(BUILD)/$(PW_DIR)/probe_blob.o $(ST_LIB_OBJS) $(LIB_A)
+		 $(BUILD)/$(PW_DIR)/probe_blob.o $(ST_LIB_OBJS) $(GUEST_A) $(INTROSPECT_A) $(LIB_A)
 	@mkdir -p $(@D)
 	$(CXX) -no-pie -o $@ $(BUILD)/selftests/x86/page_walk_host.o $(PW_MATRIX_OBJ) \
-		$(BUILD)/$(PW_DIR)/probe_blob.o $(ST_LIB_OBJS) $(LIB_A) $(LDLIBS)
+		$(BUILD)/$(PW_DIR)/probe_blob.o $(ST_LIB_OBJS) $(GUEST_LINK)
 
 check-page-walk: $(PW_ORACLE) $(PW_PROBE_BIN)
 	$(PW_ORACLE) --probe $(PW_PROBE_BIN)

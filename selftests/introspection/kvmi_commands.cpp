@@ -9,6 +9,7 @@
 #include "kvmi_util.hpp"
 
 #include <linux/virtkit_kvmi.h>
+#include <virtkit/x86/guest_probes.hpp>
 #include <sys/ioctl.h>
 
 #include <algorithm>

@@ -10,7 +10,7 @@
 #include "guest_code.hpp"
 #include "kvmi_util.hpp"
 /* The handshake's SHA-1, for the hand-made tool below (libvirtkit-internal). */
-#include "../../libvirtkit/src/introspect/sha1.hpp"
+#include "kvmi/protocol/sha1.hpp"
 
 #include <linux/virtkit_kvmi.h>
 #include <poll.h>

@@ -4,7 +4,7 @@
 
 #include <vector>
 
-#include "x86/cmpxchg16b.hpp"
+#include "spp/cmpxchg16b.hpp"
 
 using virtkit::detail::decode_cmpxchg16b;
 

@@ -13,7 +13,7 @@
 
 #include <virtkit/error.hpp>
 
-#include "x86/elf_image.hpp"
+#include "elf_image.hpp"
 
 using namespace virtkit::x86::detail;
 

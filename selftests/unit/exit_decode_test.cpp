@@ -19,8 +19,8 @@
 
 #include <virtkit/exit.hpp>
 
-#include "exit_decode.hpp"
-#include "kvm_compat.h"
+#include "core/exit_decode.hpp"
+#include "core/kvm_compat.h"
 
 using Catch::Matchers::Contains;
 using Catch::Matchers::StartsWith;

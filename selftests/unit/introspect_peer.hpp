@@ -34,7 +34,7 @@
 #include <virtkit/fd.hpp>
 #include <virtkit/introspect.hpp>
 
-#include "kvmi_layout.hpp"
+#include "kvmi/protocol/layout.hpp"
 
 namespace introspect_test {
 

@@ -15,7 +15,7 @@
 #include <vector>
 
 #include "introspect_peer.hpp"
-#include "introspect/sha1.hpp"
+#include "kvmi/protocol/sha1.hpp"
 
 using namespace std::chrono_literals;
 using namespace introspect_test;

@@ -8,7 +8,7 @@
 #include <string_view>
 #include <vector>
 
-#include "introspect/sha1.hpp"
+#include "kvmi/protocol/sha1.hpp"
 
 namespace {
 

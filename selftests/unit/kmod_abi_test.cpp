@@ -17,9 +17,9 @@
 
 #include <virtkit/error.hpp>
 
-#include "kmod.hpp"
-#include "spp_store.hpp"
-#include "uapi_layout.hpp" /* the compile-time size and offset checks */
+#include "kmod/kmod_vm.hpp"
+#include "spp/store.hpp"
+#include "kmod/uapi_layout.hpp" /* the compile-time size and offset checks */
 
 using Catch::Matchers::Contains;
 using virtkit::Error;

@@ -2,7 +2,7 @@
 /* GET_MTRR_TYPE's computation (libvirtkit/src/introspection/mtrr.hpp). */
 #include <catch2/catch.hpp>
 
-#include "introspection/mtrr.hpp"
+#include "kvmi/vmm/mtrr.hpp"
 
 using namespace virtkit::detail::kvmi;
 

@@ -11,8 +11,8 @@
 #include <string>
 #include <vector>
 
-#include "introspect/sha1.hpp"
-#include "introspection/wire.hpp"
+#include "kvmi/protocol/sha1.hpp"
+#include "kvmi/vmm/wire.hpp"
 
 using namespace virtkit::detail::kvmi;
 

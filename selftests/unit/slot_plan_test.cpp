@@ -9,7 +9,7 @@
 #include <string>
 #include <vector>
 
-#include "slot_plan.hpp"
+#include "core/slot_plan.hpp"
 
 using virtkit::detail::SlotSpec;
 using virtkit::detail::TrappedPages;

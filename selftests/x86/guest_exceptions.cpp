@@ -2,6 +2,7 @@
 /* Guest exceptions: guest_catch(), installed handlers, vectors and error codes. */
 #include "test.hpp"
 
+#include <virtkit/x86/guest_probes.hpp>
 #include <virtkit/x86/guest_vm.hpp>
 
 using namespace virtkit;

@@ -17,6 +17,7 @@
 
 #include <algorithm>
 #include <virtkit/spp.hpp>
+#include <virtkit/x86/guest_probes.hpp>
 #include <virtkit/x86/guest_vm.hpp>
 
 #include <climits>

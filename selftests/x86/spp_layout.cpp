@@ -13,6 +13,7 @@
 #include "test.hpp"
 
 #include <virtkit/spp.hpp>
+#include <virtkit/x86/guest_probes.hpp>
 #include <virtkit/x86/guest_vm.hpp>
 
 #include <fcntl.h>

@@ -32,6 +32,7 @@
 
 #include <virtkit/introspection.hpp>
 #include <virtkit/platform.hpp>
+#include <virtkit/x86/guest_probes.hpp>
 #include <virtkit/virtkit.hpp>
 
 #include <linux/virtkit_kvmi.h> /* event ids */

@@ -13,6 +13,9 @@
 #include <string>
 #include <system_error>
 
+/* What this header declares is libvirtkit's API (built with -fvisibility=hidden). */
+#pragma GCC visibility push(default)
+
 namespace virtkit {
 
 class Error : public std::system_error {
@@ -52,3 +55,5 @@ std::string format_error(const std::string &operation, int err,
 std::string errno_name(int err);
 
 } // namespace virtkit
+
+#pragma GCC visibility pop

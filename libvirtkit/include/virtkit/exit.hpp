@@ -19,6 +19,9 @@
 
 #include <virtkit/spp.hpp>
 
+/* What this header declares is libvirtkit's API (built with -fvisibility=hidden). */
+#pragma GCC visibility push(default)
+
 namespace virtkit {
 
 /* Port I/O: IN (guest reads, host fills data) or OUT (guest wrote data). */
@@ -129,3 +132,5 @@ std::string exit_reason_name(std::uint32_t reason);
 std::string describe(const Exit &exit);
 
 } // namespace virtkit
+
+#pragma GCC visibility pop

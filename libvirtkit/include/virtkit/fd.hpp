@@ -13,6 +13,9 @@
 #include <span>
 #include <sys/types.h>
 
+/* What this header declares is libvirtkit's API (built with -fvisibility=hidden). */
+#pragma GCC visibility push(default)
+
 namespace virtkit {
 
 class FileDesc {
@@ -85,3 +88,5 @@ private:
 };
 
 } // namespace virtkit
+
+#pragma GCC visibility pop

@@ -43,12 +43,17 @@
 #include <virtkit/error.hpp>
 #include <virtkit/fd.hpp>
 
+/* What this header declares is libvirtkit's API (built with -fvisibility=hidden). */
+#pragma GCC visibility push(default)
+
 namespace virtkit::introspect {
 
+#pragma GCC visibility push(hidden)
 namespace detail {
 struct SessionState;
 struct LoopState;
 } // namespace detail
+#pragma GCC visibility pop
 
 /* Event ids, kvmi_event.event (KVMI_EVENT_* of <linux/virtkit_kvmi.h>). */
 enum class EventId : std::uint8_t {
@@ -442,3 +447,5 @@ private:
 };
 
 } // namespace virtkit::introspect
+
+#pragma GCC visibility pop

@@ -41,13 +41,18 @@
 #include <string>
 #include <vector>
 
+/* What this header declares is libvirtkit's API (built with -fvisibility=hidden). */
+#pragma GCC visibility push(default)
+
 namespace virtkit {
 
 class Vm;
 
+#pragma GCC visibility push(hidden)
 namespace detail {
 class IntrospectionServer;
 }
+#pragma GCC visibility pop
 
 struct IntrospectionOptions {
 	/* Where the tool listens: "unix:/path", "unix:@abstract" or "vsock:CID:PORT". */
@@ -128,3 +133,5 @@ private:
 };
 
 } // namespace virtkit
+
+#pragma GCC visibility pop

@@ -23,13 +23,18 @@
 #include <type_traits>
 #include <vector>
 
+/* What this header declares is libvirtkit's API (built with -fvisibility=hidden). */
+#pragma GCC visibility push(default)
+
 namespace virtkit {
 
+#pragma GCC visibility push(hidden)
 namespace detail {
 class MemoryMap;
 struct VmState;
 struct GuestMemoryAccess;
 }
+#pragma GCC visibility pop
 
 using RegionId = std::uint32_t;
 
@@ -138,3 +143,5 @@ private:
 };
 
 } // namespace virtkit
+
+#pragma GCC visibility pop

@@ -36,6 +36,9 @@
 #include <array>
 #include <cstdint>
 
+/* What this header declares is libvirtkit's API (built with -fvisibility=hidden). */
+#pragma GCC visibility push(default)
+
 namespace virtkit {
 
 class GuestMemory;
@@ -187,3 +190,5 @@ Walk translate(const GuestMemory &memory, const PagingState &state, std::uint64_
 	       Access access);
 
 } // namespace virtkit
+
+#pragma GCC visibility pop

@@ -43,13 +43,18 @@
 #include <span>
 #include <vector>
 
+/* What this header declares is libvirtkit's API (built with -fvisibility=hidden). */
+#pragma GCC visibility push(default)
+
 namespace virtkit {
 
 class Vcpu;
 
+#pragma GCC visibility push(hidden)
 namespace detail {
 class SppBackend;
 }
+#pragma GCC visibility pop
 
 /* A guest write that touched a write-protected sub-page. */
 struct SppViolation {
@@ -139,3 +144,5 @@ private:
 };
 
 } // namespace virtkit
+
+#pragma GCC visibility pop

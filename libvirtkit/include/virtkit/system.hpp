@@ -14,6 +14,9 @@
 
 #include <virtkit/fd.hpp>
 
+/* What this header declares is libvirtkit's API (built with -fvisibility=hidden). */
+#pragma GCC visibility push(default)
+
 namespace virtkit {
 
 class Vm;
@@ -80,3 +83,5 @@ private:
 };
 
 } // namespace virtkit
+
+#pragma GCC visibility pop

@@ -19,13 +19,18 @@
 #include <virtkit/exit.hpp>
 #include <virtkit/page_walk.hpp>
 
+/* What this header declares is libvirtkit's API (built with -fvisibility=hidden). */
+#pragma GCC visibility push(default)
+
 namespace virtkit {
 
+#pragma GCC visibility push(hidden)
 namespace detail {
 struct VmState;
 struct VcpuState;
 struct VcpuAccess;
 }
+#pragma GCC visibility pop
 
 class GuestMemory;
 
@@ -132,3 +137,5 @@ private:
 };
 
 } // namespace virtkit
+
+#pragma GCC visibility pop

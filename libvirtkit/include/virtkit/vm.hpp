@@ -19,16 +19,21 @@
 #include <virtkit/memory.hpp>
 #include <virtkit/spp.hpp>
 
+/* What this header declares is libvirtkit's API (built with -fvisibility=hidden). */
+#pragma GCC visibility push(default)
+
 namespace virtkit {
 
 class Vcpu;
 class System;
 struct VmOptions;
 
+#pragma GCC visibility push(hidden)
 namespace detail {
 struct VmState;
 struct VmAccess;
 }
+#pragma GCC visibility pop
 
 /* What an exit handler did with an exit. */
 enum class ExitAction {
@@ -115,3 +120,5 @@ private:
 };
 
 } // namespace virtkit
+
+#pragma GCC visibility pop

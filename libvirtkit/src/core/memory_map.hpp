@@ -1,0 +1,195 @@
+// SPDX-License-Identifier: MIT
+/*
+ * Internal: the regions of guest memory of one VM and their memslots.
+ *
+ * Locking: mu_ protects the region table and every Region's fields. Readers
+ * (address lookups, host copies, MMIO completion on vCPU threads) take it
+ * shared; layout changes take it exclusive. Host mappings are stable while a
+ * region exists, so a pointer taken under the lock may be used after it is
+ * dropped, until the region is removed or moved.
+ */
+#pragma once
+
+#include <cstdint>
+#include <functional>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <optional>
+#include <set>
+#include <shared_mutex>
+#include <vector>
+
+#include <virtkit/exit.hpp>
+#include <virtkit/fd.hpp>
+#include <virtkit/memory.hpp>
+
+#include "core/slot_plan.hpp"
+
+namespace virtkit::detail {
+
+class RunGate;
+
+/*
+ * A feature that keeps per-page state keyed by guest-physical address
+ * (sub-page protection) follows the regions through this interface. Called
+ * with the map's lock held exclusively, before the change; region_moved may
+ * throw to refuse the move (nothing changed then), region_removed must not.
+ */
+class RegionObserver {
+public:
+	virtual void region_moved(std::uint64_t from, std::uint64_t to, std::uint64_t size) = 0;
+	virtual void region_removed(std::uint64_t gpa, std::uint64_t size) noexcept = 0;
+	/* After a region appeared at gpa (added, moved or moved back). */
+	virtual void region_placed(std::uint64_t gpa, std::uint64_t size) noexcept = 0;
+
+protected:
+	~RegionObserver() = default;
+};
+
+class MemoryMap {
+public:
+	MemoryMap(int vm_fd, std::uint32_t max_slots, bool dirty_ring, RunGate &gate);
+	MemoryMap(const MemoryMap &) = delete;
+	MemoryMap &operator=(const MemoryMap &) = delete;
+
+	RegionId add(std::uint64_t gpa, std::uint64_t size, const RegionOptions &opts);
+	void move(RegionId id, std::uint64_t new_gpa);
+	void remove(RegionId id);
+	RegionInfo info(RegionId id) const;
+	std::vector<RegionInfo> regions() const;
+	RegionInfo region_at(std::uint64_t gpa) const;
+	bool contains(std::uint64_t gpa, std::uint64_t size) const;
+	std::byte *host_ptr(std::uint64_t gpa, std::uint64_t size) const;
+	/*
+	 * The same without throwing, for many small lookups under one
+	 * lock_shared() (page walks): nullptr when [gpa, gpa + size) is not
+	 * inside one region.
+	 */
+	const std::byte *host_ptr_locked(std::uint64_t gpa, std::uint64_t size) const noexcept;
+	void read(std::uint64_t gpa, std::span<std::byte> out) const;
+	void write(std::uint64_t gpa, std::span<const std::byte> in);
+	void copy(std::uint64_t dst, std::uint64_t src, std::uint64_t size);
+	void fill(std::uint64_t gpa, std::byte value, std::uint64_t size);
+	void set_dirty_log(RegionId id, bool enable);
+	DirtyBitmap dirty_log(RegionId id);
+	std::size_t slot_count() const;
+
+	/*
+	 * For features that decide about guest writes (sub-page protection):
+	 * they hold the map's lock while they read their own state and complete
+	 * writes, so that a decision and the layout always agree.
+	 */
+	std::unique_lock<std::shared_mutex> lock() { return std::unique_lock(mu_); }
+	std::shared_lock<std::shared_mutex> lock_shared() const { return std::shared_lock(mu_); }
+	/* Set under lock(); nullptr to detach. */
+	void set_observer_locked(RegionObserver *o) { observer_ = o; }
+
+	/* Whether [gpa, gpa + size) is writable guest RAM, in one region or several. */
+	bool writable_ram_locked(std::uint64_t gpa, std::uint64_t size) const;
+	/*
+	 * Make the writable-RAM pages among gfn .. gfn + n - 1 trap guest
+	 * writes or not, as trapped(gfn) says; pages that are not writable RAM
+	 * are skipped. Vcpus are held out of the guest while slots change. All
+	 * or nothing.
+	 */
+	void set_traps_locked(std::uint64_t gfn, std::uint64_t n,
+			      const std::function<bool(std::uint64_t)> &trapped);
+	/*
+	 * The same for taking pages away from the guest entirely (no memslot:
+	 * every guest access exits as MMIO; instruction fetches from them
+	 * fail). complete_mmio() leaves such accesses to the feature.
+	 */
+	void set_hidden_locked(std::uint64_t gfn, std::uint64_t n,
+			       const std::function<bool(std::uint64_t)> &hidden);
+	/* Whether the page holding gpa is hidden. Under lock() or lock_shared(). */
+	bool hidden_locked(std::uint64_t gpa) const;
+	/*
+	 * Perform a guest write the feature allowed: [gpa, gpa + len) must be
+	 * writable RAM inside one region. Naturally aligned 1/2/4/8-byte
+	 * writes are single stores, as the guest's own would be. Marks the
+	 * page dirty. Under lock_shared().
+	 */
+	void guest_write_locked(std::uint64_t gpa, const std::byte *data, std::uint32_t len);
+	/*
+	 * The same for a guest read the feature allowed (on a page it hid):
+	 * [gpa, gpa + len) must be RAM inside one region; naturally aligned
+	 * 1/2/4/8-byte reads are single loads. Under lock_shared().
+	 */
+	void guest_read_locked(std::uint64_t gpa, std::byte *data, std::uint32_t len) const;
+	/*
+	 * lock cmpxchg16b on the 16-byte aligned guest RAM at gpa: compares with
+	 * expected (low, high), stores desired if equal and marks the page
+	 * dirty, else loads the current value into expected. Under
+	 * lock_shared(). desired == expected reads atomically without a change.
+	 */
+	bool guest_cmpxchg16b_locked(std::uint64_t gpa, std::uint64_t expected[2],
+				     const std::uint64_t desired[2]);
+
+	/*
+	 * An MMIO exit the guest took on guest RAM only because of the memslot
+	 * layout - the VMM moved or added a region while the vCPU ran, so the
+	 * access raced the new slots: complete it from the host mapping (the
+	 * library's own re-planning pauses vCPUs and never needs this). Returns false for accesses outside RAM and for
+	 * writes to read-only regions, which belong to the VMM.
+	 */
+	bool complete_mmio(const MmioExit &exit);
+
+	/* Guest-physical address of a dirty-ring entry, if its slot still exists. */
+	std::optional<std::uint64_t> ring_entry_gpa(std::uint32_t slot,
+						    std::uint64_t offset) const;
+
+private:
+	struct Slot {
+		std::uint32_t id;
+		SlotSpec spec;
+	};
+	struct Region {
+		RegionId id;
+		std::uint64_t gpa;
+		std::uint64_t size;
+		RegionOptions opts;
+		FileDesc memfd;
+		Mapping map;
+		std::map<std::uint64_t, Slot> slots; /* by first page */
+		std::vector<std::uint64_t> dirty; /* harvested from deleted slots */
+		TrappedPages traps;
+	};
+
+	Region &find(RegionId id, const char *op) const;
+	const Region *find_gpa(std::uint64_t gpa) const;
+	void check_free(std::uint64_t gpa, std::uint64_t size, const Region *ignore,
+			const char *op) const;
+	void set_slot(std::uint32_t slot, std::uint64_t gpa, std::uint64_t size,
+		      void *host, std::uint32_t flags);
+	std::uint32_t slot_flags(const Region &r, const SlotSpec &s) const;
+	void apply_plan(Region &r, const std::vector<SlotSpec> &plan);
+	void retrap_locked(std::set<std::uint64_t> TrappedPages::*which, std::uint64_t gfn,
+			   std::uint64_t n, const std::function<bool(std::uint64_t)> &want);
+	void apply_span(Region &r, std::uint64_t first, std::uint64_t end,
+			const std::vector<SlotSpec> &plan);
+	void delete_slot(Region &r, const Slot &s);
+	void remove_slots(Region &r);
+	void harvest(Region &r, const Slot &s);
+	void mark_dirty_locked(Region &r, std::uint64_t off, std::uint64_t len);
+	std::uint32_t alloc_slot();
+
+	int vm_fd_;
+	RunGate &gate_;
+	RegionObserver *observer_ = nullptr;
+	std::uint32_t max_slots_;
+	bool dirty_ring_;
+	mutable std::shared_mutex mu_;
+	std::map<std::uint64_t, std::unique_ptr<Region>> regions_; /* by gpa */
+	RegionId next_id_ = 1;
+	std::vector<std::uint32_t> free_slots_;
+	std::uint32_t next_slot_ = 0;
+	std::size_t used_slots_ = 0;
+};
+
+/* The friend through which library internals reach a GuestMemory's map. */
+struct GuestMemoryAccess {
+	static const MemoryMap &map(const GuestMemory &m) noexcept { return m.map_; }
+};
+
+} // namespace virtkit::detail

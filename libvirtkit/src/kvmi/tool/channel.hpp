@@ -1,0 +1,76 @@
+// SPDX-License-Identifier: MIT
+/*
+ * Internal: one KVMI connection's socket - sending whole messages and
+ * framing what arrives.
+ *
+ * Reading is nonblocking (MSG_DONTWAIT) into the channel's own buffer, so
+ * the same socket can be read by a command waiting for its reply and by an
+ * event loop that was told the socket is readable: whoever reads takes what
+ * is there, and complete messages stay in the buffer until someone consumes
+ * them. A message's size comes from the peer and is checked against
+ * KVMI_MSG_SIZE before anything waits for that many bytes.
+ */
+#pragma once
+
+#include <chrono>
+#include <cstddef>
+#include <optional>
+#include <span>
+#include <sys/uio.h>
+#include <vector>
+
+#include <virtkit/fd.hpp>
+
+#include "kvmi/tool/wire.hpp"
+
+namespace virtkit::introspect::detail {
+
+using Clock = std::chrono::steady_clock;
+
+/* now + timeout, saturating (a huge timeout means no deadline). */
+Clock::time_point deadline_after(std::chrono::milliseconds timeout);
+
+class Channel {
+public:
+	struct Message {
+		kvmi_msg_hdr hdr;
+		std::span<const std::byte> payload; /* valid until fill() or consume() */
+		std::size_t total() const noexcept { return msg_hdr_size + hdr.size; }
+	};
+	enum class Fill { data, none, eof };
+
+	Channel() = default;
+	/* Takes a connected stream socket and makes it nonblocking. */
+	explicit Channel(FileDesc socket);
+
+	int fd() const noexcept { return fd_.get(); }
+	explicit operator bool() const noexcept { return bool(fd_); }
+	/* Both directions, now: the peer sees the connection end; the fd stays
+	 * open (an io_uring poll may still refer to it) until close(). */
+	void shutdown() noexcept;
+	void close() noexcept;
+
+	/* All of iov: one sendmsg(MSG_NOSIGNAL) unless the socket is full,
+	 * then the rest as it drains, until deadline (ETIMEDOUT). */
+	void send(std::span<const iovec> iov, Clock::time_point deadline, const char *op);
+	/* What recv(MSG_DONTWAIT) brings: data, nothing yet, or end of stream. */
+	Fill fill(const char *op);
+	/* Until the socket is readable; false at deadline. */
+	bool wait_readable(Clock::time_point deadline, const char *op);
+
+	std::span<const std::byte> buffered() const noexcept
+	{
+		return {buf_.data() + begin_, end_ - begin_};
+	}
+	void consume(std::size_t n) noexcept;
+	/* The first buffered message, if complete; EMSGSIZE for a size above
+	 * KVMI_MSG_SIZE. */
+	std::optional<Message> peek_message(const char *op) const;
+
+private:
+	FileDesc fd_;
+	std::vector<std::byte> buf_;
+	std::size_t begin_ = 0, end_ = 0;
+};
+
+} // namespace virtkit::introspect::detail

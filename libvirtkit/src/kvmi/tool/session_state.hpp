@@ -1,0 +1,103 @@
+// SPDX-License-Identifier: MIT
+/*
+ * Internal: the state behind a Session - its channel, the command sequence
+ * counter, the queue of events received while nobody asked for them, and
+ * whether the connection is still usable.
+ *
+ * Any protocol failure (framing, an unexpected message, a timeout, the peer
+ * closing) ends the session: fail() shuts the socket down, so the VMM
+ * resumes its waiting vCPUs at once, records why, and throws. The descriptor
+ * itself stays open until the Session is destroyed, because an event loop
+ * may still have a poll on it.
+ */
+#pragma once
+
+#include <cstdint>
+#include <deque>
+#include <functional>
+#include <initializer_list>
+#include <memory>
+#include <span>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include <virtkit/introspect.hpp>
+
+#include "kvmi/tool/channel.hpp"
+
+namespace virtkit::introspect::detail {
+
+struct ReplyView {
+	std::int32_t err;
+	std::span<const std::byte> data; /* valid until the next receive */
+};
+
+struct SessionState {
+	SessionState(Channel ch, HandshakeInfo hi, const SessionOptions &opts)
+		: channel(std::move(ch)), info(std::move(hi)), options(opts) {}
+
+	Channel channel;
+	HandshakeInfo info;
+	SessionOptions options;
+	std::uint32_t seq = 0;
+	std::deque<Event> events;
+	bool connected = true;
+	std::string reason;
+	/* A reply handed out as a view, consumed before the next receive. */
+	std::size_t release_pending = 0;
+
+	std::uint32_t next_seq() noexcept { return ++seq; }
+	Clock::time_point command_deadline() const
+	{
+		return deadline_after(options.command_timeout);
+	}
+	void ensure_connected(const char *op) const;
+	/* End the session and throw e. */
+	[[noreturn]] void fail(const Error &e);
+	/* End the session without throwing. */
+	void disconnect(std::string why) noexcept;
+
+	/* One message: header and parts, in one sendmsg. */
+	void send_message(std::uint16_t id, std::uint32_t seq,
+			  std::initializer_list<std::span<const std::byte>> parts, const char *op);
+	/* Raw bytes, in one sendmsg. */
+	void send_raw_bytes(std::span<const iovec> iov, const char *op);
+	/* Receive until the reply to (id, seq) arrives; events are queued. */
+	ReplyView wait_reply(std::uint16_t id, std::uint32_t seq, const char *op);
+	/* send_message + wait_reply with a fresh seq. */
+	ReplyView transact(std::uint16_t id, std::initializer_list<std::span<const std::byte>> parts,
+			   const char *op);
+
+	/* Queue the complete events already buffered; anything else fails. */
+	void drain_buffered(const char *op);
+	/* Read what the socket has (nonblocking) and queue its events; never
+	 * throws: a failure disconnects. For the event loop. */
+	void pump() noexcept;
+	/* Wait for one event up to deadline. */
+	std::optional<Event> next_event(Clock::time_point deadline, const char *op);
+
+private:
+	void release() noexcept;
+	void queue_event(const Channel::Message &m, const char *op);
+	/* One fill(); EOF fails the session, "none" waits for readability until
+	 * deadline (false: the deadline passed). */
+	bool receive_more(Clock::time_point deadline, const char *op, const char *timeout_what);
+};
+
+/* Send the handshake's answer and make the session. */
+std::unique_ptr<SessionState> finish_handshake(Channel channel, const HandshakeInfo &info,
+					       std::string_view secret,
+					       const SessionOptions &options,
+					       Clock::time_point deadline);
+
+/* The payloads of SET_PAGE_ACCESS and SET_PAGE_WRITE_BITMAP (E2BIG for
+ * more entries than one message holds). */
+std::vector<std::byte> page_access_payload(std::span<const PageAccess> pages, std::uint16_t view);
+std::vector<std::byte> write_bitmap_payload(std::span<const PageWriteBitmap> pages,
+					    std::uint16_t view);
+
+/* The event in a KVMI_EVENT message's payload; Error(op, EPROTO) if malformed. */
+Event parse_event(std::span<const std::byte> payload, std::uint32_t seq, const char *op);
+
+} // namespace virtkit::introspect::detail

@@ -1,0 +1,258 @@
+// SPDX-License-Identifier: MIT
+#include "kvmi/vmm/connection.hpp"
+
+#include <linux/vm_sockets.h>
+#include <poll.h>
+#include <sys/eventfd.h>
+#include <sys/socket.h>
+#include <sys/un.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cerrno>
+#include <cstring>
+#include <string>
+#include <thread>
+
+#include <virtkit/error.hpp>
+
+namespace virtkit::detail::kvmi {
+
+namespace {
+
+constexpr const char op[] = "KVMI handshake";
+
+std::string describe(const Address &a)
+{
+	if (a.kind == Address::Kind::vsock)
+		return "vsock:" + std::to_string(a.cid) + ":" + std::to_string(a.port);
+	return "unix:" + a.path;
+}
+
+int remaining_ms(std::optional<Clock::time_point> deadline)
+{
+	if (!deadline)
+		return -1;
+	auto left = std::chrono::ceil<std::chrono::milliseconds>(*deadline - Clock::now()).count();
+	return static_cast<int>(std::clamp<long long>(left, 0, 1 << 30));
+}
+
+FileDesc connect_socket(const Address &a, Clock::time_point deadline)
+{
+	const std::string who = describe(a);
+	sockaddr_storage ss{};
+	socklen_t len;
+	int family;
+	if (a.kind == Address::Kind::unix_path) {
+		auto *un = reinterpret_cast<sockaddr_un *>(&ss);
+		un->sun_family = AF_UNIX;
+		std::memcpy(un->sun_path, a.path.data(), a.path.size());
+		len = offsetof(sockaddr_un, sun_path) + a.path.size();
+		if (a.path[0] == '@')
+			un->sun_path[0] = '\0'; /* abstract: no terminating NUL */
+		else
+			len++;
+		family = AF_UNIX;
+	} else {
+		auto *vm = reinterpret_cast<sockaddr_vm *>(&ss);
+		vm->svm_family = AF_VSOCK;
+		vm->svm_cid = a.cid;
+		vm->svm_port = a.port;
+		len = sizeof(sockaddr_vm);
+		family = AF_VSOCK;
+	}
+	for (;;) {
+		auto s = FileDesc::adopt(::socket(family, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0),
+					 op, who.c_str());
+		if (::connect(s.get(), reinterpret_cast<sockaddr *>(&ss), len) == 0)
+			return s;
+		int err = errno;
+		if (err == EAGAIN && Clock::now() < deadline) {
+			/* A unix listener's backlog is full: try again shortly. */
+			std::this_thread::sleep_for(std::chrono::milliseconds(5));
+			continue;
+		}
+		if (err != EINPROGRESS)
+			throw Error(op, err, "connect to " + who);
+		pollfd p{s.get(), POLLOUT, 0};
+		int r = ::poll(&p, 1, remaining_ms(deadline));
+		if (r == 0)
+			throw Error(op, ETIMEDOUT, "connect to " + who);
+		if (r < 0)
+			throw Error(op, errno, "connect to " + who + ": poll");
+		int soerr = 0;
+		socklen_t sl = sizeof(soerr);
+		::getsockopt(s.get(), SOL_SOCKET, SO_ERROR, &soerr, &sl);
+		if (soerr)
+			throw Error(op, soerr, "connect to " + who);
+		return s;
+	}
+}
+
+} // namespace
+
+std::unique_ptr<Connection> Connection::open(const Address &address,
+					     const kvmi_qemu2introspector &hello,
+					     std::span<const std::uint8_t, 20> cookie_hash,
+					     Clock::time_point deadline)
+{
+	const std::string who = describe(address);
+	FileDesc sock = connect_socket(address, deadline);
+	std::unique_ptr<Connection> c(new Connection(std::move(sock), FileDesc::eventfd(0, EFD_NONBLOCK)));
+
+	/* The handshake has no header: raw structs both ways. */
+	bool timed_out = false;
+	const auto *p = reinterpret_cast<const std::byte *>(&hello);
+	std::size_t sent = 0;
+	while (sent < sizeof(hello)) {
+		ssize_t n = ::send(c->sock_.get(), p + sent, sizeof(hello) - sent,
+				   MSG_NOSIGNAL | MSG_DONTWAIT);
+		if (n > 0) {
+			sent += n;
+			continue;
+		}
+		if (n < 0 && errno != EAGAIN && errno != EINTR)
+			throw Error(op, errno, who + ": sending the VMM's data");
+		if (!c->wait(POLLOUT, deadline, &timed_out))
+			throw Error(op, timed_out ? ETIMEDOUT : ECONNRESET,
+				    who + ": sending the VMM's data");
+	}
+
+	auto fail_read = [&](const char *what) {
+		throw Error(op, Clock::now() >= deadline ? ETIMEDOUT : ECONNRESET,
+			    who + ": " + what + " (the tool closed the connection or did not answer)");
+	};
+	kvmi_introspector2qemu answer{};
+	if (!c->read_exact(&answer.struct_size, sizeof(answer.struct_size), deadline))
+		fail_read("reading the tool's answer");
+	if (answer.struct_size < sizeof(answer) || answer.struct_size > max_handshake_size)
+		throw Error(op, EPROTO,
+			    who + ": the tool's answer has struct_size " +
+				    std::to_string(answer.struct_size) + " (expected " +
+				    std::to_string(sizeof(answer)) + ".." +
+				    std::to_string(max_handshake_size) + ")");
+	if (!c->read_exact(answer.cookie_hash, sizeof(answer.cookie_hash), deadline))
+		fail_read("reading the tool's cookie hash");
+	/* A newer tool's answer may be longer: skip what we do not know. */
+	for (std::size_t left = answer.struct_size - sizeof(answer); left;) {
+		std::byte skip[256];
+		std::size_t n = std::min(left, sizeof(skip));
+		if (!c->read_exact(skip, n, deadline))
+			fail_read("reading the tool's answer");
+		left -= n;
+	}
+	if (!equal_ct(std::span<const std::uint8_t>(answer.cookie_hash), cookie_hash))
+		throw Error(op, EACCES, who + ": the tool's cookie hash is not SHA-1 of the secret");
+	return c;
+}
+
+bool Connection::wait(short events, std::optional<Clock::time_point> deadline, bool *timed_out)
+{
+	for (;;) {
+		pollfd p[2] = {{sock_.get(), events, 0}, {efd_.get(), POLLIN, 0}};
+		int r = ::poll(p, 2, remaining_ms(deadline));
+		if (r < 0) {
+			if (errno == EINTR)
+				continue;
+			return false;
+		}
+		if (r == 0) {
+			if (timed_out)
+				*timed_out = true;
+			return false;
+		}
+		if (p[1].revents)
+			return false;
+		/* POLLHUP/POLLERR: let the read or send report it. */
+		return true;
+	}
+}
+
+bool Connection::wait_readable()
+{
+	if (head_ < tail_)
+		return true;
+	return wait(POLLIN, std::nullopt, nullptr);
+}
+
+bool Connection::read_exact(void *out, std::size_t n, std::optional<Clock::time_point> deadline)
+{
+	auto *dst = static_cast<std::byte *>(out);
+	while (n) {
+		if (head_ < tail_) {
+			std::size_t k = std::min(n, tail_ - head_);
+			std::memcpy(dst, buf_.data() + head_, k);
+			head_ += k, dst += k, n -= k;
+			continue;
+		}
+		head_ = tail_ = 0;
+		ssize_t r = ::recv(sock_.get(), buf_.data(), buf_.size(), MSG_DONTWAIT);
+		if (r > 0) {
+			tail_ = static_cast<std::size_t>(r);
+			continue;
+		}
+		if (r == 0)
+			return false; /* the tool closed the connection */
+		if (errno == EINTR)
+			continue;
+		if (errno != EAGAIN)
+			return false;
+		if (!wait(POLLIN, deadline, nullptr))
+			return false;
+	}
+	return true;
+}
+
+bool Connection::send(const kvmi_msg_hdr &hdr,
+		      std::initializer_list<std::span<const std::byte>> parts)
+{
+	iovec iov[8];
+	std::size_t n = 0, total = sizeof(hdr);
+	iov[n++] = {const_cast<kvmi_msg_hdr *>(&hdr), sizeof(hdr)};
+	for (auto part : parts) {
+		if (part.empty())
+			continue;
+		if (n == std::size(iov))
+			return false;
+		iov[n++] = {const_cast<std::byte *>(part.data()), part.size()};
+		total += part.size();
+	}
+	if (total - sizeof(hdr) != hdr.size)
+		return false;
+
+	std::lock_guard lock(send_mu_);
+	iovec *v = iov;
+	while (n) {
+		msghdr m{};
+		m.msg_iov = v;
+		m.msg_iovlen = n;
+		ssize_t r = ::sendmsg(sock_.get(), &m, MSG_NOSIGNAL | MSG_DONTWAIT);
+		if (r < 0) {
+			if (errno == EINTR)
+				continue;
+			if (errno != EAGAIN || !wait(POLLOUT, std::nullopt, nullptr))
+				return false;
+			continue;
+		}
+		/* A partial send (full socket buffer): go on from where it stopped. */
+		auto done = static_cast<std::size_t>(r);
+		while (n && done >= v->iov_len) {
+			done -= v->iov_len;
+			v++, n--;
+		}
+		if (n) {
+			v->iov_base = static_cast<std::byte *>(v->iov_base) + done;
+			v->iov_len -= done;
+		}
+	}
+	return true;
+}
+
+void Connection::cancel() noexcept
+{
+	std::uint64_t one = 1;
+	(void)!::write(efd_.get(), &one, sizeof(one));
+	::shutdown(sock_.get(), SHUT_RDWR);
+}
+
+} // namespace virtkit::detail::kvmi

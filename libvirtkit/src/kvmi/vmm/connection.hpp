@@ -1,0 +1,83 @@
+// SPDX-License-Identifier: MIT
+/*
+ * Internal: the VMM's end of one KVMI connection - connecting to the tool's
+ * unix or vsock socket, the QEMU-style handshake, and message framing.
+ *
+ * Reads happen on one thread at a time (the handshake, then the server's
+ * reader thread); sends come from the reader (command replies) and from vCPU
+ * threads (events), one whole message per call under a lock, so messages
+ * never interleave. Every blocking call also waits on an eventfd that
+ * cancel() signals, so no thread stays blocked on a tool that stopped
+ * reading or writing.
+ */
+#pragma once
+
+#include <virtkit/kvm.h>
+
+#include <linux/virtkit_kvmi.h>
+
+#include <array>
+#include <chrono>
+#include <cstddef>
+#include <cstdint>
+#include <initializer_list>
+#include <memory>
+#include <mutex>
+#include <optional>
+#include <span>
+#include <vector>
+
+#include <virtkit/fd.hpp>
+
+#include "kvmi/vmm/wire.hpp"
+
+namespace virtkit::detail::kvmi {
+
+using Clock = std::chrono::steady_clock;
+
+class Connection {
+public:
+	/*
+	 * Connect to the tool, send hello, read its answer and check the
+	 * cookie hash (constant time). Throws Error("KVMI handshake", errno,
+	 * why): ETIMEDOUT after deadline, EACCES for a wrong cookie, EPROTO for
+	 * a malformed answer, the socket's errno otherwise.
+	 */
+	static std::unique_ptr<Connection>
+	open(const Address &address, const kvmi_qemu2introspector &hello,
+	     std::span<const std::uint8_t, 20> cookie_hash, Clock::time_point deadline);
+
+	Connection(const Connection &) = delete;
+	Connection &operator=(const Connection &) = delete;
+
+	/*
+	 * Read exactly n bytes. false on end of stream, a socket error, the
+	 * deadline or cancel(): the connection is then unusable.
+	 */
+	bool read_exact(void *buf, std::size_t n,
+			std::optional<Clock::time_point> deadline = std::nullopt);
+	/* Wait until a message can be read (or false: cancelled / closed). */
+	bool wait_readable();
+	/*
+	 * Send one message: hdr followed by parts (hdr.size must be their
+	 * total). false if the connection failed or was cancelled.
+	 */
+	bool send(const kvmi_msg_hdr &hdr, std::initializer_list<std::span<const std::byte>> parts);
+	/* Make every blocked and later call fail, and the tool see the end. */
+	void cancel() noexcept;
+
+private:
+	Connection(FileDesc sock, FileDesc efd) noexcept
+		: sock_(std::move(sock)), efd_(std::move(efd)) {}
+	/* poll for events on the socket; false on cancel, error or timeout. */
+	bool wait(short events, std::optional<Clock::time_point> deadline, bool *timed_out);
+
+	FileDesc sock_;
+	FileDesc efd_;
+	std::mutex send_mu_;
+	/* Bytes received but not consumed yet (reader side only). */
+	std::array<std::byte, 16384> buf_;
+	std::size_t head_ = 0, tail_ = 0;
+};
+
+} // namespace virtkit::detail::kvmi

@@ -1,0 +1,340 @@
+// SPDX-License-Identifier: MIT
+/*
+ * Events: raised on the vCPU's own thread, which then waits for the tool's
+ * reply (or the disconnect, which counts as CONTINUE). The reader thread
+ * completes replies after checking them whole; a reply that does not fit
+ * the event it answers closes the connection.
+ *
+ * Also the VcpuWork of the VM: before a vCPU enters the guest it reports
+ * what is due - a CRASH reply's exit, UNHOOK, CREATE_VCPU, PAUSE_VCPU
+ * events, an injected exception and its TRAP - one at a time, re-checking
+ * after each event (the tool may queue more while the vCPU waits).
+ */
+#include "kvmi/vmm/server.hpp"
+
+#include <algorithm>
+#include <cstring>
+
+#include <virtkit/error.hpp>
+
+namespace virtkit::detail {
+
+namespace {
+
+/* The MSRs every event carries, in kvmi_event_arch.msrs order. */
+constexpr std::uint32_t event_msrs[] = {
+	0x174,		/* SYSENTER_CS */
+	0x175,		/* SYSENTER_ESP */
+	0x176,		/* SYSENTER_EIP */
+	0xc0000080,	/* EFER */
+	0xc0000081,	/* STAR */
+	0xc0000082,	/* LSTAR */
+	0xc0000083,	/* CSTAR */
+	0x277,		/* PAT */
+	0xc0000102,	/* KERNEL_GS_BASE (shadow_gs) */
+};
+static_assert(sizeof(kvmi_event_arch::msrs) == sizeof(event_msrs) * 2);
+
+/* PAUSE_VCPU events one vCPU may have queued (a flood gets -KVMI_EBUSY). */
+constexpr unsigned max_queued_pauses = 64;
+
+void read_event_msrs(Vcpu &vcpu, kvmi_event_arch &arch)
+{
+	kvm_msr_entry e[std::size(event_msrs)]{};
+	for (std::size_t i = 0; i < std::size(e); i++)
+		e[i].index = event_msrs[i];
+	try {
+		vcpu.get_msrs(e);
+	} catch (const Error &) {
+		/* One the vCPU lacks (no SYSCALL, say): read them one by one, 0 if refused. */
+		for (auto &one : e) {
+			try {
+				vcpu.get_msrs(std::span(&one, 1));
+			} catch (const Error &) {
+				one.data = 0;
+			}
+		}
+	}
+	__u64 vals[std::size(event_msrs)];
+	for (std::size_t i = 0; i < std::size(e); i++)
+		vals[i] = e[i].data;
+	std::memcpy(&arch.msrs, vals, sizeof(arch.msrs));
+}
+
+} // namespace
+
+IntrospectionServer::Outcome IntrospectionServer::raise(std::uint16_t id, Vcpu *vcpu,
+							std::uint8_t event,
+							std::span<const std::byte> data,
+							std::optional<kvmi::Clock::time_point> deadline)
+{
+	Outcome out;
+	kvmi_event ev{};
+	ev.size = sizeof(ev);
+	ev.vcpu = id;
+	ev.event = event;
+	if (vcpu) {
+		ev.arch.regs = vcpu->regs();
+		ev.arch.sregs = vcpu->sregs();
+		ev.arch.mode = kvmi::cpu_mode(ev.arch.sregs);
+		read_event_msrs(*vcpu, ev.arch);
+	}
+
+	KvmiWaiter w;
+	w.vcpu = id;
+	w.event = event;
+	w.regs = ev.arch.regs;
+	{
+		std::lock_guard lock(mu_);
+		if (!connected_)
+			return out;
+		w.seq = next_seq_++;
+		waiters_[w.seq] = &w;
+		record_locked(id).waiting = &w;
+	}
+	kvmi_msg_hdr hdr{KVMI_EVENT, static_cast<std::uint16_t>(sizeof(ev) + data.size()), w.seq};
+	n_events_++;
+	if (!conn_->send(hdr, {std::as_bytes(std::span(&ev, 1)), data}))
+		request_stop();
+
+	bool crash, set_regs;
+	{
+		std::unique_lock lock(mu_);
+		auto ready = [&] { return w.done || !connected_; };
+		if (deadline)
+			cv_.wait_until(lock, *deadline, ready);
+		else
+			cv_.wait(lock, ready);
+		waiters_.erase(w.seq);
+		auto &r = record_locked(id);
+		if (r.waiting == &w)
+			r.waiting = nullptr;
+		if (w.done) {
+			out.replied = true;
+			out.action = w.action;
+			out.reply = w.reply;
+		}
+		crash = out.action == KVMI_EVENT_ACTION_CRASH;
+		if (crash)
+			r.crash = true;
+		/* Registers the tool set in an event it answered (not one it abandoned). */
+		set_regs = w.done && w.regs_set;
+	}
+	if (vcpu && set_regs)
+		vcpu->set_regs(w.regs);
+	if (vcpu && crash)
+		request_vcpu_work(VcpuAccess::state(*vcpu));
+	return out;
+}
+
+bool IntrospectionServer::complete_event(const kvmi_msg_hdr &hdr, std::span<const std::byte> p)
+{
+	std::lock_guard lock(mu_);
+	auto it = waiters_.find(hdr.seq);
+	if (it == waiters_.end() || it->second->done)
+		return false;
+	KvmiWaiter &w = *it->second;
+	const std::size_t head = sizeof(kvmi_vcpu_hdr) + sizeof(kvmi_event_reply);
+	const std::size_t specific = kvmi::event_reply_size(w.event);
+	if (p.size() != head + specific)
+		return false;
+	auto vh = kvmi::load<kvmi_vcpu_hdr>(p);
+	auto er = kvmi::load<kvmi_event_reply>(p, sizeof(vh));
+	if (vh.vcpu != w.vcpu || !VK_KVMI_ZERO(vh.padding1) || !VK_KVMI_ZERO(vh.padding2))
+		return false;
+	if (er.event != w.event || er.action > KVMI_EVENT_ACTION_CRASH ||
+	    !VK_KVMI_ZERO(er.padding1) || !VK_KVMI_ZERO(er.padding2))
+		return false;
+	if (w.event == KVMI_EVENT_PF) {
+		/* Context and single-step hints mean nothing here: valid, ignored. */
+		auto pf = kvmi::load<kvmi_event_pf_reply>(p, head);
+		if (pf.ctx_size > sizeof(pf.ctx_data) || pf.singlestep > 1 || pf.rep_complete > 1 ||
+		    !VK_KVMI_ZERO(pf.padding))
+			return false;
+	}
+	std::copy_n(p.begin() + head, specific, w.reply.begin());
+	w.action = er.action;
+	w.done = true;
+	cv_.notify_all();
+	return true;
+}
+
+bool IntrospectionServer::wants(std::uint16_t vcpu, std::uint16_t event)
+{
+	std::lock_guard lock(mu_);
+	return connected_ && record_locked(vcpu).enabled(event);
+}
+
+int IntrospectionServer::pause_vcpu(VcpuState &st, std::span<const std::byte> p)
+{
+	auto c = kvmi::load<kvmi_pause_vcpu>(p);
+	if (c.wait > 1 || !VK_KVMI_ZERO(c.padding1) || !VK_KVMI_ZERO(c.padding2) ||
+	    !VK_KVMI_ZERO(c.padding3))
+		return -KVMI_EINVAL;
+	if (!event_allowed(KVMI_EVENT_PAUSE_VCPU))
+		return -KVMI_EPERM;
+	{
+		std::lock_guard lock(mu_);
+		auto &r = record_locked(static_cast<std::uint16_t>(st.id));
+		if (r.pauses >= max_queued_pauses)
+			return -KVMI_EBUSY;
+		r.pauses++;
+	}
+	request_vcpu_work(st);
+	/* wait: answer once the vCPU is out of the guest (the hold kicks it out). */
+	if (c.wait)
+		VcpuHold hold(st);
+	return 0;
+}
+
+/*
+ * The exception goes in as KVM's "injected" event of the next entry (the
+ * way KVM re-delivers an event an exit interrupted); #PF gets its CR2 here
+ * since without KVM_CAP_EXCEPTION_PAYLOAD KVM does not set it. If the
+ * guest already has an exception in flight, that one is delivered and ours
+ * dropped: TRAP reports what the guest really gets.
+ */
+kvmi_event_trap IntrospectionServer::apply_injection(Vcpu &vcpu, const kvmi_inject_exception &e)
+{
+	constexpr std::uint8_t pf = 14;
+	kvmi_event_trap t{};
+	auto ev = vcpu.events();
+	if (ev.exception.injected) {
+		t.vector = ev.exception.nr;
+		t.error_code = ev.exception.has_error_code ? ev.exception.error_code : 0;
+		t.cr2 = ev.exception.nr == pf ? vcpu.sregs().cr2 : 0;
+		return t;
+	}
+	if (e.nr == pf) {
+		auto s = vcpu.sregs();
+		s.cr2 = e.address;
+		vcpu.set_sregs(s);
+	}
+	const bool has_ec = kvmi::vector_has_error_code(e.nr);
+	ev.exception.injected = 1;
+	ev.exception.nr = e.nr;
+	ev.exception.has_error_code = has_ec;
+	ev.exception.error_code = has_ec ? e.error_code : 0;
+	vcpu.set_events(ev);
+	t.vector = e.nr;
+	t.error_code = ev.exception.error_code;
+	t.cr2 = e.nr == pf ? e.address : 0;
+	return t;
+}
+
+std::optional<Exit> IntrospectionServer::before_entry(Vcpu &vcpu)
+{
+	if (vcpu.id() > 0xffff)
+		return std::nullopt; /* KVMI addresses vCPUs with 16 bits */
+	const auto id = static_cast<std::uint16_t>(vcpu.id());
+	for (;;) {
+		enum class Due { nothing, crash, unhook, create, pause, inject } due = Due::nothing;
+		kvmi_inject_exception inject{};
+		{
+			std::lock_guard lock(mu_);
+			auto &r = record_locked(id);
+			if (r.crash) {
+				r.crash = false;
+				due = Due::crash;
+			} else if (!connected_) {
+				due = Due::nothing;
+			} else if (unhook_ == Unhook::requested && unhook_vcpu_ == id) {
+				unhook_ = Unhook::claimed;
+				due = Due::unhook;
+			} else if (r.create_pending) {
+				r.create_pending = false;
+				r.create_sent = true;
+				due = Due::create;
+			} else if (r.pauses) {
+				r.pauses--;
+				due = Due::pause;
+			} else if (r.inject) {
+				inject = *r.inject;
+				r.inject.reset();
+				due = Due::inject;
+			}
+		}
+		switch (due) {
+		case Due::nothing:
+			return std::nullopt;
+		case Due::crash:
+			return SystemEventExit{KVM_SYSTEM_EVENT_CRASH, {}};
+		case Due::unhook:
+			raise(id, &vcpu, KVMI_EVENT_UNHOOK, {});
+			break;
+		case Due::create:
+			raise(id, &vcpu, KVMI_EVENT_CREATE_VCPU, {});
+			break;
+		case Due::pause:
+			raise(id, &vcpu, KVMI_EVENT_PAUSE_VCPU, {});
+			break;
+		case Due::inject: {
+			auto trap = apply_injection(vcpu, inject);
+			if (wants(id, KVMI_EVENT_TRAP))
+				raise(id, &vcpu, KVMI_EVENT_TRAP, std::as_bytes(std::span(&trap, 1)));
+			break;
+		}
+		}
+	}
+}
+
+/*
+ * UNHOOK: the vCPU's own thread raises it when it runs; a VMM that stopped
+ * running its vCPUs (shutting down) still gets the event out, from this
+ * thread with the vCPU held outside the guest.
+ */
+bool IntrospectionServer::unhook(std::chrono::milliseconds timeout)
+{
+	const auto deadline = kvmi::Clock::now() + timeout;
+	bool enabled;
+	{
+		std::lock_guard lock(mu_);
+		enabled = connected_ && (vm_events_ >> KVMI_EVENT_UNHOOK & 1);
+	}
+	if (enabled) {
+		std::shared_ptr<VcpuState> target;
+		for (auto &v : vms_->live_vcpus())
+			if (v->id <= 0xffff && (!target || v->id < target->id))
+				target = v;
+		const std::uint16_t id = target ? static_cast<std::uint16_t>(target->id) : 0;
+		{
+			std::lock_guard lock(mu_);
+			unhook_ = Unhook::requested;
+			unhook_vcpu_ = id;
+		}
+		if (target) {
+			request_vcpu_work(*target);
+			std::unique_lock lock(mu_);
+			cv_.wait_until(lock, std::min(deadline, kvmi::Clock::now() + std::chrono::milliseconds(100)),
+				       [&] { return unhook_ != Unhook::requested || !connected_; });
+		}
+		bool ours = false;
+		{
+			std::lock_guard lock(mu_);
+			if (unhook_ == Unhook::requested && connected_) {
+				unhook_ = Unhook::claimed;
+				ours = true;
+			}
+		}
+		if (ours) {
+			try {
+				if (target) {
+					VcpuHold hold(*target);
+					Vcpu v = VcpuAccess::handle(target);
+					raise(id, &v, KVMI_EVENT_UNHOOK, {}, deadline);
+				} else {
+					raise(0, nullptr, KVMI_EVENT_UNHOOK, {}, deadline);
+				}
+			} catch (const Error &) {
+				/* The vCPU's state is unreadable: disconnect anyway. */
+			}
+		}
+		std::unique_lock lock(mu_);
+		cv_.wait_until(lock, deadline, [&] { return !connected_; });
+	}
+	disconnect();
+	std::lock_guard lock(mu_);
+	return closed_by_tool_;
+}
+
+} // namespace virtkit::detail

@@ -1,0 +1,441 @@
+// SPDX-License-Identifier: MIT
+/*
+ * virtkit::Introspection and the server's core: connect + handshake, the
+ * reader thread, command dispatch with the VMM's policy, CONTROL_CMD_RESPONSE
+ * batching, and the teardown that undoes everything on disconnect.
+ */
+#include "kvmi/vmm/server.hpp"
+
+#include <algorithm>
+#include <cerrno>
+#include <climits>
+#include <cstring>
+#include <ctime>
+#include <new>
+
+#include <virtkit/error.hpp>
+#include <virtkit/memory.hpp>
+
+#include "kvmi/protocol/sha1.hpp"
+
+namespace virtkit {
+
+namespace detail {
+
+int kvmi_error(int err)
+{
+	switch (err) {
+	case EPERM: return -KVMI_EPERM;
+	case ENOENT: return -KVMI_ENOENT;
+	case E2BIG: return -KVMI_E2BIG;
+	case EAGAIN: return -KVMI_EAGAIN;
+	case ENOMEM: return -KVMI_ENOMEM;
+	case ENOSPC: return -KVMI_ENOMEM; /* out of memslots or SPP table pages */
+	case EBUSY: return -KVMI_EBUSY;
+	case EINVAL: return -KVMI_EINVAL;
+	case EOPNOTSUPP: return -KVMI_EOPNOTSUPP;
+	default: return -KVMI_EFAULT;
+	}
+}
+
+IntrospectionServer::IntrospectionServer(Vm vm, const IntrospectionOptions &o)
+	: vm_(std::move(vm)), vms_(VmAccess::state(vm_)),
+	  allowed_commands_(o.allowed_commands), allowed_events_(o.allowed_events)
+{
+}
+
+IntrospectionServer::~IntrospectionServer()
+{
+	if (reader_.joinable()) {
+		/* The reader may drop the last reference itself. */
+		if (reader_.get_id() == std::this_thread::get_id())
+			reader_.detach();
+		else
+			reader_.join();
+	}
+}
+
+void IntrospectionServer::start(std::unique_ptr<kvmi::Connection> conn)
+{
+	conn_ = std::move(conn);
+	std::weak_ptr<IntrospectionServer> weak = weak_from_this();
+	/*
+	 * After sub-page protection (INT_MIN), which takes the guest writes
+	 * to restricted pages: MSR and debug exits, reads of hidden pages.
+	 */
+	exit_reg_ = vm_.add_exit_handler(
+		[weak](Vcpu &v, Exit &e) {
+			auto self = weak.lock();
+			return self ? self->on_exit(v, e) : ExitAction::pass;
+		},
+		INT_MIN + 1);
+	{
+		std::lock_guard lock(mu_);
+		connected_ = true;
+	}
+	reader_ = std::thread([self = shared_from_this()] { self->reader_main(); });
+}
+
+void IntrospectionServer::release_vm() noexcept
+{
+	std::lock_guard lock(vms_->work_mu);
+	if (vms_->work.get() == this)
+		vms_->work.reset();
+}
+
+bool IntrospectionServer::connected() const noexcept
+{
+	std::lock_guard lock(mu_);
+	return connected_;
+}
+
+void IntrospectionServer::request_stop() noexcept
+{
+	{
+		std::lock_guard lock(mu_);
+		stopping_ = true;
+		connected_ = false;
+	}
+	cv_.notify_all();
+	if (conn_)
+		conn_->cancel();
+}
+
+void IntrospectionServer::disconnect() noexcept
+{
+	request_stop();
+	std::lock_guard lock(join_mu_);
+	/* The reader tears down when it returns; it never waits for itself. */
+	if (reader_.joinable() && reader_.get_id() != std::this_thread::get_id())
+		reader_.join();
+}
+
+bool IntrospectionServer::wait_disconnected(std::chrono::milliseconds timeout) const
+{
+	std::unique_lock lock(mu_);
+	return cv_.wait_for(lock, timeout, [&] { return torn_down_; });
+}
+
+IntrospectionStats IntrospectionServer::stats() const
+{
+	return {n_commands_.load(), n_events_.load(), n_errors_.load()};
+}
+
+bool IntrospectionServer::command_allowed(std::uint16_t id) const
+{
+	if (kvmi::always_allowed_command(id) || !allowed_commands_)
+		return true;
+	return std::find(allowed_commands_->begin(), allowed_commands_->end(), id) !=
+	       allowed_commands_->end();
+}
+
+bool IntrospectionServer::event_allowed(std::uint16_t id) const
+{
+	if (!allowed_events_)
+		return true;
+	return std::find(allowed_events_->begin(), allowed_events_->end(), id) !=
+	       allowed_events_->end();
+}
+
+KvmiVcpu &IntrospectionServer::record_locked(std::uint16_t id)
+{
+	auto &r = vcpus_[id];
+	if (!r) {
+		r = std::make_unique<KvmiVcpu>();
+		r->id = id;
+		/* Enabled already: the vCPU reports itself before its next entry. */
+		r->create_pending = vm_events_ >> KVMI_EVENT_CREATE_VCPU & 1;
+	}
+	return *r;
+}
+
+/*
+ * The reader: one message at a time, in arrival order (a reply to a command
+ * never overtakes the reply to an earlier one). Anything that breaks the
+ * framing closes the connection: the stream cannot be trusted after it.
+ */
+void IntrospectionServer::reader_main()
+{
+	std::vector<std::byte> payload(KVMI_MSG_SIZE);
+	bool error = false;
+	for (;;) {
+		kvmi_msg_hdr hdr;
+		if (!conn_->read_exact(&hdr, sizeof(hdr)))
+			break;
+		if (hdr.size > KVMI_MSG_SIZE) {
+			n_errors_++;
+			error = true;
+			break;
+		}
+		if (!conn_->read_exact(payload.data(), hdr.size))
+			break;
+		std::span<const std::byte> p(payload.data(), hdr.size);
+		bool ok;
+		try {
+			ok = hdr.id == KVMI_EVENT_REPLY ? complete_event(hdr, p)
+							: handle_command(hdr, p);
+		} catch (...) {
+			ok = false;
+		}
+		if (!ok) {
+			n_errors_++;
+			error = true;
+			break;
+		}
+	}
+	{
+		std::lock_guard lock(mu_);
+		if (!stopping_ && !error)
+			closed_by_tool_ = true;
+	}
+	teardown();
+}
+
+/*
+ * Undo everything the tool set, in an order that never leaves a vCPU
+ * waiting: first the connection state (every waiter resumes as CONTINUE),
+ * then the KVM-side changes, then our hooks in the VM.
+ */
+void IntrospectionServer::teardown() noexcept
+{
+	request_stop();
+	remove_restrictions();
+	remove_msr_filter();
+	remove_guest_debug();
+	{
+		std::lock_guard lock(mu_);
+		for (auto &[id, r] : vcpus_) {
+			r->pauses = 0;
+			r->inject.reset();
+		}
+	}
+	exit_reg_.reset();
+	release_vm();
+	{
+		std::lock_guard lock(mu_);
+		torn_down_ = true;
+	}
+	cv_.notify_all();
+}
+
+/*
+ * A command: execute it and reply, unless replies are switched off by
+ * CONTROL_CMD_RESPONSE. Then the first error is kept for the reply to the
+ * command that switches them on again (libkvmi's batch suffix), and the
+ * remaining commands still run: the protocol has no rollback.
+ */
+bool IntrospectionServer::handle_command(const kvmi_msg_hdr &hdr, std::span<const std::byte> p)
+{
+	n_commands_++;
+	auto &out = reply_; /* reused: no allocation per command */
+	out.clear();
+	int err;
+	bool reply;
+	if (hdr.id == KVMI_CONTROL_CMD_RESPONSE && kvmi::payload_size_ok(hdr.id, p)) {
+		auto c = kvmi::load<kvmi_control_cmd_response>(p);
+		if (c.enable > 1 || c.now > 1 || !VK_KVMI_ZERO(c.padding1) || !VK_KVMI_ZERO(c.padding2)) {
+			err = -KVMI_EINVAL;
+			reply = replies_enabled_;
+		} else {
+			/* now: the new setting applies to this command's own reply. */
+			if (c.now)
+				replies_enabled_ = c.enable;
+			reply = replies_enabled_;
+			err = c.enable ? batch_error_ : 0;
+			batch_error_ = 0;
+			replies_enabled_ = c.enable;
+		}
+	} else {
+		err = execute(hdr.id, p, out);
+		reply = replies_enabled_;
+		if (!reply && err && !batch_error_)
+			batch_error_ = err;
+	}
+	if (err)
+		n_errors_++;
+	if (!reply)
+		return true;
+	kvmi_error_code ec{err, 0};
+	if (err)
+		out.clear();
+	kvmi_msg_hdr rh{hdr.id, static_cast<std::uint16_t>(sizeof(ec) + out.size()), hdr.seq};
+	return conn_->send(rh, {std::as_bytes(std::span(&ec, 1)), std::span<const std::byte>(out)});
+}
+
+int IntrospectionServer::execute(std::uint16_t id, std::span<const std::byte> p,
+				 std::vector<std::byte> &out)
+{
+	if (!kvmi::known_command(id))
+		return -KVMI_ENOSYS;
+	if (!command_allowed(id))
+		return -KVMI_EPERM;
+	if (!kvmi::supported_command(id))
+		return -KVMI_EOPNOTSUPP;
+	try {
+		if (!kvmi::vcpu_command(id)) {
+			if (!kvmi::payload_size_ok(id, p))
+				return -KVMI_EINVAL;
+			return vm_command(id, p, out);
+		}
+		if (p.size() < sizeof(kvmi_vcpu_hdr))
+			return -KVMI_EINVAL;
+		auto vh = kvmi::load<kvmi_vcpu_hdr>(p);
+		auto rest = p.subspan(sizeof(vh));
+		if (!VK_KVMI_ZERO(vh.padding1) || !VK_KVMI_ZERO(vh.padding2) ||
+		    !kvmi::payload_size_ok(id, rest))
+			return -KVMI_EINVAL;
+		auto st = vms_->find_vcpu(vh.vcpu);
+		if (!st)
+			return -KVMI_EINVAL;
+		return vcpu_command(id, st, rest, out);
+	} catch (const Error &e) {
+		out.clear();
+		return kvmi_error(e.err());
+	} catch (const std::bad_alloc &) {
+		out.clear();
+		return -KVMI_ENOMEM;
+	}
+}
+
+ExitAction IntrospectionServer::on_exit(Vcpu &vcpu, Exit &exit)
+{
+	if (auto *m = std::get_if<MsrExit>(&exit))
+		return on_msr_exit(vcpu, *m);
+	if (auto *d = std::get_if<DebugExit>(&exit))
+		return on_debug_exit(vcpu, *d);
+	if (auto *m = std::get_if<MmioExit>(&exit))
+		return on_mmio_read(vcpu, *m);
+	return ExitAction::pass;
+}
+
+} // namespace detail
+
+/* --- the public handle --- */
+
+namespace {
+
+constexpr const char connect_op[] = "Introspection::connect";
+
+void check_ids(const std::optional<std::vector<std::uint16_t>> &ids, bool events)
+{
+	if (!ids)
+		return;
+	for (auto id : *ids)
+		if (events ? !detail::kvmi::known_event(id) : !detail::kvmi::known_command(id))
+			throw Error(connect_op, EINVAL,
+				    std::string(events ? "allowed_events" : "allowed_commands") +
+					    ": unknown id " + std::to_string(id));
+}
+
+std::uint64_t max_gpa(const GuestMemory &mem)
+{
+	std::uint64_t end = 0;
+	for (const auto &r : mem.regions())
+		end = std::max(end, r.gpa + r.size);
+	return end;
+}
+
+} // namespace
+
+Introspection Introspection::connect(Vm &vm, const IntrospectionOptions &o)
+{
+	std::string why;
+	auto address = detail::kvmi::parse_address(o.address, &why);
+	if (!address)
+		throw Error(connect_op, EINVAL, "address \"" + o.address + "\": " + why);
+	if (o.secret.empty())
+		throw Error(connect_op, EINVAL, "the secret must not be empty");
+	if (o.name.size() > 63 || o.name.find('\0') != std::string::npos)
+		throw Error(connect_op, EINVAL, "the name must be at most 63 bytes without NUL");
+	if (o.handshake_timeout.count() <= 0)
+		throw Error(connect_op, EINVAL, "handshake_timeout must be positive");
+	check_ids(o.allowed_commands, false);
+	check_ids(o.allowed_events, true);
+
+	auto &st = detail::VmAccess::state(vm);
+	auto server = std::make_shared<detail::IntrospectionServer>(
+		detail::VmAccess::handle(st), o);
+	{
+		/* The VM's VcpuWork slot is the "one introspection per VM" lock. */
+		std::lock_guard lock(st->work_mu);
+		if (st->work)
+			throw Error(connect_op, EBUSY, "the VM already has an introspection");
+		st->work = server;
+	}
+	try {
+		kvmi_qemu2introspector hello{};
+		hello.struct_size = sizeof(hello);
+		std::memcpy(hello.uuid, o.uuid.data(), sizeof(hello.uuid));
+		hello.start_time = o.start_time ? o.start_time : std::time(nullptr);
+		std::memcpy(hello.name, o.name.data(), o.name.size());
+		hello.max_gpa = max_gpa(vm.memory());
+		auto cookie = detail::sha1(std::as_bytes(std::span(o.secret.data(), o.secret.size())));
+		auto deadline = detail::kvmi::Clock::now() + o.handshake_timeout;
+		auto conn = detail::kvmi::Connection::open(*address, hello, cookie, deadline);
+		server->start(std::move(conn));
+	} catch (...) {
+		server->release_vm();
+		throw;
+	}
+	return Introspection(std::move(server));
+}
+
+Introspection::Introspection() noexcept = default;
+Introspection::Introspection(std::shared_ptr<detail::IntrospectionServer> s) noexcept
+	: server_(std::move(s)) {}
+Introspection::Introspection(Introspection &&) noexcept = default;
+
+Introspection &Introspection::operator=(Introspection &&o) noexcept
+{
+	if (this != &o) {
+		disconnect();
+		server_ = std::move(o.server_);
+	}
+	return *this;
+}
+
+Introspection::~Introspection() { disconnect(); }
+
+bool Introspection::connected() const noexcept { return server_ && server_->connected(); }
+
+bool Introspection::unhook(std::chrono::milliseconds timeout)
+{
+	return server_ ? server_->unhook(timeout) : true;
+}
+
+void Introspection::disconnect() noexcept
+{
+	if (server_)
+		server_->disconnect();
+}
+
+bool Introspection::wait_disconnected(std::chrono::milliseconds timeout) const
+{
+	return server_ ? server_->wait_disconnected(timeout) : true;
+}
+
+IntrospectionStats Introspection::stats() const
+{
+	return server_ ? server_->stats() : IntrospectionStats{};
+}
+
+std::vector<std::uint16_t> Introspection::supported_commands()
+{
+	std::vector<std::uint16_t> ids;
+	for (std::uint16_t id = 0; id < KVMI_NUM_MESSAGES; id++)
+		if (detail::kvmi::supported_command(id))
+			ids.push_back(id);
+	return ids;
+}
+
+std::vector<std::uint16_t> Introspection::supported_events()
+{
+	const bool int3 = detail::IntrospectionServer::int3_exits();
+	std::vector<std::uint16_t> ids;
+	for (std::uint16_t id = 0; id < KVMI_NUM_EVENTS; id++)
+		if (detail::kvmi::supported_event(id, int3))
+			ids.push_back(id);
+	return ids;
+}
+
+} // namespace virtkit

@@ -1,0 +1,174 @@
+// SPDX-License-Identifier: MIT
+/*
+ * Commands about the whole VM, executed on the reader thread. The payload
+ * size was checked already (wire.cpp); each command checks its fields.
+ */
+#include "kvmi/vmm/server.hpp"
+
+#include <algorithm>
+
+#include <virtkit/error.hpp>
+#include <virtkit/memory.hpp>
+
+namespace virtkit::detail {
+
+int IntrospectionServer::vm_command(std::uint16_t id, std::span<const std::byte> p,
+				    std::vector<std::byte> &out)
+{
+	switch (id) {
+	case KVMI_GET_VERSION: {
+		kvmi_get_version_reply r{};
+		r.version = KVMI_VERSION;
+		/* Sub-page write bitmaps are emulated on every host (virtkit SPP). */
+		r.features.spp = 1;
+		append_bytes(out, r);
+		return 0;
+	}
+	case KVMI_CHECK_COMMAND:
+		return check_command(p);
+	case KVMI_CHECK_EVENT:
+		return check_event(p);
+	case KVMI_GET_GUEST_INFO: {
+		kvmi_get_guest_info_reply r{};
+		r.vcpu_count = static_cast<std::uint32_t>(vms_->live_vcpus().size());
+		append_bytes(out, r);
+		return 0;
+	}
+	case KVMI_CONTROL_VM_EVENTS:
+		return control_vm_events(p);
+	case KVMI_READ_PHYSICAL:
+		return read_physical(p, out);
+	case KVMI_WRITE_PHYSICAL:
+		return write_physical(p);
+	case KVMI_SET_PAGE_ACCESS:
+		return set_page_access(p);
+	case KVMI_CONTROL_SPP:
+		return control_spp(p);
+	case KVMI_SET_PAGE_WRITE_BITMAP:
+		return set_page_write_bitmap(p);
+	case KVMI_GET_MAX_GFN:
+		return max_gfn(out);
+	case KVMI_QUERY_PHYSICAL:
+		return query_physical(p, out);
+	default:
+		return -KVMI_ENOSYS;
+	}
+}
+
+/*
+ * CHECK_COMMAND / CHECK_EVENT: 0, -KVMI_EOPNOTSUPP for ids this backend
+ * does not serve (also unknown ids), -KVMI_EPERM for ones the VMM forbids.
+ * Later kvmi versions answer -KVMI_ENOENT for unsupported ids; libkvmi and
+ * the tools built on it test for non-zero, and EOPNOTSUPP is the same
+ * answer the command or event itself gets.
+ */
+int IntrospectionServer::check_command(std::span<const std::byte> p)
+{
+	auto c = kvmi::load<kvmi_check_command>(p);
+	if (!VK_KVMI_ZERO(c.padding1) || !VK_KVMI_ZERO(c.padding2))
+		return -KVMI_EINVAL;
+	if (!kvmi::supported_command(c.id))
+		return -KVMI_EOPNOTSUPP;
+	return command_allowed(c.id) ? 0 : -KVMI_EPERM;
+}
+
+int IntrospectionServer::check_event(std::span<const std::byte> p)
+{
+	auto c = kvmi::load<kvmi_check_event>(p);
+	if (!VK_KVMI_ZERO(c.padding1) || !VK_KVMI_ZERO(c.padding2))
+		return -KVMI_EINVAL;
+	if (!kvmi::supported_event(c.id, c.id == KVMI_EVENT_BREAKPOINT && int3_exits()))
+		return -KVMI_EOPNOTSUPP;
+	return event_allowed(c.id) ? 0 : -KVMI_EPERM;
+}
+
+int IntrospectionServer::control_vm_events(std::span<const std::byte> p)
+{
+	auto c = kvmi::load<kvmi_control_vm_events>(p);
+	if (c.enable > 1 || !VK_KVMI_ZERO(c.padding1) || !VK_KVMI_ZERO(c.padding2))
+		return -KVMI_EINVAL;
+	if (!kvmi::vm_event(c.event_id))
+		return -KVMI_EINVAL; /* vCPU events go through CONTROL_EVENTS */
+	if (!event_allowed(c.event_id))
+		return -KVMI_EPERM;
+	std::vector<std::shared_ptr<VcpuState>> wake;
+	{
+		std::lock_guard lock(mu_);
+		const std::uint32_t bit = 1u << c.event_id;
+		vm_events_ = c.enable ? vm_events_ | bit : vm_events_ & ~bit;
+		if (c.event_id != KVMI_EVENT_CREATE_VCPU)
+			return 0;
+		/* Every vCPU not reported yet reports itself before its next entry. */
+		for (auto &v : vms_->live_vcpus()) {
+			if (v->id > 0xffff)
+				continue;
+			auto &r = record_locked(static_cast<std::uint16_t>(v->id));
+			r.create_pending = c.enable && !r.create_sent;
+			if (r.create_pending)
+				wake.push_back(v);
+		}
+	}
+	for (auto &v : wake)
+		request_vcpu_work(*v);
+	return 0;
+}
+
+/* A read or write of guest RAM: within one page, inside guest memory. */
+static int check_physical(const GuestMemory &mem, std::uint64_t gpa, std::uint64_t size)
+{
+	if (size == 0 || size > kvmi::page_size || gpa % kvmi::page_size + size > kvmi::page_size)
+		return -KVMI_EINVAL;
+	if (!mem.contains(gpa, size))
+		return -KVMI_ENOENT;
+	return 0;
+}
+
+int IntrospectionServer::read_physical(std::span<const std::byte> p, std::vector<std::byte> &out)
+{
+	auto c = kvmi::load<kvmi_read_physical>(p);
+	if (int err = check_physical(vm_.memory(), c.gpa, c.size))
+		return err;
+	out.resize(c.size);
+	vm_.memory().read(c.gpa, out);
+	return 0;
+}
+
+int IntrospectionServer::write_physical(std::span<const std::byte> p)
+{
+	auto c = kvmi::load<kvmi_write_physical>(p);
+	if (int err = check_physical(vm_.memory(), c.gpa, c.size))
+		return err;
+	vm_.memory().write(c.gpa, p.subspan(sizeof(c)));
+	return 0;
+}
+
+int IntrospectionServer::max_gfn(std::vector<std::byte> &out)
+{
+	std::uint64_t end = 0;
+	for (const auto &r : vm_.memory().regions())
+		end = std::max(end, r.gpa + r.size);
+	if (!end)
+		return -KVMI_ENOENT;
+	kvmi_get_max_gfn_reply r{(end - 1) / kvmi::page_size};
+	append_bytes(out, r);
+	return 0;
+}
+
+int IntrospectionServer::query_physical(std::span<const std::byte> p, std::vector<std::byte> &out)
+{
+	auto c = kvmi::load<kvmi_query_physical>(p);
+	if (c.gfn > ~0ull / kvmi::page_size)
+		return -KVMI_EINVAL;
+	try {
+		auto region = vm_.memory().region_at(c.gfn * kvmi::page_size);
+		kvmi_query_physical_reply r{region.gpa / kvmi::page_size, region.size};
+		append_bytes(out, r);
+		return 0;
+	} catch (const Error &e) {
+		if (e.err() == ENOENT)
+			return -KVMI_ENOENT;
+		throw;
+	}
+}
+
+} // namespace virtkit::detail

@@ -1,0 +1,529 @@
+// SPDX-License-Identifier: MIT
+#include "spp/engine.hpp"
+
+#include <algorithm>
+#include <cerrno>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+#include <virtkit/error.hpp>
+#include <virtkit/vcpu.hpp>
+
+#include "core/ioctl.hpp"
+#include "core/state.hpp"
+#include "spp/cmpxchg16b.hpp"
+
+namespace virtkit::detail {
+
+static constexpr std::uint64_t page = 4096;
+/* As a std::uint64_t, for std::min. */
+static constexpr std::uint64_t gfn_limit = VK_SPPT_GFN_LIMIT;
+
+static std::string pages(std::uint64_t gfn, std::uint64_t n)
+{
+	return "gfn=" + hex(gfn) + " npages=" + std::to_string(n);
+}
+
+/* An Error for a store that failed with err: names the store's ioctl, if any. */
+[[noreturn]] static void store_error(const SppStore &store, const char *op, int err,
+				     std::string detail, bool set)
+{
+	if (*store.op_name(set))
+		detail += std::string(": ") + store.op_name(set) + " failed";
+	throw Error(op, err, std::move(detail));
+}
+
+static bool is_protected(std::uint32_t map) { return map != VK_SPP_ALL_WRITABLE; }
+
+/*
+ * The maps of pages lo .. hi - 1, read from the store in one GET (pages
+ * beyond the table read as all-writable). Other pages are read one at a
+ * time. Errors are thrown as `op`.
+ */
+class MapWindow {
+public:
+	MapWindow(const SppStore &store, const char *op, std::uint64_t lo, std::uint64_t hi)
+		: store_(store), op_(op), base_(std::min(lo, gfn_limit)),
+		  maps_(std::min(hi, gfn_limit) - base_)
+	{
+		if (int r = store_.get(base_, maps_))
+			store_error(store_, op_, r, pages(base_, maps_.size()), false);
+	}
+
+	std::uint32_t at(std::uint64_t gfn) const
+	{
+		if (gfn - base_ < maps_.size())
+			return maps_[gfn - base_];
+		if (gfn >= gfn_limit)
+			return VK_SPP_ALL_WRITABLE;
+		std::uint32_t m;
+		if (int r = store_.get(gfn, std::span(&m, 1)))
+			store_error(store_, op_, r, pages(gfn, 1), false);
+		return m;
+	}
+
+	/* Pages gfn .. gfn + n - 1, all inside the window. */
+	std::span<const std::uint32_t> range(std::uint64_t gfn, std::uint64_t n) const
+	{
+		return std::span(maps_).subspan(gfn - base_, n);
+	}
+
+private:
+	const SppStore &store_;
+	const char *op_;
+	std::uint64_t base_;
+	std::vector<std::uint32_t> maps_;
+};
+
+SppEngine::SppEngine(VmState &vm, std::unique_ptr<SppStore> store)
+	: vm_(vm), mem_(vm.memory), store_(std::move(store))
+{
+	auto lock = mem_.lock();
+	mem_.set_observer_locked(this);
+}
+
+SppEngine::~SppEngine()
+{
+	reg_.reset();
+	auto lock = mem_.lock();
+	mem_.set_observer_locked(nullptr);
+}
+
+/*
+ * A page traps writes when it is protected, and also when a write that
+ * starts in it could run into a protected first sub-page of the next page or
+ * start in the previous page's protected last sub-page: KVM writes the RAM
+ * part of a page-straddling store itself, so both pages must trap for the
+ * store to be decided whole.
+ */
+template <class MapAt>
+bool SppEngine::needs_trap(std::uint64_t gfn, const MapAt &map_at)
+{
+	if (is_protected(map_at(gfn)))
+		return true;
+	if (gfn + 1 < VK_SPPT_GFN_LIMIT && !(map_at(gfn + 1) & 1))
+		return true;
+	return gfn > 0 && !(map_at(gfn - 1) >> 31 & 1);
+}
+
+/*
+ * A change of the maps of pages gfn .. gfn + n - 1 changes whether those
+ * pages and one neighbour either side trap; needs_trap() of those reads one
+ * page further either side. The window holds all of them (one GET).
+ */
+static MapWindow trap_window(const SppStore &store, const char *op, std::uint64_t gfn,
+			     std::uint64_t n)
+{
+	return MapWindow(store, op, gfn > 1 ? gfn - 2 : 0, gfn + n + 2);
+}
+
+template <class MapAt>
+void SppEngine::set_traps_locked(std::uint64_t gfn, std::uint64_t n, const MapAt &map_at)
+{
+	std::uint64_t lo = gfn ? gfn - 1 : 0;
+	std::uint64_t hi = std::min(gfn + n + 1, gfn_limit);
+	mem_.set_traps_locked(lo, hi - lo,
+			      [&](std::uint64_t g) { return needs_trap(g, map_at); });
+}
+
+/* The traps of pages gfn .. gfn + n - 1 and their neighbours, as the store says. */
+void SppEngine::refresh_traps_locked(std::uint64_t gfn, std::uint64_t n)
+{
+	MapWindow w = trap_window(*store_, "SubpageProtection", gfn, n);
+	set_traps_locked(gfn, n, [&](std::uint64_t g) { return w.at(g); });
+}
+
+void SppEngine::count_protected(std::span<const std::uint32_t> old_maps,
+				std::span<const std::uint32_t> new_maps)
+{
+	for (std::size_t i = 0; i < old_maps.size(); i++)
+		protected_pages_ += is_protected(new_maps[i]) - is_protected(old_maps[i]);
+}
+
+void SppEngine::set_access(std::uint64_t gfn, std::span<const std::uint32_t> maps)
+{
+	const char *op = "SubpageProtection::set_access";
+	const std::uint64_t n = maps.size();
+	if (gfn >= VK_SPPT_GFN_LIMIT || n > VK_SPPT_GFN_LIMIT - gfn)
+		throw Error(op, EFAULT, pages(gfn, n) + ": beyond the 48-bit guest-physical space");
+	if (n > store_->max_set_pages())
+		throw Error(op, E2BIG,
+			    pages(gfn, n) + ": virtkit.ko sets at most " +
+				    std::to_string(store_->max_set_pages()) +
+				    " pages per call (VIRTKIT_CAP_SPP_MAX_PAGES); split the range");
+
+	auto lock = mem_.lock();
+	if (!mem_.writable_ram_locked(gfn * page, n * page))
+		throw Error(op, EFAULT, pages(gfn, n) + ": not all writable guest RAM");
+
+	/* The old maps, and the neighbours' that needs_trap() reads, in one GET. */
+	MapWindow old = trap_window(*store_, op, gfn, n);
+
+	/* Re-cut the slots for the new maps first: it is the step that can fail. */
+	set_traps_locked(gfn, n, [&](std::uint64_t g) {
+		return g - gfn < n ? maps[g - gfn] : old.at(g);
+	});
+	if (int r = store_->set(gfn, maps)) {
+		/* Back to the layout of the maps the store kept. */
+		set_traps_locked(gfn, n, [&](std::uint64_t g) { return old.at(g); });
+		store_error(*store_, op, r, pages(gfn, n), true);
+	}
+	count_protected(old.range(gfn, n), maps);
+}
+
+std::vector<std::uint32_t> SppEngine::get_access(std::uint64_t gfn, std::uint64_t n) const
+{
+	const char *op = "SubpageProtection::get_access";
+	if (gfn >= VK_SPPT_GFN_LIMIT || n > VK_SPPT_GFN_LIMIT - gfn)
+		throw Error(op, EFAULT, pages(gfn, n) + ": beyond the 48-bit guest-physical space");
+	auto lock = mem_.lock_shared();
+	if (!mem_.writable_ram_locked(gfn * page, n * page))
+		throw Error(op, EFAULT, pages(gfn, n) + ": not all writable guest RAM");
+	std::vector<std::uint32_t> maps(n);
+	if (int r = store_->get(gfn, maps))
+		store_error(*store_, op, r, pages(gfn, n), false);
+	return maps;
+}
+
+void SppEngine::on_violation(SppViolationHandler handler)
+{
+	auto h = handler ? std::make_shared<const SppViolationHandler>(std::move(handler)) : nullptr;
+	std::lock_guard lock(handler_mu_);
+	handler_ = std::move(h);
+}
+
+SppStats SppEngine::stats() const
+{
+	SppStats s{};
+	s.checked_writes = checked_.load();
+	s.allowed_writes = allowed_.load();
+	s.violations = violations_.load();
+	auto lock = mem_.lock_shared();
+	s.protected_pages = protected_pages_;
+	store_->add_stats(s);
+	return s;
+}
+
+int SppEngine::set_pieces_locked(std::uint64_t gfn, std::span<const std::uint32_t> maps)
+{
+	const std::uint64_t max = store_->max_set_pages();
+	if (maps.size() <= max)
+		return store_->set(gfn, maps);
+	std::vector<std::uint32_t> old(maps.size());
+	if (int r = store_->get(gfn, old))
+		return r;
+	for (std::uint64_t done = 0; done < maps.size(); done += max) {
+		std::uint64_t n = std::min<std::uint64_t>(maps.size() - done, max);
+		if (int r = store_->set(gfn + done, maps.subspan(done, n))) {
+			/* Put back the pieces already set, as far as the store can. */
+			for (std::uint64_t u = 0; u < done; u += max)
+				store_->set(gfn + u, std::span(old).subspan(u, max));
+			return r;
+		}
+	}
+	return 0;
+}
+
+void SppEngine::clear_locked(std::uint64_t gfn, std::span<const std::uint32_t> maps) noexcept
+{
+	auto first = std::find_if(maps.begin(), maps.end(), is_protected);
+	if (first == maps.end())
+		return;
+	auto last = std::find_if(maps.rbegin(), maps.rend(), is_protected).base();
+	store_->fill(gfn + (first - maps.begin()), last - first, VK_SPP_ALL_WRITABLE);
+}
+
+/* The maps travel with the memory; the old addresses become unprotected. */
+void SppEngine::region_moved(std::uint64_t from, std::uint64_t to, std::uint64_t size)
+{
+	const char *op = "GuestMemory::move";
+	std::uint64_t n = size / page, src = from / page, dst = to / page;
+	if (src >= gfn_limit)
+		return;
+	std::vector<std::uint32_t> maps(std::min(n, gfn_limit - src));
+	if (int r = store_->get(src, maps))
+		store_error(*store_, op, r, "sub-page protection of " + pages(src, maps.size()),
+			    false);
+	if (std::none_of(maps.begin(), maps.end(), is_protected))
+		return;
+	if (dst >= gfn_limit || n > gfn_limit - dst)
+		throw Error(op, EINVAL,
+			    "sub-page protection cannot follow the region beyond "
+			    "the 48-bit guest-physical space");
+	maps.resize(n, VK_SPP_ALL_WRITABLE);
+	if (int r = set_pieces_locked(dst, maps))
+		store_error(*store_, op, r, "sub-page protection of " + pages(dst, n), true);
+	/* Clear the part of the old range the new one does not cover. */
+	std::uint64_t end = std::min(src + n, gfn_limit);
+	if (dst > src)
+		clear_locked(src, std::span(maps).first(std::min(dst, end) - src));
+	else if (std::uint64_t s = std::max(dst + n, src); s < end)
+		clear_locked(s, std::span(maps).subspan(s - src, end - s));
+}
+
+void SppEngine::region_removed(std::uint64_t gpa, std::uint64_t size) noexcept
+{
+	std::uint64_t g = gpa / page, n = size / page;
+	if (g >= VK_SPPT_GFN_LIMIT)
+		return;
+	n = std::min(n, gfn_limit - g);
+	std::vector<std::uint32_t> old(n, VK_SPP_ALL_WRITABLE);
+	if (store_->get(g, old))
+		return; /* the store cannot tell: leave it */
+	protected_pages_ -= std::count_if(old.begin(), old.end(), is_protected);
+	clear_locked(g, old);
+}
+
+/*
+ * A region appeared next to others: its edge pages, and its neighbours'
+ * edge pages, may need to trap for straddling writes.
+ */
+void SppEngine::region_placed(std::uint64_t gpa, std::uint64_t size) noexcept
+{
+	std::uint64_t g = gpa / page, n = size / page;
+	try {
+		refresh_traps_locked(g, 1);
+		if (n > 1)
+			refresh_traps_locked(g + n - 1, 1);
+	} catch (const Error &) {
+		/*
+		 * Out of memslots: protection itself holds (protected pages are
+		 * in the region's own layout); only a store straddling into
+		 * the new neighbour could be split.
+		 */
+	}
+}
+
+namespace {
+
+struct PendingWrite {
+	std::array<MmioFragment, 16> pieces;
+	std::size_t count = 0;
+	std::uint32_t bytes = 0;
+	bool overflow = false;
+
+	void add(const MmioFragment &f)
+	{
+		if (count == pieces.size() || bytes + f.len > SppViolation::max_write) {
+			overflow = true;
+			return;
+		}
+		pieces[count++] = f;
+		bytes += f.len;
+	}
+
+	/* Write the pieces that land in RAM (a straddle into MMIO drops the rest). */
+	void perform_locked(MemoryMap &mem) const
+	{
+		for (std::size_t i = 0; i < count; i++)
+			if (mem.writable_ram_locked(pieces[i].gpa, pieces[i].len))
+				mem.guest_write_locked(pieces[i].gpa, pieces[i].data.data(),
+						       pieces[i].len);
+	}
+};
+
+} // namespace
+
+std::optional<std::uint64_t> SppEngine::first_blocked(const MapWindow &maps, std::uint64_t gpa,
+						       std::uint64_t len)
+{
+	for (std::uint64_t a = gpa; a < gpa + len; a = (a | (VK_SPP_SUBPAGE_SIZE - 1)) + 1) {
+		std::uint32_t map = maps.at(a / page);
+		if (!(map >> (a % page / VK_SPP_SUBPAGE_SIZE) & 1))
+			return a;
+	}
+	return std::nullopt;
+}
+
+SppDecision SppEngine::report(Vcpu &vcpu, const SppViolation &v)
+{
+	violations_++;
+	std::shared_ptr<const SppViolationHandler> handler;
+	{
+		std::lock_guard lock(handler_mu_);
+		handler = handler_;
+	}
+	return handler ? (*handler)(vcpu, v) : SppDecision::drop;
+}
+
+/*
+ * cmpxchg16b on a trapping page: KVM's emulator cannot emulate 16-byte
+ * cmpxchg and reports an emulation failure with the instruction not
+ * executed. Decode it, check its 16 bytes against the maps and complete it
+ * here - atomically on the VMM's mapping when allowed; when blocked, with the
+ * compare done but the store dropped, as on ROM.
+ */
+ExitAction SppEngine::complete_cmpxchg16b(Vcpu &vcpu, Exit &exit)
+{
+	kvm_regs regs = vcpu.regs();
+	kvm_sregs sregs = vcpu.sregs();
+	std::array<std::uint8_t, 15> insn{};
+	std::size_t got = 0;
+	for (std::uint64_t va = regs.rip; got < insn.size();) {
+		kvm_translation t = vcpu.translate(va);
+		if (!t.valid)
+			break;
+		std::size_t n = std::min<std::uint64_t>(insn.size() - got, page - va % page);
+		if (!vm_.facade.contains(t.physical_address, n))
+			break;
+		vm_.facade.read(t.physical_address, std::as_writable_bytes(
+							     std::span(insn.data() + got, n)));
+		got += n;
+		va += n;
+	}
+	auto d = decode_cmpxchg16b(std::span(insn.data(), got), regs, sregs);
+	if (!d)
+		return ExitAction::pass;
+	kvm_translation t = vcpu.translate(d->gva);
+	if (!t.valid || !t.writeable || t.physical_address % 16)
+		return ExitAction::pass;
+	const std::uint64_t gpa = t.physical_address;
+	std::uint64_t expected[2] = {regs.rax, regs.rdx};
+	const std::uint64_t desired[2] = {regs.rbx, regs.rcx};
+	std::optional<std::uint64_t> blocked;
+	bool equal;
+	{
+		auto lock = mem_.lock_shared();
+		if (!mem_.writable_ram_locked(gpa, 16))
+			return ExitAction::pass;
+		MapWindow maps(*store_, "SubpageProtection (cmpxchg16b)", gpa / page, gpa / page + 1);
+		blocked = first_blocked(maps, gpa, 16);
+		checked_++;
+		if (!blocked) {
+			equal = mem_.guest_cmpxchg16b_locked(gpa, expected, desired);
+			allowed_++;
+		} else {
+			/* Compare only: an atomic read that stores nothing new. */
+			std::uint64_t same[2] = {expected[0], expected[1]};
+			equal = mem_.guest_cmpxchg16b_locked(gpa, expected, same);
+		}
+	}
+
+	auto finish = [&](bool eq) {
+		const std::uint64_t zf = 1u << 6;
+		regs.rflags = eq ? regs.rflags | zf : regs.rflags & ~zf;
+		regs.rax = expected[0];
+		regs.rdx = expected[1];
+		regs.rip += d->length;
+		vcpu.set_regs(regs);
+	};
+	if (!blocked) {
+		finish(equal);
+		return ExitAction::resume;
+	}
+
+	/* The processor stores on failure too (the old value): report that. */
+	SppViolation v{};
+	v.vcpu = vcpu.id();
+	v.gpa = *blocked;
+	v.write_gpa = gpa;
+	v.size = 16;
+	v.rip = regs.rip + d->length;
+	const std::uint64_t *data = equal ? desired : expected;
+	std::memcpy(v.bytes.data(), data, 16);
+	switch (report(vcpu, v)) {
+	case SppDecision::drop:
+		finish(equal);
+		return ExitAction::resume;
+	case SppDecision::allow_once: {
+		expected[0] = regs.rax;
+		expected[1] = regs.rdx;
+		bool eq;
+		{
+			auto lock = mem_.lock_shared();
+			eq = mem_.guest_cmpxchg16b_locked(gpa, expected, desired);
+		}
+		finish(eq);
+		return ExitAction::resume;
+	}
+	case SppDecision::stop:
+		break;
+	}
+	finish(equal);
+	exit = SppViolationExit{v};
+	return ExitAction::pass;
+}
+
+ExitAction SppEngine::on_exit(Vcpu &vcpu, Exit &exit)
+{
+	if (auto *ie = std::get_if<InternalErrorExit>(&exit))
+		return ie->suberror == KVM_INTERNAL_ERROR_EMULATION
+			       ? complete_cmpxchg16b(vcpu, exit)
+			       : ExitAction::pass;
+	auto *m = std::get_if<MmioExit>(&exit);
+	if (!m || !m->is_write || m->data.empty())
+		return ExitAction::pass;
+	{
+		auto lock = mem_.lock_shared();
+		if (!mem_.writable_ram_locked(m->gpa, m->data.size()))
+			return ExitAction::pass; /* a device of the VMM */
+	}
+
+	PendingWrite w;
+	MmioFragment first{};
+	first.gpa = m->gpa;
+	first.len = static_cast<std::uint32_t>(m->data.size());
+	first.is_write = true;
+	std::memcpy(first.data.data(), m->data.data(), first.len);
+	w.add(first);
+	auto &vs = VcpuAccess::state(vcpu);
+	while (auto f = next_mmio_fragment(vs)) {
+		if (!f->is_write)
+			throw Error("KVM_RUN", EPROTO, "MMIO read inside a guest write");
+		w.add(*f);
+	}
+
+	/* The (at most two) pages the write touches: their maps in one GET. */
+	std::uint64_t lo = ~0ull, hi = 0;
+	for (std::size_t i = 0; i < w.count; i++) {
+		lo = std::min(lo, w.pieces[i].gpa / page);
+		hi = std::max(hi, (w.pieces[i].gpa + w.pieces[i].len - 1) / page);
+	}
+	hi = std::min(hi, lo + 1);
+
+	/* Decide on the whole write with the layout and the maps stable. */
+	std::uint64_t blocked = std::numeric_limits<std::uint64_t>::max();
+	{
+		auto lock = mem_.lock_shared();
+		MapWindow maps(*store_, "SubpageProtection (guest write)", lo, hi + 1);
+		for (std::size_t i = 0; i < w.count && blocked == ~0ull; i++) {
+			const MmioFragment &f = w.pieces[i];
+			if (!mem_.writable_ram_locked(f.gpa, f.len))
+				continue; /* the non-RAM part of a straddling write */
+			if (auto b = first_blocked(maps, f.gpa, f.len))
+				blocked = *b;
+		}
+		checked_++;
+		if (blocked == ~0ull && !w.overflow) {
+			w.perform_locked(mem_);
+			allowed_++;
+			return ExitAction::resume;
+		}
+	}
+	SppViolation v{};
+	v.vcpu = vcpu.id();
+	v.gpa = blocked != ~0ull ? blocked : first.gpa;
+	v.write_gpa = first.gpa;
+	v.rip = vcpu.regs().rip;
+	for (std::size_t i = 0; i < w.count; i++) {
+		std::memcpy(v.bytes.data() + v.size, w.pieces[i].data.data(), w.pieces[i].len);
+		v.size += w.pieces[i].len;
+	}
+
+	switch (report(vcpu, v)) {
+	case SppDecision::drop:
+		return ExitAction::resume;
+	case SppDecision::allow_once: {
+		auto lock = mem_.lock_shared();
+		w.perform_locked(mem_);
+		return ExitAction::resume;
+	}
+	case SppDecision::stop:
+		break;
+	}
+	exit = SppViolationExit{v};
+	return ExitAction::pass;
+}
+
+} // namespace virtkit::detail

@@ -1,0 +1,97 @@
+// SPDX-License-Identifier: MIT
+/*
+ * Internal: the enforcement engine of sub-page protection, one for both
+ * backends. The backend's kind is its store's (spp_store.hpp): with the
+ * `user` store the maps are in this process; with the `kmod` store they are
+ * in virtkit.ko, whose VIRTKIT_VCPU_RUN completes the allowed writes to
+ * protected pages in the kernel and hands everything else - violations,
+ * guard pages, multi-piece writes it does not own - to this engine
+ * unchanged.
+ *
+ * Pages that are protected, and their neighbours when a write could straddle
+ * into a protected sub-page 0 or 31, sit in read-only memslots. A guest
+ * write there is not performed by KVM; it is emulated and reported as MMIO,
+ * in up to 8 bytes per exit. The exit handler collects every piece of the
+ * one write (KVM_RUN with immediate_exit completes a piece without running
+ * the guest and yields the next), checks the whole write against the table,
+ * and either performs it in the VMM's mapping or reports a violation. So a
+ * write is blocked whole or performed whole, never partly. A decision reads
+ * each page's map once (one store GET for the at most two pages a write
+ * touches).
+ *
+ * Locking: the store and the layout are guarded by the memory map's lock:
+ * set_access holds it exclusively while it re-cuts slots and updates the
+ * store, the exit handler holds it shared while it decides and writes.
+ */
+#pragma once
+
+#include <atomic>
+#include <memory>
+#include <mutex>
+#include <optional>
+
+#include <virtkit/vm.hpp>
+
+#include "core/memory_map.hpp"
+#include "spp/backend.hpp"
+#include "spp/store.hpp"
+
+namespace virtkit::detail {
+
+struct VmState;
+
+class MapWindow;
+
+class SppEngine final : public SppBackend, private RegionObserver {
+public:
+	SppEngine(VmState &vm, std::unique_ptr<SppStore> store);
+	~SppEngine() override;
+
+	/* The exit handler the VM must register (at the highest priority). */
+	ExitAction on_exit(Vcpu &vcpu, Exit &exit);
+	void keep_registration(ExitHandlerRegistration reg) { reg_ = std::move(reg); }
+
+	SppBackendKind kind() const noexcept override { return store_->kind(); }
+	void set_access(std::uint64_t gfn, std::span<const std::uint32_t> maps) override;
+	std::vector<std::uint32_t> get_access(std::uint64_t gfn,
+					      std::uint64_t npages) const override;
+	void on_violation(SppViolationHandler handler) override;
+	SppStats stats() const override;
+
+private:
+	void region_moved(std::uint64_t from, std::uint64_t to, std::uint64_t size) override;
+	void region_removed(std::uint64_t gpa, std::uint64_t size) noexcept override;
+	void region_placed(std::uint64_t gpa, std::uint64_t size) noexcept override;
+	/* Whether page gfn must trap writes, given its map and its neighbours'. */
+	template <class MapAt> static bool needs_trap(std::uint64_t gfn, const MapAt &map_at);
+	/* Trap writes to pages gfn - 1 .. gfn + n as needs_trap() says with map_at. */
+	template <class MapAt>
+	void set_traps_locked(std::uint64_t gfn, std::uint64_t n, const MapAt &map_at);
+	void refresh_traps_locked(std::uint64_t gfn, std::uint64_t n);
+	/* The first protected byte in [gpa, gpa + len), if any. Under the lock. */
+	static std::optional<std::uint64_t> first_blocked(const MapWindow &maps, std::uint64_t gpa,
+							  std::uint64_t len);
+	/* Store set() of a range of any size, undone as far as it can be on failure. */
+	int set_pieces_locked(std::uint64_t gfn, std::span<const std::uint32_t> maps);
+	/* Clear the protected pages among gfn .. gfn + maps.size() - 1 (their maps). */
+	void clear_locked(std::uint64_t gfn, std::span<const std::uint32_t> maps) noexcept;
+	/* Ask the VMM's violation handler (default: drop). */
+	SppDecision report(Vcpu &vcpu, const SppViolation &v);
+	/* A cmpxchg16b that KVM's emulator refused on a trapping page. */
+	ExitAction complete_cmpxchg16b(Vcpu &vcpu, Exit &exit);
+	void count_protected(std::span<const std::uint32_t> old_maps,
+			     std::span<const std::uint32_t> new_maps);
+
+	VmState &vm_;
+	MemoryMap &mem_;
+	std::unique_ptr<SppStore> store_; /* used under mem_'s lock */
+	std::uint64_t protected_pages_ = 0; /* under mem_'s lock */
+
+	mutable std::mutex handler_mu_;
+	std::shared_ptr<const SppViolationHandler> handler_;
+
+	std::atomic<std::uint64_t> checked_{0}, allowed_{0}, violations_{0};
+	ExitHandlerRegistration reg_;
+};
+
+} // namespace virtkit::detail

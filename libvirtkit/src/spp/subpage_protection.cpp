@@ -1,0 +1,147 @@
+// SPDX-License-Identifier: MIT
+#include <virtkit/spp.hpp>
+
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <climits>
+#include <cstdlib>
+#include <cstring>
+#include <vector>
+
+#include <virtkit/error.hpp>
+#include <virtkit/vcpu.hpp>
+#include <virtkit/vm.hpp>
+
+#include "core/ioctl.hpp"
+#include "kmod/kmod_vm.hpp"
+#include "spp/engine.hpp"
+#include "core/state.hpp"
+
+namespace virtkit {
+
+using detail::hex;
+
+SubpageProtection::SubpageProtection(std::unique_ptr<detail::SppBackend> backend)
+	: backend_(std::move(backend)) {}
+
+SubpageProtection::~SubpageProtection() = default;
+
+void SubpageProtection::set_access(std::uint64_t gfn, std::span<const std::uint32_t> maps,
+				   std::uint32_t flags)
+{
+	if (flags)
+		throw Error("SubpageProtection::set_access", EINVAL,
+			    "flags=" + hex(flags) + ": no flags are defined");
+	if (maps.empty())
+		return;
+	if (maps.size() - 1 > ~0ull - gfn)
+		throw Error("SubpageProtection::set_access", EINVAL,
+			    "gfn=" + hex(gfn) + " npages=" + std::to_string(maps.size()) +
+				    ": range wraps");
+	backend_->set_access(gfn, maps);
+}
+
+std::vector<std::uint32_t> SubpageProtection::get_access(std::uint64_t gfn, std::uint64_t npages,
+							 std::uint32_t flags) const
+{
+	if (flags)
+		throw Error("SubpageProtection::get_access", EINVAL,
+			    "flags=" + hex(flags) + ": no flags are defined");
+	if (!npages)
+		return {};
+	if (npages - 1 > ~0ull - gfn)
+		throw Error("SubpageProtection::get_access", EINVAL,
+			    "gfn=" + hex(gfn) + " npages=" + std::to_string(npages) +
+				    ": range wraps");
+	return backend_->get_access(gfn, npages);
+}
+
+void SubpageProtection::on_violation(SppViolationHandler handler)
+{
+	backend_->on_violation(std::move(handler));
+}
+
+SppBackendKind SubpageProtection::backend() const noexcept { return backend_->kind(); }
+SppStats SubpageProtection::stats() const { return backend_->stats(); }
+
+static const char *backend_name(SppBackendKind k)
+{
+	switch (k) {
+	case SppBackendKind::automatic:
+		return "automatic";
+	case SppBackendKind::user:
+		return "user";
+	case SppBackendKind::kmod:
+		return "kmod";
+	}
+	return "?";
+}
+
+/*
+ * What `automatic` means (Documentation/spp.rst): VIRTKIT_SPP_BACKEND=user|kmod
+ * when set, else kmod where /dev/virtkit exists and user elsewhere.
+ */
+static SppBackendKind choose_backend(SppBackendKind asked)
+{
+	if (asked != SppBackendKind::automatic)
+		return asked;
+	if (const char *env = std::getenv("VIRTKIT_SPP_BACKEND"); env && *env) {
+		if (!std::strcmp(env, "user"))
+			return SppBackendKind::user;
+		if (!std::strcmp(env, "kmod"))
+			return SppBackendKind::kmod;
+		throw Error("Vm::enable_spp", EINVAL,
+			    std::string("VIRTKIT_SPP_BACKEND=") + env + ": expected user or kmod");
+	}
+	struct stat st;
+	return ::stat(detail::kmod_device_path, &st) == 0 ? SppBackendKind::kmod
+							  : SppBackendKind::user;
+}
+
+SubpageProtection &Vm::enable_spp(const SppOptions &options)
+{
+	auto &st = *state_;
+	std::lock_guard lock(st.spp_mu);
+	if (st.spp) {
+		if (options.backend != SppBackendKind::automatic &&
+		    options.backend != st.spp->backend())
+			throw Error("Vm::enable_spp", EINVAL,
+				    std::string("already enabled with the ") +
+					    backend_name(st.spp->backend()) + " backend");
+		return *st.spp;
+	}
+	const SppBackendKind kind = choose_backend(options.backend);
+	std::unique_ptr<detail::SppStore> store;
+	detail::KmodVm *kmod = nullptr;
+	if (kind == SppBackendKind::kmod) {
+		kmod = &detail::attach_kmod(st);
+		if (kmod->check_extension(VIRTKIT_CAP_SPP) <= 0)
+			throw Error("Vm::enable_spp", EOPNOTSUPP,
+				    "this virtkit.ko does not offer sub-page protection "
+				    "(VIRTKIT_CAP_SPP = 0)");
+		kmod->spp_enable();
+		store = std::make_unique<detail::KmodSppStore>(*kmod);
+	} else {
+		store = std::make_unique<detail::LocalSppStore>();
+	}
+	auto backend = std::make_unique<detail::SppEngine>(st, std::move(store));
+	auto *b = backend.get();
+	/* Library features see exits before any handler of the VMM. */
+	b->keep_registration(add_exit_handler(
+		[b](Vcpu &v, Exit &e) { return b->on_exit(v, e); }, INT_MIN));
+	st.spp.reset(new SubpageProtection(std::move(backend)));
+	/* From their next entry on, vCPUs run through the module's fast path. */
+	if (kmod)
+		st.run_fd.store(kmod->fd());
+	return *st.spp;
+}
+
+SubpageProtection *Vm::spp() noexcept
+{
+	std::lock_guard lock(state_->spp_mu);
+	return state_->spp.get();
+}
+
+} // namespace virtkit
