@@ -10,7 +10,7 @@
 #include "guest_code.hpp"
 #include "kvmi_util.hpp"
 /* The handshake's SHA-1, for the hand-made tool below (libvirtkit-internal). */
-#include "kvmi/protocol/sha1.hpp"
+#include "kvmi/protocol/handshake.hpp"
 
 #include <linux/virtkit_kvmi.h>
 #include <poll.h>
@@ -493,7 +493,7 @@ static std::vector<std::byte> answer(std::uint32_t struct_size, std::size_t extr
 {
 	kvmi_introspector2qemu a{};
 	a.struct_size = struct_size;
-	auto h = virtkit::detail::sha1(std::as_bytes(std::span(secret_text)));
+	auto h = virtkit::detail::kvmi::cookie_hash(secret_text);
 	std::memcpy(a.cookie_hash, h.data(), 20);
 	auto b = bytes_of(a);
 	b.resize(b.size() + extra, std::byte{0x5a});

@@ -40,7 +40,7 @@ namespace introspect_test {
 
 using Bytes = std::vector<std::byte>;
 
-/* The wire helpers of both library ends (kvmi_layout.hpp, with its layout checks). */
+/* The wire helpers of both library ends (kvmi/protocol/layout.hpp, with its layout checks). */
 using virtkit::detail::kvmi::all_zero;
 using virtkit::detail::kvmi::bytes_of;
 

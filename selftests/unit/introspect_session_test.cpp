@@ -15,7 +15,7 @@
 #include <vector>
 
 #include "introspect_peer.hpp"
-#include "kvmi/protocol/sha1.hpp"
+#include "kvmi/protocol/handshake.hpp"
 
 using namespace std::chrono_literals;
 using namespace introspect_test;
@@ -33,7 +33,7 @@ namespace {
 
 std::array<std::uint8_t, 20> secret_hash(std::string_view s)
 {
-	return virtkit::detail::sha1(std::as_bytes(std::span(s.data(), s.size())));
+	return virtkit::detail::kvmi::cookie_hash(s);
 }
 
 /* The error a call throws, as Error; FAILs if it throws nothing. */

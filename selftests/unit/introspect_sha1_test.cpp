@@ -1,5 +1,5 @@
 // SPDX-License-Identifier: MIT
-/* SHA-1 of the KVMI handshake (introspect/sha1.cpp): FIPS 180 test vectors. */
+/* SHA-1 of the KVMI handshake (kvmi/protocol/sha1.cpp): FIPS 180 test vectors. */
 #include <catch2/catch.hpp>
 
 #include <cstdint>
@@ -25,7 +25,7 @@ std::string hex(const std::array<std::uint8_t, 20> &h)
 
 std::string sha1_hex(std::string_view text)
 {
-	return hex(virtkit::detail::sha1(std::as_bytes(std::span(text.data(), text.size()))));
+	return hex(virtkit::detail::kvmi::sha1(std::as_bytes(std::span(text.data(), text.size()))));
 }
 
 } // namespace
@@ -72,7 +72,7 @@ TEST_CASE("SHA-1: lengths around the padding boundaries", "[introspect][sha1]")
 		for (std::size_t i = 0; i < v.n; i++)
 			data[i] = std::byte((i * 7 + 3) & 0xff);
 		INFO("length " << v.n);
-		CHECK(hex(virtkit::detail::sha1(data)) == v.digest);
+		CHECK(hex(virtkit::detail::kvmi::sha1(data)) == v.digest);
 	}
 }
 

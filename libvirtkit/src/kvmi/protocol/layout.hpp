@@ -1,9 +1,18 @@
 // SPDX-License-Identifier: MIT
 /*
  * Internal: the KVMI wire layouts (uapi/linux/virtkit_kvmi.h) checked
- * against the protocol's sizes, and the byte helpers both ends of the
- * protocol use - the VMM-side server (introspection/) and the tool-side
- * client (introspect/).
+ * against the protocol's sizes, the limits that follow from them, and the
+ * byte helpers both ends of the protocol use - the VMM's server
+ * (kvmi/vmm/) and the tool's client library (kvmi/tool/).
+ *
+ * The protocol module (kvmi/protocol/: this file, messages.hpp,
+ * framing.hpp, handshake.hpp, sha1.hpp) lives in virtkit::detail::kvmi.
+ * detail: it is library-internal in both libraries (hidden symbols in
+ * libvirtkit, a hidden copy in libvirtkit-introspect.so), never part of a
+ * public header. kvmi: the VMM side has always been in that namespace and
+ * uses the protocol unqualified; the tool side (virtkit::introspect::detail)
+ * reaches it as kvmi:: (kvmi/tool/wire.hpp). A namespace of its own
+ * (virtkit::kvmi::protocol) would suggest a public API that there is not.
  */
 #pragma once
 
@@ -13,6 +22,7 @@
 
 #include <algorithm>
 #include <cstddef>
+#include <cstdint>
 #include <cstring>
 #include <span>
 #include <type_traits>
@@ -48,6 +58,23 @@ static_assert(sizeof(kvmi_inject_exception) == 16 && sizeof(kvmi_read_physical) 
 static_assert(sizeof(kvmi_write_physical) == 16 && sizeof(kvmi_query_physical_reply) == 16);
 static_assert(sizeof(kvmi_control_cmd_response) == 8 && sizeof(kvmi_pause_vcpu) == 8);
 static_assert(KVMI_MSG_SIZE == 8184);
+
+/* A message: the header and at most KVMI_MSG_SIZE bytes of payload. */
+inline constexpr std::size_t msg_hdr_size = sizeof(kvmi_msg_hdr);
+inline constexpr std::size_t max_payload = KVMI_MSG_SIZE;
+inline constexpr std::size_t max_message = msg_hdr_size + max_payload;
+static_assert(max_message == 8192);
+
+/* Largest reply data (after kvmi_error_code) one message can carry. */
+inline constexpr std::size_t max_reply_data = max_payload - sizeof(kvmi_error_code);
+/* GET_REGISTERS: the most MSRs whose reply fits one message. */
+inline constexpr std::size_t max_get_registers_msrs =
+	(max_reply_data - sizeof(kvmi_get_registers_reply)) / sizeof(kvm_msr_entry);
+/* READ_PHYSICAL and WRITE_PHYSICAL move at most one page, within a page. */
+inline constexpr std::uint64_t page_size = 4096;
+/* A page of data fits one request and one reply. */
+static_assert(page_size + sizeof(kvmi_write_physical) <= max_payload &&
+	      page_size <= max_reply_data);
 
 /* The bytes of a wire struct. */
 template <class T> std::span<const std::byte> bytes_of(const T &v) noexcept

@@ -4,7 +4,7 @@
 #include <bit>
 #include <cstring>
 
-namespace virtkit::detail {
+namespace virtkit::detail::kvmi {
 namespace {
 
 std::uint32_t load_be32(const std::uint8_t *p)
@@ -82,4 +82,4 @@ std::array<std::uint8_t, 20> sha1(std::span<const std::byte> data)
 	return out;
 }
 
-} // namespace virtkit::detail
+} // namespace virtkit::detail::kvmi

@@ -5,8 +5,7 @@
  * The protocol fixes the hash: the introspector proves it knows the shared
  * secret by sending SHA-1(secret), and the VMM compares. SHA-1 is not used
  * for anything else, so a small implementation beats a crypto dependency.
- * Both sides of the protocol (virtkit::introspect and the VMM's server) use
- * this one.
+ * Both ends use it through handshake.hpp (cookie_hash()).
  */
 #pragma once
 
@@ -15,8 +14,8 @@
 #include <cstdint>
 #include <span>
 
-namespace virtkit::detail {
+namespace virtkit::detail::kvmi {
 
 std::array<std::uint8_t, 20> sha1(std::span<const std::byte> data);
 
-} // namespace virtkit::detail
+} // namespace virtkit::detail::kvmi

@@ -10,6 +10,7 @@
 #include <utility>
 
 #include "kvmi/tool/names.hpp"
+#include "kvmi/tool/requests.hpp"
 #include "kvmi/tool/session_state.hpp"
 
 namespace virtkit::introspect {
@@ -36,98 +37,82 @@ Batch &Batch::add(std::uint16_t id, std::span<const std::byte> payload)
 	return *this;
 }
 
+namespace {
+
+/* Queue a request: its payload in one piece, as Batch takes it. */
+Batch &queue(Batch &batch, const Request &r)
+{
+	if (r.tail().empty())
+		return batch.raw(r.id(), r.head());
+	std::vector<std::byte> payload(r.head().begin(), r.head().end());
+	append(payload, r.tail());
+	return batch.raw(r.id(), payload);
+}
+
+} // namespace
+
 Batch &Batch::pause_vcpu(std::uint16_t vcpu, bool wait)
 {
-	kvmi_pause_vcpu c{};
-	c.wait = wait;
-	return add(KVMI_PAUSE_VCPU, pack(vcpu_hdr(vcpu), c));
+	return queue(*this, request::pause_vcpu(vcpu, wait));
 }
 
 Batch &Batch::control_events(std::uint16_t vcpu, EventId id, bool enable)
 {
-	kvmi_control_events c{};
-	c.event_id = std::uint16_t(id);
-	c.enable = enable;
-	return add(KVMI_CONTROL_EVENTS, pack(vcpu_hdr(vcpu), c));
+	return queue(*this, request::control_events(vcpu, id, enable));
 }
 
 Batch &Batch::control_vm_events(EventId id, bool enable)
 {
-	kvmi_control_vm_events c{};
-	c.event_id = std::uint16_t(id);
-	c.enable = enable;
-	return add(KVMI_CONTROL_VM_EVENTS, pack(c));
+	return queue(*this, request::control_vm_events(id, enable));
 }
 
 Batch &Batch::control_cr(std::uint16_t vcpu, std::uint32_t cr, bool enable)
 {
-	kvmi_control_cr c{};
-	c.enable = enable;
-	c.cr = cr;
-	return add(KVMI_CONTROL_CR, pack(vcpu_hdr(vcpu), c));
+	return queue(*this, request::control_cr(vcpu, cr, enable));
 }
 
 Batch &Batch::control_msr(std::uint16_t vcpu, std::uint32_t msr, bool enable)
 {
-	kvmi_control_msr c{};
-	c.enable = enable;
-	c.msr = msr;
-	return add(KVMI_CONTROL_MSR, pack(vcpu_hdr(vcpu), c));
+	return queue(*this, request::control_msr(vcpu, msr, enable));
 }
 
 Batch &Batch::set_registers(std::uint16_t vcpu, const kvm_regs &regs)
 {
-	return add(KVMI_SET_REGISTERS, pack(vcpu_hdr(vcpu), regs));
+	return queue(*this, request::set_registers(vcpu, regs));
 }
 
 Batch &Batch::inject_exception(std::uint16_t vcpu, std::uint8_t vector, std::uint32_t error_code,
 			       std::uint64_t address)
 {
-	kvmi_inject_exception c{};
-	c.nr = vector;
-	c.error_code = error_code;
-	c.address = address;
-	return add(KVMI_INJECT_EXCEPTION, pack(vcpu_hdr(vcpu), c));
+	return queue(*this, request::inject_exception(vcpu, vector, error_code, address));
 }
 
 Batch &Batch::write_physical(std::uint64_t gpa, std::span<const std::byte> data)
 {
-	for (std::size_t done = 0; done < data.size();) {
-		/* One page per request, as Session::write_physical. */
-		std::size_t n = std::min<std::size_t>(data.size() - done, 4096 - ((gpa + done) & 4095));
-		kvmi_write_physical c{};
-		c.gpa = gpa + done;
-		c.size = n;
-		auto payload = pack(c);
-		append(payload, data.subspan(done, n));
-		add(KVMI_WRITE_PHYSICAL, payload);
-		done += n;
-	}
+	for_each_page(gpa, data.size(), [&](std::uint64_t at, std::size_t done, std::size_t n) {
+		queue(*this, request::write_physical(at, data.subspan(done, n)));
+	});
 	return *this;
 }
 
 Batch &Batch::set_page_access(std::span<const PageAccess> pages, std::uint16_t view)
 {
-	return add(KVMI_SET_PAGE_ACCESS, page_access_payload(pages, view));
+	return queue(*this, request::set_page_access(pages, view));
 }
 
 Batch &Batch::control_spp(bool enable)
 {
-	kvmi_control_spp c{};
-	c.enable = enable;
-	return add(KVMI_CONTROL_SPP, pack(c));
+	return queue(*this, request::control_spp(enable));
 }
 
 Batch &Batch::set_page_write_bitmap(std::span<const PageWriteBitmap> pages, std::uint16_t view)
 {
-	return add(KVMI_SET_PAGE_WRITE_BITMAP, write_bitmap_payload(pages, view));
+	return queue(*this, request::set_page_write_bitmap(pages, view));
 }
 
 Batch &Batch::control_singlestep(std::uint16_t vcpu, bool enable)
 {
-	kvmi_vcpu_control_singlestep c{};
-	c.enable = enable;
-	return add(KVMI_VCPU_CONTROL_SINGLESTEP, pack(vcpu_hdr(vcpu), c));
+	return queue(*this, request::control_singlestep(vcpu, enable));
 }
 
 Batch &Batch::raw(std::uint16_t id, std::span<const std::byte> payload)

@@ -6,7 +6,6 @@
 #include <sys/socket.h>
 
 #include <cerrno>
-#include <climits>
 #include <cstdio>
 #include <cstring>
 #include <utility>
@@ -22,43 +21,14 @@ std::string hex(std::uint64_t v)
 	return buf;
 }
 
-Clock::time_point deadline_after(std::chrono::milliseconds timeout)
-{
-	auto now = Clock::now();
-	if (timeout.count() < 0)
-		timeout = std::chrono::milliseconds(0);
-	if (timeout >= std::chrono::duration_cast<std::chrono::milliseconds>(
-			       Clock::time_point::max() - now))
-		return Clock::time_point::max();
-	return now + timeout;
-}
-
 namespace {
 
-/* poll(2) on one fd until deadline; false when it passed. */
-bool wait_for(int fd, short events, Clock::time_point deadline, const char *op)
+/* A Ready from poll: true for yes, false at the deadline; a poll failure throws. */
+bool ready(kvmi::Ready r, const char *op)
 {
-	for (;;) {
-		int ms = -1;
-		if (deadline != Clock::time_point::max()) {
-			auto left = std::chrono::ceil<std::chrono::milliseconds>(deadline - Clock::now());
-			if (left.count() <= 0)
-				ms = 0;
-			else
-				ms = left.count() > INT_MAX ? INT_MAX : int(left.count());
-		}
-		pollfd p{fd, events, 0};
-		int n = ::poll(&p, 1, ms);
-		if (n > 0)
-			return true;
-		if (n == 0) {
-			if (ms == 0 || Clock::now() >= deadline)
-				return false;
-			continue;
-		}
-		if (errno != EINTR)
-			throw Error(op, errno, "poll");
-	}
+	if (r == kvmi::Ready::error)
+		throw Error(op, errno, "poll");
+	return r == kvmi::Ready::yes;
 }
 
 /* Room for a whole message after the buffered bytes. */
@@ -89,39 +59,38 @@ void Channel::close() noexcept
 	begin_ = end_ = 0;
 }
 
+bool Channel::wait_writable(Clock::time_point deadline, const char *op)
+{
+	return ready(kvmi::wait_ready(fd_.get(), POLLOUT, deadline), op);
+}
+
+void Channel::sent(int err, const char *op)
+{
+	if (err == EAGAIN)
+		throw Error(op, ETIMEDOUT, "the VMM does not read its socket");
+	if (err)
+		throw Error(op, err, "sendmsg");
+}
+
 void Channel::send(std::span<const iovec> iov_in, Clock::time_point deadline, const char *op)
 {
 	if (!fd_)
 		throw Error(op, ENOTCONN, "the session is closed");
 	/* A local copy, advanced past what a partial send took. */
 	std::vector<iovec> iov(iov_in.begin(), iov_in.end());
-	std::size_t i = 0;
-	while (i < iov.size() && iov[i].iov_len == 0)
-		i++;
-	while (i < iov.size()) {
-		msghdr m{};
-		m.msg_iov = iov.data() + i;
-		m.msg_iovlen = iov.size() - i;
-		ssize_t n = ::sendmsg(fd_.get(), &m, MSG_NOSIGNAL | MSG_DONTWAIT);
-		if (n < 0) {
-			if (errno == EINTR)
-				continue;
-			if (errno != EAGAIN)
-				throw Error(op, errno, "sendmsg");
-			if (!wait_for(fd_.get(), POLLOUT, deadline, op))
-				throw Error(op, ETIMEDOUT, "the VMM does not read its socket");
-			continue;
-		}
-		auto left = std::size_t(n);
-		while (i < iov.size() && left >= iov[i].iov_len)
-			left -= iov[i++].iov_len;
-		if (left) {
-			iov[i].iov_base = static_cast<char *>(iov[i].iov_base) + left;
-			iov[i].iov_len -= left;
-		}
-		while (i < iov.size() && iov[i].iov_len == 0)
-			i++;
-	}
+	sent(kvmi::send_all(fd_.get(), iov, [&] { return wait_writable(deadline, op); }), op);
+}
+
+void Channel::send(const kvmi_msg_hdr &hdr, kvmi::Parts parts, Clock::time_point deadline,
+		   const char *op)
+{
+	if (!fd_)
+		throw Error(op, ENOTCONN, "the session is closed");
+	int err = kvmi::send_message(fd_.get(), hdr, parts,
+				     [&] { return wait_writable(deadline, op); });
+	if (err == EINVAL)
+		throw Error(op, EINVAL, "too many message parts");
+	sent(err, op);
 }
 
 Channel::Fill Channel::fill(const char *op)
@@ -137,29 +106,23 @@ Channel::Fill Channel::fill(const char *op)
 	}
 	if (end_ == buf_.size())
 		throw Error(op, ENOBUFS, "receive buffer full");
-	for (;;) {
-		ssize_t n = ::recv(fd_.get(), buf_.data() + end_, buf_.size() - end_, MSG_DONTWAIT);
-		if (n > 0) {
-			end_ += std::size_t(n);
-			return Fill::data;
-		}
-		if (n == 0)
-			return Fill::eof;
-		if (errno == EINTR)
-			continue;
-		if (errno == EAGAIN)
-			return Fill::none;
-		if (errno == ECONNRESET)
-			return Fill::eof;
-		throw Error(op, errno, "recv");
+	ssize_t n = kvmi::recv_some(fd_.get(), std::span(buf_).subspan(end_));
+	if (n > 0) {
+		end_ += std::size_t(n);
+		return Fill::data;
 	}
+	if (n == 0)
+		return Fill::eof;
+	if (n == -EAGAIN)
+		return Fill::none;
+	throw Error(op, int(-n), "recv");
 }
 
 bool Channel::wait_readable(Clock::time_point deadline, const char *op)
 {
 	if (!fd_)
 		throw Error(op, ENOTCONN, "the session is closed");
-	return wait_for(fd_.get(), POLLIN, deadline, op);
+	return ready(kvmi::wait_ready(fd_.get(), POLLIN, deadline), op);
 }
 
 void Channel::consume(std::size_t n) noexcept

@@ -12,7 +12,6 @@
  */
 #pragma once
 
-#include <chrono>
 #include <cstddef>
 #include <optional>
 #include <span>
@@ -21,14 +20,13 @@
 
 #include <virtkit/fd.hpp>
 
+#include "kvmi/protocol/framing.hpp"
 #include "kvmi/tool/wire.hpp"
 
 namespace virtkit::introspect::detail {
 
-using Clock = std::chrono::steady_clock;
-
-/* now + timeout, saturating (a huge timeout means no deadline). */
-Clock::time_point deadline_after(std::chrono::milliseconds timeout);
+using kvmi::Clock;
+using kvmi::deadline_after;
 
 class Channel {
 public:
@@ -53,6 +51,9 @@ public:
 	/* All of iov: one sendmsg(MSG_NOSIGNAL) unless the socket is full,
 	 * then the rest as it drains, until deadline (ETIMEDOUT). */
 	void send(std::span<const iovec> iov, Clock::time_point deadline, const char *op);
+	/* One message, hdr then parts (hdr.size is their total), likewise. */
+	void send(const kvmi_msg_hdr &hdr, kvmi::Parts parts, Clock::time_point deadline,
+		  const char *op);
 	/* What recv(MSG_DONTWAIT) brings: data, nothing yet, or end of stream. */
 	Fill fill(const char *op);
 	/* Until the socket is readable; false at deadline. */
@@ -68,6 +69,11 @@ public:
 	std::optional<Message> peek_message(const char *op) const;
 
 private:
+	/* For send_all(): wait until the socket takes more, false at deadline. */
+	bool wait_writable(Clock::time_point deadline, const char *op);
+	/* Throw what send_all() returned, if anything. */
+	static void sent(int err, const char *op);
+
 	FileDesc fd_;
 	std::vector<std::byte> buf_;
 	std::size_t begin_ = 0, end_ = 0;

@@ -1,7 +1,7 @@
 // SPDX-License-Identifier: MIT
 /*
- * Session's typed commands: the request layouts of <linux/virtkit_kvmi.h>,
- * and the checks on each reply (size, padding) before its data is used.
+ * Session's typed commands: each sends its request (requests.cpp, shared
+ * with Batch), and checks the reply (size, padding) before its data is used.
  * A reply that does not match its command's layout means the peer does not
  * speak the protocol: the session ends.
  */
@@ -11,6 +11,7 @@
 #include <cstring>
 
 #include "kvmi/tool/names.hpp"
+#include "kvmi/tool/requests.hpp"
 #include "kvmi/tool/session_state.hpp"
 
 namespace virtkit::introspect {
@@ -24,15 +25,14 @@ std::string vcpu_text(std::uint16_t vcpu)
 	return "vcpu=" + std::to_string(vcpu);
 }
 
-/* Send command id and wait for its reply; a refusal throws CommandError
+/* Send the request and wait for its reply; a refusal throws CommandError
  * with the detail detail() describes (built only then). */
 template <class F>
-std::span<const std::byte> command(SessionState &s, std::uint16_t id,
-				   std::initializer_list<std::span<const std::byte>> parts, F &&detail)
+std::span<const std::byte> command(SessionState &s, const Request &req, F &&detail)
 {
-	auto r = s.transact(id, parts, command_cstr(id));
+	auto r = s.transact(req, command_cstr(req.id()));
 	if (r.err)
-		throw CommandError(id, r.err, detail());
+		throw CommandError(req.id(), r.err, detail());
 	return r.data;
 }
 
@@ -54,75 +54,14 @@ void check_padding(SessionState &s, std::uint16_t id, bool zeroed)
 		s.fail(Error(command_cstr(id), EPROTO, "non-zero padding in the reply"));
 }
 
-void check_size(std::uint16_t id, std::size_t n, std::size_t max, const char *what)
-{
-	if (n > max)
-		throw Error(command_cstr(id), E2BIG,
-			    std::to_string(n) + " " + what + ", at most " + std::to_string(max) +
-				    " fit one message");
-}
-
-template <class Entry, class Header, class Item, class Fill>
-std::vector<std::byte> entries_payload(Header h, std::span<const Item> items, Fill fill)
-{
-	std::vector<std::byte> out = pack(h);
-	out.reserve(sizeof(h) + items.size() * sizeof(Entry));
-	for (auto &item : items) {
-		Entry e{};
-		fill(e, item);
-		append(out, bytes_of(e));
-	}
-	return out;
-}
-
 } // namespace
-
-/* --- encodings shared with Batch --- */
-
-namespace detail {
-
-std::vector<std::byte> page_access_payload(std::span<const PageAccess> pages, std::uint16_t view)
-{
-	check_size(KVMI_SET_PAGE_ACCESS, pages.size(), Session::max_page_entries, "pages");
-	kvmi_set_page_access h{};
-	h.view = view;
-	h.count = std::uint16_t(pages.size());
-	return entries_payload<kvmi_page_access_entry>(
-		h, pages, [](kvmi_page_access_entry &e, const PageAccess &p) {
-			e.gpa = p.gpa;
-			e.access = p.access;
-		});
-}
-
-std::vector<std::byte> write_bitmap_payload(std::span<const PageWriteBitmap> pages,
-					    std::uint16_t view)
-{
-	check_size(KVMI_SET_PAGE_WRITE_BITMAP, pages.size(), Session::max_page_entries, "pages");
-	kvmi_set_page_write_bitmap h{};
-	h.view = view;
-	h.count = std::uint16_t(pages.size());
-	return entries_payload<kvmi_page_write_bitmap_entry>(
-		h, pages, [](kvmi_page_write_bitmap_entry &e, const PageWriteBitmap &p) {
-			e.gpa = p.gpa;
-			e.bitmap = p.bitmap;
-		});
-}
-
-} // namespace detail
-
-static_assert(sizeof(kvmi_set_page_access) + Session::max_page_entries *
-							sizeof(kvmi_page_access_entry) <=
-	      KVMI_MSG_SIZE);
-/* A page of data and its header fit one message, either way. */
-static_assert(4096 + sizeof(kvmi_write_physical) <= KVMI_MSG_SIZE &&
-	      4096 + sizeof(kvmi_error_code) <= KVMI_MSG_SIZE);
 
 /* --- VM commands --- */
 
 Version Session::get_version()
 {
 	auto &s = state();
-	auto data = command(s, KVMI_GET_VERSION, {}, no_detail);
+	auto data = command(s, request::get_version(), no_detail);
 	auto r = fixed_reply<kvmi_get_version_reply>(s, KVMI_GET_VERSION, data);
 	check_padding(s, KVMI_GET_VERSION, zero(r.padding) && zero(r.features.padding));
 	return Version{r.version, r.features.spp != 0, r.features.vmfunc != 0,
@@ -131,24 +70,20 @@ Version Session::get_version()
 
 int Session::check_command(std::uint16_t id)
 {
-	kvmi_check_command c{};
-	c.id = id;
-	auto r = state().transact(KVMI_CHECK_COMMAND, {bytes_of(c)}, "KVMI_CHECK_COMMAND");
+	auto r = state().transact(request::check_command(id), "KVMI_CHECK_COMMAND");
 	return r.err ? kvmi_errno(-r.err) : 0;
 }
 
 int Session::check_event(EventId id)
 {
-	kvmi_check_event c{};
-	c.id = std::uint16_t(id);
-	auto r = state().transact(KVMI_CHECK_EVENT, {bytes_of(c)}, "KVMI_CHECK_EVENT");
+	auto r = state().transact(request::check_event(id), "KVMI_CHECK_EVENT");
 	return r.err ? kvmi_errno(-r.err) : 0;
 }
 
 std::uint32_t Session::get_guest_info()
 {
 	auto &s = state();
-	auto data = command(s, KVMI_GET_GUEST_INFO, {}, no_detail);
+	auto data = command(s, request::get_guest_info(), no_detail);
 	auto r = fixed_reply<kvmi_get_guest_info_reply>(s, KVMI_GET_GUEST_INFO, data);
 	check_padding(s, KVMI_GET_GUEST_INFO, zero(r.padding));
 	return r.vcpu_count;
@@ -156,39 +91,24 @@ std::uint32_t Session::get_guest_info()
 
 void Session::control_vm_events(EventId id, bool enable)
 {
-	kvmi_control_vm_events c{};
-	c.event_id = std::uint16_t(id);
-	c.enable = enable;
-	command(state(), KVMI_CONTROL_VM_EVENTS, {bytes_of(c)}, [&] {
+	command(state(), request::control_vm_events(id, enable), [&] {
 		return "event=" + event_name(id) + " enable=" + std::to_string(enable);
 	});
-}
-
-/* Bytes from gpa to the end of its page. */
-static std::size_t page_left(std::uint64_t gpa)
-{
-	return 4096 - (gpa & 4095);
 }
 
 void Session::read_physical(std::uint64_t gpa, std::span<std::byte> out)
 {
 	auto &s = state();
-	for (std::size_t done = 0; done < out.size();) {
-		/* The VMM serves one page per request (the protocol's rule). */
-		std::size_t n = std::min(out.size() - done, page_left(gpa + done));
-		kvmi_read_physical c{};
-		c.gpa = gpa + done;
-		c.size = n;
-		auto data = command(s, KVMI_READ_PHYSICAL, {bytes_of(c)}, [&] {
-			return "gpa=" + hex(c.gpa) + " size=" + std::to_string(n);
+	for_each_page(gpa, out.size(), [&](std::uint64_t at, std::size_t done, std::size_t n) {
+		auto data = command(s, request::read_physical(at, n), [&] {
+			return "gpa=" + hex(at) + " size=" + std::to_string(n);
 		});
 		if (data.size() != n)
 			s.fail(Error("KVMI_READ_PHYSICAL", EPROTO,
 				     std::to_string(data.size()) + " bytes for a read of " +
 					     std::to_string(n)));
 		std::memcpy(out.data() + done, data.data(), n);
-		done += n;
-	}
+	});
 }
 
 std::vector<std::byte> Session::read_physical(std::uint64_t gpa, std::size_t size)
@@ -201,22 +121,17 @@ std::vector<std::byte> Session::read_physical(std::uint64_t gpa, std::size_t siz
 void Session::write_physical(std::uint64_t gpa, std::span<const std::byte> data)
 {
 	auto &s = state();
-	for (std::size_t done = 0; done < data.size();) {
-		std::size_t n = std::min(data.size() - done, page_left(gpa + done));
-		kvmi_write_physical c{};
-		c.gpa = gpa + done;
-		c.size = n;
-		command(s, KVMI_WRITE_PHYSICAL, {bytes_of(c), data.subspan(done, n)}, [&] {
-			return "gpa=" + hex(c.gpa) + " size=" + std::to_string(n);
+	for_each_page(gpa, data.size(), [&](std::uint64_t at, std::size_t done, std::size_t n) {
+		command(s, request::write_physical(at, data.subspan(done, n)), [&] {
+			return "gpa=" + hex(at) + " size=" + std::to_string(n);
 		});
-		done += n;
-	}
+	});
 }
 
 void Session::set_page_access(std::span<const PageAccess> pages, std::uint16_t view)
 {
-	auto payload = page_access_payload(pages, view);
-	command(state(), KVMI_SET_PAGE_ACCESS, {payload}, [&] {
+	auto req = request::set_page_access(pages, view);
+	command(state(), req, [&] {
 		std::string d = std::to_string(pages.size()) + " pages";
 		if (!pages.empty())
 			d += ", first gpa=" + hex(pages[0].gpa) +
@@ -227,16 +142,14 @@ void Session::set_page_access(std::span<const PageAccess> pages, std::uint16_t v
 
 void Session::control_spp(bool enable)
 {
-	kvmi_control_spp c{};
-	c.enable = enable;
-	command(state(), KVMI_CONTROL_SPP, {bytes_of(c)},
+	command(state(), request::control_spp(enable),
 		[&] { return "enable=" + std::to_string(enable); });
 }
 
 void Session::set_page_write_bitmap(std::span<const PageWriteBitmap> pages, std::uint16_t view)
 {
-	auto payload = write_bitmap_payload(pages, view);
-	command(state(), KVMI_SET_PAGE_WRITE_BITMAP, {payload}, [&] {
+	auto req = request::set_page_write_bitmap(pages, view);
+	command(state(), req, [&] {
 		std::string d = std::to_string(pages.size()) + " pages";
 		if (!pages.empty())
 			d += ", first gpa=" + hex(pages[0].gpa) + " bitmap=" + hex(pages[0].bitmap);
@@ -247,16 +160,14 @@ void Session::set_page_write_bitmap(std::span<const PageWriteBitmap> pages, std:
 std::uint64_t Session::get_max_gfn()
 {
 	auto &s = state();
-	auto data = command(s, KVMI_GET_MAX_GFN, {}, no_detail);
+	auto data = command(s, request::get_max_gfn(), no_detail);
 	return fixed_reply<kvmi_get_max_gfn_reply>(s, KVMI_GET_MAX_GFN, data).gfn;
 }
 
 PhysicalRange Session::query_physical(std::uint64_t gfn)
 {
 	auto &s = state();
-	kvmi_query_physical c{};
-	c.gfn = gfn;
-	auto data = command(s, KVMI_QUERY_PHYSICAL, {bytes_of(c)}, [&] { return "gfn=" + hex(gfn); });
+	auto data = command(s, request::query_physical(gfn), [&] { return "gfn=" + hex(gfn); });
 	auto r = fixed_reply<kvmi_query_physical_reply>(s, KVMI_QUERY_PHYSICAL, data);
 	return PhysicalRange{r.gfn, r.size};
 }
@@ -266,17 +177,13 @@ PhysicalRange Session::query_physical(std::uint64_t gfn)
 std::uint64_t Session::get_tsc_speed(std::uint16_t vcpu)
 {
 	auto &s = state();
-	auto h = vcpu_hdr(vcpu);
-	auto data = command(s, KVMI_GET_VCPU_INFO, {bytes_of(h)}, [&] { return vcpu_text(vcpu); });
+	auto data = command(s, request::get_vcpu_info(vcpu), [&] { return vcpu_text(vcpu); });
 	return fixed_reply<kvmi_get_vcpu_info_reply>(s, KVMI_GET_VCPU_INFO, data).tsc_speed;
 }
 
 void Session::pause_vcpu(std::uint16_t vcpu, bool wait)
 {
-	auto h = vcpu_hdr(vcpu);
-	kvmi_pause_vcpu c{};
-	c.wait = wait;
-	command(state(), KVMI_PAUSE_VCPU, {bytes_of(h), bytes_of(c)},
+	command(state(), request::pause_vcpu(vcpu, wait),
 		[&] { return vcpu_text(vcpu) + " wait=" + std::to_string(wait); });
 }
 
@@ -293,11 +200,7 @@ void Session::pause_all_vcpus(std::uint32_t count)
 
 void Session::control_events(std::uint16_t vcpu, EventId id, bool enable)
 {
-	auto h = vcpu_hdr(vcpu);
-	kvmi_control_events c{};
-	c.event_id = std::uint16_t(id);
-	c.enable = enable;
-	command(state(), KVMI_CONTROL_EVENTS, {bytes_of(h), bytes_of(c)}, [&] {
+	command(state(), request::control_events(vcpu, id, enable), [&] {
 		return vcpu_text(vcpu) + " event=" + event_name(id) +
 		       " enable=" + std::to_string(enable);
 	});
@@ -305,11 +208,7 @@ void Session::control_events(std::uint16_t vcpu, EventId id, bool enable)
 
 void Session::control_cr(std::uint16_t vcpu, std::uint32_t cr, bool enable)
 {
-	auto h = vcpu_hdr(vcpu);
-	kvmi_control_cr c{};
-	c.enable = enable;
-	c.cr = cr;
-	command(state(), KVMI_CONTROL_CR, {bytes_of(h), bytes_of(c)}, [&] {
+	command(state(), request::control_cr(vcpu, cr, enable), [&] {
 		return vcpu_text(vcpu) + " cr=" + std::to_string(cr) +
 		       " enable=" + std::to_string(enable);
 	});
@@ -317,30 +216,18 @@ void Session::control_cr(std::uint16_t vcpu, std::uint32_t cr, bool enable)
 
 void Session::control_msr(std::uint16_t vcpu, std::uint32_t msr, bool enable)
 {
-	auto h = vcpu_hdr(vcpu);
-	kvmi_control_msr c{};
-	c.enable = enable;
-	c.msr = msr;
-	command(state(), KVMI_CONTROL_MSR, {bytes_of(h), bytes_of(c)}, [&] {
+	command(state(), request::control_msr(vcpu, msr, enable), [&] {
 		return vcpu_text(vcpu) + " msr=" + hex(msr) + " enable=" + std::to_string(enable);
 	});
 }
 
 Registers Session::get_registers(std::uint16_t vcpu, std::span<const std::uint32_t> msrs)
 {
-	/* The reply must fit one message too. */
-	constexpr std::size_t max_msrs =
-		(max_payload - sizeof(kvmi_error_code) - sizeof(kvmi_get_registers_reply)) /
-		sizeof(kvm_msr_entry);
-	check_size(KVMI_GET_REGISTERS, msrs.size(), max_msrs, "MSRs");
+	auto req = request::get_registers(vcpu, msrs);
 	auto &s = state();
-	auto h = vcpu_hdr(vcpu);
-	kvmi_get_registers c{};
-	c.nmsrs = std::uint16_t(msrs.size());
-	auto data = command(s, KVMI_GET_REGISTERS, {bytes_of(h), bytes_of(c), std::as_bytes(msrs)},
-			    [&] {
-				    return vcpu_text(vcpu) + " nmsrs=" + std::to_string(msrs.size());
-			    });
+	auto data = command(s, req, [&] {
+		return vcpu_text(vcpu) + " nmsrs=" + std::to_string(msrs.size());
+	});
 	std::size_t expected = sizeof(kvmi_get_registers_reply) + msrs.size() * sizeof(kvm_msr_entry);
 	if (data.size() != expected)
 		s.fail(Error("KVMI_GET_REGISTERS", EPROTO,
@@ -367,19 +254,13 @@ Registers Session::get_registers(std::uint16_t vcpu, std::span<const std::uint32
 
 void Session::set_registers(std::uint16_t vcpu, const kvm_regs &regs)
 {
-	auto h = vcpu_hdr(vcpu);
-	command(state(), KVMI_SET_REGISTERS, {bytes_of(h), bytes_of(regs)},
-		[&] { return vcpu_text(vcpu); });
+	command(state(), request::set_registers(vcpu, regs), [&] { return vcpu_text(vcpu); });
 }
 
 Cpuid Session::get_cpuid(std::uint16_t vcpu, std::uint32_t function, std::uint32_t index)
 {
 	auto &s = state();
-	auto h = vcpu_hdr(vcpu);
-	kvmi_get_cpuid c{};
-	c.function = function;
-	c.index = index;
-	auto data = command(s, KVMI_GET_CPUID, {bytes_of(h), bytes_of(c)}, [&] {
+	auto data = command(s, request::get_cpuid(vcpu, function, index), [&] {
 		return vcpu_text(vcpu) + " function=" + hex(function) + " index=" + hex(index);
 	});
 	auto r = fixed_reply<kvmi_get_cpuid_reply>(s, KVMI_GET_CPUID, data);
@@ -388,16 +269,14 @@ Cpuid Session::get_cpuid(std::uint16_t vcpu, std::uint32_t function, std::uint32
 
 std::vector<std::byte> Session::get_xsave(std::uint16_t vcpu)
 {
-	auto h = vcpu_hdr(vcpu);
-	auto data = command(state(), KVMI_GET_XSAVE, {bytes_of(h)}, [&] { return vcpu_text(vcpu); });
+	auto data = command(state(), request::get_xsave(vcpu), [&] { return vcpu_text(vcpu); });
 	return {data.begin(), data.end()};
 }
 
 void Session::set_xsave(std::uint16_t vcpu, std::span<const std::byte> xsave)
 {
-	check_size(KVMI_VCPU_SET_XSAVE, xsave.size(), max_payload - sizeof(kvmi_vcpu_hdr), "bytes");
-	auto h = vcpu_hdr(vcpu);
-	command(state(), KVMI_VCPU_SET_XSAVE, {bytes_of(h), xsave}, [&] {
+	auto req = request::set_xsave(vcpu, xsave);
+	command(state(), req, [&] {
 		return vcpu_text(vcpu) + " size=" + std::to_string(xsave.size());
 	});
 }
@@ -405,10 +284,7 @@ void Session::set_xsave(std::uint16_t vcpu, std::span<const std::byte> xsave)
 std::uint64_t Session::get_xcr(std::uint16_t vcpu, std::uint8_t xcr)
 {
 	auto &s = state();
-	auto h = vcpu_hdr(vcpu);
-	kvmi_vcpu_get_xcr c{};
-	c.xcr = xcr;
-	auto data = command(s, KVMI_VCPU_GET_XCR, {bytes_of(h), bytes_of(c)},
+	auto data = command(s, request::get_xcr(vcpu, xcr),
 			    [&] { return vcpu_text(vcpu) + " xcr=" + std::to_string(xcr); });
 	return fixed_reply<kvmi_vcpu_get_xcr_reply>(s, KVMI_VCPU_GET_XCR, data).value;
 }
@@ -416,12 +292,7 @@ std::uint64_t Session::get_xcr(std::uint16_t vcpu, std::uint8_t xcr)
 void Session::inject_exception(std::uint16_t vcpu, std::uint8_t vector, std::uint32_t error_code,
 			       std::uint64_t address)
 {
-	auto h = vcpu_hdr(vcpu);
-	kvmi_inject_exception c{};
-	c.nr = vector;
-	c.error_code = error_code;
-	c.address = address;
-	command(state(), KVMI_INJECT_EXCEPTION, {bytes_of(h), bytes_of(c)}, [&] {
+	command(state(), request::inject_exception(vcpu, vector, error_code, address), [&] {
 		return vcpu_text(vcpu) + " vector=" + std::to_string(vector) +
 		       " error_code=" + hex(error_code) + " address=" + hex(address);
 	});
@@ -430,10 +301,7 @@ void Session::inject_exception(std::uint16_t vcpu, std::uint8_t vector, std::uin
 std::uint8_t Session::get_mtrr_type(std::uint16_t vcpu, std::uint64_t gpa)
 {
 	auto &s = state();
-	auto h = vcpu_hdr(vcpu);
-	kvmi_get_mtrr_type c{};
-	c.gpa = gpa;
-	auto data = command(s, KVMI_GET_MTRR_TYPE, {bytes_of(h), bytes_of(c)},
+	auto data = command(s, request::get_mtrr_type(vcpu, gpa),
 			    [&] { return vcpu_text(vcpu) + " gpa=" + hex(gpa); });
 	auto r = fixed_reply<kvmi_get_mtrr_type_reply>(s, KVMI_GET_MTRR_TYPE, data);
 	check_padding(s, KVMI_GET_MTRR_TYPE, zero(r.padding));
@@ -443,20 +311,14 @@ std::uint8_t Session::get_mtrr_type(std::uint16_t vcpu, std::uint64_t gpa)
 std::uint64_t Session::translate_gva(std::uint16_t vcpu, std::uint64_t gva)
 {
 	auto &s = state();
-	auto h = vcpu_hdr(vcpu);
-	kvmi_vcpu_translate_gva c{};
-	c.gva = gva;
-	auto data = command(s, KVMI_VCPU_TRANSLATE_GVA, {bytes_of(h), bytes_of(c)},
+	auto data = command(s, request::translate_gva(vcpu, gva),
 			    [&] { return vcpu_text(vcpu) + " gva=" + hex(gva); });
 	return fixed_reply<kvmi_vcpu_translate_gva_reply>(s, KVMI_VCPU_TRANSLATE_GVA, data).gpa;
 }
 
 void Session::control_singlestep(std::uint16_t vcpu, bool enable)
 {
-	auto h = vcpu_hdr(vcpu);
-	kvmi_vcpu_control_singlestep c{};
-	c.enable = enable;
-	command(state(), KVMI_VCPU_CONTROL_SINGLESTEP, {bytes_of(h), bytes_of(c)},
+	command(state(), request::control_singlestep(vcpu, enable),
 		[&] { return vcpu_text(vcpu) + " enable=" + std::to_string(enable); });
 }
 

@@ -6,8 +6,6 @@
 
 #include <virtkit/error.hpp>
 
-#include "kvmi/protocol/sha1.hpp"
-
 namespace virtkit::introspect::detail {
 
 namespace {
@@ -27,15 +25,15 @@ std::size_t HandshakeReader::feed(std::span<const std::byte> data)
 		if (received_ < size_field)
 			return used;
 		auto size = load<std::uint32_t>(known_);
-		if (size < min_handshake)
+		if (size < kvmi::min_hello_size)
 			throw Error(op, EPROTO,
 				    "struct_size " + std::to_string(size) +
 					    ", less than the start of the name (" +
-					    std::to_string(min_handshake) + ")");
-		if (size > max_handshake)
+					    std::to_string(kvmi::min_hello_size) + ")");
+		if (size > kvmi::max_handshake_size)
 			throw Error(op, E2BIG,
 				    "struct_size " + std::to_string(size) + ", more than " +
-					    std::to_string(max_handshake));
+					    std::to_string(kvmi::max_handshake_size));
 		size_ = size;
 	}
 
@@ -67,17 +65,6 @@ HandshakeInfo HandshakeReader::info() const
 	if (q.struct_size >= sizeof(kvmi_qemu2introspector))
 		info.max_gpa = q.max_gpa;
 	return info;
-}
-
-std::array<std::byte, sizeof(kvmi_introspector2qemu)> handshake_reply(std::string_view secret)
-{
-	kvmi_introspector2qemu r{};
-	r.struct_size = sizeof(r);
-	auto hash = virtkit::detail::sha1(std::as_bytes(std::span(secret.data(), secret.size())));
-	std::memcpy(r.cookie_hash, hash.data(), sizeof(r.cookie_hash));
-	std::array<std::byte, sizeof(r)> out;
-	std::memcpy(out.data(), &r, sizeof(r));
-	return out;
 }
 
 } // namespace virtkit::introspect::detail

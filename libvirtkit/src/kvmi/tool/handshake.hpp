@@ -1,6 +1,7 @@
 // SPDX-License-Identifier: MIT
 /*
- * Internal: the KVMI handshake, tool side.
+ * Internal: the KVMI handshake, tool side (the rules both ends share are
+ * kvmi/protocol/handshake.hpp).
  *
  * The VMM speaks first: struct kvmi_qemu2introspector, whose first field
  * counts the whole struct. The reader keeps the fields it knows (104 bytes
@@ -14,16 +15,13 @@
 #include <array>
 #include <cstddef>
 #include <span>
-#include <string_view>
 
 #include <virtkit/introspect.hpp>
 
+#include "kvmi/protocol/handshake.hpp"
 #include "kvmi/tool/wire.hpp"
 
 namespace virtkit::introspect::detail {
-
-inline constexpr std::size_t min_handshake = offsetof(kvmi_qemu2introspector, name);
-inline constexpr std::size_t max_handshake = 64 * 1024;
 
 class HandshakeReader {
 public:
@@ -39,8 +37,5 @@ private:
 	std::size_t received_ = 0;
 	std::size_t size_ = 0; /* 0 until struct_size has arrived */
 };
-
-/* struct kvmi_introspector2qemu{24, SHA-1(secret)}. */
-std::array<std::byte, sizeof(kvmi_introspector2qemu)> handshake_reply(std::string_view secret);
 
 } // namespace virtkit::introspect::detail

@@ -5,7 +5,9 @@
 #include <cerrno>
 #include <cinttypes>
 #include <cstdio>
+#include <string_view>
 
+#include "kvmi/protocol/messages.hpp"
 #include "kvmi/tool/names.hpp"
 #include "kvmi/tool/wire.hpp"
 
@@ -15,99 +17,27 @@ namespace detail {
 
 const char *command_cstr(std::uint16_t id) noexcept
 {
-	switch (id) {
-#define NAME(x)                                                                                    \
-	case x:                                                                                    \
-		return #x
-		NAME(KVMI_EVENT_REPLY);
-		NAME(KVMI_EVENT);
-		NAME(KVMI_GET_VERSION);
-		NAME(KVMI_CHECK_COMMAND);
-		NAME(KVMI_CHECK_EVENT);
-		NAME(KVMI_GET_GUEST_INFO);
-		NAME(KVMI_GET_VCPU_INFO);
-		NAME(KVMI_PAUSE_VCPU);
-		NAME(KVMI_CONTROL_VM_EVENTS);
-		NAME(KVMI_CONTROL_EVENTS);
-		NAME(KVMI_CONTROL_CR);
-		NAME(KVMI_CONTROL_MSR);
-		NAME(KVMI_CONTROL_VE);
-		NAME(KVMI_GET_REGISTERS);
-		NAME(KVMI_SET_REGISTERS);
-		NAME(KVMI_GET_CPUID);
-		NAME(KVMI_GET_XSAVE);
-		NAME(KVMI_READ_PHYSICAL);
-		NAME(KVMI_WRITE_PHYSICAL);
-		NAME(KVMI_INJECT_EXCEPTION);
-		NAME(KVMI_GET_PAGE_ACCESS);
-		NAME(KVMI_SET_PAGE_ACCESS);
-		NAME(KVMI_GET_MAP_TOKEN);
-		NAME(KVMI_GET_MTRR_TYPE);
-		NAME(KVMI_CONTROL_SPP);
-		NAME(KVMI_GET_PAGE_WRITE_BITMAP);
-		NAME(KVMI_SET_PAGE_WRITE_BITMAP);
-		NAME(KVMI_CONTROL_CMD_RESPONSE);
-		NAME(KVMI_SET_VE_INFO_PAGE);
-		NAME(KVMI_GET_MAX_GFN);
-		NAME(KVMI_GET_NEXT_AVAILABLE_GFN);
-		NAME(KVMI_SWITCH_EPT_VIEW);
-		NAME(KVMI_DISABLE_VE);
-		NAME(KVMI_GET_EPT_VIEW);
-		NAME(KVMI_VCPU_TRANSLATE_GVA);
-		NAME(KVMI_CONTROL_EPT_VIEW);
-		NAME(KVMI_VCPU_GET_XCR);
-		NAME(KVMI_VCPU_SET_XSAVE);
-		NAME(KVMI_QUERY_PHYSICAL);
-		NAME(KVMI_VCPU_ALLOC_GFN);
-		NAME(KVMI_VCPU_FREE_GFN);
-		NAME(KVMI_CREATE_EPT_VIEW);
-		NAME(KVMI_DESTROY_EPT_VIEW);
-		NAME(KVMI_VCPU_CHANGE_GFN);
-		NAME(KVMI_VCPU_CONTROL_SINGLESTEP);
-#undef NAME
-	}
-	return "KVMI command";
+	const kvmi::MessageInfo *m = kvmi::find_message(id);
+	return m ? m->name : "KVMI command";
 }
 
 } // namespace detail
 
 std::string command_name(std::uint16_t id)
 {
-	std::string s = detail::command_cstr(id);
-	if (s == "KVMI command")
-		s += " " + std::to_string(id);
-	return s;
+	if (const auto *m = detail::kvmi::find_message(id))
+		return m->name;
+	return "KVMI command " + std::to_string(id);
 }
 
 std::string event_name(EventId id)
 {
-	switch (id) {
-	case EventId::unhook:
-		return "UNHOOK";
-	case EventId::cr:
-		return "CR";
-	case EventId::msr:
-		return "MSR";
-	case EventId::xsetbv:
-		return "XSETBV";
-	case EventId::breakpoint:
-		return "BREAKPOINT";
-	case EventId::hypercall:
-		return "HYPERCALL";
-	case EventId::pf:
-		return "PF";
-	case EventId::trap:
-		return "TRAP";
-	case EventId::descriptor:
-		return "DESCRIPTOR";
-	case EventId::create_vcpu:
-		return "CREATE_VCPU";
-	case EventId::pause_vcpu:
-		return "PAUSE_VCPU";
-	case EventId::singlestep:
-		return "SINGLESTEP";
-	case EventId::cpuid:
-		return "CPUID";
+	/* "KVMI_EVENT_BREAKPOINT" -> "BREAKPOINT" */
+	constexpr std::string_view prefix = "KVMI_EVENT_";
+	if (const auto *e = detail::kvmi::find_event(std::uint16_t(id))) {
+		std::string_view name = e->name;
+		if (name.starts_with(prefix))
+			return std::string(name.substr(prefix.size()));
 	}
 	return "event " + std::to_string(unsigned(id));
 }

@@ -1,5 +1,5 @@
 // SPDX-License-Identifier: MIT
-/* Internal: names of KVMI commands, for errors and logs. */
+/* Internal: names of KVMI commands, for errors and logs (from kvmi/protocol/messages.hpp). */
 #pragma once
 
 #include <cstdint>

@@ -151,14 +151,11 @@ void SessionState::release() noexcept
 	channel.consume(std::exchange(release_pending, 0));
 }
 
-void SessionState::send_message(std::uint16_t id, std::uint32_t msg_seq,
-				std::initializer_list<std::span<const std::byte>> parts,
+void SessionState::send_message(std::uint16_t id, std::uint32_t msg_seq, kvmi::Parts parts,
 				const char *op)
 {
 	ensure_connected(op);
-	std::size_t size = 0;
-	for (auto &p : parts)
-		size += p.size();
+	std::size_t size = kvmi::parts_size(parts);
 	if (size > 0xffff)
 		throw Error(op, EMSGSIZE,
 			    std::to_string(size) + " bytes do not fit kvmi_msg_hdr.size");
@@ -166,18 +163,12 @@ void SessionState::send_message(std::uint16_t id, std::uint32_t msg_seq,
 	hdr.id = id;
 	hdr.size = std::uint16_t(size);
 	hdr.seq = msg_seq;
-
-	iovec iov[8];
-	std::size_t n = 0;
-	iov[n++] = {&hdr, sizeof(hdr)};
-	for (auto &p : parts) {
-		if (p.empty())
-			continue;
-		if (n == std::size(iov))
-			throw Error(op, EINVAL, "too many message parts");
-		iov[n++] = {const_cast<std::byte *>(p.data()), p.size()};
+	try {
+		channel.send(hdr, parts, command_deadline(), op);
+	} catch (const Error &e) {
+		/* Part of a message may have gone: the stream is out of step. */
+		fail(e);
 	}
-	send_raw_bytes({iov, n}, op);
 }
 
 void SessionState::send_raw_bytes(std::span<const iovec> iov, const char *op)
@@ -261,13 +252,11 @@ ReplyView SessionState::wait_reply(std::uint16_t id, std::uint32_t msg_seq, cons
 	}
 }
 
-ReplyView SessionState::transact(std::uint16_t id,
-				 std::initializer_list<std::span<const std::byte>> parts,
-				 const char *op)
+ReplyView SessionState::transact(const Request &request, const char *op)
 {
 	auto s = next_seq();
-	send_message(id, s, parts, op);
-	return wait_reply(id, s, op);
+	send_message(request.id(), s, {request.head(), request.tail()}, op);
+	return wait_reply(request.id(), s, op);
 }
 
 void SessionState::drain_buffered(const char *op)
@@ -336,8 +325,8 @@ std::unique_ptr<SessionState> finish_handshake(Channel channel, const HandshakeI
 					       const SessionOptions &options,
 					       Clock::time_point deadline)
 {
-	auto reply = handshake_reply(secret);
-	iovec iov{reply.data(), reply.size()};
+	auto answer = kvmi::handshake_answer(secret);
+	iovec iov{&answer, sizeof(answer)};
 	channel.send({&iov, 1}, deadline, "KVMI handshake");
 	return std::make_unique<SessionState>(std::move(channel), info, options);
 }

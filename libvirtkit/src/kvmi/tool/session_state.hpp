@@ -15,7 +15,6 @@
 #include <cstdint>
 #include <deque>
 #include <functional>
-#include <initializer_list>
 #include <memory>
 #include <span>
 #include <string>
@@ -25,6 +24,7 @@
 #include <virtkit/introspect.hpp>
 
 #include "kvmi/tool/channel.hpp"
+#include "kvmi/tool/requests.hpp"
 
 namespace virtkit::introspect::detail {
 
@@ -59,15 +59,13 @@ struct SessionState {
 	void disconnect(std::string why) noexcept;
 
 	/* One message: header and parts, in one sendmsg. */
-	void send_message(std::uint16_t id, std::uint32_t seq,
-			  std::initializer_list<std::span<const std::byte>> parts, const char *op);
+	void send_message(std::uint16_t id, std::uint32_t seq, kvmi::Parts parts, const char *op);
 	/* Raw bytes, in one sendmsg. */
 	void send_raw_bytes(std::span<const iovec> iov, const char *op);
 	/* Receive until the reply to (id, seq) arrives; events are queued. */
 	ReplyView wait_reply(std::uint16_t id, std::uint32_t seq, const char *op);
 	/* send_message + wait_reply with a fresh seq. */
-	ReplyView transact(std::uint16_t id, std::initializer_list<std::span<const std::byte>> parts,
-			   const char *op);
+	ReplyView transact(const Request &request, const char *op);
 
 	/* Queue the complete events already buffered; anything else fails. */
 	void drain_buffered(const char *op);
@@ -90,12 +88,6 @@ std::unique_ptr<SessionState> finish_handshake(Channel channel, const HandshakeI
 					       std::string_view secret,
 					       const SessionOptions &options,
 					       Clock::time_point deadline);
-
-/* The payloads of SET_PAGE_ACCESS and SET_PAGE_WRITE_BITMAP (E2BIG for
- * more entries than one message holds). */
-std::vector<std::byte> page_access_payload(std::span<const PageAccess> pages, std::uint16_t view);
-std::vector<std::byte> write_bitmap_payload(std::span<const PageWriteBitmap> pages,
-					    std::uint16_t view);
 
 /* The event in a KVMI_EVENT message's payload; Error(op, EPROTO) if malformed. */
 Event parse_event(std::span<const std::byte> payload, std::uint32_t seq, const char *op);

@@ -1,7 +1,8 @@
 // SPDX-License-Identifier: MIT
 /*
- * Internal: KVMI wire helpers of virtkit::introspect - the protocol header,
- * byte views of wire structs, and the checks every received message gets.
+ * Internal: KVMI wire helpers of virtkit::introspect - the protocol module
+ * (kvmi/protocol/, as kvmi::) and the byte helpers the tool side builds
+ * its requests with.
  */
 #pragma once
 
@@ -11,27 +12,23 @@
 
 #include "kvmi/protocol/layout.hpp"
 
-#include <algorithm>
 #include <cstddef>
 #include <cstdint>
-#include <cstring>
 #include <span>
 #include <string>
-#include <type_traits>
 #include <vector>
 
 namespace virtkit::introspect::detail {
 
-inline constexpr std::size_t msg_hdr_size = sizeof(kvmi_msg_hdr);
-inline constexpr std::size_t max_payload = KVMI_MSG_SIZE;
-inline constexpr std::size_t max_message = msg_hdr_size + max_payload;
+namespace kvmi = virtkit::detail::kvmi;
 
-static_assert(max_message == 8192);
-
-using virtkit::detail::kvmi::all_zero;
-using virtkit::detail::kvmi::bytes_of;
-using virtkit::detail::kvmi::load;
-using virtkit::detail::kvmi::zero;
+using kvmi::all_zero;
+using kvmi::bytes_of;
+using kvmi::load;
+using kvmi::max_message;
+using kvmi::max_payload;
+using kvmi::msg_hdr_size;
+using kvmi::zero;
 
 inline kvmi_vcpu_hdr vcpu_hdr(std::uint16_t vcpu) noexcept
 {

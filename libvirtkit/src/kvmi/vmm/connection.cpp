@@ -29,14 +29,6 @@ std::string describe(const Address &a)
 	return "unix:" + a.path;
 }
 
-int remaining_ms(std::optional<Clock::time_point> deadline)
-{
-	if (!deadline)
-		return -1;
-	auto left = std::chrono::ceil<std::chrono::milliseconds>(*deadline - Clock::now()).count();
-	return static_cast<int>(std::clamp<long long>(left, 0, 1 << 30));
-}
-
 FileDesc connect_socket(const Address &a, Clock::time_point deadline)
 {
 	const std::string who = describe(a);
@@ -74,12 +66,15 @@ FileDesc connect_socket(const Address &a, Clock::time_point deadline)
 		}
 		if (err != EINPROGRESS)
 			throw Error(op, err, "connect to " + who);
-		pollfd p{s.get(), POLLOUT, 0};
-		int r = ::poll(&p, 1, remaining_ms(deadline));
-		if (r == 0)
+		switch (wait_ready(s.get(), POLLOUT, deadline)) {
+		case Ready::yes:
+		case Ready::cancelled:
+			break;
+		case Ready::timeout:
 			throw Error(op, ETIMEDOUT, "connect to " + who);
-		if (r < 0)
+		case Ready::error:
 			throw Error(op, errno, "connect to " + who + ": poll");
+		}
 		int soerr = 0;
 		socklen_t sl = sizeof(soerr);
 		::getsockopt(s.get(), SOL_SOCKET, SO_ERROR, &soerr, &sl);
@@ -93,8 +88,7 @@ FileDesc connect_socket(const Address &a, Clock::time_point deadline)
 
 std::unique_ptr<Connection> Connection::open(const Address &address,
 					     const kvmi_qemu2introspector &hello,
-					     std::span<const std::uint8_t, 20> cookie_hash,
-					     Clock::time_point deadline)
+					     const CookieHash &cookie_hash, Clock::time_point deadline)
 {
 	const std::string who = describe(address);
 	FileDesc sock = connect_socket(address, deadline);
@@ -102,21 +96,13 @@ std::unique_ptr<Connection> Connection::open(const Address &address,
 
 	/* The handshake has no header: raw structs both ways. */
 	bool timed_out = false;
-	const auto *p = reinterpret_cast<const std::byte *>(&hello);
-	std::size_t sent = 0;
-	while (sent < sizeof(hello)) {
-		ssize_t n = ::send(c->sock_.get(), p + sent, sizeof(hello) - sent,
-				   MSG_NOSIGNAL | MSG_DONTWAIT);
-		if (n > 0) {
-			sent += n;
-			continue;
-		}
-		if (n < 0 && errno != EAGAIN && errno != EINTR)
-			throw Error(op, errno, who + ": sending the VMM's data");
-		if (!c->wait(POLLOUT, deadline, &timed_out))
-			throw Error(op, timed_out ? ETIMEDOUT : ECONNRESET,
-				    who + ": sending the VMM's data");
-	}
+	iovec iov{const_cast<kvmi_qemu2introspector *>(&hello), sizeof(hello)};
+	int err = send_all(c->sock_.get(), std::span(&iov, 1),
+			   [&] { return c->wait(POLLOUT, deadline, &timed_out); });
+	if (err == EAGAIN)
+		throw Error(op, timed_out ? ETIMEDOUT : ECONNRESET, who + ": sending the VMM's data");
+	if (err)
+		throw Error(op, err, who + ": sending the VMM's data");
 
 	auto fail_read = [&](const char *what) {
 		throw Error(op, Clock::now() >= deadline ? ETIMEDOUT : ECONNRESET,
@@ -125,11 +111,11 @@ std::unique_ptr<Connection> Connection::open(const Address &address,
 	kvmi_introspector2qemu answer{};
 	if (!c->read_exact(&answer.struct_size, sizeof(answer.struct_size), deadline))
 		fail_read("reading the tool's answer");
-	if (answer.struct_size < sizeof(answer) || answer.struct_size > max_handshake_size)
+	if (answer.struct_size < min_answer_size || answer.struct_size > max_handshake_size)
 		throw Error(op, EPROTO,
 			    who + ": the tool's answer has struct_size " +
 				    std::to_string(answer.struct_size) + " (expected " +
-				    std::to_string(sizeof(answer)) + ".." +
+				    std::to_string(min_answer_size) + ".." +
 				    std::to_string(max_handshake_size) + ")");
 	if (!c->read_exact(answer.cookie_hash, sizeof(answer.cookie_hash), deadline))
 		fail_read("reading the tool's cookie hash");
@@ -146,36 +132,23 @@ std::unique_ptr<Connection> Connection::open(const Address &address,
 	return c;
 }
 
-bool Connection::wait(short events, std::optional<Clock::time_point> deadline, bool *timed_out)
+bool Connection::wait(short events, Clock::time_point deadline, bool *timed_out)
 {
-	for (;;) {
-		pollfd p[2] = {{sock_.get(), events, 0}, {efd_.get(), POLLIN, 0}};
-		int r = ::poll(p, 2, remaining_ms(deadline));
-		if (r < 0) {
-			if (errno == EINTR)
-				continue;
-			return false;
-		}
-		if (r == 0) {
-			if (timed_out)
-				*timed_out = true;
-			return false;
-		}
-		if (p[1].revents)
-			return false;
-		/* POLLHUP/POLLERR: let the read or send report it. */
-		return true;
-	}
+	/* POLLHUP/POLLERR count as ready: the read or send reports them. */
+	Ready r = wait_ready(sock_.get(), events, deadline, efd_.get());
+	if (r == Ready::timeout && timed_out)
+		*timed_out = true;
+	return r == Ready::yes;
 }
 
 bool Connection::wait_readable()
 {
 	if (head_ < tail_)
 		return true;
-	return wait(POLLIN, std::nullopt, nullptr);
+	return wait(POLLIN, Clock::time_point::max());
 }
 
-bool Connection::read_exact(void *out, std::size_t n, std::optional<Clock::time_point> deadline)
+bool Connection::read_exact(void *out, std::size_t n, Clock::time_point deadline)
 {
 	auto *dst = static_cast<std::byte *>(out);
 	while (n) {
@@ -186,66 +159,23 @@ bool Connection::read_exact(void *out, std::size_t n, std::optional<Clock::time_
 			continue;
 		}
 		head_ = tail_ = 0;
-		ssize_t r = ::recv(sock_.get(), buf_.data(), buf_.size(), MSG_DONTWAIT);
+		ssize_t r = recv_some(sock_.get(), buf_);
 		if (r > 0) {
 			tail_ = static_cast<std::size_t>(r);
 			continue;
 		}
-		if (r == 0)
-			return false; /* the tool closed the connection */
-		if (errno == EINTR)
-			continue;
-		if (errno != EAGAIN)
-			return false;
-		if (!wait(POLLIN, deadline, nullptr))
+		/* The tool closed the connection, or the socket failed. */
+		if (r != -EAGAIN || !wait(POLLIN, deadline))
 			return false;
 	}
 	return true;
 }
 
-bool Connection::send(const kvmi_msg_hdr &hdr,
-		      std::initializer_list<std::span<const std::byte>> parts)
+bool Connection::send(const kvmi_msg_hdr &hdr, Parts parts)
 {
-	iovec iov[8];
-	std::size_t n = 0, total = sizeof(hdr);
-	iov[n++] = {const_cast<kvmi_msg_hdr *>(&hdr), sizeof(hdr)};
-	for (auto part : parts) {
-		if (part.empty())
-			continue;
-		if (n == std::size(iov))
-			return false;
-		iov[n++] = {const_cast<std::byte *>(part.data()), part.size()};
-		total += part.size();
-	}
-	if (total - sizeof(hdr) != hdr.size)
-		return false;
-
 	std::lock_guard lock(send_mu_);
-	iovec *v = iov;
-	while (n) {
-		msghdr m{};
-		m.msg_iov = v;
-		m.msg_iovlen = n;
-		ssize_t r = ::sendmsg(sock_.get(), &m, MSG_NOSIGNAL | MSG_DONTWAIT);
-		if (r < 0) {
-			if (errno == EINTR)
-				continue;
-			if (errno != EAGAIN || !wait(POLLOUT, std::nullopt, nullptr))
-				return false;
-			continue;
-		}
-		/* A partial send (full socket buffer): go on from where it stopped. */
-		auto done = static_cast<std::size_t>(r);
-		while (n && done >= v->iov_len) {
-			done -= v->iov_len;
-			v++, n--;
-		}
-		if (n) {
-			v->iov_base = static_cast<std::byte *>(v->iov_base) + done;
-			v->iov_len -= done;
-		}
-	}
-	return true;
+	return send_message(sock_.get(), hdr, parts,
+			    [&] { return wait(POLLOUT, Clock::time_point::max()); }) == 0;
 }
 
 void Connection::cancel() noexcept

@@ -23,17 +23,15 @@
 #include <initializer_list>
 #include <memory>
 #include <mutex>
-#include <optional>
 #include <span>
 #include <vector>
 
 #include <virtkit/fd.hpp>
 
+#include "kvmi/protocol/framing.hpp"
 #include "kvmi/vmm/wire.hpp"
 
 namespace virtkit::detail::kvmi {
-
-using Clock = std::chrono::steady_clock;
 
 class Connection {
 public:
@@ -43,9 +41,10 @@ public:
 	 * why): ETIMEDOUT after deadline, EACCES for a wrong cookie, EPROTO for
 	 * a malformed answer, the socket's errno otherwise.
 	 */
-	static std::unique_ptr<Connection>
-	open(const Address &address, const kvmi_qemu2introspector &hello,
-	     std::span<const std::uint8_t, 20> cookie_hash, Clock::time_point deadline);
+	static std::unique_ptr<Connection> open(const Address &address,
+						const kvmi_qemu2introspector &hello,
+						const CookieHash &cookie_hash,
+						Clock::time_point deadline);
 
 	Connection(const Connection &) = delete;
 	Connection &operator=(const Connection &) = delete;
@@ -55,14 +54,14 @@ public:
 	 * deadline or cancel(): the connection is then unusable.
 	 */
 	bool read_exact(void *buf, std::size_t n,
-			std::optional<Clock::time_point> deadline = std::nullopt);
+			Clock::time_point deadline = Clock::time_point::max());
 	/* Wait until a message can be read (or false: cancelled / closed). */
 	bool wait_readable();
 	/*
 	 * Send one message: hdr followed by parts (hdr.size must be their
 	 * total). false if the connection failed or was cancelled.
 	 */
-	bool send(const kvmi_msg_hdr &hdr, std::initializer_list<std::span<const std::byte>> parts);
+	bool send(const kvmi_msg_hdr &hdr, Parts parts);
 	/* Make every blocked and later call fail, and the tool see the end. */
 	void cancel() noexcept;
 
@@ -70,7 +69,7 @@ private:
 	Connection(FileDesc sock, FileDesc efd) noexcept
 		: sock_(std::move(sock)), efd_(std::move(efd)) {}
 	/* poll for events on the socket; false on cancel, error or timeout. */
-	bool wait(short events, std::optional<Clock::time_point> deadline, bool *timed_out);
+	bool wait(short events, Clock::time_point deadline, bool *timed_out = nullptr);
 
 	FileDesc sock_;
 	FileDesc efd_;

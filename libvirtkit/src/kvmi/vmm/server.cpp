@@ -16,8 +16,6 @@
 #include <virtkit/error.hpp>
 #include <virtkit/memory.hpp>
 
-#include "kvmi/protocol/sha1.hpp"
-
 namespace virtkit {
 
 namespace detail {
@@ -369,9 +367,9 @@ Introspection Introspection::connect(Vm &vm, const IntrospectionOptions &o)
 		hello.start_time = o.start_time ? o.start_time : std::time(nullptr);
 		std::memcpy(hello.name, o.name.data(), o.name.size());
 		hello.max_gpa = max_gpa(vm.memory());
-		auto cookie = detail::sha1(std::as_bytes(std::span(o.secret.data(), o.secret.size())));
-		auto deadline = detail::kvmi::Clock::now() + o.handshake_timeout;
-		auto conn = detail::kvmi::Connection::open(*address, hello, cookie, deadline);
+		auto deadline = detail::kvmi::deadline_after(o.handshake_timeout);
+		auto conn = detail::kvmi::Connection::open(*address, hello,
+							   detail::kvmi::cookie_hash(o.secret), deadline);
 		server->start(std::move(conn));
 	} catch (...) {
 		server->release_vm();
