@@ -43,8 +43,13 @@ struct RegionOptions {
 	bool readonly = false;
 	/* Track guest writes in a dirty bitmap (see GuestMemory::dirty_log). */
 	bool dirty_log = false;
-	/* Name used in errors and `virtkit info`. */
+	/*
+	 * Name used in errors and `virtkit info`; at most max_name bytes (it
+	 * names the region's memfd, "virtkit-<name>", which the kernel limits
+	 * to 249 bytes), else add() fails with EINVAL.
+	 */
 	std::string name = {};
+	static constexpr std::size_t max_name = 241;
 	/*
 	 * Back the region with 2 MiB hugetlbfs pages (gpa and size must be
 	 * 2 MiB aligned; the host needs free pages in

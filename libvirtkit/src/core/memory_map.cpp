@@ -225,6 +225,12 @@ RegionId MemoryMap::add(std::uint64_t gpa, std::uint64_t size, const RegionOptio
 	if (opts.huge_pages && (gpa % huge_page || size % huge_page))
 		throw Error("GuestMemory::add", EINVAL,
 			    range(gpa, size) + ": huge-page regions must be 2 MiB aligned");
+	/* Checked here: memfd_create's EINVAL would quote the whole name. */
+	if (opts.name.size() > RegionOptions::max_name)
+		throw Error("GuestMemory::add", EINVAL,
+			    "region name \"" + opts.name.substr(0, 32) + "...\" is " +
+				    std::to_string(opts.name.size()) + " bytes long, at most " +
+				    std::to_string(RegionOptions::max_name) + " are allowed");
 
 	std::unique_lock lock(mu_);
 	check_free(gpa, size, nullptr, "GuestMemory::add");
