@@ -53,7 +53,9 @@ public:
 	/*
 	 * Enter the guest until an exit that no exit handler consumes. Returns
 	 * InterruptedExit after kick() (then the kick is consumed) or a
-	 * signal. Throws Error for a failing KVM_RUN.
+	 * signal, and MemoryFaultExit for the KVM_EXIT_MEMORY_FAULT that KVM
+	 * reports by failing KVM_RUN with EFAULT. Throws Error for any other
+	 * failing KVM_RUN.
 	 */
 	Exit run();
 	/*

@@ -689,14 +689,14 @@ bool MemoryMap::complete_mmio(const MmioExit &exit)
 	auto *r = const_cast<Region *>(find_gpa(exit.gpa));
 	if (!r || exit.data.size() > r->gpa + r->size - exit.gpa)
 		return false;
-	if (exit.is_write && r->opts.readonly)
+	if (exit.is_write() && r->opts.readonly)
 		return false;
 	/* Pages a feature took from the guest are that feature's to complete. */
 	std::uint64_t last = exit.gpa + (exit.data.empty() ? 0 : exit.data.size() - 1);
 	if (hidden_locked(exit.gpa) || hidden_locked(last))
 		return false;
 	std::byte *host = r->map.data() + (exit.gpa - r->gpa);
-	if (exit.is_write) {
+	if (exit.is_write()) {
 		std::memcpy(host, exit.data.data(), exit.data.size());
 		mark_dirty_locked(*r, exit.gpa - r->gpa, exit.data.size());
 	} else {

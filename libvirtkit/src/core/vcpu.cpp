@@ -132,6 +132,12 @@ Exit Vcpu::run()
 			s.running_thread = pthread_self();
 			s.in_run = true;
 		}
+		/*
+		 * KVM writes exit_reason only when it reports an exit; clear it
+		 * so that a KVM_RUN failing with EFAULT is never taken for a
+		 * KVM_EXIT_MEMORY_FAULT an earlier run reported.
+		 */
+		run->exit_reason = KVM_EXIT_UNKNOWN;
 		/* KVM_RUN, or the same through virtkit.ko's fast path (kmod SPP). */
 		const int run_fd = s.vm->run_fd.load();
 		int r;
@@ -150,7 +156,7 @@ Exit Vcpu::run()
 		}
 		s.vm->gate.leave();
 		bool interrupted = false;
-		if (r < 0) {
+		if (r < 0 && !detail::failed_run_reports_exit(*run, err)) {
 			if (err != EINTR && err != EAGAIN) {
 				errno = err;
 				detail::throw_ioctl_error(run_fd >= 0 ? detail::KmodVm::run_name

@@ -148,7 +148,7 @@ int IntrospectionServer::update_msr_filter()
 ExitAction IntrospectionServer::on_msr_exit(Vcpu &vcpu, MsrExit &m)
 {
 	/* Only our filter denies writes: every FILTER write exit is ours. */
-	if (!m.is_write || m.reason != KVM_MSR_EXIT_REASON_FILTER || !msr_filter_used_)
+	if (!m.is_write() || m.reason != KVM_MSR_EXIT_REASON_FILTER || !msr_filter_used_)
 		return ExitAction::pass;
 	const std::uint64_t value = m.value();
 	if (vcpu.id() > 0xffff) {
