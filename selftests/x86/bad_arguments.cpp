@@ -419,6 +419,24 @@ VK_TEST(vcpu_bad_msr)
 		TEST_ASSERT(m.find("nothing was changed") != std::string::npos, "%s", m.c_str());
 		TEST_ASSERT_EQ(v.msr(0x174), 0x10);
 	});
+	/* The non-throwing tier: KVM's refusal is an answer. */
+	no_leaks("try_ MSRs", [&] {
+		TEST_ASSERT(v.try_msr(0xc0000102) == std::optional(0xffff800012345000ull));
+		TEST_ASSERT(!v.try_msr(0xdeadbeef));
+		TEST_ASSERT(!v.try_set_msr(0xdeadbeef, 1));
+		TEST_ASSERT(v.try_set_msr(0x174, 0x30));
+		TEST_ASSERT_EQ(v.msr(0x174), 0x30);
+		/* Read in order up to the first refused entry; the rest untouched. */
+		kvm_msr_entry e[3] = {{.index = 0x174, .reserved = 0, .data = 1},
+				      {.index = 0xdeadbeef, .reserved = 0, .data = 2},
+				      {.index = 0xc0000102, .reserved = 0, .data = 3}};
+		TEST_ASSERT_EQ(v.try_get_msrs(e), 1u);
+		TEST_ASSERT_EQ(e[0].data, 0x30);
+		TEST_ASSERT_EQ(e[1].data, 2);
+		TEST_ASSERT_EQ(e[2].data, 3);
+		TEST_ASSERT_EQ(v.try_get_msrs(std::span(e).first(1)), 1u);
+		TEST_ASSERT_EQ(v.try_get_msrs(std::span(e).subspan(1)), 0u);
+	});
 }
 
 VK_TEST(vcpu_bad_cpuid)

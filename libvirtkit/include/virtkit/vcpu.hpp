@@ -13,6 +13,7 @@
 
 #include <cstdint>
 #include <memory>
+#include <optional>
 #include <span>
 #include <vector>
 
@@ -88,6 +89,17 @@ public:
 	 */
 	void get_msrs(std::span<kvm_msr_entry> entries) const;
 	void set_msrs(std::span<const kvm_msr_entry> entries);
+	/*
+	 * The same for callers that expect KVM to refuse some MSRs (probing
+	 * what a vCPU has): KVM's refusal is an answer, not an error.
+	 * try_msr() is empty and try_set_msr() false when KVM does not handle
+	 * the MSR (or refuses the value); try_get_msrs() reads entries in
+	 * order up to the first refused one and returns how many it read (the
+	 * rest are left as they were). A failing ioctl still throws.
+	 */
+	std::optional<std::uint64_t> try_msr(std::uint32_t index) const;
+	bool try_set_msr(std::uint32_t index, std::uint64_t value);
+	std::size_t try_get_msrs(std::span<kvm_msr_entry> entries) const;
 
 	std::vector<kvm_cpuid_entry2> cpuid() const;
 	void set_cpuid(std::span<const kvm_cpuid_entry2> entries);

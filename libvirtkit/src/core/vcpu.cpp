@@ -421,6 +421,34 @@ void Vcpu::set_msr(std::uint32_t index, std::uint64_t value)
 	set_msrs(std::span<const kvm_msr_entry>(&e, 1));
 }
 
+std::size_t Vcpu::try_get_msrs(std::span<kvm_msr_entry> entries) const
+{
+	MsrBuf b(entries.size());
+	for (std::size_t i = 0; i < entries.size(); i++)
+		b.msrs()->entries[i] = entries[i];
+	int n = VK_IOCTL(fd(), KVM_GET_MSRS, b.msrs(), who(*state_), state_->vm->fd.get());
+	for (int i = 0; i < n; i++)
+		entries[i] = b.msrs()->entries[i];
+	return static_cast<std::size_t>(n);
+}
+
+std::optional<std::uint64_t> Vcpu::try_msr(std::uint32_t index) const
+{
+	kvm_msr_entry e{};
+	e.index = index;
+	if (try_get_msrs(std::span(&e, 1)) != 1)
+		return std::nullopt;
+	return e.data;
+}
+
+bool Vcpu::try_set_msr(std::uint32_t index, std::uint64_t value)
+{
+	MsrBuf b(1);
+	b.msrs()->entries[0].index = index;
+	b.msrs()->entries[0].data = value;
+	return VK_IOCTL(fd(), KVM_SET_MSRS, b.msrs(), who(*state_), state_->vm->fd.get()) == 1;
+}
+
 std::vector<kvm_cpuid_entry2> Vcpu::cpuid() const
 {
 	for (std::uint32_t n = 64;; n *= 2) {
