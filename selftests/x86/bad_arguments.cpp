@@ -380,6 +380,12 @@ VK_TEST(memory_access_out_of_bounds)
 		EXPECT_ERROR_NAMING(mem.region_at(a + size), ENOENT, "GuestMemory::region_at");
 		EXPECT_ERROR_NAMING(mem.region_at(a - 1), ENOENT, "GuestMemory::region_at");
 		EXPECT_ERROR_NAMING(mem.region_at(~0ull), ENOENT, "GuestMemory::region_at");
+		/* The non-throwing lookup: no region is an answer. */
+		TEST_ASSERT(!mem.try_region_at(a + size));
+		TEST_ASSERT(!mem.try_region_at(a - 1));
+		TEST_ASSERT(!mem.try_region_at(~0ull));
+		TEST_ASSERT(vkt::same_region(*mem.try_region_at(a), mem.region_at(a)));
+		TEST_ASSERT(vkt::same_region(*mem.try_region_at(a + size - 1), mem.region_at(a)));
 		TEST_ASSERT(!mem.contains(a + size - 8, 16));
 		TEST_ASSERT(!mem.contains(~0ull - 7, 16));
 	});

@@ -18,6 +18,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <memory>
+#include <optional>
 #include <span>
 #include <string>
 #include <type_traits>
@@ -100,6 +101,8 @@ public:
 	std::vector<RegionInfo> regions() const;
 	/* The region containing gpa (ENOENT when none). */
 	RegionInfo region_at(std::uint64_t gpa) const;
+	/* The same for callers that expect none: empty when no region has gpa. */
+	std::optional<RegionInfo> try_region_at(std::uint64_t gpa) const;
 
 	/* Whether [gpa, gpa+size) is backed by regions without gaps. */
 	bool contains(std::uint64_t gpa, std::uint64_t size) const;

@@ -335,13 +335,20 @@ std::vector<RegionInfo> MemoryMap::regions() const
 	return v;
 }
 
-RegionInfo MemoryMap::region_at(std::uint64_t gpa) const
+std::optional<RegionInfo> MemoryMap::try_region_at(std::uint64_t gpa) const
 {
 	std::shared_lock lock(mu_);
 	const Region *r = find_gpa(gpa);
 	if (!r)
-		throw Error("GuestMemory::region_at", ENOENT, "gpa=" + hex(gpa));
+		return std::nullopt;
 	return info_of(r->id, r->gpa, r->size, r->opts, r->map.data());
+}
+
+RegionInfo MemoryMap::region_at(std::uint64_t gpa) const
+{
+	if (auto r = try_region_at(gpa))
+		return std::move(*r);
+	throw Error("GuestMemory::region_at", ENOENT, "gpa=" + hex(gpa));
 }
 
 bool MemoryMap::contains(std::uint64_t gpa, std::uint64_t size) const
