@@ -152,7 +152,7 @@ static std::uint64_t bare_msr_exits(const System &sys)
 	std::uint64_t exits = 0;
 	auto reg = g.vm().add_exit_handler([&](Vcpu &v, Exit &e) {
 		auto *m = std::get_if<MsrExit>(&e);
-		if (!m || !m->is_write || m->index != bench_msr)
+		if (!m || !m->is_write() || m->index != bench_msr)
 			return ExitAction::pass;
 		v.set_msr(m->index, m->value());
 		exits++;

@@ -6,6 +6,7 @@
  */
 #include <catch2/catch.hpp>
 
+#include <cerrno>
 #include <cstddef>
 #include <cstdint>
 #include <cstdlib>
@@ -222,7 +223,9 @@ TEST_CASE("decode MMIO write", "[exit][mmio]")
 	Exit e = b.decode();
 	const auto &m = as<MmioExit>(e);
 	CHECK(m.gpa == 0x1000);
-	CHECK(m.is_write);
+	CHECK(m.is_write());
+	CHECK_FALSE(m.is_read());
+	CHECK(m.direction == MmioExit::Direction::write);
 	CHECK(m.data.size() == 4);
 	CHECK(m.data.data() == reinterpret_cast<std::byte *>(run.mmio.data));
 	CHECK(m.value() == 0x2a);
@@ -246,7 +249,9 @@ TEST_CASE("decode MMIO read: set() writes run.mmio.data", "[exit][mmio]")
 
 	Exit e = b.decode();
 	const auto &m = as<MmioExit>(e);
-	CHECK_FALSE(m.is_write);
+	CHECK_FALSE(m.is_write());
+	CHECK(m.is_read());
+	CHECK(m.direction == MmioExit::Direction::read);
 	CHECK(m.gpa == 0xfee00030);
 	CHECK(m.data.size() == 2);
 
@@ -329,11 +334,17 @@ TEST_CASE("decode RDMSR: set() and fail() write kvm_run", "[exit][msr]")
 
 	Exit e = b.decode();
 	const auto &m = as<MsrExit>(e);
-	CHECK_FALSE(m.is_write);
+	CHECK_FALSE(m.is_write());
+	CHECK(m.is_read());
+	CHECK(m.direction == MsrExit::Direction::read);
 	CHECK(m.index == 0xc0000080);
 	CHECK(m.reason == KVM_MSR_EXIT_REASON_UNKNOWN);
-	CHECK(m.data == reinterpret_cast<std::uint64_t *>(&run.msr.data));
-	CHECK(m.error == &run.msr.error);
+	/* Views of kvm_run's msr.data and msr.error, as the other exits' data. */
+	CHECK(m.data.data() == reinterpret_cast<std::byte *>(&run.msr.data));
+	CHECK(m.data.size() == 8);
+	CHECK(m.error.data() == reinterpret_cast<std::byte *>(&run.msr.error));
+	CHECK(m.error.size() == 1);
+	CHECK_FALSE(m.failed());
 
 	m.set(0xd01);
 	CHECK(run.msr.data == 0xd01);
@@ -342,6 +353,8 @@ TEST_CASE("decode RDMSR: set() and fail() write kvm_run", "[exit][msr]")
 
 	m.fail();
 	CHECK(run.msr.error != 0);
+	CHECK(m.failed());
+	CHECK(run.msr.pad[0] == 0); /* only the error byte */
 
 	std::string s = describe(e);
 	CHECK_THAT(s, StartsWith("RDMSR"));
@@ -361,7 +374,9 @@ TEST_CASE("decode WRMSR", "[exit][msr]")
 
 	Exit e = b.decode();
 	const auto &m = as<MsrExit>(e);
-	CHECK(m.is_write);
+	CHECK(m.is_write());
+	CHECK_FALSE(m.is_read());
+	CHECK(m.direction == MsrExit::Direction::write);
 	CHECK(m.index == 0x10);
 	CHECK(m.reason == KVM_MSR_EXIT_REASON_FILTER);
 	CHECK(m.value() == 0x123456789abcdef0ull);
@@ -474,6 +489,23 @@ TEST_CASE("decode MEMORY_FAULT from the exit union", "[exit]")
 	CHECK_THAT(s, Contains("gpa=0x200000"));
 	CHECK_THAT(s, Contains("size=0x1000"));
 	CHECK_THAT(s, Contains("flags=0x8"));
+}
+
+TEST_CASE("a KVM_RUN failing with EFAULT reports MEMORY_FAULT, nothing else", "[exit]")
+{
+	using virtkit::detail::failed_run_reports_exit;
+	RunBuffer b;
+	auto &run = b.run();
+	run.exit_reason = KVM_EXIT_MEMORY_FAULT;
+	CHECK(failed_run_reports_exit(run, EFAULT));
+	/* Other errors are errors even if exit_reason says MEMORY_FAULT. */
+	CHECK_FALSE(failed_run_reports_exit(run, EINTR));
+	CHECK_FALSE(failed_run_reports_exit(run, EINVAL));
+	/* Vcpu::run() clears exit_reason before KVM_RUN: a plain EFAULT. */
+	run.exit_reason = KVM_EXIT_UNKNOWN;
+	CHECK_FALSE(failed_run_reports_exit(run, EFAULT));
+	run.exit_reason = KVM_EXIT_MMIO;
+	CHECK_FALSE(failed_run_reports_exit(run, EFAULT));
 }
 
 TEST_CASE("decode interruptions", "[exit]")

@@ -185,6 +185,34 @@ VK_TEST(memory_add_invalid)
 	TEST_ASSERT_EQ(mem.slot_count(), slots + 1);
 }
 
+VK_TEST(memory_add_name_too_long)
+{
+	Vm vm = vkt::kvm().create_vm();
+	GuestMemory &mem = vm.memory();
+	/* The longest name works (it names the memfd "virtkit-<name>"). */
+	std::string longest(RegionOptions::max_name, 'n');
+	RegionId id = mem.add(GiB, 4096, {.name = longest});
+	TEST_ASSERT(mem.info(id).options.name == longest);
+	auto before = mem.regions();
+	std::size_t slots = mem.slot_count();
+	no_leaks("GuestMemory::add with a long name", [&] {
+		for (std::size_t len : {RegionOptions::max_name + 1, std::size_t(300), std::size_t(5000)}) {
+			std::string name(len, 'x');
+			std::string m = TEST_EXPECT_ERROR(mem.add(2 * GiB, 4096, {.name = name}), EINVAL);
+			TEST_ASSERT(m.find("GuestMemory::add") != std::string::npos, "%s", m.c_str());
+			TEST_ASSERT(m.find(std::to_string(len) + " bytes") != std::string::npos,
+				    "\"%s\" does not give the length %zu", m.c_str(), len);
+			TEST_ASSERT(m.find(std::to_string(RegionOptions::max_name)) != std::string::npos,
+				    "\"%s\" does not give the limit", m.c_str());
+			/* A short prefix of the name at most, never all of it. */
+			TEST_ASSERT(m.find(std::string(64, 'x')) == std::string::npos,
+				    "\"%s\" quotes the name", m.c_str());
+			TEST_ASSERT(vkt::same_layout(mem.regions(), before));
+			TEST_ASSERT_EQ(mem.slot_count(), slots);
+		}
+	});
+}
+
 VK_TEST(memory_add_fails_late)
 {
 	/*
@@ -352,6 +380,12 @@ VK_TEST(memory_access_out_of_bounds)
 		EXPECT_ERROR_NAMING(mem.region_at(a + size), ENOENT, "GuestMemory::region_at");
 		EXPECT_ERROR_NAMING(mem.region_at(a - 1), ENOENT, "GuestMemory::region_at");
 		EXPECT_ERROR_NAMING(mem.region_at(~0ull), ENOENT, "GuestMemory::region_at");
+		/* The non-throwing lookup: no region is an answer. */
+		TEST_ASSERT(!mem.try_region_at(a + size));
+		TEST_ASSERT(!mem.try_region_at(a - 1));
+		TEST_ASSERT(!mem.try_region_at(~0ull));
+		TEST_ASSERT(vkt::same_region(*mem.try_region_at(a), mem.region_at(a)));
+		TEST_ASSERT(vkt::same_region(*mem.try_region_at(a + size - 1), mem.region_at(a)));
 		TEST_ASSERT(!mem.contains(a + size - 8, 16));
 		TEST_ASSERT(!mem.contains(~0ull - 7, 16));
 	});
@@ -390,6 +424,24 @@ VK_TEST(vcpu_bad_msr)
 		m = TEST_EXPECT_ERROR(v.set_msrs(e), EINVAL);
 		TEST_ASSERT(m.find("nothing was changed") != std::string::npos, "%s", m.c_str());
 		TEST_ASSERT_EQ(v.msr(0x174), 0x10);
+	});
+	/* The non-throwing tier: KVM's refusal is an answer. */
+	no_leaks("try_ MSRs", [&] {
+		TEST_ASSERT(v.try_msr(0xc0000102) == std::optional(0xffff800012345000ull));
+		TEST_ASSERT(!v.try_msr(0xdeadbeef));
+		TEST_ASSERT(!v.try_set_msr(0xdeadbeef, 1));
+		TEST_ASSERT(v.try_set_msr(0x174, 0x30));
+		TEST_ASSERT_EQ(v.msr(0x174), 0x30);
+		/* Read in order up to the first refused entry; the rest untouched. */
+		kvm_msr_entry e[3] = {{.index = 0x174, .reserved = 0, .data = 1},
+				      {.index = 0xdeadbeef, .reserved = 0, .data = 2},
+				      {.index = 0xc0000102, .reserved = 0, .data = 3}};
+		TEST_ASSERT_EQ(v.try_get_msrs(e), 1u);
+		TEST_ASSERT_EQ(e[0].data, 0x30);
+		TEST_ASSERT_EQ(e[1].data, 2);
+		TEST_ASSERT_EQ(e[2].data, 3);
+		TEST_ASSERT_EQ(v.try_get_msrs(std::span(e).first(1)), 1u);
+		TEST_ASSERT_EQ(v.try_get_msrs(std::span(e).subspan(1)), 0u);
 	});
 }
 
@@ -687,4 +739,20 @@ VK_TEST(page_tables_overlap)
 	TEST_ASSERT_EQ(pt.translate(FREE_GVA + 3 * MiB + 5)->gpa, MiB + 5);
 	TEST_ASSERT(!pt.any_mapped(FREE_GVA + 4 * MiB, 4096));
 	TEST_ASSERT_EQ(g.alloc_pages(1), next + 4096);
+}
+
+/* ---- Sub-page protection ---- */
+
+VK_TEST(spp_backend_out_of_range)
+{
+	Vm vm = vkt::kvm().create_vm();
+	no_leaks("Vm::enable_spp with a bad backend", [&] {
+		for (int k : {3, 7, -1}) {
+			std::string m = TEST_EXPECT_ERROR(
+				vm.enable_spp({.backend = static_cast<SppBackendKind>(k)}), EINVAL);
+			TEST_ASSERT(m.find("Vm::enable_spp") != std::string::npos, "%s", m.c_str());
+			TEST_ASSERT(m.find("backend = " + std::to_string(k)) != std::string::npos,
+				    "\"%s\" does not name the value %d", m.c_str(), k);
+		}
+	});
 }

@@ -1,12 +1,17 @@
 // SPDX-License-Identifier: MIT
 /*
  * Typed exits on real KVM: port I/O and MMIO in both directions (single and
- * rep string), HLT, user-space MSR exits, and the exit-handler chain.
+ * rep string), HLT, user-space MSR exits, KVM_EXIT_MEMORY_FAULT, and the
+ * exit-handler chain.
  */
 #include "test.hpp"
 
 #include <virtkit/x86/guest_vm.hpp>
 
+#include <sys/ioctl.h>
+
+#include <cerrno>
+#include <cstring>
 #include <vector>
 
 using namespace virtkit;
@@ -160,7 +165,7 @@ VK_TEST(mmio_write_sizes)
 	for (auto &w : want) {
 		Exit e = next_exit(g, v);
 		auto &m = expect<MmioExit>(e);
-		TEST_ASSERT(m.is_write);
+		TEST_ASSERT(m.is_write());
 		TEST_ASSERT_EQ(m.gpa, mmio_gpa + w.off);
 		TEST_ASSERT_EQ(m.data.size(), w.len);
 		TEST_ASSERT_EQ(m.value(), w.val);
@@ -182,7 +187,7 @@ VK_TEST(mmio_read_completed_by_host)
 	Vcpu &v = g.add_vcpu(guest_mmio_read, mmio_gpa);
 	Exit e = next_exit(g, v);
 	auto &r4 = expect<MmioExit>(e);
-	TEST_ASSERT(!r4.is_write);
+	TEST_ASSERT(r4.is_read());
 	TEST_ASSERT_EQ(r4.gpa, mmio_gpa);
 	TEST_ASSERT_EQ(r4.data.size(), 4);
 	r4.set(0xcafe1234);
@@ -235,7 +240,7 @@ VK_TEST(msr_exits_to_user_space)
 
 	Exit e = next_exit(g, v);
 	auto &rd = expect<MsrExit>(e);
-	TEST_ASSERT(!rd.is_write);
+	TEST_ASSERT(rd.is_read());
 	TEST_ASSERT_EQ(rd.index, fake_msr);
 	TEST_ASSERT_EQ(rd.reason, KVM_MSR_EXIT_REASON_UNKNOWN);
 	rd.set(0xabcdef0123456789ull);
@@ -243,7 +248,7 @@ VK_TEST(msr_exits_to_user_space)
 
 	e = next_exit(g, v);
 	auto &wr = expect<MsrExit>(e);
-	TEST_ASSERT(wr.is_write);
+	TEST_ASSERT(wr.is_write());
 	TEST_ASSERT_EQ(wr.index, fake_msr);
 	TEST_ASSERT_EQ(wr.value(), 0x1122334455667788ull);
 
@@ -321,4 +326,75 @@ VK_TEST(shutdown_on_triple_fault)
 	Vcpu &v = g.add_vcpu(guest_triple_fault);
 	Exit e = v.run();
 	TEST_ASSERT(std::holds_alternative<ShutdownExit>(e), "got %s", describe(e).c_str());
+}
+
+/*
+ * KVM UAPI of Linux 6.8 (private memory), absent from older headers. Values
+ * are ABI.
+ */
+static constexpr long cap_memory_fault_info = 232;	/* KVM_CAP_MEMORY_FAULT_INFO */
+static constexpr long cap_memory_attributes = 233;	/* KVM_CAP_MEMORY_ATTRIBUTES */
+static constexpr long cap_vm_types = 235;		/* KVM_CAP_VM_TYPES */
+static constexpr unsigned long sw_protected_vm = 1;	/* KVM_X86_SW_PROTECTED_VM */
+static constexpr std::uint64_t attribute_private = 1ull << 3; /* KVM_MEMORY_ATTRIBUTE_PRIVATE */
+static constexpr std::uint64_t memory_exit_flag_private = 1ull << 3; /* KVM_MEMORY_EXIT_FLAG_PRIVATE */
+struct memory_attributes {
+	std::uint64_t address, size, attributes, flags;
+};
+#define SET_MEMORY_ATTRIBUTES _IOW(KVMIO, 0xd2, struct memory_attributes)
+
+static void set_private(Vm &vm, std::uint64_t gpa, std::uint64_t size, bool priv)
+{
+	memory_attributes a{gpa, size, priv ? attribute_private : 0, 0};
+	TEST_ASSERT(ioctl(vm.fd(), SET_MEMORY_ATTRIBUTES, &a) == 0,
+		    "KVM_SET_MEMORY_ATTRIBUTES: %s", strerror(errno));
+}
+
+/* A page of guest RAM that the guest reads. */
+static constexpr std::uint64_t fault_gpa = 0xc0000000;
+
+static void guest_read_page(std::uint64_t gva)
+{
+	GUEST_SYNC(*(volatile std::uint64_t *)gva);
+}
+
+/*
+ * KVM reports KVM_EXIT_MEMORY_FAULT by failing KVM_RUN with EFAULT; run()
+ * returns it as MemoryFaultExit instead of throwing. The way to provoke one
+ * from user space is private memory (Linux 6.8+): a guest access to a page
+ * marked private whose memslot has no guest_memfd, as the kernel's
+ * private_mem_kvm_exits_test does. That needs a KVM_X86_SW_PROTECTED_VM
+ * (TDP only: not on shadow paging).
+ */
+VK_TEST(memory_fault_exit_from_private_page)
+{
+	TEST_REQUIRE(vkt::kvm().has(cap_memory_fault_info), "KVM_CAP_MEMORY_FAULT_INFO");
+	const int types = vkt::kvm().check_extension(cap_vm_types);
+	TEST_REQUIRE(types > 0 && (types & (1 << sw_protected_vm)),
+		     "KVM_X86_SW_PROTECTED_VM in KVM_CAP_VM_TYPES (it is " +
+			     std::to_string(types) + ")");
+	GuestVm g(vkt::kvm(), {.vm = {.type = sw_protected_vm}});
+	const int attrs = g.vm().check_extension(cap_memory_attributes);
+	TEST_REQUIRE(attrs > 0 && (attrs & attribute_private),
+		     "KVM_MEMORY_ATTRIBUTE_PRIVATE in KVM_CAP_MEMORY_ATTRIBUTES (it is " +
+			     std::to_string(attrs) + ")");
+
+	g.vm().memory().add(fault_gpa, 4096, {.name = "private"});
+	g.vm().memory().write_obj<std::uint64_t>(fault_gpa, 0x5eedf00d);
+	g.identity_map(fault_gpa, 4096);
+	set_private(g.vm(), fault_gpa, 4096, true);
+	Vcpu &v = g.add_vcpu(guest_read_page, fault_gpa);
+
+	Exit e = next_exit(g, v);
+	auto &mf = expect<MemoryFaultExit>(e);
+	TEST_ASSERT_EQ(mf.gpa, fault_gpa);
+	TEST_ASSERT_EQ(mf.size, 4096u);
+	TEST_ASSERT_EQ(mf.flags, memory_exit_flag_private);
+	TEST_ASSERT(describe(e).find("MEMORY_FAULT gpa=0xc0000000") == 0, "%s",
+		    describe(e).c_str());
+
+	/* The VMM converts the page back to shared; the access completes. */
+	set_private(g.vm(), fault_gpa, 4096, false);
+	TEST_ASSERT_EQ(g.run(v).args[0], 0x5eedf00d);
+	g.run_to_done(v);
 }

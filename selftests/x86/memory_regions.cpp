@@ -95,7 +95,7 @@ static MmioExit expect_mmio(Vcpu &v, std::uint64_t gpa, bool write)
 	TEST_ASSERT(m, "expected an MMIO %s at 0x%llx, got: %s", write ? "write" : "read",
 		    (unsigned long long)gpa, describe(e).c_str());
 	TEST_ASSERT_EQ(m->gpa, gpa);
-	TEST_ASSERT_EQ(m->is_write, write);
+	TEST_ASSERT_EQ(m->is_write(), write);
 	return *m;
 }
 

@@ -558,12 +558,12 @@ void Demo::mmio()
 	bool read = false, written = false;
 	std::uint64_t doorbell = 0;
 	auto on_mmio = [&](MmioExit &m) {
-		if (!m.is_write && m.gpa == mmio_id && m.data.size() == 4) {
+		if (m.is_read() && m.gpa == mmio_id && m.data.size() == 4) {
 			m.set(device_id);
 			show("MMIO read  gpa=%s (%zu bytes): host answered %s (\"VKIT\")",
 			     hex(m.gpa).c_str(), m.data.size(), hex(device_id).c_str());
 			read = true;
-		} else if (m.is_write && m.gpa == mmio_doorbell) {
+		} else if (m.is_write() && m.gpa == mmio_doorbell) {
 			doorbell = m.value();
 			show("MMIO write gpa=%s (%zu bytes): guest wrote %s", hex(m.gpa).c_str(),
 			     m.data.size(), hex(doorbell).c_str());
@@ -1092,7 +1092,7 @@ void Demo::timing()
 	g.set_entry(v, guest_bench_mmio, bench_exits);
 	auto syncs = run_with_device(g, v, [&](Exit &exit) {
 		auto *m = std::get_if<MmioExit>(&exit);
-		if (!m || m->is_write || m->gpa != mmio_id)
+		if (!m || m->is_write() || m->gpa != mmio_id)
 			return false;
 		m->set(device_id);
 		tick();

@@ -4,10 +4,12 @@
  *
  * Vcpu::run() returns an Exit: a variant with one alternative per exit kind.
  * Payloads that KVM exchanges through kvm_run (I/O and MMIO data, MSR values)
- * are views into the vCPU's kvm_run mapping: they stay valid until the next
- * run() of the same vCPU, and writing them (IoExit::set, MmioExit::set,
- * MsrExit::set) completes an IN, an MMIO read or an RDMSR when the vCPU is
- * run again. Exit reasons the library does not know are a value
+ * are views into the vCPU's kvm_run mapping (std::span, never raw pointers):
+ * they stay valid until the next run() of the same vCPU, and writing them
+ * (IoExit::set, MmioExit::set, MsrExit::set, MsrExit::fail) completes an IN,
+ * an MMIO read or an RDMSR when the vCPU is run again. The exits that have a
+ * direction all say it the same way: a `direction` enum and is_...()
+ * predicates. Exit reasons the library does not know are a value
  * (UnknownExit), not an error.
  */
 #pragma once
@@ -43,10 +45,13 @@ struct IoExit {
 
 /* Access to guest-physical memory no memslot backs writably. */
 struct MmioExit {
+	enum class Direction : std::uint8_t { read, write };
+	Direction direction;
 	std::uint64_t gpa;
-	bool is_write;
 	std::span<std::byte> data; /* 1..8 bytes inside kvm_run */
 
+	bool is_read() const noexcept { return direction == Direction::read; }
+	bool is_write() const noexcept { return direction == Direction::write; }
 	std::uint64_t value() const noexcept;
 	/* Set the value an MMIO read returns. */
 	void set(std::uint64_t v) const noexcept;
@@ -64,17 +69,23 @@ struct DebugExit {
 
 /* KVM_EXIT_X86_RDMSR / KVM_EXIT_X86_WRMSR (user-space MSR handling). */
 struct MsrExit {
-	bool is_write;
+	enum class Direction : std::uint8_t { read, write };	/* RDMSR, WRMSR */
+	Direction direction;
 	std::uint32_t index;
 	std::uint32_t reason;	/* KVM_MSR_EXIT_REASON_* */
-	std::uint64_t *data;	/* inside kvm_run */
-	std::uint8_t *error;	/* inside kvm_run; non-zero injects #GP */
+	std::span<std::byte> data;  /* the 8-byte value inside kvm_run */
+	std::span<std::byte> error; /* 1 byte inside kvm_run; non-zero injects #GP */
 
-	std::uint64_t value() const noexcept { return *data; }
+	bool is_read() const noexcept { return direction == Direction::read; }
+	bool is_write() const noexcept { return direction == Direction::write; }
+	/* The value a WRMSR writes (or an RDMSR's answer set so far). */
+	std::uint64_t value() const noexcept;
 	/* Complete an RDMSR with v. */
-	void set(std::uint64_t v) const noexcept { *data = v; }
+	void set(std::uint64_t v) const noexcept;
 	/* Make the guest's RDMSR/WRMSR raise #GP. */
-	void fail() const noexcept { *error = 1; }
+	void fail() const noexcept;
+	/* Whether fail() was called (kvm_run's error byte is non-zero). */
+	bool failed() const noexcept;
 };
 
 struct ShutdownExit {};

@@ -18,6 +18,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <memory>
+#include <optional>
 #include <span>
 #include <string>
 #include <type_traits>
@@ -43,8 +44,13 @@ struct RegionOptions {
 	bool readonly = false;
 	/* Track guest writes in a dirty bitmap (see GuestMemory::dirty_log). */
 	bool dirty_log = false;
-	/* Name used in errors and `virtkit info`. */
+	/*
+	 * Name used in errors and `virtkit info`; at most max_name bytes (it
+	 * names the region's memfd, "virtkit-<name>", which the kernel limits
+	 * to 249 bytes), else add() fails with EINVAL.
+	 */
 	std::string name = {};
+	static constexpr std::size_t max_name = 241;
 	/*
 	 * Back the region with 2 MiB hugetlbfs pages (gpa and size must be
 	 * 2 MiB aligned; the host needs free pages in
@@ -95,6 +101,8 @@ public:
 	std::vector<RegionInfo> regions() const;
 	/* The region containing gpa (ENOENT when none). */
 	RegionInfo region_at(std::uint64_t gpa) const;
+	/* The same for callers that expect none: empty when no region has gpa. */
+	std::optional<RegionInfo> try_region_at(std::uint64_t gpa) const;
 
 	/* Whether [gpa, gpa+size) is backed by regions without gaps. */
 	bool contains(std::uint64_t gpa, std::uint64_t size) const;

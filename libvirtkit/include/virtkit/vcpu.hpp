@@ -13,6 +13,7 @@
 
 #include <cstdint>
 #include <memory>
+#include <optional>
 #include <span>
 #include <vector>
 
@@ -53,7 +54,9 @@ public:
 	/*
 	 * Enter the guest until an exit that no exit handler consumes. Returns
 	 * InterruptedExit after kick() (then the kick is consumed) or a
-	 * signal. Throws Error for a failing KVM_RUN.
+	 * signal, and MemoryFaultExit for the KVM_EXIT_MEMORY_FAULT that KVM
+	 * reports by failing KVM_RUN with EFAULT. Throws Error for any other
+	 * failing KVM_RUN.
 	 */
 	Exit run();
 	/*
@@ -86,6 +89,17 @@ public:
 	 */
 	void get_msrs(std::span<kvm_msr_entry> entries) const;
 	void set_msrs(std::span<const kvm_msr_entry> entries);
+	/*
+	 * The same for callers that expect KVM to refuse some MSRs (probing
+	 * what a vCPU has): KVM's refusal is an answer, not an error.
+	 * try_msr() is empty and try_set_msr() false when KVM does not handle
+	 * the MSR (or refuses the value); try_get_msrs() reads entries in
+	 * order up to the first refused one and returns how many it read (the
+	 * rest are left as they were). A failing ioctl still throws.
+	 */
+	std::optional<std::uint64_t> try_msr(std::uint32_t index) const;
+	bool try_set_msr(std::uint32_t index, std::uint64_t value);
+	std::size_t try_get_msrs(std::span<kvm_msr_entry> entries) const;
 
 	std::vector<kvm_cpuid_entry2> cpuid() const;
 	void set_cpuid(std::span<const kvm_cpuid_entry2> entries);

@@ -1,6 +1,7 @@
 // SPDX-License-Identifier: MIT
 #include <virtkit/exit.hpp>
 
+#include <cerrno>
 #include <cstdio>
 #include <cstring>
 
@@ -44,6 +45,27 @@ void MmioExit::set(std::uint64_t v) const noexcept
 	store_le(data.data(), data.size(), v);
 }
 
+std::uint64_t MsrExit::value() const noexcept
+{
+	return load_le(data.data(), data.size());
+}
+
+void MsrExit::set(std::uint64_t v) const noexcept
+{
+	store_le(data.data(), data.size(), v);
+}
+
+void MsrExit::fail() const noexcept
+{
+	if (!error.empty())
+		error[0] = std::byte{1};
+}
+
+bool MsrExit::failed() const noexcept
+{
+	return !error.empty() && error[0] != std::byte{0};
+}
+
 std::string exit_reason_name(std::uint32_t reason)
 {
 	switch (reason) {
@@ -82,9 +104,9 @@ struct Describer {
 	}
 	std::string operator()(const MmioExit &e) const
 	{
-		std::string s = std::string("MMIO ") + (e.is_write ? "write" : "read") +
+		std::string s = std::string("MMIO ") + (e.is_write() ? "write" : "read") +
 				" gpa=" + hexs(e.gpa) + " len=" + std::to_string(e.data.size());
-		if (e.is_write)
+		if (e.is_write())
 			s += " data=" + hexs(e.value());
 		return s;
 	}
@@ -96,9 +118,9 @@ struct Describer {
 	}
 	std::string operator()(const MsrExit &e) const
 	{
-		std::string s = std::string(e.is_write ? "WRMSR" : "RDMSR") +
+		std::string s = std::string(e.is_write() ? "WRMSR" : "RDMSR") +
 				" index=" + hexs(e.index) + " reason=" + hexs(e.reason);
-		if (e.is_write)
+		if (e.is_write())
 			s += " data=" + hexs(e.value());
 		return s;
 	}
@@ -155,6 +177,11 @@ std::string describe(const Exit &exit)
 
 namespace detail {
 
+bool failed_run_reports_exit(const kvm_run &run, int err)
+{
+	return err == EFAULT && run.exit_reason == KVM_EXIT_MEMORY_FAULT;
+}
+
 Exit decode_exit(kvm_run &run, std::size_t run_size, bool interrupted)
 {
 	if (interrupted)
@@ -176,8 +203,8 @@ Exit decode_exit(kvm_run &run, std::size_t run_size, bool interrupted)
 	case KVM_EXIT_MMIO: {
 		auto &m = run.mmio;
 		std::size_t len = m.len <= sizeof(m.data) ? m.len : sizeof(m.data);
-		return MmioExit{m.phys_addr, m.is_write != 0,
-				std::span(reinterpret_cast<std::byte *>(m.data), len)};
+		return MmioExit{m.is_write ? MmioExit::Direction::write : MmioExit::Direction::read,
+				m.phys_addr, std::span(reinterpret_cast<std::byte *>(m.data), len)};
 	}
 	case KVM_EXIT_HLT:
 		return HltExit{};
@@ -186,9 +213,13 @@ Exit decode_exit(kvm_run &run, std::size_t run_size, bool interrupted)
 				 run.debug.arch.dr6, run.debug.arch.dr7};
 	case KVM_EXIT_X86_RDMSR:
 	case KVM_EXIT_X86_WRMSR:
-		return MsrExit{run.exit_reason == KVM_EXIT_X86_WRMSR, run.msr.index,
-			       run.msr.reason, reinterpret_cast<std::uint64_t *>(&run.msr.data),
-			       &run.msr.error};
+		return MsrExit{run.exit_reason == KVM_EXIT_X86_WRMSR ? MsrExit::Direction::write
+								      : MsrExit::Direction::read,
+			       run.msr.index, run.msr.reason,
+			       std::span(reinterpret_cast<std::byte *>(&run.msr.data),
+					 sizeof(run.msr.data)),
+			       std::span(reinterpret_cast<std::byte *>(&run.msr.error),
+					 sizeof(run.msr.error))};
 	case KVM_EXIT_SHUTDOWN:
 		return ShutdownExit{};
 	case KVM_EXIT_FAIL_ENTRY:

@@ -16,4 +16,13 @@ namespace virtkit::detail {
  */
 Exit decode_exit(kvm_run &run, std::size_t run_size, bool interrupted);
 
+/*
+ * Whether a KVM_RUN that failed with err still reported an exit in run:
+ * KVM_EXIT_MEMORY_FAULT comes with KVM_RUN returning -1/EFAULT (as
+ * rust-vmm's kvm-ioctls has it). Only meaningful when the caller cleared
+ * exit_reason before KVM_RUN, so that an earlier exit cannot be taken for
+ * this one.
+ */
+bool failed_run_reports_exit(const kvm_run &run, int err);
+
 } // namespace virtkit::detail

@@ -25,6 +25,10 @@ void GuestMemory::remove(RegionId id) { map_.remove(id); }
 RegionInfo GuestMemory::info(RegionId id) const { return map_.info(id); }
 std::vector<RegionInfo> GuestMemory::regions() const { return map_.regions(); }
 RegionInfo GuestMemory::region_at(std::uint64_t gpa) const { return map_.region_at(gpa); }
+std::optional<RegionInfo> GuestMemory::try_region_at(std::uint64_t gpa) const
+{
+	return map_.try_region_at(gpa);
+}
 bool GuestMemory::contains(std::uint64_t gpa, std::uint64_t size) const
 {
 	return map_.contains(gpa, size);

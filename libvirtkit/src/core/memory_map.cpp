@@ -225,6 +225,12 @@ RegionId MemoryMap::add(std::uint64_t gpa, std::uint64_t size, const RegionOptio
 	if (opts.huge_pages && (gpa % huge_page || size % huge_page))
 		throw Error("GuestMemory::add", EINVAL,
 			    range(gpa, size) + ": huge-page regions must be 2 MiB aligned");
+	/* Checked here: memfd_create's EINVAL would quote the whole name. */
+	if (opts.name.size() > RegionOptions::max_name)
+		throw Error("GuestMemory::add", EINVAL,
+			    "region name \"" + opts.name.substr(0, 32) + "...\" is " +
+				    std::to_string(opts.name.size()) + " bytes long, at most " +
+				    std::to_string(RegionOptions::max_name) + " are allowed");
 
 	std::unique_lock lock(mu_);
 	check_free(gpa, size, nullptr, "GuestMemory::add");
@@ -329,13 +335,20 @@ std::vector<RegionInfo> MemoryMap::regions() const
 	return v;
 }
 
-RegionInfo MemoryMap::region_at(std::uint64_t gpa) const
+std::optional<RegionInfo> MemoryMap::try_region_at(std::uint64_t gpa) const
 {
 	std::shared_lock lock(mu_);
 	const Region *r = find_gpa(gpa);
 	if (!r)
-		throw Error("GuestMemory::region_at", ENOENT, "gpa=" + hex(gpa));
+		return std::nullopt;
 	return info_of(r->id, r->gpa, r->size, r->opts, r->map.data());
+}
+
+RegionInfo MemoryMap::region_at(std::uint64_t gpa) const
+{
+	if (auto r = try_region_at(gpa))
+		return std::move(*r);
+	throw Error("GuestMemory::region_at", ENOENT, "gpa=" + hex(gpa));
 }
 
 bool MemoryMap::contains(std::uint64_t gpa, std::uint64_t size) const
@@ -683,14 +696,14 @@ bool MemoryMap::complete_mmio(const MmioExit &exit)
 	auto *r = const_cast<Region *>(find_gpa(exit.gpa));
 	if (!r || exit.data.size() > r->gpa + r->size - exit.gpa)
 		return false;
-	if (exit.is_write && r->opts.readonly)
+	if (exit.is_write() && r->opts.readonly)
 		return false;
 	/* Pages a feature took from the guest are that feature's to complete. */
 	std::uint64_t last = exit.gpa + (exit.data.empty() ? 0 : exit.data.size() - 1);
 	if (hidden_locked(exit.gpa) || hidden_locked(last))
 		return false;
 	std::byte *host = r->map.data() + (exit.gpa - r->gpa);
-	if (exit.is_write) {
+	if (exit.is_write()) {
 		std::memcpy(host, exit.data.data(), exit.data.size());
 		mark_dirty_locked(*r, exit.gpa - r->gpa, exit.data.size());
 	} else {

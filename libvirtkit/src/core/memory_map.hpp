@@ -59,6 +59,7 @@ public:
 	RegionInfo info(RegionId id) const;
 	std::vector<RegionInfo> regions() const;
 	RegionInfo region_at(std::uint64_t gpa) const;
+	std::optional<RegionInfo> try_region_at(std::uint64_t gpa) const;
 	bool contains(std::uint64_t gpa, std::uint64_t size) const;
 	std::byte *host_ptr(std::uint64_t gpa, std::uint64_t size) const;
 	/*

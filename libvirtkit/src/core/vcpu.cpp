@@ -132,6 +132,12 @@ Exit Vcpu::run()
 			s.running_thread = pthread_self();
 			s.in_run = true;
 		}
+		/*
+		 * KVM writes exit_reason only when it reports an exit; clear it
+		 * so that a KVM_RUN failing with EFAULT is never taken for a
+		 * KVM_EXIT_MEMORY_FAULT an earlier run reported.
+		 */
+		run->exit_reason = KVM_EXIT_UNKNOWN;
 		/* KVM_RUN, or the same through virtkit.ko's fast path (kmod SPP). */
 		const int run_fd = s.vm->run_fd.load();
 		int r;
@@ -150,7 +156,7 @@ Exit Vcpu::run()
 		}
 		s.vm->gate.leave();
 		bool interrupted = false;
-		if (r < 0) {
+		if (r < 0 && !detail::failed_run_reports_exit(*run, err)) {
 			if (err != EINTR && err != EAGAIN) {
 				errno = err;
 				detail::throw_ioctl_error(run_fd >= 0 ? detail::KmodVm::run_name
@@ -413,6 +419,34 @@ void Vcpu::set_msr(std::uint32_t index, std::uint64_t value)
 	e.index = index;
 	e.data = value;
 	set_msrs(std::span<const kvm_msr_entry>(&e, 1));
+}
+
+std::size_t Vcpu::try_get_msrs(std::span<kvm_msr_entry> entries) const
+{
+	MsrBuf b(entries.size());
+	for (std::size_t i = 0; i < entries.size(); i++)
+		b.msrs()->entries[i] = entries[i];
+	int n = VK_IOCTL(fd(), KVM_GET_MSRS, b.msrs(), who(*state_), state_->vm->fd.get());
+	for (int i = 0; i < n; i++)
+		entries[i] = b.msrs()->entries[i];
+	return static_cast<std::size_t>(n);
+}
+
+std::optional<std::uint64_t> Vcpu::try_msr(std::uint32_t index) const
+{
+	kvm_msr_entry e{};
+	e.index = index;
+	if (try_get_msrs(std::span(&e, 1)) != 1)
+		return std::nullopt;
+	return e.data;
+}
+
+bool Vcpu::try_set_msr(std::uint32_t index, std::uint64_t value)
+{
+	MsrBuf b(1);
+	b.msrs()->entries[0].index = index;
+	b.msrs()->entries[0].data = value;
+	return VK_IOCTL(fd(), KVM_SET_MSRS, b.msrs(), who(*state_), state_->vm->fd.get()) == 1;
 }
 
 std::vector<kvm_cpuid_entry2> Vcpu::cpuid() const

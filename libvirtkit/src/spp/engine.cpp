@@ -452,7 +452,7 @@ ExitAction SppEngine::on_exit(Vcpu &vcpu, Exit &exit)
 			       ? complete_cmpxchg16b(vcpu, exit)
 			       : ExitAction::pass;
 	auto *m = std::get_if<MmioExit>(&exit);
-	if (!m || !m->is_write || m->data.empty())
+	if (!m || !m->is_write() || m->data.empty())
 		return ExitAction::pass;
 	{
 		auto lock = mem_.lock_shared();

@@ -102,6 +102,13 @@ static SppBackendKind choose_backend(SppBackendKind asked)
 
 SubpageProtection &Vm::enable_spp(const SppOptions &options)
 {
+	/* An enum class holds any value of its type: refuse what is not one. */
+	if (options.backend != SppBackendKind::automatic && options.backend != SppBackendKind::user &&
+	    options.backend != SppBackendKind::kmod)
+		throw Error("Vm::enable_spp", EINVAL,
+			    "SppOptions::backend = " +
+				    std::to_string(static_cast<int>(options.backend)) +
+				    ": not automatic, user or kmod");
 	auto &st = *state_;
 	std::lock_guard lock(st.spp_mu);
 	if (st.spp) {

@@ -43,18 +43,9 @@ void read_event_msrs(Vcpu &vcpu, kvmi_event_arch &arch)
 	kvm_msr_entry e[std::size(event_msrs)]{};
 	for (std::size_t i = 0; i < std::size(e); i++)
 		e[i].index = event_msrs[i];
-	try {
-		vcpu.get_msrs(e);
-	} catch (const Error &) {
-		/* One the vCPU lacks (no SYSCALL, say): read them one by one, 0 if refused. */
-		for (auto &one : e) {
-			try {
-				vcpu.get_msrs(std::span(&one, 1));
-			} catch (const Error &) {
-				one.data = 0;
-			}
-		}
-	}
+	/* One the vCPU lacks (no SYSCALL, say) reads as 0; the rest as they are. */
+	for (std::size_t i = vcpu.try_get_msrs(e); i < std::size(e); i++)
+		e[i].data = vcpu.try_msr(e[i].index).value_or(0);
 	__u64 vals[std::size(event_msrs)];
 	for (std::size_t i = 0; i < std::size(e); i++)
 		vals[i] = e[i].data;

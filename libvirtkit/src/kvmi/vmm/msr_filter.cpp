@@ -62,11 +62,8 @@ void set_filter(int vm_fd, const std::set<std::uint32_t> &deny)
 /* Perform a guest WRMSR from the VMM; a value KVM refuses becomes #GP. */
 void complete_write(Vcpu &vcpu, MsrExit &m, std::uint64_t value)
 {
-	try {
-		vcpu.set_msr(m.index, value);
-	} catch (const Error &) {
+	if (!vcpu.try_set_msr(m.index, value))
 		m.fail();
-	}
 }
 
 /*
@@ -148,7 +145,7 @@ int IntrospectionServer::update_msr_filter()
 ExitAction IntrospectionServer::on_msr_exit(Vcpu &vcpu, MsrExit &m)
 {
 	/* Only our filter denies writes: every FILTER write exit is ours. */
-	if (!m.is_write || m.reason != KVM_MSR_EXIT_REASON_FILTER || !msr_filter_used_)
+	if (!m.is_write() || m.reason != KVM_MSR_EXIT_REASON_FILTER || !msr_filter_used_)
 		return ExitAction::pass;
 	const std::uint64_t value = m.value();
 	if (vcpu.id() > 0xffff) {
@@ -169,11 +166,7 @@ ExitAction IntrospectionServer::on_msr_exit(Vcpu &vcpu, MsrExit &m)
 	kvmi_event_msr e{};
 	e.msr = m.index;
 	e.new_value = value;
-	try {
-		e.old_value = vcpu.msr(m.index);
-	} catch (const Error &) {
-		e.old_value = 0;
-	}
+	e.old_value = vcpu.try_msr(m.index).value_or(0);
 	auto out = raise(id, &vcpu, KVMI_EVENT_MSR, std::as_bytes(std::span(&e, 1)));
 	switch (out.action) {
 	case KVMI_EVENT_ACTION_RETRY:

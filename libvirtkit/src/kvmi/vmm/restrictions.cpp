@@ -326,7 +326,7 @@ bool IntrospectionServer::read_blocked(std::uint64_t gpa)
  */
 ExitAction IntrospectionServer::on_mmio_read(Vcpu &vcpu, const MmioExit &m)
 {
-	if (m.is_write || m.data.empty() || !read_blocked(m.gpa))
+	if (m.is_write() || m.data.empty() || !read_blocked(m.gpa))
 		return ExitAction::pass;
 	kvmi_event_pf pf{};
 	pf.gpa = m.gpa;

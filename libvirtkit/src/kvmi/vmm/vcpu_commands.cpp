@@ -225,16 +225,7 @@ int IntrospectionServer::get_mtrr_type(Vcpu &vcpu, std::span<const std::byte> p,
 {
 	auto c = kvmi::load<kvmi_get_mtrr_type>(p);
 	/* An MSR KVM refuses reads as 0: no MTRRs means disabled (WB). */
-	auto read = [&](std::uint32_t index) -> std::uint64_t {
-		kvm_msr_entry e{};
-		e.index = index;
-		try {
-			vcpu.get_msrs(std::span(&e, 1));
-		} catch (const Error &) {
-			return 0;
-		}
-		return e.data;
-	};
+	auto read = [&](std::uint32_t index) { return vcpu.try_msr(index).value_or(0); };
 	kvmi::MtrrState m;
 	m.def_type = read(kvmi::msr_mtrr_def_type);
 	if (m.def_type & (1u << 11)) {

@@ -159,16 +159,12 @@ int IntrospectionServer::query_physical(std::span<const std::byte> p, std::vecto
 	auto c = kvmi::load<kvmi_query_physical>(p);
 	if (c.gfn > ~0ull / kvmi::page_size)
 		return -KVMI_EINVAL;
-	try {
-		auto region = vm_.memory().region_at(c.gfn * kvmi::page_size);
-		kvmi_query_physical_reply r{region.gpa / kvmi::page_size, region.size};
-		append_bytes(out, r);
-		return 0;
-	} catch (const Error &e) {
-		if (e.err() == ENOENT)
-			return -KVMI_ENOENT;
-		throw;
-	}
+	auto region = vm_.memory().try_region_at(c.gfn * kvmi::page_size);
+	if (!region)
+		return -KVMI_ENOENT;
+	kvmi_query_physical_reply r{region->gpa / kvmi::page_size, region->size};
+	append_bytes(out, r);
+	return 0;
 }
 
 } // namespace virtkit::detail
