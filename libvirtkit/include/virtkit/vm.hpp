@@ -31,7 +31,7 @@ struct VmOptions;
 #pragma GCC visibility push(hidden)
 namespace detail {
 struct VmState;
-struct VmAccess;
+class RunControl;
 }
 #pragma GCC visibility pop
 
@@ -114,7 +114,7 @@ public:
 
 private:
 	friend class System;
-	friend struct detail::VmAccess;
+	friend class detail::RunControl;
 	explicit Vm(std::shared_ptr<detail::VmState> state);
 	std::shared_ptr<detail::VmState> state_;
 };

@@ -12,7 +12,8 @@
 #include <virtkit/vcpu.hpp>
 
 #include "core/ioctl.hpp"
-#include "core/state.hpp"
+#include "core/vcpu_state.hpp"
+#include "core/vm_state.hpp"
 
 namespace virtkit {
 
@@ -87,9 +88,6 @@ Vcpu Vm::create_vcpu(std::uint32_t id)
 }
 
 namespace detail {
-
-const std::shared_ptr<VmState> &VmAccess::state(Vm &vm) { return vm.state_; }
-Vm VmAccess::handle(std::shared_ptr<VmState> state) { return Vm(std::move(state)); }
 
 std::shared_ptr<VcpuState> VmState::find_vcpu(std::uint32_t id)
 {

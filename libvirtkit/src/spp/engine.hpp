@@ -38,13 +38,11 @@
 
 namespace virtkit::detail {
 
-struct VmState;
-
 class MapWindow;
 
 class SppEngine final : public SppBackend, private RegionObserver {
 public:
-	SppEngine(VmState &vm, std::unique_ptr<SppStore> store);
+	SppEngine(MemoryMap &mem, std::unique_ptr<SppStore> store);
 	~SppEngine() override;
 
 	/* The exit handler the VM must register (at the highest priority). */
@@ -82,7 +80,6 @@ private:
 	void count_protected(std::span<const std::uint32_t> old_maps,
 			     std::span<const std::uint32_t> new_maps);
 
-	VmState &vm_;
 	MemoryMap &mem_;
 	std::unique_ptr<SppStore> store_; /* used under mem_'s lock */
 	std::uint64_t protected_pages_ = 0; /* under mem_'s lock */

@@ -17,7 +17,8 @@
 #include "core/ioctl.hpp"
 #include "kmod/kmod_vm.hpp"
 #include "spp/engine.hpp"
-#include "core/state.hpp"
+#include "core/feature_slots.hpp"
+#include "core/run_control.hpp"
 
 namespace virtkit {
 
@@ -102,46 +103,45 @@ static SppBackendKind choose_backend(SppBackendKind asked)
 
 SubpageProtection &Vm::enable_spp(const SppOptions &options)
 {
-	auto &st = *state_;
-	std::lock_guard lock(st.spp_mu);
-	if (st.spp) {
-		if (options.backend != SppBackendKind::automatic &&
-		    options.backend != st.spp->backend())
-			throw Error("Vm::enable_spp", EINVAL,
-				    std::string("already enabled with the ") +
-					    backend_name(st.spp->backend()) + " backend");
-		return *st.spp;
-	}
-	const SppBackendKind kind = choose_backend(options.backend);
-	std::unique_ptr<detail::SppStore> store;
-	detail::KmodVm *kmod = nullptr;
-	if (kind == SppBackendKind::kmod) {
-		kmod = &detail::attach_kmod(st);
-		if (kmod->check_extension(VIRTKIT_CAP_SPP) <= 0)
-			throw Error("Vm::enable_spp", EOPNOTSUPP,
-				    "this virtkit.ko does not offer sub-page protection "
-				    "(VIRTKIT_CAP_SPP = 0)");
-		kmod->spp_enable();
-		store = std::make_unique<detail::KmodSppStore>(*kmod);
-	} else {
-		store = std::make_unique<detail::LocalSppStore>();
-	}
-	auto backend = std::make_unique<detail::SppEngine>(st, std::move(store));
-	auto *b = backend.get();
-	/* Library features see exits before any handler of the VMM. */
-	b->keep_registration(add_exit_handler(
-		[b](Vcpu &v, Exit &e) { return b->on_exit(v, e); }, INT_MIN));
-	st.spp.reset(new SubpageProtection(std::move(backend)));
-	/* From their next entry on, vCPUs run through the module's fast path. */
-	if (kmod)
-		st.run_fd.store(kmod->fd());
-	return *st.spp;
+	using detail::RunControl;
+	auto &spp = RunControl::features(*this).get_or_attach<SubpageProtection>([&] {
+		const SppBackendKind kind = choose_backend(options.backend);
+		std::unique_ptr<detail::SppStore> store;
+		detail::KmodVm *kmod = nullptr;
+		if (kind == SppBackendKind::kmod) {
+			/* Attached before SPP, so destroyed after it (feature_slots.hpp). */
+			kmod = &detail::attach_kmod(*this);
+			if (kmod->check_extension(VIRTKIT_CAP_SPP) <= 0)
+				throw Error("Vm::enable_spp", EOPNOTSUPP,
+					    "this virtkit.ko does not offer sub-page protection "
+					    "(VIRTKIT_CAP_SPP = 0)");
+			kmod->spp_enable();
+			store = std::make_unique<detail::KmodSppStore>(*kmod);
+		} else {
+			store = std::make_unique<detail::LocalSppStore>();
+		}
+		auto backend = std::make_unique<detail::SppEngine>(RunControl::memory_map(*this),
+								   std::move(store));
+		auto *b = backend.get();
+		/* Library features see exits before any handler of the VMM. */
+		b->keep_registration(add_exit_handler(
+			[b](Vcpu &v, Exit &e) { return b->on_exit(v, e); }, INT_MIN));
+		std::unique_ptr<SubpageProtection> spp(new SubpageProtection(std::move(backend)));
+		/* From their next entry on, vCPUs run through the module's fast path. */
+		if (kmod)
+			RunControl::set_entry(*this, kmod);
+		return spp;
+	});
+	if (options.backend != SppBackendKind::automatic && options.backend != spp.backend())
+		throw Error("Vm::enable_spp", EINVAL,
+			    std::string("already enabled with the ") + backend_name(spp.backend()) +
+				    " backend");
+	return spp;
 }
 
 SubpageProtection *Vm::spp() noexcept
 {
-	std::lock_guard lock(state_->spp_mu);
-	return state_->spp.get();
+	return detail::RunControl::features(*this).find<SubpageProtection>();
 }
 
 } // namespace virtkit
