@@ -17,7 +17,6 @@
 
 #include <virtkit/exit.hpp>
 #include <virtkit/memory.hpp>
-#include <virtkit/spp.hpp>
 
 /* What this header declares is libvirtkit's API (built with -fvisibility=hidden). */
 #pragma GCC visibility push(default)
@@ -97,15 +96,6 @@ public:
 	std::uint32_t dirty_ring_bytes() const noexcept;
 	/* KVM_RESET_DIRTY_RINGS after harvesting every vCPU's ring. */
 	void reset_dirty_rings();
-
-	/*
-	 * Enable sub-page write protection (virtkit/spp.hpp). Idempotent: later
-	 * calls return the same object (EINVAL if they ask for another
-	 * backend). The object lives as long as the VM's state.
-	 */
-	SubpageProtection &enable_spp(const SppOptions &options = {});
-	/* The SubpageProtection of this VM, nullptr until enable_spp(). */
-	SubpageProtection *spp() noexcept;
 
 	/* Whether KVM has marked this VM dead (every VM ioctl then fails with EIO). */
 	bool is_dead() const;

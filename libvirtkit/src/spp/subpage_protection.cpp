@@ -93,7 +93,7 @@ static SppBackendKind choose_backend(SppBackendKind asked)
 			return SppBackendKind::user;
 		if (!std::strcmp(env, "kmod"))
 			return SppBackendKind::kmod;
-		throw Error("Vm::enable_spp", EINVAL,
+		throw Error("SubpageProtection::enable", EINVAL,
 			    std::string("VIRTKIT_SPP_BACKEND=") + env + ": expected user or kmod");
 	}
 	struct stat st;
@@ -101,18 +101,18 @@ static SppBackendKind choose_backend(SppBackendKind asked)
 							  : SppBackendKind::user;
 }
 
-SubpageProtection &Vm::enable_spp(const SppOptions &options)
+SubpageProtection &SubpageProtection::enable(Vm &vm, const SppOptions &options)
 {
 	using detail::RunControl;
-	auto &spp = RunControl::features(*this).get_or_attach<SubpageProtection>([&] {
+	auto &spp = RunControl::features(vm).get_or_attach<SubpageProtection>([&] {
 		const SppBackendKind kind = choose_backend(options.backend);
 		std::unique_ptr<detail::SppStore> store;
 		detail::KmodVm *kmod = nullptr;
 		if (kind == SppBackendKind::kmod) {
 			/* Attached before SPP, so destroyed after it (feature_slots.hpp). */
-			kmod = &detail::attach_kmod(*this);
+			kmod = &detail::attach_kmod(vm);
 			if (kmod->check_extension(VIRTKIT_CAP_SPP) <= 0)
-				throw Error("Vm::enable_spp", EOPNOTSUPP,
+				throw Error("SubpageProtection::enable", EOPNOTSUPP,
 					    "this virtkit.ko does not offer sub-page protection "
 					    "(VIRTKIT_CAP_SPP = 0)");
 			kmod->spp_enable();
@@ -120,28 +120,28 @@ SubpageProtection &Vm::enable_spp(const SppOptions &options)
 		} else {
 			store = std::make_unique<detail::LocalSppStore>();
 		}
-		auto backend = std::make_unique<detail::SppEngine>(RunControl::memory_map(*this),
+		auto backend = std::make_unique<detail::SppEngine>(RunControl::memory_map(vm),
 								   std::move(store));
 		auto *b = backend.get();
 		/* Library features see exits before any handler of the VMM. */
-		b->keep_registration(add_exit_handler(
+		b->keep_registration(vm.add_exit_handler(
 			[b](Vcpu &v, Exit &e) { return b->on_exit(v, e); }, INT_MIN));
 		std::unique_ptr<SubpageProtection> spp(new SubpageProtection(std::move(backend)));
 		/* From their next entry on, vCPUs run through the module's fast path. */
 		if (kmod)
-			RunControl::set_entry(*this, kmod);
+			RunControl::set_entry(vm, kmod);
 		return spp;
 	});
 	if (options.backend != SppBackendKind::automatic && options.backend != spp.backend())
-		throw Error("Vm::enable_spp", EINVAL,
+		throw Error("SubpageProtection::enable", EINVAL,
 			    std::string("already enabled with the ") + backend_name(spp.backend()) +
 				    " backend");
 	return spp;
 }
 
-SubpageProtection *Vm::spp() noexcept
+SubpageProtection *SubpageProtection::of(Vm &vm) noexcept
 {
-	return detail::RunControl::features(*this).find<SubpageProtection>();
+	return detail::RunControl::features(vm).find<SubpageProtection>();
 }
 
 } // namespace virtkit

@@ -86,7 +86,7 @@ int IntrospectionServer::control_spp(std::span<const std::byte> p)
 	std::lock_guard lock(restr_mu_);
 	if (c.enable) {
 		try {
-			vm_.enable_spp(); /* fails here, not at the first bitmap */
+			SubpageProtection::enable(vm_); /* fails here, not at the first bitmap */
 		} catch (const Error &) {
 			return -KVMI_EOPNOTSUPP;
 		}
@@ -171,7 +171,7 @@ int IntrospectionServer::apply_pages_locked(const std::map<std::uint64_t, KvmiPa
 	if (!runs.empty()) {
 		SubpageProtection *spp;
 		try {
-			spp = &vm_.enable_spp();
+			spp = &SubpageProtection::enable(vm_);
 		} catch (const Error &) {
 			return -KVMI_EOPNOTSUPP;
 		}
