@@ -55,7 +55,7 @@ class Vm;
 
 #pragma GCC visibility push(hidden)
 namespace detail {
-class SppBackend;
+class SppEngine;
 }
 #pragma GCC visibility pop
 
@@ -131,8 +131,8 @@ public:
 	SppStats stats() const;
 
 private:
-	explicit SubpageProtection(std::unique_ptr<detail::SppBackend> backend);
-	std::unique_ptr<detail::SppBackend> backend_;
+	explicit SubpageProtection(std::unique_ptr<detail::SppEngine> engine);
+	std::unique_ptr<detail::SppEngine> engine_;
 };
 
 } // namespace virtkit

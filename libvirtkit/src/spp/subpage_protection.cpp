@@ -24,8 +24,8 @@ namespace virtkit {
 
 using detail::hex;
 
-SubpageProtection::SubpageProtection(std::unique_ptr<detail::SppBackend> backend)
-	: backend_(std::move(backend)) {}
+SubpageProtection::SubpageProtection(std::unique_ptr<detail::SppEngine> engine)
+	: engine_(std::move(engine)) {}
 
 SubpageProtection::~SubpageProtection() = default;
 
@@ -41,7 +41,7 @@ void SubpageProtection::set_access(std::uint64_t gfn, std::span<const std::uint3
 		throw Error("SubpageProtection::set_access", EINVAL,
 			    "gfn=" + hex(gfn) + " npages=" + std::to_string(maps.size()) +
 				    ": range wraps");
-	backend_->set_access(gfn, maps);
+	engine_->set_access(gfn, maps);
 }
 
 std::vector<std::uint32_t> SubpageProtection::get_access(std::uint64_t gfn, std::uint64_t npages,
@@ -56,16 +56,16 @@ std::vector<std::uint32_t> SubpageProtection::get_access(std::uint64_t gfn, std:
 		throw Error("SubpageProtection::get_access", EINVAL,
 			    "gfn=" + hex(gfn) + " npages=" + std::to_string(npages) +
 				    ": range wraps");
-	return backend_->get_access(gfn, npages);
+	return engine_->get_access(gfn, npages);
 }
 
 void SubpageProtection::on_violation(SppViolationHandler handler)
 {
-	backend_->on_violation(std::move(handler));
+	engine_->on_violation(std::move(handler));
 }
 
-SppBackendKind SubpageProtection::backend() const noexcept { return backend_->kind(); }
-SppStats SubpageProtection::stats() const { return backend_->stats(); }
+SppBackendKind SubpageProtection::backend() const noexcept { return engine_->kind(); }
+SppStats SubpageProtection::stats() const { return engine_->stats(); }
 
 static const char *backend_name(SppBackendKind k)
 {
@@ -120,13 +120,13 @@ SubpageProtection &SubpageProtection::enable(Vm &vm, const SppOptions &options)
 		} else {
 			store = std::make_unique<detail::LocalSppStore>();
 		}
-		auto backend = std::make_unique<detail::SppEngine>(RunControl::memory_map(vm),
-								   std::move(store));
-		auto *b = backend.get();
+		auto engine = std::make_unique<detail::SppEngine>(RunControl::memory_map(vm),
+								  std::move(store));
+		auto *e = engine.get();
 		/* Library features see exits before any handler of the VMM. */
-		b->keep_registration(vm.add_exit_handler(
-			[b](Vcpu &v, Exit &e) { return b->on_exit(v, e); }, INT_MIN));
-		std::unique_ptr<SubpageProtection> spp(new SubpageProtection(std::move(backend)));
+		e->keep_registration(vm.add_exit_handler(
+			[e](Vcpu &v, Exit &exit) { return e->on_exit(v, exit); }, INT_MIN));
+		std::unique_ptr<SubpageProtection> spp(new SubpageProtection(std::move(engine)));
 		/* From their next entry on, vCPUs run through the module's fast path. */
 		if (kmod)
 			RunControl::set_entry(vm, kmod);
