@@ -9,7 +9,7 @@
 #include <string>
 #include <vector>
 
-#include "core/slot_plan.hpp"
+#include "core/memslot_layout.hpp"
 
 using virtkit::detail::SlotSpec;
 using virtkit::detail::TrappedPages;

@@ -1,6 +1,9 @@
 // SPDX-License-Identifier: MIT
 /*
  * Internal: the regions of guest memory of one VM and their memslots.
+ * memory_map.cpp holds the region table and the VMM's access through it;
+ * memslot_layout.cpp applies the memslot plans (memslot_layout.hpp);
+ * guest_access.cpp completes guest accesses that trapped.
  *
  * Locking: mu_ protects the region table and every Region's fields. Readers
  * (address lookups, host copies, MMIO completion on vCPU threads) take it
@@ -18,13 +21,14 @@
 #include <optional>
 #include <set>
 #include <shared_mutex>
+#include <string>
 #include <vector>
 
 #include <virtkit/exit.hpp>
 #include <virtkit/fd.hpp>
 #include <virtkit/memory.hpp>
 
-#include "core/slot_plan.hpp"
+#include "core/memslot_layout.hpp"
 
 namespace virtkit::detail {
 
@@ -186,6 +190,9 @@ private:
 	std::uint32_t next_slot_ = 0;
 	std::size_t used_slots_ = 0;
 };
+
+/* "gpa=0x... size=0x..." for errors about a guest-physical range. */
+std::string gpa_range(std::uint64_t gpa, std::uint64_t size);
 
 /* The friend through which library internals reach a GuestMemory's map. */
 struct GuestMemoryAccess {
