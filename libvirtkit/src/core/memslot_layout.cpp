@@ -199,12 +199,6 @@ void MemoryMap::apply_plan(Region &r, const std::vector<SlotSpec> &plan)
 	apply_span(r, 0, r.size / page, plan);
 }
 
-std::size_t MemoryMap::slot_count() const
-{
-	std::shared_lock lock(mu_);
-	return used_slots_;
-}
-
 void MemoryMap::set_traps_locked(std::uint64_t gfn, std::uint64_t n,
 				 const std::function<bool(std::uint64_t)> &trapped)
 {

@@ -50,7 +50,7 @@ std::uint32_t Vcpu::id() const noexcept { return state_->id; }
 int Vcpu::fd() const noexcept { return state_->fd.get(); }
 GuestMemory &Vcpu::memory() noexcept
 {
-	return state_->vm->facade;
+	return state_->vm->guest_memory;
 }
 
 static std::string who(const detail::VcpuState &s)

@@ -27,8 +27,8 @@ Vm &Vm::operator=(Vm &&) noexcept = default;
 Vm::~Vm() = default;
 
 int Vm::fd() const noexcept { return state_->fd.get(); }
-GuestMemory &Vm::memory() noexcept { return state_->facade; }
-const GuestMemory &Vm::memory() const noexcept { return state_->facade; }
+GuestMemory &Vm::memory() noexcept { return state_->guest_memory; }
+const GuestMemory &Vm::memory() const noexcept { return state_->guest_memory; }
 std::uint32_t Vm::dirty_ring_bytes() const noexcept { return state_->dirty_ring_bytes; }
 
 int Vm::check_extension(long cap) const

@@ -42,14 +42,15 @@ struct VmState {
 		std::uint32_t ring_bytes)
 		: fd(std::move(f)), vcpu_mmap_size(run_size),
 		  dirty_ring_bytes(ring_bytes),
-		  memory(fd.get(), max_slots, ring_bytes != 0, gate), facade(memory) {}
+		  memory(fd.get(), max_slots, ring_bytes != 0, gate),
+		  guest_memory(memory) {}
 
 	FileDesc fd;
 	std::size_t vcpu_mmap_size;
 	std::uint32_t dirty_ring_bytes;
 	RunGate gate;
-	MemoryMap memory;
-	GuestMemory facade; /* what Vm::memory() and Vcpu::memory() return */
+	MemoryMap memory;	/* the region table and its memslots */
+	GuestMemory guest_memory; /* on it: what Vm::memory(), Vcpu::memory() return */
 
 	/*
 	 * Exit handlers: copy-on-write list. handlers_mu protects the pointer;

@@ -178,7 +178,7 @@ PagingState Vcpu::paging_state() const
 
 Walk Vcpu::translate(std::uint64_t gva, Access access) const
 {
-	return virtkit::translate(state_->vm->facade, read_state(*this, *state_, Want::walk), gva,
+	return virtkit::translate(state_->vm->guest_memory, read_state(*this, *state_, Want::walk), gva,
 				  access);
 }
 
