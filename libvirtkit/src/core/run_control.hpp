@@ -19,10 +19,16 @@
  *                             before its next entry (kicks it out)
  *     VcpuHold(vcpu)          keep it out of the guest while the hold lives
  *   one vCPU, on its own thread, inside an exit handler
- *     complete_pending_exit(vcpu, ...)  let KVM finish the exit being handled
- *                             without entering the guest
- *     next_mmio_fragment(vcpu)     the same for MMIO, yielding the next
- *                             piece of the access, if any
+ *     complete_pending_exit(vcpu, what)
+ *                             let KVM finish the exit being handled without
+ *                             entering the guest
+ *     next_mmio_fragment(vcpu)
+ *                             the same for MMIO, yielding the next piece of
+ *                             the access, if any
+ *
+ * The core's own state (vm_state.hpp, vcpu_state.hpp) stays the core's:
+ * RunControl is the only friend of Vm and Vcpu, and features include
+ * neither header.
  *
  * Lock order, outer first: a feature's own locks (KVMI's restr_mu_) ->
  * FeatureSlots attaching -> the memory map's lock -> RunGate -> a vCPU's
