@@ -171,7 +171,7 @@ struct Bench {
 		ra = g.memory().add(a_gpa, a_pages * 4096, {.name = "bench"});
 		g.identity_map(a_gpa, a_pages * 4096);
 		rb = g.memory().add(b_gpa, b_pages * 4096, {.name = "bench-1g"});
-		/* Registered before enable_spp: at the same priority, it runs first. */
+		/* Registered before SPP is enabled: at the same priority, it runs first. */
 		counter = g.vm().add_exit_handler(
 			[this](Vcpu &, Exit &e) {
 				ex.all++;
@@ -188,7 +188,7 @@ struct Bench {
 				return ExitAction::pass;
 			},
 			INT_MIN);
-		spp = &g.vm().enable_spp(opts);
+		spp = &SubpageProtection::enable(g.vm(), opts);
 	}
 
 	std::uint64_t gpa(std::uint64_t page) const { return a_gpa + page * 4096; }

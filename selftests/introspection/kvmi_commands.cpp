@@ -103,7 +103,7 @@ VK_TEST(handshake_wrong_secret_is_refused)
 		TEST_ASSERT(e.err() == EACCES, "%s", e.what());
 	}
 	TEST_ASSERT(!t.vmm.has_value());
-	TEST_ASSERT(t.g.vm().spp() == nullptr);
+	TEST_ASSERT(SubpageProtection::of(t.g.vm()) == nullptr);
 	/* Nothing was installed: the guest writes memory and the MSR unhindered. */
 	auto uc = r.run();
 	TEST_ASSERT_EQ(uc.args[1], 0x33u);

@@ -354,7 +354,7 @@ VK_TEST(set_page_access_with_one_bad_entry_changes_nothing)
 	t.expect_no_event(50ms);
 	TEST_ASSERT_EQ(t.peek(page_a), 0xa1u);
 	TEST_ASSERT_EQ(t.peek(page_b), 0xb1u);
-	if (auto *spp = t.g.vm().spp())
+	if (auto *spp = SubpageProtection::of(t.g.vm()))
 		TEST_ASSERT_EQ(spp->stats().protected_pages, 0u);
 }
 

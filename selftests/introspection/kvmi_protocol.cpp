@@ -141,7 +141,7 @@ VK_TEST(tool_disconnect_resumes_waiting_vcpus_and_undoes_everything)
 	w.run_done();
 	m.run_done();
 	/* The VMM-side SPP engine has no protected page left. */
-	if (auto *spp = t.g.vm().spp())
+	if (auto *spp = SubpageProtection::of(t.g.vm()))
 		TEST_ASSERT_EQ(spp->stats().protected_pages, 0u);
 }
 

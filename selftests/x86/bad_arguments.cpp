@@ -746,11 +746,15 @@ VK_TEST(page_tables_overlap)
 VK_TEST(spp_backend_out_of_range)
 {
 	Vm vm = vkt::kvm().create_vm();
-	no_leaks("Vm::enable_spp with a bad backend", [&] {
+	no_leaks("SubpageProtection::enable with a bad backend", [&] {
 		for (int k : {3, 7, -1}) {
 			std::string m = TEST_EXPECT_ERROR(
-				vm.enable_spp({.backend = static_cast<SppBackendKind>(k)}), EINVAL);
-			TEST_ASSERT(m.find("Vm::enable_spp") != std::string::npos, "%s", m.c_str());
+				SubpageProtection::enable(
+					vm, {.backend = static_cast<SppBackendKind>(k)}),
+				EINVAL);
+			TEST_ASSERT(m.find("SubpageProtection::enable") != std::string::npos, "%s",
+				    m.c_str());
+			TEST_ASSERT(!SubpageProtection::of(vm), "a refused enable() left SPP enabled");
 			TEST_ASSERT(m.find("backend = " + std::to_string(k)) != std::string::npos,
 				    "\"%s\" does not name the value %d", m.c_str(), k);
 		}

@@ -76,40 +76,40 @@ static const char *backend_name(SppBackendKind k)
 VK_TEST(spp_enable_is_idempotent)
 {
 	SppGuest t;
-	TEST_ASSERT(t.g.vm().spp() == nullptr);
-	SubpageProtection &a = t.g.vm().enable_spp();
-	SubpageProtection &b = t.g.vm().enable_spp();
+	TEST_ASSERT(SubpageProtection::of(t.g.vm()) == nullptr);
+	SubpageProtection &a = SubpageProtection::enable(t.g.vm());
+	SubpageProtection &b = SubpageProtection::enable(t.g.vm());
 	TEST_ASSERT(&a == &b);
-	TEST_ASSERT(t.g.vm().spp() == &a);
+	TEST_ASSERT(SubpageProtection::of(t.g.vm()) == &a);
 	const SppBackendKind want = automatic_backend();
 	vkt::diag("spp backend: %s", backend_name(a.backend()));
 	TEST_ASSERT(a.backend() == want, "automatic chose %s, expected %s",
 		    backend_name(a.backend()), backend_name(want));
 	const SppBackendKind other =
 		want == SppBackendKind::user ? SppBackendKind::kmod : SppBackendKind::user;
-	TEST_ASSERT(&t.g.vm().enable_spp({.backend = want}) == &a);
-	TEST_EXPECT_ERROR(t.g.vm().enable_spp({.backend = other}), EINVAL);
+	TEST_ASSERT(&SubpageProtection::enable(t.g.vm(), {.backend = want}) == &a);
+	TEST_EXPECT_ERROR(SubpageProtection::enable(t.g.vm(), {.backend = other}), EINVAL);
 }
 
 /* Each backend asked for explicitly: user everywhere, kmod where virtkit.ko is loaded. */
 VK_TEST(spp_explicit_backends)
 {
 	SppGuest u;
-	TEST_ASSERT(u.g.vm().enable_spp({.backend = SppBackendKind::user}).backend() ==
-		    SppBackendKind::user);
+	auto &user = SubpageProtection::enable(u.g.vm(), {.backend = SppBackendKind::user});
+	TEST_ASSERT(user.backend() == SppBackendKind::user);
 
 	SppGuest k;
 	if (!kmod_present()) {
 		try {
-			k.g.vm().enable_spp({.backend = SppBackendKind::kmod});
-			TEST_ASSERT(false, "enable_spp(kmod) succeeded without /dev/virtkit");
+			SubpageProtection::enable(k.g.vm(), {.backend = SppBackendKind::kmod});
+			TEST_ASSERT(false, "enable(kmod) succeeded without /dev/virtkit");
 		} catch (const Error &e) {
 			TEST_ASSERT(e.err() == ENOENT || e.err() == ENODEV, "%s", e.what());
 		}
-		TEST_ASSERT(k.g.vm().spp() == nullptr);
+		TEST_ASSERT(SubpageProtection::of(k.g.vm()) == nullptr);
 		return;
 	}
-	auto &spp = k.g.vm().enable_spp({.backend = SppBackendKind::kmod});
+	auto &spp = SubpageProtection::enable(k.g.vm(), {.backend = SppBackendKind::kmod});
 	TEST_ASSERT(spp.backend() == SppBackendKind::kmod);
 	spp.set_access(spp_gfn + 1, {0x0000ffffu});
 	TEST_ASSERT(spp.get_access(spp_gfn + 1, 1) == std::vector<std::uint32_t>{0x0000ffffu});
@@ -146,23 +146,23 @@ VK_TEST(spp_backend_environment)
 	{
 		ScopedEnv env("VIRTKIT_SPP_BACKEND", "userspace");
 		SppGuest t;
-		std::string msg = TEST_EXPECT_ERROR(t.g.vm().enable_spp(), EINVAL);
+		std::string msg = TEST_EXPECT_ERROR(SubpageProtection::enable(t.g.vm()), EINVAL);
 		TEST_ASSERT(msg.find("VIRTKIT_SPP_BACKEND=userspace") != std::string::npos, "%s",
 			    msg.c_str());
-		TEST_ASSERT(t.g.vm().spp() == nullptr);
+		TEST_ASSERT(SubpageProtection::of(t.g.vm()) == nullptr);
 		/* An explicit choice does not read it. */
-		TEST_ASSERT(t.g.vm().enable_spp({.backend = SppBackendKind::user}).backend() ==
-			    SppBackendKind::user);
+		auto &user = SubpageProtection::enable(t.g.vm(), {.backend = SppBackendKind::user});
+		TEST_ASSERT(user.backend() == SppBackendKind::user);
 	}
 	ScopedEnv env("VIRTKIT_SPP_BACKEND", "user");
 	SppGuest t;
-	TEST_ASSERT(t.g.vm().enable_spp().backend() == SppBackendKind::user);
+	TEST_ASSERT(SubpageProtection::enable(t.g.vm()).backend() == SppBackendKind::user);
 }
 
 VK_TEST(spp_get_default_and_round_trip)
 {
 	SppGuest t;
-	auto &spp = t.g.vm().enable_spp();
+	auto &spp = SubpageProtection::enable(t.g.vm());
 	auto maps = spp.get_access(spp_gfn, spp_pages);
 	TEST_ASSERT_EQ(maps.size(), spp_pages);
 	for (auto m : maps)
@@ -194,7 +194,7 @@ VK_TEST(spp_get_default_and_round_trip)
 VK_TEST(spp_bad_arguments_change_nothing)
 {
 	SppGuest t;
-	auto &spp = t.g.vm().enable_spp();
+	auto &spp = SubpageProtection::enable(t.g.vm());
 	spp.set_access(spp_gfn + 2, {0x0000ffffu});
 	auto before = spp.get_access(spp_gfn, spp_pages);
 	std::size_t slots = t.g.memory().slot_count();
@@ -227,7 +227,7 @@ VK_TEST(spp_bad_arguments_change_nothing)
 VK_TEST(spp_blocks_protected_and_allows_writable_subpage)
 {
 	SppGuest t;
-	auto &spp = t.g.vm().enable_spp();
+	auto &spp = SubpageProtection::enable(t.g.vm());
 	std::vector<SppViolation> seen;
 	spp.on_violation([&](Vcpu &, const SppViolation &v) {
 		seen.push_back(v);
@@ -259,7 +259,7 @@ VK_TEST(spp_blocks_protected_and_allows_writable_subpage)
 VK_TEST(spp_stop_returns_to_caller_and_allow_once_writes)
 {
 	SppGuest t;
-	auto &spp = t.g.vm().enable_spp();
+	auto &spp = SubpageProtection::enable(t.g.vm());
 	spp.set_access(spp_gfn, {0u});
 	int calls = 0;
 	spp.on_violation([&](Vcpu &, const SppViolation &) {
@@ -281,7 +281,7 @@ VK_TEST(spp_stop_returns_to_caller_and_allow_once_writes)
 VK_TEST(spp_vmm_writes_are_never_restricted)
 {
 	SppGuest t;
-	auto &spp = t.g.vm().enable_spp();
+	auto &spp = SubpageProtection::enable(t.g.vm());
 	spp.set_access(spp_gfn, {0u});
 	t.g.memory().write_obj<std::uint64_t>(spp_gpa + 16, 7);
 	TEST_ASSERT_EQ(t.g.memory().read_obj<std::uint64_t>(spp_gpa + 16), 7u);
@@ -293,7 +293,7 @@ VK_TEST(spp_vmm_writes_are_never_restricted)
 VK_TEST(spp_reads_of_protected_pages_do_not_exit)
 {
 	SppGuest t;
-	auto &spp = t.g.vm().enable_spp();
+	auto &spp = SubpageProtection::enable(t.g.vm());
 	t.g.memory().fill(spp_gpa, std::byte{1}, spp_pages * 4096);
 	std::vector<std::uint32_t> none(spp_pages, 0u);
 	spp.set_access(spp_gfn, none);

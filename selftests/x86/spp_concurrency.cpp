@@ -289,7 +289,7 @@ struct ConcGuest {
 	GuestVm g{vkt::kvm()};
 	GuestMemory &mem = g.memory();
 	RegionId region = mem.add(BASE, REGION_PAGES * PAGE, {.name = "spp-conc"});
-	SubpageProtection &spp = g.vm().enable_spp();
+	SubpageProtection &spp = SubpageProtection::enable(g.vm());
 
 	ConcGuest() { g.identity_map(BASE, REGION_PAGES * PAGE); }
 

@@ -254,7 +254,7 @@ struct InsnGuest {
 	explicit InsnGuest(bool dirty_log = false)
 		: region(g.memory().add(spp_gpa, spp_pages * 4096,
 					{.dirty_log = dirty_log, .name = "spp"})),
-		  spp(g.vm().enable_spp())
+		  spp(SubpageProtection::enable(g.vm()))
 	{
 		g.identity_map(spp_gpa, spp_pages * 4096);
 		spp.set_access(prot_page / 4096, {prot_map});
@@ -840,7 +840,7 @@ VK_TEST(spp_reads_and_fetches_never_exit)
 			return ExitAction::pass;
 		},
 		INT_MIN);
-	auto &spp = g.vm().enable_spp();
+	auto &spp = SubpageProtection::enable(g.vm());
 	std::vector<SppViolation> seen;
 	spp.on_violation([&](Vcpu &, const SppViolation &v) {
 		seen.push_back(v);

@@ -88,7 +88,7 @@ static void guest_touch_pages(std::uint64_t base, std::uint64_t pages)
 struct LayoutGuest {
 	GuestVm g{vkt::kvm()};
 	GuestMemory &mem = g.memory();
-	SubpageProtection &spp = g.vm().enable_spp();
+	SubpageProtection &spp = SubpageProtection::enable(g.vm());
 	Vcpu &v = g.add_vcpu(guest_nop);
 	std::vector<SppViolation> seen;
 

@@ -148,7 +148,7 @@ struct Store {
 struct SubpageGuest {
 	GuestVm g{vkt::kvm()};
 	RegionId region = g.memory().add(spp_gpa, region_bytes, {.name = "spp"});
-	SubpageProtection &spp = g.vm().enable_spp();
+	SubpageProtection &spp = SubpageProtection::enable(g.vm());
 	std::uint64_t batch_gva = g.alloc_vaddr(sizeof(Batch));
 	Vcpu *vcpu = nullptr;
 	std::vector<SppViolation> seen;

@@ -688,8 +688,8 @@ void Demo::subpages()
 	const std::uint32_t map = ~(1u << spp_blocked_subpage);
 
 	step("Sub-page protection: 128 bytes of a page read-only for the guest");
-	explain("Vm::enable_spp() gives the VM sub-page write protection: every 4 KiB page "
-		"has a 32-bit access map, one bit per 128-byte sub-page, and a guest write "
+	explain("SubpageProtection::enable(vm) gives the VM sub-page write protection: every "
+		"4 KiB page has a 32-bit access map, one bit per 128-byte sub-page, and a guest write "
 		"that touches a protected sub-page is not performed but reported to the host. "
 		"The host fills a fresh page of guest RAM with 0xee through its own mapping "
 		"(the VMM's writes are never restricted) and sets its map to " + hex(map) +
@@ -715,7 +715,7 @@ void Demo::subpages()
 	GuestMemory &mem = g.memory();
 	mem.fill(gpa, std::byte{0xee}, GuestMemory::page_size);
 
-	SubpageProtection &spp = g.vm().enable_spp();
+	SubpageProtection &spp = SubpageProtection::enable(g.vm());
 	spp.set_access(gfn, {map});
 	show("page: guest-virtual %s, guest-physical %s, access map %s (%s backend)",
 	     hex(page).c_str(), hex(gpa).c_str(), hex(spp.get_access(gfn, 1).at(0)).c_str(),

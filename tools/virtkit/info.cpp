@@ -54,7 +54,7 @@ const char info_help[] =
 	"scratch VM where KVM answers per VM), the CPUID leaves and MSRs KVM\n"
 	"supports, whether the virtkit kernel module (/dev/virtkit) is present with\n"
 	"its API version and capabilities, and for each feature which backend this\n"
-	"host could run and why not, and which one Vm::enable_spp() picks.\n"
+	"host could run and why not, and which one SubpageProtection::enable() picks.\n"
 	"\n"
 	"Options:\n"
 	"  --device PATH   KVM device to probe (default /dev/kvm)\n"
@@ -136,9 +136,9 @@ struct HostFacts {
 	std::optional<Error> virtkit_error;
 	int virtkit_api_version = 0;
 	std::vector<int> module_caps;	/* per module_cap_queries entry */
-	/* With /dev/virtkit present: why Vm::enable_spp() refused the kmod backend. */
+	/* With /dev/virtkit present: why SubpageProtection::enable() refused the kmod backend. */
 	std::optional<std::string> spp_kmod_error;
-	/* What Vm::enable_spp() picks by default, or why it failed. */
+	/* What SubpageProtection::enable() picks by default, or why it failed. */
 	std::string spp_automatic;
 	/* Paging features of KVM_GET_SUPPORTED_CPUID (a guest gets at most these). */
 	bool smep = false, smap = false, page1gb = false, la57 = false;
@@ -220,14 +220,14 @@ void probe_kvm(HostFacts &f)
 	if (f.virtkit_present) {
 		try {
 			Vm scratch = sys->create_vm();
-			scratch.enable_spp({.backend = SppBackendKind::kmod});
+			SubpageProtection::enable(scratch, {.backend = SppBackendKind::kmod});
 		} catch (const Error &e) {
 			f.spp_kmod_error = e.what();
 		}
 	}
 	try {
 		Vm scratch = sys->create_vm();
-		auto kind = scratch.enable_spp().backend();
+		auto kind = SubpageProtection::enable(scratch).backend();
 		f.spp_automatic = kind == SppBackendKind::kmod ? "kmod" : "user";
 	} catch (const Error &e) {
 		f.spp_automatic = std::string("none: ") + e.what();
@@ -357,7 +357,7 @@ void print_features(const HostFacts &f)
 				     (ro && spp_kmod ? "user and kmod backends"
 				      : ro	     ? "user backend"
 						     : "kmod backend") +
-				     " (Vm::enable_spp())");
+				     " (SubpageProtection::enable())");
 	else
 		field("spp", "not available on this host: no backend can run (see below)");
 	field("spp user backend", std::string(ro ? "available" : "not available") +

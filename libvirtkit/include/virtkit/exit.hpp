@@ -19,7 +19,7 @@
 #include <string>
 #include <variant>
 
-#include <virtkit/spp.hpp>
+#include <virtkit/spp_violation.hpp>
 
 /* What this header declares is libvirtkit's API (built with -fvisibility=hidden). */
 #pragma GCC visibility push(default)

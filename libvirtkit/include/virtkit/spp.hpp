@@ -14,7 +14,7 @@
  *
  * Usage:
  *
- *	auto &spp = vm.enable_spp();
+ *	auto &spp = SubpageProtection::enable(vm);
  *	spp.set_access(gpa / 4096, {0xFFFF0000u});  // protect bytes 0..2047
  *	spp.on_violation([](Vcpu &, const SppViolation &v) {
  *		log(v.gpa, v.size);
@@ -43,38 +43,21 @@
 #include <span>
 #include <vector>
 
+#include <virtkit/spp_violation.hpp>
+
 /* What this header declares is libvirtkit's API (built with -fvisibility=hidden). */
 #pragma GCC visibility push(default)
 
 namespace virtkit {
 
 class Vcpu;
+class Vm;
 
 #pragma GCC visibility push(hidden)
 namespace detail {
-class SppBackend;
+class SppEngine;
 }
 #pragma GCC visibility pop
-
-/* A guest write that touched a write-protected sub-page. */
-struct SppViolation {
-	std::uint32_t vcpu;		/* id of the vCPU that wrote */
-	std::uint64_t gpa;		/* first protected byte the write touched */
-	std::uint64_t write_gpa;	/* first byte of the write */
-	std::uint32_t size;		/* bytes the write covers (1..max_write) */
-	/*
-	 * The RIP the guest continues at: KVM retires an emulated store before
-	 * it reports it, so this is the next instruction (the target for a
-	 * call) - except for a rep string instruction, where it is the
-	 * instruction itself, also after its last element (the guest retires
-	 * it on re-entry with RCX = 0).
-	 */
-	std::uint64_t rip;
-	std::array<std::byte, 64> bytes; /* the first `size` are the data */
-
-	static constexpr std::uint32_t max_write = 64;
-	std::span<const std::byte> data() const noexcept { return {bytes.data(), size}; }
-};
 
 /* What happens to a write that an SppViolation reports. */
 enum class SppDecision {
@@ -104,6 +87,16 @@ public:
 	static constexpr std::uint32_t all_writable = 0xFFFFFFFFu;
 	static constexpr std::uint64_t subpage_size = 128;
 	static constexpr std::uint32_t subpages = 32;
+
+	/*
+	 * Enable sub-page write protection of the VM. Idempotent: later calls
+	 * return the same object (EINVAL if they ask for another backend).
+	 * The object lives as long as the VM's state (the last Vm or Vcpu
+	 * handle of the VM).
+	 */
+	static SubpageProtection &enable(Vm &vm, const SppOptions &options = {});
+	/* The SubpageProtection of the VM, nullptr until enable(). */
+	static SubpageProtection *of(Vm &vm) noexcept;
 
 	SubpageProtection(const SubpageProtection &) = delete;
 	SubpageProtection &operator=(const SubpageProtection &) = delete;
@@ -138,9 +131,8 @@ public:
 	SppStats stats() const;
 
 private:
-	friend class Vm;
-	explicit SubpageProtection(std::unique_ptr<detail::SppBackend> backend);
-	std::unique_ptr<detail::SppBackend> backend_;
+	explicit SubpageProtection(std::unique_ptr<detail::SppEngine> engine);
+	std::unique_ptr<detail::SppEngine> engine_;
 };
 
 } // namespace virtkit

@@ -29,7 +29,7 @@ namespace virtkit {
 namespace detail {
 struct VmState;
 struct VcpuState;
-struct VcpuAccess;
+class RunControl;
 }
 #pragma GCC visibility pop
 
@@ -145,7 +145,7 @@ public:
 
 private:
 	friend class Vm;
-	friend struct detail::VcpuAccess;
+	friend class detail::RunControl;
 	explicit Vcpu(std::shared_ptr<detail::VcpuState> state);
 	std::shared_ptr<detail::VcpuState> state_;
 };

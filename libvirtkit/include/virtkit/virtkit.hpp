@@ -9,6 +9,7 @@
 #include <virtkit/page_walk.hpp>
 #include <virtkit/platform.hpp>
 #include <virtkit/spp.hpp>
+#include <virtkit/spp_violation.hpp>
 #include <virtkit/system.hpp>
 #include <virtkit/vcpu.hpp>
 #include <virtkit/version.hpp>

@@ -17,7 +17,6 @@
 
 #include <virtkit/exit.hpp>
 #include <virtkit/memory.hpp>
-#include <virtkit/spp.hpp>
 
 /* What this header declares is libvirtkit's API (built with -fvisibility=hidden). */
 #pragma GCC visibility push(default)
@@ -31,7 +30,7 @@ struct VmOptions;
 #pragma GCC visibility push(hidden)
 namespace detail {
 struct VmState;
-struct VmAccess;
+class RunControl;
 }
 #pragma GCC visibility pop
 
@@ -98,15 +97,6 @@ public:
 	/* KVM_RESET_DIRTY_RINGS after harvesting every vCPU's ring. */
 	void reset_dirty_rings();
 
-	/*
-	 * Enable sub-page write protection (virtkit/spp.hpp). Idempotent: later
-	 * calls return the same object (EINVAL if they ask for another
-	 * backend). The object lives as long as the VM's state.
-	 */
-	SubpageProtection &enable_spp(const SppOptions &options = {});
-	/* The SubpageProtection of this VM, nullptr until enable_spp(). */
-	SubpageProtection *spp() noexcept;
-
 	/* Whether KVM has marked this VM dead (every VM ioctl then fails with EIO). */
 	bool is_dead() const;
 
@@ -114,7 +104,7 @@ public:
 
 private:
 	friend class System;
-	friend struct detail::VmAccess;
+	friend class detail::RunControl;
 	explicit Vm(std::shared_ptr<detail::VmState> state);
 	std::shared_ptr<detail::VmState> state_;
 };

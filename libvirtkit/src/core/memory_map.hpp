@@ -1,6 +1,10 @@
 // SPDX-License-Identifier: MIT
 /*
  * Internal: the regions of guest memory of one VM and their memslots.
+ * GuestMemory (guest_memory.cpp) is the VMM's side, implemented directly on
+ * this table; memory_map.cpp holds the lookups; memslot_layout.cpp applies
+ * the memslot plans (memslot_layout.hpp); guest_access.cpp completes guest
+ * accesses that trapped.
  *
  * Locking: mu_ protects the region table and every Region's fields. Readers
  * (address lookups, host copies, MMIO completion on vCPU threads) take it
@@ -18,13 +22,14 @@
 #include <optional>
 #include <set>
 #include <shared_mutex>
+#include <string>
 #include <vector>
 
 #include <virtkit/exit.hpp>
 #include <virtkit/fd.hpp>
 #include <virtkit/memory.hpp>
 
-#include "core/slot_plan.hpp"
+#include "core/memslot_layout.hpp"
 
 namespace virtkit::detail {
 
@@ -53,28 +58,16 @@ public:
 	MemoryMap(const MemoryMap &) = delete;
 	MemoryMap &operator=(const MemoryMap &) = delete;
 
-	RegionId add(std::uint64_t gpa, std::uint64_t size, const RegionOptions &opts);
-	void move(RegionId id, std::uint64_t new_gpa);
-	void remove(RegionId id);
-	RegionInfo info(RegionId id) const;
-	std::vector<RegionInfo> regions() const;
-	RegionInfo region_at(std::uint64_t gpa) const;
-	std::optional<RegionInfo> try_region_at(std::uint64_t gpa) const;
-	bool contains(std::uint64_t gpa, std::uint64_t size) const;
-	std::byte *host_ptr(std::uint64_t gpa, std::uint64_t size) const;
 	/*
-	 * The same without throwing, for many small lookups under one
-	 * lock_shared() (page walks): nullptr when [gpa, gpa + size) is not
-	 * inside one region.
+	 * The lookups and host access of the region table that the library's
+	 * own code needs; what the VMM calls is GuestMemory (guest_memory.cpp),
+	 * which works on the table directly.
+	 *
+	 * Host address of [gpa, gpa + size) without throwing, for many small
+	 * lookups under one lock_shared() (page walks): nullptr when the range
+	 * is not inside one region.
 	 */
 	const std::byte *host_ptr_locked(std::uint64_t gpa, std::uint64_t size) const noexcept;
-	void read(std::uint64_t gpa, std::span<std::byte> out) const;
-	void write(std::uint64_t gpa, std::span<const std::byte> in);
-	void copy(std::uint64_t dst, std::uint64_t src, std::uint64_t size);
-	void fill(std::uint64_t gpa, std::byte value, std::uint64_t size);
-	void set_dirty_log(RegionId id, bool enable);
-	DirtyBitmap dirty_log(RegionId id);
-	std::size_t slot_count() const;
 
 	/*
 	 * For features that decide about guest writes (sub-page protection):
@@ -141,6 +134,8 @@ public:
 						    std::uint64_t offset) const;
 
 private:
+	friend class ::virtkit::GuestMemory;
+
 	struct Slot {
 		std::uint32_t id;
 		SlotSpec spec;
@@ -187,6 +182,15 @@ private:
 	std::uint32_t next_slot_ = 0;
 	std::size_t used_slots_ = 0;
 };
+
+/* Whether [gpa, gpa + size) wraps past 2^64. */
+inline bool range_wraps(std::uint64_t gpa, std::uint64_t size) noexcept
+{
+	return size && gpa + size - 1 < gpa;
+}
+
+/* "gpa=0x... size=0x..." for errors about a guest-physical range. */
+std::string gpa_range(std::uint64_t gpa, std::uint64_t size);
 
 /* The friend through which library internals reach a GuestMemory's map. */
 struct GuestMemoryAccess {

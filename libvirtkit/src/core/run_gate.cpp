@@ -3,7 +3,7 @@
 
 #include <algorithm>
 
-#include "core/state.hpp"
+#include "core/vcpu_state.hpp"
 
 namespace virtkit::detail {
 

@@ -12,7 +12,7 @@
 #include <virtkit/vm.hpp>
 
 #include "core/ioctl.hpp"
-#include "core/state.hpp"
+#include "core/vm_state.hpp"
 
 namespace virtkit {
 
@@ -150,11 +150,11 @@ Vm System::create_vm(const VmOptions &options) const
 	auto state = std::make_shared<detail::VmState>(std::move(vm), vcpu_mmap_size_,
 						       static_cast<std::uint32_t>(slots),
 						       options.dirty_ring_bytes);
-	state->pkrs_listed = lists_pkrs(*this);
-	state->kvm_paging_features = detail::paging_features(supported_cpuid());
+	state->paging.pkrs_listed = lists_pkrs(*this);
+	state->paging.features = detail::paging_features(supported_cpuid());
 	if (platform::tdp_enabled()) {
 		unsigned int a, b, c, d;
-		state->tdp_page1gb = __get_cpuid(0x80000001, &a, &b, &c, &d) && (d >> 26 & 1);
+		state->paging.tdp_page1gb = __get_cpuid(0x80000001, &a, &b, &c, &d) && (d >> 26 & 1);
 	}
 	return Vm(std::move(state));
 }

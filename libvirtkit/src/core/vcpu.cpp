@@ -14,22 +14,17 @@
 
 #include "core/exit_decode.hpp"
 #include "core/ioctl.hpp"
-#include "core/state.hpp"
+#include "core/vcpu_state.hpp"
 
 namespace virtkit {
 
 using detail::hex;
 
-namespace detail {
-VcpuState &VcpuAccess::state(Vcpu &v) { return *v.state_; }
-Vcpu VcpuAccess::handle(std::shared_ptr<VcpuState> state) { return Vcpu(std::move(state)); }
-} // namespace detail
-
 /*
  * The signal kick() sends. Its handler does nothing: the point is that a
  * signal pending for the thread makes KVM_RUN leave the guest with EINTR.
  */
-static int kick_signal()
+int detail::kick_signal()
 {
 	static int sig = [] {
 		int s = SIGRTMIN;
@@ -44,7 +39,7 @@ static int kick_signal()
 
 Vcpu::Vcpu(std::shared_ptr<detail::VcpuState> state) : state_(std::move(state))
 {
-	kick_signal();
+	detail::kick_signal();
 }
 
 Vcpu::Vcpu(Vcpu &&) noexcept = default;
@@ -55,7 +50,7 @@ std::uint32_t Vcpu::id() const noexcept { return state_->id; }
 int Vcpu::fd() const noexcept { return state_->fd.get(); }
 GuestMemory &Vcpu::memory() noexcept
 {
-	return state_->vm->facade;
+	return state_->vm->guest_memory;
 }
 
 static std::string who(const detail::VcpuState &s)
@@ -74,7 +69,7 @@ static void update_run_sigmask(detail::VcpuState &s)
 		return;
 	sigset_t cur;
 	pthread_sigmask(SIG_BLOCK, nullptr, &cur);
-	sigdelset(&cur, kick_signal());
+	sigdelset(&cur, detail::kick_signal());
 	alignas(kvm_signal_mask) std::byte buf[sizeof(kvm_signal_mask) + 8];
 	auto *m = reinterpret_cast<kvm_signal_mask *>(buf);
 	m->len = 8; /* the kernel's sigset_t */
@@ -92,11 +87,11 @@ static void update_run_sigmask(detail::VcpuState &s)
 static void consume_blocked_kick()
 {
 	sigset_t pending;
-	if (sigpending(&pending) < 0 || !sigismember(&pending, kick_signal()))
+	if (sigpending(&pending) < 0 || !sigismember(&pending, detail::kick_signal()))
 		return;
 	sigset_t kick;
 	sigemptyset(&kick);
-	sigaddset(&kick, kick_signal());
+	sigaddset(&kick, detail::kick_signal());
 	const timespec zero{};
 	sigtimedwait(&kick, nullptr, &zero);
 }
@@ -138,15 +133,10 @@ Exit Vcpu::run()
 		 * KVM_EXIT_MEMORY_FAULT an earlier run reported.
 		 */
 		run->exit_reason = KVM_EXIT_UNKNOWN;
-		/* KVM_RUN, or the same through virtkit.ko's fast path (kmod SPP). */
-		const int run_fd = s.vm->run_fd.load();
-		int r;
-		if (run_fd >= 0) {
-			auto arg = detail::KmodVm::run_arg(s.fd.get());
-			r = detail::typed_ioctl<detail::KmodVm::run_request>(run_fd, &arg);
-		} else {
-			r = detail::value_ioctl<KVM_RUN>(s.fd.get(), 0);
-		}
+		/* KVM_RUN, or the entry a feature put in its place (RunEntry). */
+		const detail::RunEntry *entry = s.vm->entry.load();
+		const int r = entry ? entry->enter(s.fd.get())
+				    : detail::value_ioctl<KVM_RUN>(s.fd.get(), 0);
 		int err = errno;
 		{
 			std::lock_guard lock(s.kick_mu);
@@ -159,8 +149,7 @@ Exit Vcpu::run()
 		if (r < 0 && !detail::failed_run_reports_exit(*run, err)) {
 			if (err != EINTR && err != EAGAIN) {
 				errno = err;
-				detail::throw_ioctl_error(run_fd >= 0 ? detail::KmodVm::run_name
-								      : "KVM_RUN",
+				detail::throw_ioctl_error(entry ? entry->name() : "KVM_RUN",
 							  who(s), s.vm->fd.get());
 			}
 			interrupted = true;
@@ -204,7 +193,7 @@ void Vcpu::kick()
 	s.kick_pending = true;
 	std::atomic_ref(s.run.as<kvm_run>()->immediate_exit).store(1);
 	if (s.in_run)
-		pthread_kill(s.running_thread, kick_signal());
+		pthread_kill(s.running_thread, detail::kick_signal());
 }
 
 namespace detail {
@@ -216,71 +205,6 @@ void internal_kick(VcpuState &s)
 	std::atomic_ref(s.run.as<kvm_run>()->immediate_exit).store(1);
 	if (s.in_run)
 		pthread_kill(s.running_thread, kick_signal());
-}
-
-void request_vcpu_work(VcpuState &s)
-{
-	s.work_pending.store(true);
-	internal_kick(s);
-}
-
-VcpuHold::VcpuHold(VcpuState &v) : v_(v)
-{
-	std::unique_lock lock(v.kick_mu);
-	v.holds++;
-	if (!v.in_run)
-		return;
-	v.internal_kick = true;
-	std::atomic_ref(v.run.as<kvm_run>()->immediate_exit).store(1);
-	pthread_kill(v.running_thread, kick_signal());
-	v.kick_cv.wait(lock, [&] { return !v.in_run; });
-}
-
-VcpuHold::~VcpuHold()
-{
-	std::lock_guard lock(v_.kick_mu);
-	if (--v_.holds == 0)
-		v_.kick_cv.notify_all();
-}
-
-int complete_pending_exit(VcpuState &s)
-{
-	auto *run = s.run.as<kvm_run>();
-	std::atomic_ref(run->immediate_exit).store(1);
-	int r = value_ioctl<KVM_RUN>(s.fd.get(), 0);
-	int err = errno;
-	{
-		/* Keep a kick (user or internal) that arrived meanwhile pending. */
-		std::lock_guard lock(s.kick_mu);
-		if (!s.kick_pending && !s.internal_kick)
-			std::atomic_ref(run->immediate_exit).store(0);
-	}
-	errno = err;
-	return r;
-}
-
-std::optional<MmioFragment> next_mmio_fragment(VcpuState &s)
-{
-	auto *run = s.run.as<kvm_run>();
-	if (complete_pending_exit(s) < 0) {
-		const int err = errno;
-		if (err != EINTR && err != EAGAIN) {
-			std::string what = who(s) + " (completing MMIO)";
-			errno = err;
-			throw_ioctl_error("KVM_RUN", std::move(what), s.vm->fd.get());
-		}
-		return std::nullopt;
-	}
-	if (run->exit_reason != KVM_EXIT_MMIO)
-		throw Error("KVM_RUN", EPROTO,
-			    who(s) + ": completing MMIO gave " +
-				    exit_reason_name(run->exit_reason));
-	MmioFragment f{};
-	f.gpa = run->mmio.phys_addr;
-	f.len = std::min<std::uint32_t>(run->mmio.len, 8);
-	f.is_write = run->mmio.is_write;
-	std::memcpy(f.data.data(), run->mmio.data, f.len);
-	return f;
 }
 
 } // namespace detail
@@ -472,7 +396,7 @@ void Vcpu::set_cpuid(std::span<const kvm_cpuid_entry2> entries)
 	VK_IOCTL(fd(), KVM_SET_CPUID2, c,
 		 who(*state_) + " nent=" + std::to_string(entries.size()), state_->vm->fd.get());
 	std::lock_guard lock(state_->paging_mu);
-	state_->paging_cpuid_known = false;
+	state_->paging.known = false;
 }
 
 kvm_translation Vcpu::translate(std::uint64_t gva) const

@@ -12,7 +12,8 @@
 #include <virtkit/vcpu.hpp>
 
 #include "core/ioctl.hpp"
-#include "core/state.hpp"
+#include "core/vcpu_state.hpp"
+#include "core/vm_state.hpp"
 
 namespace virtkit {
 
@@ -26,8 +27,8 @@ Vm &Vm::operator=(Vm &&) noexcept = default;
 Vm::~Vm() = default;
 
 int Vm::fd() const noexcept { return state_->fd.get(); }
-GuestMemory &Vm::memory() noexcept { return state_->facade; }
-const GuestMemory &Vm::memory() const noexcept { return state_->facade; }
+GuestMemory &Vm::memory() noexcept { return state_->guest_memory; }
+const GuestMemory &Vm::memory() const noexcept { return state_->guest_memory; }
 std::uint32_t Vm::dirty_ring_bytes() const noexcept { return state_->dirty_ring_bytes; }
 
 int Vm::check_extension(long cap) const
@@ -87,9 +88,6 @@ Vcpu Vm::create_vcpu(std::uint32_t id)
 }
 
 namespace detail {
-
-const std::shared_ptr<VmState> &VmAccess::state(Vm &vm) { return vm.state_; }
-Vm VmAccess::handle(std::shared_ptr<VmState> state) { return Vm(std::move(state)); }
 
 std::shared_ptr<VcpuState> VmState::find_vcpu(std::uint32_t id)
 {

@@ -9,8 +9,8 @@
 
 #include <virtkit/error.hpp>
 
+#include "core/feature_slots.hpp"
 #include "core/ioctl.hpp"
-#include "core/state.hpp"
 #include "kmod/uapi_layout.hpp"
 
 namespace virtkit::detail {
@@ -98,12 +98,17 @@ virtkit_spp_stats KmodVm::spp_stats() const
 	return s;
 }
 
-KmodVm &attach_kmod(VmState &vm)
+int KmodVm::enter(int vcpu_fd) const noexcept
 {
-	std::lock_guard lock(vm.kmod_mu);
-	if (!vm.kmod)
-		vm.kmod = std::make_unique<KmodVm>(KmodDevice::open().attach(vm.fd.get()));
-	return *vm.kmod;
+	auto arg = run_arg(vcpu_fd);
+	return typed_ioctl<run_request>(fd(), &arg);
+}
+
+KmodVm &attach_kmod(Vm &vm)
+{
+	return RunControl::features(vm).get_or_attach<KmodVm>([&] {
+		return std::make_unique<KmodVm>(KmodDevice::open().attach(vm.fd()));
+	});
 }
 
 } // namespace virtkit::detail

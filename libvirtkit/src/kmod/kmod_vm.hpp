@@ -13,6 +13,9 @@
 #include <span>
 
 #include <virtkit/fd.hpp>
+#include <virtkit/vm.hpp>
+
+#include "core/run_control.hpp"
 
 namespace virtkit::detail {
 
@@ -41,8 +44,11 @@ private:
 	FileDesc fd_;
 };
 
-/* The per-VM file of one attached VM. */
-class KmodVm {
+/*
+ * The per-VM file of one attached VM. As a RunEntry it is the module's fast
+ * path into the guest (VIRTKIT_VCPU_RUN), which kmod SPP installs.
+ */
+class KmodVm final : public RunEntry {
 public:
 	KmodVm(KmodVm &&) noexcept = default;
 	KmodVm &operator=(KmodVm &&) noexcept = default;
@@ -66,13 +72,15 @@ public:
 
 	/* Enter the guest: ioctl(fd(), run_request, &run_arg(vcpu_fd)). */
 	static constexpr unsigned long run_request = VIRTKIT_VCPU_RUN;
-	static constexpr const char run_name[] = "VIRTKIT_VCPU_RUN";
 	static virtkit_vcpu_run run_arg(int vcpu_fd) noexcept
 	{
 		virtkit_vcpu_run r{};
 		r.vcpu_fd = vcpu_fd;
 		return r;
 	}
+	/* RunEntry: that, in place of the vCPU's KVM_RUN. */
+	int enter(int vcpu_fd) const noexcept override;
+	const char *name() const noexcept override { return "VIRTKIT_VCPU_RUN"; }
 
 private:
 	friend class KmodDevice;
@@ -81,5 +89,12 @@ private:
 	FileDesc fd_;
 	std::uint64_t max_pages_;
 };
+
+/*
+ * The VM's attachment to virtkit.ko (a feature slot, RunControl::features),
+ * attaching it on first use; throws. It lives as long as the VM's state and
+ * outlives every feature attached after it (feature_slots.hpp).
+ */
+KmodVm &attach_kmod(Vm &vm);
 
 } // namespace virtkit::detail

@@ -13,7 +13,8 @@
 #include <virtkit/memory.hpp>
 #include <virtkit/system.hpp>
 
-#include "core/state.hpp"
+#include "core/vcpu_state.hpp"
+#include "paging/paging_support.hpp"
 
 namespace virtkit {
 
@@ -96,21 +97,21 @@ PagingState read_state(const Vcpu &vcpu, detail::VcpuState &st, Want want)
 	PagingState p;
 	{
 		std::lock_guard lock(st.paging_mu);
-		if (!st.paging_cpuid_known) {
+		auto &c = st.paging;
+		if (!c.known) {
 			auto cpuid = vcpu.cpuid();
-			st.maxphyaddr = maxphyaddr(cpuid);
-			st.paging_features =
-				detail::paging_features(cpuid) & st.vm->kvm_paging_features;
-			if (st.vm->tdp_page1gb)
-				st.paging_features = *st.vm->tdp_page1gb
-							     ? st.paging_features | paging_feature::page1gb
-							     : st.paging_features & ~paging_feature::page1gb;
-			st.pkru_offset = pkru_offset(cpuid);
-			st.paging_cpuid_known = true;
+			const detail::KvmPagingSupport &kvm = st.vm->paging;
+			c.maxphyaddr = maxphyaddr(cpuid);
+			c.features = detail::paging_features(cpuid) & kvm.features;
+			if (kvm.tdp_page1gb)
+				c.features = *kvm.tdp_page1gb ? c.features | paging_feature::page1gb
+							      : c.features & ~paging_feature::page1gb;
+			c.pkru_offset = pkru_offset(cpuid);
+			c.known = true;
 		}
-		p.maxphyaddr = st.maxphyaddr;
-		p.features = st.paging_features;
-		offset = st.pkru_offset;
+		p.maxphyaddr = c.maxphyaddr;
+		p.features = c.features;
+		offset = c.pkru_offset;
 	}
 
 	const kvm_sregs s = vcpu.sregs();
@@ -138,7 +139,7 @@ PagingState read_state(const Vcpu &vcpu, detail::VcpuState &st, Want want)
 
 	if (want == Want::all || (s.cr4 & cr4_pke))
 		p.pkru = offset ? pkru_of(vcpu.xsave(), offset) : 0;
-	if (st.vm->pkrs_listed && (want == Want::all || (s.cr4 & cr4_pks)))
+	if (st.vm->paging.pkrs_listed && (want == Want::all || (s.cr4 & cr4_pks)))
 		p.pkrs = static_cast<std::uint32_t>(vcpu.msr(PksSupport::pkrs_msr));
 	return p;
 }
@@ -177,7 +178,7 @@ PagingState Vcpu::paging_state() const
 
 Walk Vcpu::translate(std::uint64_t gva, Access access) const
 {
-	return virtkit::translate(state_->vm->facade, read_state(*this, *state_, Want::walk), gva,
+	return virtkit::translate(state_->vm->guest_memory, read_state(*this, *state_, Want::walk), gva,
 				  access);
 }
 

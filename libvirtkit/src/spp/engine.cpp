@@ -11,7 +11,7 @@
 #include <virtkit/vcpu.hpp>
 
 #include "core/ioctl.hpp"
-#include "core/state.hpp"
+#include "core/run_control.hpp"
 #include "spp/cmpxchg16b.hpp"
 
 namespace virtkit::detail {
@@ -76,8 +76,8 @@ private:
 	std::vector<std::uint32_t> maps_;
 };
 
-SppEngine::SppEngine(VmState &vm, std::unique_ptr<SppStore> store)
-	: vm_(vm), mem_(vm.memory), store_(std::move(store))
+SppEngine::SppEngine(MemoryMap &mem, std::unique_ptr<SppStore> store)
+	: mem_(mem), store_(std::move(store))
 {
 	auto lock = mem_.lock();
 	mem_.set_observer_locked(this);
@@ -365,10 +365,10 @@ ExitAction SppEngine::complete_cmpxchg16b(Vcpu &vcpu, Exit &exit)
 		if (!t.valid)
 			break;
 		std::size_t n = std::min<std::uint64_t>(insn.size() - got, page - va % page);
-		if (!vm_.facade.contains(t.physical_address, n))
+		if (!vcpu.memory().contains(t.physical_address, n))
 			break;
-		vm_.facade.read(t.physical_address, std::as_writable_bytes(
-							     std::span(insn.data() + got, n)));
+		vcpu.memory().read(t.physical_address,
+				   std::as_writable_bytes(std::span(insn.data() + got, n)));
 		got += n;
 		va += n;
 	}
@@ -467,8 +467,7 @@ ExitAction SppEngine::on_exit(Vcpu &vcpu, Exit &exit)
 	first.is_write = true;
 	std::memcpy(first.data.data(), m->data.data(), first.len);
 	w.add(first);
-	auto &vs = VcpuAccess::state(vcpu);
-	while (auto f = next_mmio_fragment(vs)) {
+	while (auto f = RunControl::next_mmio_fragment(vcpu)) {
 		if (!f->is_write)
 			throw Error("KVM_RUN", EPROTO, "MMIO read inside a guest write");
 		w.add(*f);

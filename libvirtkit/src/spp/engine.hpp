@@ -1,12 +1,13 @@
 // SPDX-License-Identifier: MIT
 /*
  * Internal: the enforcement engine of sub-page protection, one for both
- * backends. The backend's kind is its store's (spp_store.hpp): with the
- * `user` store the maps are in this process; with the `kmod` store they are
- * in virtkit.ko, whose VIRTKIT_VCPU_RUN completes the allowed writes to
- * protected pages in the kernel and hands everything else - violations,
- * guard pages, multi-piece writes it does not own - to this engine
- * unchanged.
+ * backends; SubpageProtection is its public face and owns it. What varies
+ * between the backends is only where the maps live, the store (store.hpp),
+ * and the backend's kind is its store's: with the `user` store the maps are
+ * in this process; with the `kmod` store they are in virtkit.ko, whose
+ * VIRTKIT_VCPU_RUN completes the allowed writes to protected pages in the
+ * kernel and hands everything else - violations, guard pages, multi-piece
+ * writes it does not own - to this engine unchanged.
  *
  * Pages that are protected, and their neighbours when a write could straddle
  * into a protected sub-page 0 or 31, sit in read-only memslots. A guest
@@ -33,30 +34,31 @@
 #include <virtkit/vm.hpp>
 
 #include "core/memory_map.hpp"
-#include "spp/backend.hpp"
 #include "spp/store.hpp"
 
 namespace virtkit::detail {
 
-struct VmState;
-
 class MapWindow;
 
-class SppEngine final : public SppBackend, private RegionObserver {
+class SppEngine final : private RegionObserver {
 public:
-	SppEngine(VmState &vm, std::unique_ptr<SppStore> store);
-	~SppEngine() override;
+	SppEngine(MemoryMap &mem, std::unique_ptr<SppStore> store);
+	~SppEngine();
 
 	/* The exit handler the VM must register (at the highest priority). */
 	ExitAction on_exit(Vcpu &vcpu, Exit &exit);
 	void keep_registration(ExitHandlerRegistration reg) { reg_ = std::move(reg); }
 
-	SppBackendKind kind() const noexcept override { return store_->kind(); }
-	void set_access(std::uint64_t gfn, std::span<const std::uint32_t> maps) override;
-	std::vector<std::uint32_t> get_access(std::uint64_t gfn,
-					      std::uint64_t npages) const override;
-	void on_violation(SppViolationHandler handler) override;
-	SppStats stats() const override;
+	/*
+	 * What SubpageProtection offers, after it validated what does not
+	 * depend on guest memory (flags, wrapping ranges).
+	 */
+	SppBackendKind kind() const noexcept { return store_->kind(); }
+	void set_access(std::uint64_t gfn, std::span<const std::uint32_t> maps);
+	/* Checks the range before it allocates the result. */
+	std::vector<std::uint32_t> get_access(std::uint64_t gfn, std::uint64_t npages) const;
+	void on_violation(SppViolationHandler handler);
+	SppStats stats() const;
 
 private:
 	void region_moved(std::uint64_t from, std::uint64_t to, std::uint64_t size) override;
@@ -82,7 +84,6 @@ private:
 	void count_protected(std::span<const std::uint32_t> old_maps,
 			     std::span<const std::uint32_t> new_maps);
 
-	VmState &vm_;
 	MemoryMap &mem_;
 	std::unique_ptr<SppStore> store_; /* used under mem_'s lock */
 	std::uint64_t protected_pages_ = 0; /* under mem_'s lock */

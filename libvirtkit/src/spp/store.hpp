@@ -1,13 +1,13 @@
 // SPDX-License-Identifier: MIT
 /*
  * Internal: where the access maps of sub-page protection live. The engine
- * (spp_engine.hpp) enforces them the same way whatever the store; the
+ * (engine.hpp) enforces them the same way whatever the store; the
  * store's kind is the backend's kind:
  *
- *   user  LocalSppStore: the SPP table in this process (spp_heap_table.hpp);
+ *   user  LocalSppStore: the SPP table in this process (heap_table.hpp);
  *   kmod  KmodSppStore:  the SPP table in virtkit.ko, through the per-VM
- *                        file (kmod.hpp), which the kernel's fast path of
- *                        VIRTKIT_VCPU_RUN reads too.
+ *                        file (kmod/kmod_vm.hpp), which the kernel's fast
+ *                        path of VIRTKIT_VCPU_RUN reads too.
  *
  * Functions return 0 or an errno value and are all or nothing. Not
  * thread-safe: the engine calls them under the memory map's lock.
@@ -64,7 +64,10 @@ private:
 
 class KmodSppStore final : public SppStore {
 public:
-	/* The VM's attachment, which outlives the store (VmState owns both). */
+	/*
+	 * The VM's attachment, which outlives the store: both live in the VM's
+	 * feature slots, the attachment attached first (feature_slots.hpp).
+	 */
 	explicit KmodSppStore(const KmodVm &vm) noexcept : vm_(vm) {}
 	SppBackendKind kind() const noexcept override { return SppBackendKind::kmod; }
 	const char *op_name(bool set) const noexcept override;

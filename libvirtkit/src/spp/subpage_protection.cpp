@@ -17,14 +17,15 @@
 #include "core/ioctl.hpp"
 #include "kmod/kmod_vm.hpp"
 #include "spp/engine.hpp"
-#include "core/state.hpp"
+#include "core/feature_slots.hpp"
+#include "core/run_control.hpp"
 
 namespace virtkit {
 
 using detail::hex;
 
-SubpageProtection::SubpageProtection(std::unique_ptr<detail::SppBackend> backend)
-	: backend_(std::move(backend)) {}
+SubpageProtection::SubpageProtection(std::unique_ptr<detail::SppEngine> engine)
+	: engine_(std::move(engine)) {}
 
 SubpageProtection::~SubpageProtection() = default;
 
@@ -40,7 +41,7 @@ void SubpageProtection::set_access(std::uint64_t gfn, std::span<const std::uint3
 		throw Error("SubpageProtection::set_access", EINVAL,
 			    "gfn=" + hex(gfn) + " npages=" + std::to_string(maps.size()) +
 				    ": range wraps");
-	backend_->set_access(gfn, maps);
+	engine_->set_access(gfn, maps);
 }
 
 std::vector<std::uint32_t> SubpageProtection::get_access(std::uint64_t gfn, std::uint64_t npages,
@@ -55,16 +56,16 @@ std::vector<std::uint32_t> SubpageProtection::get_access(std::uint64_t gfn, std:
 		throw Error("SubpageProtection::get_access", EINVAL,
 			    "gfn=" + hex(gfn) + " npages=" + std::to_string(npages) +
 				    ": range wraps");
-	return backend_->get_access(gfn, npages);
+	return engine_->get_access(gfn, npages);
 }
 
 void SubpageProtection::on_violation(SppViolationHandler handler)
 {
-	backend_->on_violation(std::move(handler));
+	engine_->on_violation(std::move(handler));
 }
 
-SppBackendKind SubpageProtection::backend() const noexcept { return backend_->kind(); }
-SppStats SubpageProtection::stats() const { return backend_->stats(); }
+SppBackendKind SubpageProtection::backend() const noexcept { return engine_->kind(); }
+SppStats SubpageProtection::stats() const { return engine_->stats(); }
 
 static const char *backend_name(SppBackendKind k)
 {
@@ -92,7 +93,7 @@ static SppBackendKind choose_backend(SppBackendKind asked)
 			return SppBackendKind::user;
 		if (!std::strcmp(env, "kmod"))
 			return SppBackendKind::kmod;
-		throw Error("Vm::enable_spp", EINVAL,
+		throw Error("SubpageProtection::enable", EINVAL,
 			    std::string("VIRTKIT_SPP_BACKEND=") + env + ": expected user or kmod");
 	}
 	struct stat st;
@@ -100,55 +101,54 @@ static SppBackendKind choose_backend(SppBackendKind asked)
 							  : SppBackendKind::user;
 }
 
-SubpageProtection &Vm::enable_spp(const SppOptions &options)
+SubpageProtection &SubpageProtection::enable(Vm &vm, const SppOptions &options)
 {
 	/* An enum class holds any value of its type: refuse what is not one. */
 	if (options.backend != SppBackendKind::automatic && options.backend != SppBackendKind::user &&
 	    options.backend != SppBackendKind::kmod)
-		throw Error("Vm::enable_spp", EINVAL,
+		throw Error("SubpageProtection::enable", EINVAL,
 			    "SppOptions::backend = " +
 				    std::to_string(static_cast<int>(options.backend)) +
 				    ": not automatic, user or kmod");
-	auto &st = *state_;
-	std::lock_guard lock(st.spp_mu);
-	if (st.spp) {
-		if (options.backend != SppBackendKind::automatic &&
-		    options.backend != st.spp->backend())
-			throw Error("Vm::enable_spp", EINVAL,
-				    std::string("already enabled with the ") +
-					    backend_name(st.spp->backend()) + " backend");
-		return *st.spp;
-	}
-	const SppBackendKind kind = choose_backend(options.backend);
-	std::unique_ptr<detail::SppStore> store;
-	detail::KmodVm *kmod = nullptr;
-	if (kind == SppBackendKind::kmod) {
-		kmod = &detail::attach_kmod(st);
-		if (kmod->check_extension(VIRTKIT_CAP_SPP) <= 0)
-			throw Error("Vm::enable_spp", EOPNOTSUPP,
-				    "this virtkit.ko does not offer sub-page protection "
-				    "(VIRTKIT_CAP_SPP = 0)");
-		kmod->spp_enable();
-		store = std::make_unique<detail::KmodSppStore>(*kmod);
-	} else {
-		store = std::make_unique<detail::LocalSppStore>();
-	}
-	auto backend = std::make_unique<detail::SppEngine>(st, std::move(store));
-	auto *b = backend.get();
-	/* Library features see exits before any handler of the VMM. */
-	b->keep_registration(add_exit_handler(
-		[b](Vcpu &v, Exit &e) { return b->on_exit(v, e); }, INT_MIN));
-	st.spp.reset(new SubpageProtection(std::move(backend)));
-	/* From their next entry on, vCPUs run through the module's fast path. */
-	if (kmod)
-		st.run_fd.store(kmod->fd());
-	return *st.spp;
+	using detail::RunControl;
+	auto &spp = RunControl::features(vm).get_or_attach<SubpageProtection>([&] {
+		const SppBackendKind kind = choose_backend(options.backend);
+		std::unique_ptr<detail::SppStore> store;
+		detail::KmodVm *kmod = nullptr;
+		if (kind == SppBackendKind::kmod) {
+			/* Attached before SPP, so destroyed after it (feature_slots.hpp). */
+			kmod = &detail::attach_kmod(vm);
+			if (kmod->check_extension(VIRTKIT_CAP_SPP) <= 0)
+				throw Error("SubpageProtection::enable", EOPNOTSUPP,
+					    "this virtkit.ko does not offer sub-page protection "
+					    "(VIRTKIT_CAP_SPP = 0)");
+			kmod->spp_enable();
+			store = std::make_unique<detail::KmodSppStore>(*kmod);
+		} else {
+			store = std::make_unique<detail::LocalSppStore>();
+		}
+		auto engine = std::make_unique<detail::SppEngine>(RunControl::memory_map(vm),
+								  std::move(store));
+		auto *e = engine.get();
+		/* Library features see exits before any handler of the VMM. */
+		e->keep_registration(vm.add_exit_handler(
+			[e](Vcpu &v, Exit &exit) { return e->on_exit(v, exit); }, INT_MIN));
+		std::unique_ptr<SubpageProtection> spp(new SubpageProtection(std::move(engine)));
+		/* From their next entry on, vCPUs run through the module's fast path. */
+		if (kmod)
+			RunControl::set_entry(vm, kmod);
+		return spp;
+	});
+	if (options.backend != SppBackendKind::automatic && options.backend != spp.backend())
+		throw Error("SubpageProtection::enable", EINVAL,
+			    std::string("already enabled with the ") + backend_name(spp.backend()) +
+				    " backend");
+	return spp;
 }
 
-SubpageProtection *Vm::spp() noexcept
+SubpageProtection *SubpageProtection::of(Vm &vm) noexcept
 {
-	std::lock_guard lock(state_->spp_mu);
-	return state_->spp.get();
+	return detail::RunControl::features(vm).find<SubpageProtection>();
 }
 
 } // namespace virtkit

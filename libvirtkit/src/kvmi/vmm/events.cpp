@@ -114,7 +114,7 @@ IntrospectionServer::Outcome IntrospectionServer::raise(std::uint16_t id, Vcpu *
 	if (vcpu && set_regs)
 		vcpu->set_regs(w.regs);
 	if (vcpu && crash)
-		request_vcpu_work(VcpuAccess::state(*vcpu));
+		RunControl::request_work(*vcpu);
 	return out;
 }
 
@@ -156,7 +156,7 @@ bool IntrospectionServer::wants(std::uint16_t vcpu, std::uint16_t event)
 	return connected_ && record_locked(vcpu).enabled(event);
 }
 
-int IntrospectionServer::pause_vcpu(VcpuState &st, std::span<const std::byte> p)
+int IntrospectionServer::pause_vcpu(Vcpu &vcpu, std::span<const std::byte> p)
 {
 	auto c = kvmi::load<kvmi_pause_vcpu>(p);
 	if (c.wait > 1 || !VK_KVMI_ZERO(c.padding1) || !VK_KVMI_ZERO(c.padding2) ||
@@ -166,15 +166,15 @@ int IntrospectionServer::pause_vcpu(VcpuState &st, std::span<const std::byte> p)
 		return -KVMI_EPERM;
 	{
 		std::lock_guard lock(mu_);
-		auto &r = record_locked(static_cast<std::uint16_t>(st.id));
+		auto &r = record_locked(static_cast<std::uint16_t>(vcpu.id()));
 		if (r.pauses >= max_queued_pauses)
 			return -KVMI_EBUSY;
 		r.pauses++;
 	}
-	request_vcpu_work(st);
+	RunControl::request_work(vcpu);
 	/* wait: answer once the vCPU is out of the guest (the hold kicks it out). */
 	if (c.wait)
-		VcpuHold hold(st);
+		VcpuHold hold(vcpu);
 	return 0;
 }
 
@@ -283,18 +283,18 @@ bool IntrospectionServer::unhook(std::chrono::milliseconds timeout)
 		enabled = connected_ && (vm_events_ >> KVMI_EVENT_UNHOOK & 1);
 	}
 	if (enabled) {
-		std::shared_ptr<VcpuState> target;
-		for (auto &v : vms_->live_vcpus())
-			if (v->id <= 0xffff && (!target || v->id < target->id))
-				target = v;
-		const std::uint16_t id = target ? static_cast<std::uint16_t>(target->id) : 0;
+		std::optional<Vcpu> target;
+		for (auto &v : RunControl::vcpus(vm_))
+			if (v.id() <= 0xffff && (!target || v.id() < target->id()))
+				target = std::move(v);
+		const std::uint16_t id = target ? static_cast<std::uint16_t>(target->id()) : 0;
 		{
 			std::lock_guard lock(mu_);
 			unhook_ = Unhook::requested;
 			unhook_vcpu_ = id;
 		}
 		if (target) {
-			request_vcpu_work(*target);
+			RunControl::request_work(*target);
 			std::unique_lock lock(mu_);
 			cv_.wait_until(lock, std::min(deadline, kvmi::Clock::now() + std::chrono::milliseconds(100)),
 				       [&] { return unhook_ != Unhook::requested || !connected_; });
@@ -311,8 +311,7 @@ bool IntrospectionServer::unhook(std::chrono::milliseconds timeout)
 			try {
 				if (target) {
 					VcpuHold hold(*target);
-					Vcpu v = VcpuAccess::handle(target);
-					raise(id, &v, KVMI_EVENT_UNHOOK, {}, deadline);
+					raise(id, &*target, KVMI_EVENT_UNHOOK, {}, deadline);
 				} else {
 					raise(0, nullptr, KVMI_EVENT_UNHOOK, {}, deadline);
 				}

@@ -151,13 +151,12 @@ void IntrospectionServer::remove_guest_debug() noexcept
 		}
 	}
 	for (auto id : ids) {
-		auto st = vms_->find_vcpu(id);
-		if (!st)
+		auto v = RunControl::vcpu(vm_, id);
+		if (!v)
 			continue;
 		try {
-			VcpuHold hold(*st);
-			Vcpu v = VcpuAccess::handle(st);
-			v.set_guest_debug(kvm_guest_debug{});
+			VcpuHold hold(*v);
+			v->set_guest_debug(kvm_guest_debug{});
 		} catch (const Error &) {
 		}
 		std::lock_guard lock(mu_);

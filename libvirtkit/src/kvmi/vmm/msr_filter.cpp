@@ -74,14 +74,8 @@ void complete_write(Vcpu &vcpu, MsrExit &m, std::uint64_t value)
  */
 void retry_instruction(Vcpu &vcpu)
 {
-	auto &s = VcpuAccess::state(vcpu);
 	auto regs = vcpu.regs();
-	if (complete_pending_exit(s) < 0 && errno != EINTR && errno != EAGAIN) {
-		const int err = errno;
-		std::string what = "vcpu " + std::to_string(vcpu.id()) + " (completing WRMSR)";
-		errno = err;
-		throw_ioctl_error("KVM_RUN", std::move(what), s.vm->fd.get());
-	}
+	RunControl::complete_pending_exit(vcpu, "WRMSR");
 	vcpu.set_regs(regs);
 }
 

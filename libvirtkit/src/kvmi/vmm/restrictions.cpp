@@ -86,7 +86,7 @@ int IntrospectionServer::control_spp(std::span<const std::byte> p)
 	std::lock_guard lock(restr_mu_);
 	if (c.enable) {
 		try {
-			vm_.enable_spp(); /* fails here, not at the first bitmap */
+			SubpageProtection::enable(vm_); /* fails here, not at the first bitmap */
 		} catch (const Error &) {
 			return -KVMI_EOPNOTSUPP;
 		}
@@ -171,7 +171,7 @@ int IntrospectionServer::apply_pages_locked(const std::map<std::uint64_t, KvmiPa
 	if (!runs.empty()) {
 		SubpageProtection *spp;
 		try {
-			spp = &vm_.enable_spp();
+			spp = &SubpageProtection::enable(vm_);
 		} catch (const Error &) {
 			return -KVMI_EOPNOTSUPP;
 		}
@@ -223,7 +223,7 @@ void IntrospectionServer::set_hidden_locked(const std::map<std::uint64_t, bool> 
 			runs.push_back({gfn, 0});
 		runs.back().second++;
 	}
-	auto &mem = vms_->memory;
+	auto &mem = RunControl::memory_map(vm_);
 	auto lock = mem.lock();
 	std::size_t done = 0;
 	try {
@@ -337,7 +337,7 @@ ExitAction IntrospectionServer::on_mmio_read(Vcpu &vcpu, const MmioExit &m)
 		std::fill(m.data.begin(), m.data.end(), std::byte{0});
 		return ExitAction::resume;
 	}
-	auto &mem = vms_->memory;
+	auto &mem = RunControl::memory_map(vm_);
 	auto lock = mem.lock_shared();
 	if (!mem.writable_ram_locked(m.gpa, m.data.size()))
 		return ExitAction::pass; /* the VMM removed the region meanwhile */

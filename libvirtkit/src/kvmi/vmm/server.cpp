@@ -37,7 +37,7 @@ int kvmi_error(int err)
 }
 
 IntrospectionServer::IntrospectionServer(Vm vm, const IntrospectionOptions &o)
-	: vm_(std::move(vm)), vms_(VmAccess::state(vm_)),
+	: vm_(std::move(vm)),
 	  allowed_commands_(o.allowed_commands), allowed_events_(o.allowed_events)
 {
 }
@@ -76,9 +76,7 @@ void IntrospectionServer::start(std::unique_ptr<kvmi::Connection> conn)
 
 void IntrospectionServer::release_vm() noexcept
 {
-	std::lock_guard lock(vms_->work_mu);
-	if (vms_->work.get() == this)
-		vms_->work.reset();
+	RunControl::release_work(vm_, this);
 }
 
 bool IntrospectionServer::connected() const noexcept
@@ -282,10 +280,10 @@ int IntrospectionServer::execute(std::uint16_t id, std::span<const std::byte> p,
 		if (!VK_KVMI_ZERO(vh.padding1) || !VK_KVMI_ZERO(vh.padding2) ||
 		    !kvmi::payload_size_ok(id, rest))
 			return -KVMI_EINVAL;
-		auto st = vms_->find_vcpu(vh.vcpu);
-		if (!st)
+		auto vcpu = RunControl::vcpu(vm_, vh.vcpu);
+		if (!vcpu)
 			return -KVMI_EINVAL;
-		return vcpu_command(id, st, rest, out);
+		return vcpu_command(id, *vcpu, rest, out);
 	} catch (const Error &e) {
 		out.clear();
 		return kvmi_error(e.err());
@@ -350,16 +348,11 @@ Introspection Introspection::connect(Vm &vm, const IntrospectionOptions &o)
 	check_ids(o.allowed_commands, false);
 	check_ids(o.allowed_events, true);
 
-	auto &st = detail::VmAccess::state(vm);
 	auto server = std::make_shared<detail::IntrospectionServer>(
-		detail::VmAccess::handle(st), o);
-	{
-		/* The VM's VcpuWork slot is the "one introspection per VM" lock. */
-		std::lock_guard lock(st->work_mu);
-		if (st->work)
-			throw Error(connect_op, EBUSY, "the VM already has an introspection");
-		st->work = server;
-	}
+		detail::RunControl::handle(vm), o);
+	/* The VM's VcpuWork slot is the "one introspection per VM" lock. */
+	if (!detail::RunControl::claim_work(vm, server))
+		throw Error(connect_op, EBUSY, "the VM already has an introspection");
 	try {
 		kvmi_qemu2introspector hello{};
 		hello.struct_size = sizeof(hello);

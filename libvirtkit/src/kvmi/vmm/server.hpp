@@ -52,7 +52,8 @@
 #include <virtkit/vcpu.hpp>
 #include <virtkit/vm.hpp>
 
-#include "core/state.hpp"
+#include "core/memory_map.hpp"
+#include "core/run_control.hpp"
 #include "kvmi/vmm/connection.hpp"
 
 namespace virtkit::detail {
@@ -152,9 +153,9 @@ private:
 	int max_gfn(std::vector<std::byte> &out);
 	int query_physical(std::span<const std::byte> p, std::vector<std::byte> &out);
 
-	/* --- vcpu_commands.cpp (the vCPU is held; st is its state) --- */
-	int vcpu_command(std::uint16_t id, const std::shared_ptr<VcpuState> &st,
-			 std::span<const std::byte> p, std::vector<std::byte> &out);
+	/* --- vcpu_commands.cpp (the vCPU is held) --- */
+	int vcpu_command(std::uint16_t id, Vcpu &vcpu, std::span<const std::byte> p,
+			 std::vector<std::byte> &out);
 	int control_events(Vcpu &vcpu, std::span<const std::byte> p);
 	int get_registers(Vcpu &vcpu, std::span<const std::byte> p, std::vector<std::byte> &out);
 	int set_registers(Vcpu &vcpu, std::span<const std::byte> p);
@@ -162,7 +163,7 @@ private:
 	int get_xsave(Vcpu &vcpu, std::vector<std::byte> &out);
 	int set_xsave(Vcpu &vcpu, std::span<const std::byte> p);
 	int get_xcr(Vcpu &vcpu, std::span<const std::byte> p, std::vector<std::byte> &out);
-	int inject_exception(VcpuState &st, std::span<const std::byte> p);
+	int inject_exception(Vcpu &vcpu, std::span<const std::byte> p);
 	int get_mtrr_type(Vcpu &vcpu, std::span<const std::byte> p, std::vector<std::byte> &out);
 	int translate_gva(Vcpu &vcpu, std::span<const std::byte> p, std::vector<std::byte> &out);
 
@@ -186,7 +187,7 @@ private:
 	bool complete_event(const kvmi_msg_hdr &hdr, std::span<const std::byte> p);
 	/* Whether vcpu has `event` enabled and the connection is up. */
 	bool wants(std::uint16_t vcpu, std::uint16_t event);
-	int pause_vcpu(VcpuState &st, std::span<const std::byte> p);
+	int pause_vcpu(Vcpu &vcpu, std::span<const std::byte> p);
 	/* Inject e at the next entry; returns what the guest gets (for TRAP). */
 	kvmi_event_trap apply_injection(Vcpu &vcpu, const kvmi_inject_exception &e);
 
@@ -228,7 +229,6 @@ private:
 	ExitAction on_exit(Vcpu &vcpu, Exit &exit);
 
 	Vm vm_;
-	std::shared_ptr<VmState> vms_;
 	std::optional<std::vector<std::uint16_t>> allowed_commands_, allowed_events_;
 
 	std::unique_ptr<kvmi::Connection> conn_;

@@ -17,14 +17,13 @@
 
 namespace virtkit::detail {
 
-int IntrospectionServer::vcpu_command(std::uint16_t id, const std::shared_ptr<VcpuState> &st,
-				      std::span<const std::byte> p, std::vector<std::byte> &out)
+int IntrospectionServer::vcpu_command(std::uint16_t id, Vcpu &vcpu, std::span<const std::byte> p,
+				      std::vector<std::byte> &out)
 {
 	/* PAUSE_VCPU without wait must not wait for the vCPU to leave the guest. */
 	if (id == KVMI_PAUSE_VCPU)
-		return pause_vcpu(*st, p);
-	VcpuHold hold(*st);
-	Vcpu vcpu = VcpuAccess::handle(st);
+		return pause_vcpu(vcpu, p);
+	VcpuHold hold(vcpu);
 	switch (id) {
 	case KVMI_GET_VCPU_INFO: {
 		int khz = value_ioctl<KVM_GET_TSC_KHZ>(vcpu.fd(), 0);
@@ -49,7 +48,7 @@ int IntrospectionServer::vcpu_command(std::uint16_t id, const std::shared_ptr<Vc
 	case KVMI_VCPU_GET_XCR:
 		return get_xcr(vcpu, p, out);
 	case KVMI_INJECT_EXCEPTION:
-		return inject_exception(*st, p);
+		return inject_exception(vcpu, p);
 	case KVMI_GET_MTRR_TYPE:
 		return get_mtrr_type(vcpu, p, out);
 	case KVMI_VCPU_TRANSLATE_GVA:
@@ -204,19 +203,19 @@ int IntrospectionServer::get_xcr(Vcpu &vcpu, std::span<const std::byte> p,
 }
 
 /* Kept for the vCPU thread, which injects before its next entry (events.cpp). */
-int IntrospectionServer::inject_exception(VcpuState &st, std::span<const std::byte> p)
+int IntrospectionServer::inject_exception(Vcpu &vcpu, std::span<const std::byte> p)
 {
 	auto c = kvmi::load<kvmi_inject_exception>(p);
 	if (!kvmi::injectable_vector(c.nr) || !VK_KVMI_ZERO(c.padding1) || !VK_KVMI_ZERO(c.padding2))
 		return -KVMI_EINVAL;
 	{
 		std::lock_guard lock(mu_);
-		auto &r = record_locked(static_cast<std::uint16_t>(st.id));
+		auto &r = record_locked(static_cast<std::uint16_t>(vcpu.id()));
 		if (r.inject)
 			return -KVMI_EBUSY;
 		r.inject = c;
 	}
-	request_vcpu_work(st);
+	RunControl::request_work(vcpu);
 	return 0;
 }
 

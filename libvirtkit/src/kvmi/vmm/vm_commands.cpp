@@ -30,7 +30,7 @@ int IntrospectionServer::vm_command(std::uint16_t id, std::span<const std::byte>
 		return check_event(p);
 	case KVMI_GET_GUEST_INFO: {
 		kvmi_get_guest_info_reply r{};
-		r.vcpu_count = static_cast<std::uint32_t>(vms_->live_vcpus().size());
+		r.vcpu_count = static_cast<std::uint32_t>(RunControl::vcpus(vm_).size());
 		append_bytes(out, r);
 		return 0;
 	}
@@ -91,7 +91,7 @@ int IntrospectionServer::control_vm_events(std::span<const std::byte> p)
 		return -KVMI_EINVAL; /* vCPU events go through CONTROL_EVENTS */
 	if (!event_allowed(c.event_id))
 		return -KVMI_EPERM;
-	std::vector<std::shared_ptr<VcpuState>> wake;
+	std::vector<Vcpu> wake;
 	{
 		std::lock_guard lock(mu_);
 		const std::uint32_t bit = 1u << c.event_id;
@@ -99,17 +99,17 @@ int IntrospectionServer::control_vm_events(std::span<const std::byte> p)
 		if (c.event_id != KVMI_EVENT_CREATE_VCPU)
 			return 0;
 		/* Every vCPU not reported yet reports itself before its next entry. */
-		for (auto &v : vms_->live_vcpus()) {
-			if (v->id > 0xffff)
+		for (auto &v : RunControl::vcpus(vm_)) {
+			if (v.id() > 0xffff)
 				continue;
-			auto &r = record_locked(static_cast<std::uint16_t>(v->id));
+			auto &r = record_locked(static_cast<std::uint16_t>(v.id()));
 			r.create_pending = c.enable && !r.create_sent;
 			if (r.create_pending)
-				wake.push_back(v);
+				wake.push_back(std::move(v));
 		}
 	}
 	for (auto &v : wake)
-		request_vcpu_work(*v);
+		RunControl::request_work(v);
 	return 0;
 }
 

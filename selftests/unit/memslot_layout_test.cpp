@@ -1,5 +1,5 @@
 // SPDX-License-Identifier: MIT
-/* virtkit::detail::plan_slots: cutting a region into memslots. */
+/* virtkit::detail::plan_slots (core/memslot_layout.hpp): cutting a region into memslots. */
 #include <catch2/catch.hpp>
 
 #include <cstdint>
@@ -9,7 +9,7 @@
 #include <string>
 #include <vector>
 
-#include "core/slot_plan.hpp"
+#include "core/memslot_layout.hpp"
 
 using virtkit::detail::SlotSpec;
 using virtkit::detail::TrappedPages;

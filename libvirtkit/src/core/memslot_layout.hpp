@@ -1,15 +1,16 @@
 // SPDX-License-Identifier: MIT
 /*
- * Internal: how one region of guest memory is cut into KVM memslots.
+ * Internal: the memslot layout of guest memory - how one region is cut into
+ * KVM memslots. The planning here is pure; MemoryMap applies the plans with
+ * KVM (memslot_layout.cpp) when regions or trapped pages change.
  *
  * A region is one memslot unless some of its pages must trap guest writes
  * (a read-only region, or pages write-protected by a feature such as
  * sub-page protection) or every guest access (pages an introspection tool
  * made unreadable). Write-protected pages become read-only slots - adjacent
  * pages merged into one slot -, fully trapped pages get no slot, and the
- * rest stays writable. The plan
- * is a pure function so that re-planning can diff old and new layouts and
- * touch only the slots that change.
+ * rest stays writable. The plan is a pure function so that re-planning can
+ * diff old and new layouts and touch only the slots that change.
  */
 #pragma once
 

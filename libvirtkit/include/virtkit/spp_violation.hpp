@@ -1,0 +1,41 @@
+// SPDX-License-Identifier: MIT
+/*
+ * virtkit::SppViolation - what sub-page protection (virtkit/spp.hpp) reports
+ * about a guest write it blocked. Its own header because exits carry it too
+ * (SppViolationExit, virtkit/exit.hpp), without the rest of SPP.
+ */
+#pragma once
+
+#include <array>
+#include <cstddef>
+#include <cstdint>
+#include <span>
+
+/* What this header declares is libvirtkit's API (built with -fvisibility=hidden). */
+#pragma GCC visibility push(default)
+
+namespace virtkit {
+
+/* A guest write that touched a write-protected sub-page. */
+struct SppViolation {
+	std::uint32_t vcpu;		/* id of the vCPU that wrote */
+	std::uint64_t gpa;		/* first protected byte the write touched */
+	std::uint64_t write_gpa;	/* first byte of the write */
+	std::uint32_t size;		/* bytes the write covers (1..max_write) */
+	/*
+	 * The RIP the guest continues at: KVM retires an emulated store before
+	 * it reports it, so this is the next instruction (the target for a
+	 * call) - except for a rep string instruction, where it is the
+	 * instruction itself, also after its last element (the guest retires
+	 * it on re-entry with RCX = 0).
+	 */
+	std::uint64_t rip;
+	std::array<std::byte, 64> bytes; /* the first `size` are the data */
+
+	static constexpr std::uint32_t max_write = 64;
+	std::span<const std::byte> data() const noexcept { return {bytes.data(), size}; }
+};
+
+} // namespace virtkit
+
+#pragma GCC visibility pop

@@ -1,0 +1,167 @@
+// SPDX-License-Identifier: MIT
+/*
+ * Internal: how library features drive a VM and its vCPUs - the one door
+ * from feature code (spp/, kmod/, kvmi/vmm/) into the core's state.
+ *
+ * Features hold the public handles (Vm, Vcpu) and see exits through public
+ * exit handlers (Vm::add_exit_handler; the library's own register at
+ * INT_MIN and just above, ahead of the VMM's). What a public handle cannot
+ * do, RunControl does; nothing else of the core's state is theirs to touch:
+ *
+ *   the VM, from any thread
+ *     features(vm)            typed per-VM slots (feature_slots.hpp)
+ *     memory_map(vm)          regions and memslots: trap, hide, complete
+ *     vcpu(vm, id), vcpus()   handles on the live vCPUs, by id
+ *     claim_work(vm, w)       the VM's VcpuWork (one feature at a time)
+ *     set_entry(vm, e)        enter the guest through e instead of KVM_RUN
+ *   one vCPU, from any thread
+ *     request_work(vcpu)      run the VcpuWork on the vCPU's own thread
+ *                             before its next entry (kicks it out)
+ *     VcpuHold(vcpu)          keep it out of the guest while the hold lives
+ *   one vCPU, on its own thread, inside an exit handler
+ *     complete_pending_exit(vcpu, what)
+ *                             let KVM finish the exit being handled without
+ *                             entering the guest
+ *     next_mmio_fragment(vcpu)
+ *                             the same for MMIO, yielding the next piece of
+ *                             the access, if any
+ *
+ * The core's own state (vm_state.hpp, vcpu_state.hpp) stays the core's:
+ * RunControl is the only friend of Vm and Vcpu, and features include
+ * neither header.
+ *
+ * Lock order, outer first: a feature's own locks (KVMI's restr_mu_) ->
+ * FeatureSlots attaching -> the memory map's lock -> RunGate -> a vCPU's
+ * kick lock. The exit-handler list, the vCPU table, the VcpuWork slot and
+ * FeatureSlots' table are leaves: held for a copy or a lookup only. Exit
+ * handlers run with none of the core's locks held.
+ */
+#pragma once
+
+#include <array>
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <optional>
+#include <vector>
+
+#include <virtkit/exit.hpp>
+#include <virtkit/vcpu.hpp>
+#include <virtkit/vm.hpp>
+
+namespace virtkit::detail {
+
+class FeatureSlots;
+class MemoryMap;
+struct VcpuState;
+
+/*
+ * A feature that acts on a vCPU's own thread between two guest entries
+ * (VM introspection raises its events there). Vcpu::run() calls
+ * before_entry() when request_work() was called for the vCPU since the last
+ * call, and before a new vCPU's first entry; an Exit it returns ends run()
+ * with that exit.
+ */
+class VcpuWork {
+public:
+	virtual ~VcpuWork() = default;
+	virtual std::optional<Exit> before_entry(Vcpu &vcpu) = 0;
+};
+
+/*
+ * A way into the guest other than KVM_RUN (virtkit.ko's VIRTKIT_VCPU_RUN).
+ * enter() is called on the vCPU's thread instead of KVM_RUN and behaves
+ * like it: the same result, errno and kvm_run contents. The object must
+ * live as long as the VM's state (a feature slot does).
+ */
+class RunEntry {
+public:
+	virtual int enter(int vcpu_fd) const noexcept = 0;
+	/* The request as errors name it ("VIRTKIT_VCPU_RUN"). */
+	virtual const char *name() const noexcept = 0;
+
+protected:
+	~RunEntry() = default;
+};
+
+/* One piece of an MMIO access as KVM reports it (at most 8 bytes). */
+struct MmioFragment {
+	std::uint64_t gpa;
+	std::uint32_t len;
+	bool is_write;
+	std::array<std::byte, 8> data;
+};
+
+class RunControl {
+public:
+	/* --- the VM, from any thread --- */
+
+	static FeatureSlots &features(Vm &vm) noexcept;
+	static MemoryMap &memory_map(Vm &vm) noexcept;
+	/* Another handle on the same VM (for library threads). */
+	static Vm handle(Vm &vm);
+	/* A handle on the live vCPU `id`, or nullopt. */
+	static std::optional<Vcpu> vcpu(Vm &vm, std::uint32_t id);
+	/* Handles on the live vCPUs, by id. */
+	static std::vector<Vcpu> vcpus(Vm &vm);
+	/*
+	 * Install the VM's VcpuWork; false (nothing changed) when another one
+	 * is installed. vCPUs that exist already run it before their next
+	 * entry only once request_work() asks them to.
+	 */
+	static bool claim_work(Vm &vm, std::shared_ptr<VcpuWork> work);
+	/* Remove it again, if `work` is the one installed. */
+	static void release_work(Vm &vm, const VcpuWork *work) noexcept;
+	/* Enter the guest through `entry` (nullptr: KVM_RUN) from the next entry on. */
+	static void set_entry(Vm &vm, const RunEntry *entry) noexcept;
+
+	/* --- one vCPU, from any thread --- */
+
+	/* Make the vCPU's thread call the VM's VcpuWork before its next entry. */
+	static void request_work(Vcpu &vcpu);
+
+	/* --- one vCPU, on its own thread, inside an exit handler --- */
+
+	/*
+	 * KVM_RUN with immediate_exit: KVM completes the exit being handled
+	 * (an MMIO access, a user-space MSR access) without entering the
+	 * guest. A kick that arrived meanwhile stays pending. Returns false
+	 * when KVM_RUN was interrupted (EINTR, EAGAIN) before it completed
+	 * the exit; throws Error("KVM_RUN") naming the vCPU and `completing`
+	 * ("WRMSR") for any other failure.
+	 */
+	static bool complete_pending_exit(Vcpu &vcpu, const char *completing);
+	/*
+	 * After an MMIO exit: complete it without running the guest. KVM
+	 * reports the next piece of the same instruction's access, if there
+	 * is one, as another MMIO exit: that piece is returned; nullopt once
+	 * the access is complete. Throws for a failing KVM_RUN.
+	 */
+	static std::optional<MmioFragment> next_mmio_fragment(Vcpu &vcpu);
+
+private:
+	friend class VcpuHold;
+	static VcpuState &state(Vcpu &vcpu) noexcept;
+};
+
+/*
+ * Keeps one vCPU out of the guest while it exists, so that another thread
+ * can read and change its state consistently (KVM serializes vCPU ioctls,
+ * but a vCPU that re-entered the guest would run on between two of them).
+ * The constructor kicks the vCPU out of KVM_RUN and waits until it is out;
+ * a vCPU thread that is elsewhere (an exit handler, not in run() at all) is
+ * not disturbed. Holds nest and may be taken on the vCPU's own thread. The
+ * Vcpu handle must outlive the hold.
+ */
+class VcpuHold {
+public:
+	explicit VcpuHold(Vcpu &vcpu);
+	~VcpuHold();
+	VcpuHold(const VcpuHold &) = delete;
+	VcpuHold &operator=(const VcpuHold &) = delete;
+
+private:
+	Vcpu &vcpu_;
+};
+
+} // namespace virtkit::detail

@@ -1,0 +1,49 @@
+// SPDX-License-Identifier: MIT
+/*
+ * Internal: what page walks (Vcpu::translate, Vcpu::paging_state) take from
+ * KVM and from a vCPU's CPUID, asked once and kept with the VM and the vCPU.
+ */
+#pragma once
+
+#include <virtkit/kvm.h>
+
+#include <cstdint>
+#include <optional>
+#include <vector>
+
+namespace virtkit::detail {
+
+/* What KVM can give a guest's page walks; asked when the VM is created. */
+struct KvmPagingSupport {
+	/*
+	 * Whether KVM lists IA32_PKRS (0x6e1) in KVM_GET_MSR_INDEX_LIST, so
+	 * that page walks read it.
+	 */
+	bool pkrs_listed = false;
+	/*
+	 * The paging features (paging_feature::*) KVM can give a guest
+	 * (KVM_GET_SUPPORTED_CPUID): page walks use those of the vCPU's
+	 * CPUID that KVM has, as KVM's own walk does (guest_cpu_cap_has()).
+	 */
+	std::uint32_t features = 0;
+	/*
+	 * With two-dimensional paging (platform::tdp_enabled()) the processor
+	 * walks the guest's tables, and 1 GiB pages follow the host processor
+	 * (KVM's guest_can_use_gbpages()): whether it has Page1GB. Unset where
+	 * KVM shadows the tables (the vCPU's CPUID decides).
+	 */
+	std::optional<bool> tdp_page1gb;
+};
+
+/* What a walk takes from one vCPU's CPUID; known once `known`. */
+struct VcpuPagingCpuid {
+	bool known = false;
+	std::uint32_t maxphyaddr = 36;
+	std::uint32_t features = 0;	/* paging_feature::* */
+	std::uint32_t pkru_offset = 0;	/* in the XSAVE area; 0: not known */
+};
+
+/* The paging features (paging_feature::*) a CPUID lists (vcpu_paging.cpp). */
+std::uint32_t paging_features(const std::vector<kvm_cpuid_entry2> &cpuid);
+
+} // namespace virtkit::detail
