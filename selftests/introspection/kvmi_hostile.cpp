@@ -14,7 +14,9 @@
 
 #include <linux/virtkit_kvmi.h>
 #include <poll.h>
+#include <sys/mman.h>
 #include <sys/socket.h>
+#include <unistd.h>
 
 using namespace virtkit;
 using namespace virtkit::x86;
@@ -461,9 +463,10 @@ static void write_all(int fd, const std::vector<std::byte> &b)
  * `answer`; returns the VMM's errno (0: connected) and leaves the socket in fd.
  */
 static int raw_handshake(KvmiTest &t, const std::vector<std::byte> &answer, FileDesc &fd,
-			 kvmi_qemu2introspector *hello_out = nullptr)
+			 kvmi_qemu2introspector *hello_out = nullptr,
+			 const IntrospectionOptions *options = nullptr)
 {
-	auto o = t.default_options();
+	auto o = options ? *options : t.default_options();
 	o.handshake_timeout = 2000ms;
 	auto fut = std::async(std::launch::async,
 			      [&] { return Introspection::connect(t.g.vm(), o); });
@@ -561,5 +564,73 @@ VK_TEST(handshake_raw_answers)
 		auto a = answer(24, 0, secret);
 		a.resize(10);
 		TEST_ASSERT_EQ(raw_handshake(t, a, fd), ETIMEDOUT);
+	}
+}
+
+/* What the process writes to stderr while it lives. */
+class StderrCapture {
+public:
+	StderrCapture()
+	{
+		file_ = FileDesc::adopt(::memfd_create("stderr", MFD_CLOEXEC), "memfd_create");
+		saved_ = FileDesc::adopt(::dup(2), "dup");
+		TEST_ASSERT(::dup2(file_.get(), 2) == 2);
+	}
+	~StderrCapture() { restore(); }
+	std::string restore()
+	{
+		if (saved_.get() >= 0) {
+			::dup2(saved_.get(), 2);
+			saved_ = FileDesc();
+		}
+		std::string out(4096, '\0');
+		ssize_t n = ::pread(file_.get(), out.data(), out.size(), 0);
+		out.resize(n > 0 ? std::size_t(n) : 0);
+		return out;
+	}
+
+private:
+	FileDesc file_, saved_;
+};
+
+VK_TEST(handshake_without_secret_accepts_any_tool)
+{
+	/*
+	 * As QEMU's kvmi without a key: libkvmi's examples leave cookie_hash
+	 * zero, and the VMM must let them in - with a warning.
+	 */
+	KvmiTest t;
+	auto o = t.default_options();
+	o.secret.clear();
+	FileDesc fd;
+	StderrCapture err;
+	int rc = raw_handshake(t, answer(24, 0, ""), fd, nullptr, &o);
+	std::string warning = err.restore();
+	TEST_ASSERT_EQ(rc, 0);
+	TEST_ASSERT(warning.find("without a secret") != std::string::npos &&
+			    warning.find(o.address) != std::string::npos,
+		    "stderr: '%s'", warning.c_str());
+	/* A zero cookie_hash, as libkvmi sends it. */
+	kvmi_introspector2qemu zero{};
+	zero.struct_size = sizeof(zero);
+	write_all(fd.get(), message(KVMI_GET_VERSION, 9, {}));
+	kvmi_msg_hdr h{};
+	TEST_ASSERT(read_exact(fd.get(), &h, sizeof(h), 5000ms));
+	TEST_ASSERT_EQ(h.id, KVMI_GET_VERSION);
+	TEST_ASSERT_EQ(h.seq, 9u);
+	t.vmm.reset();
+	{
+		KvmiTest u;
+		FileDesc fd2;
+		auto ou = u.default_options();
+		ou.secret.clear();
+		TEST_ASSERT_EQ(raw_handshake(u, bytes_of(zero), fd2, nullptr, &ou), 0);
+		TEST_ASSERT(u.vmm->connected());
+	}
+	/* With a secret, a zero cookie is still refused. */
+	{
+		KvmiTest u;
+		FileDesc fd2;
+		TEST_ASSERT_EQ(raw_handshake(u, bytes_of(zero), fd2), EACCES);
 	}
 }

@@ -5,8 +5,8 @@
  * stock KVM.
  *
  * The tool listens on a unix or vsock socket; connect() connects to it, runs
- * the QEMU-style handshake (the tool must answer SHA-1 of the shared secret)
- * and serves the connection from a thread of its own until disconnect():
+ * the QEMU-style handshake (the tool must answer SHA-1 of the shared secret,
+ * if one is set) and serves the connection from a thread of its own until disconnect():
  *
  *	auto intro = Introspection::connect(vm, {.address = "unix:/run/tool.sock",
  *						 .secret = "s3cret"});
@@ -57,7 +57,11 @@ class IntrospectionServer;
 struct IntrospectionOptions {
 	/* Where the tool listens: "unix:/path", "unix:@abstract" or "vsock:CID:PORT". */
 	std::string address;
-	/* The shared secret; the tool must answer SHA-1(secret). Required. */
+	/*
+	 * The shared secret; the tool must answer SHA-1(secret). Empty: no
+	 * check - any tool that the address reaches is accepted, as with
+	 * QEMU's kvmi without a key, and connect() warns on stderr.
+	 */
 	std::string secret;
 	std::array<std::uint8_t, 16> uuid{};
 	/* The VM's name for the tool; at most 63 bytes. */

@@ -88,7 +88,7 @@ FileDesc connect_socket(const Address &a, Clock::time_point deadline)
 
 std::unique_ptr<Connection> Connection::open(const Address &address,
 					     const kvmi_qemu2introspector &hello,
-					     const CookieHash &cookie_hash, Clock::time_point deadline)
+					     const CookieHash *cookie_hash, Clock::time_point deadline)
 {
 	const std::string who = describe(address);
 	FileDesc sock = connect_socket(address, deadline);
@@ -127,7 +127,7 @@ std::unique_ptr<Connection> Connection::open(const Address &address,
 			fail_read("reading the tool's answer");
 		left -= n;
 	}
-	if (!equal_ct(std::span<const std::uint8_t>(answer.cookie_hash), cookie_hash))
+	if (cookie_hash && !equal_ct(std::span<const std::uint8_t>(answer.cookie_hash), *cookie_hash))
 		throw Error(op, EACCES, who + ": the tool's cookie hash is not SHA-1 of the secret");
 	return c;
 }
