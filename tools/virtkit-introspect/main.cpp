@@ -23,6 +23,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <ctime>
 #include <exception>
 #include <map>
 #include <optional>
@@ -316,8 +317,14 @@ bool Tool::enable_breakpoint_events(Session &s)
 void Tool::attach(Session &s)
 {
 	const auto &info = s.info();
-	std::printf("VM '%s' connected: uuid %s, started %lld", info.name.c_str(),
-		    uuid_text(info.uuid).c_str(), (long long)info.start_time);
+	/* start_time is in milliseconds since the epoch (QEMU's kvmi, virtkit). */
+	std::time_t started = std::time_t(info.start_time / 1000);
+	std::tm tm{};
+	char when[32] = "?";
+	if (::gmtime_r(&started, &tm))
+		std::strftime(when, sizeof(when), "%Y-%m-%d %H:%M:%S UTC", &tm);
+	std::printf("VM '%s' connected: uuid %s, started %s", info.name.c_str(),
+		    uuid_text(info.uuid).c_str(), when);
 	if (info.max_gpa)
 		std::printf(", guest memory up to %#llx", (unsigned long long)*info.max_gpa);
 	std::printf("\n");

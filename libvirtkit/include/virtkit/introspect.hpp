@@ -103,7 +103,7 @@ struct HandshakeInfo {
 	std::uint32_t struct_size = 0; /* as sent: 96 (QEMU), 104 (virtkit), more */
 	std::array<std::uint8_t, 16> uuid{};
 	std::string name;
-	std::int64_t start_time = 0; /* seconds since the epoch */
+	std::int64_t start_time = 0; /* milliseconds since the epoch (QEMU, virtkit) */
 	/* End of guest-physical memory; virtkit's extension (struct_size >= 104). */
 	std::optional<std::uint64_t> max_gpa;
 };

@@ -66,7 +66,8 @@ struct IntrospectionOptions {
 	std::array<std::uint8_t, 16> uuid{};
 	/* The VM's name for the tool; at most 63 bytes. */
 	std::string name;
-	/* Seconds since the epoch the tool is told the VM started; 0 = now. */
+	/* When the tool is told the VM started, in milliseconds since the
+	 * epoch as QEMU sends it; 0 = now. */
 	std::int64_t start_time = 0;
 	/*
 	 * The commands (KVMI_* ids) the tool may use; others answer

@@ -363,7 +363,11 @@ Introspection Introspection::connect(Vm &vm, const IntrospectionOptions &o)
 		kvmi_qemu2introspector hello{};
 		hello.struct_size = sizeof(hello);
 		std::memcpy(hello.uuid, o.uuid.data(), sizeof(hello.uuid));
-		hello.start_time = o.start_time ? o.start_time : std::time(nullptr);
+		/* Milliseconds, as QEMU sends it (qemu_clock_get_ms(QEMU_CLOCK_REALTIME)). */
+		hello.start_time = o.start_time ? o.start_time :
+				   std::chrono::duration_cast<std::chrono::milliseconds>(
+					   std::chrono::system_clock::now().time_since_epoch())
+					   .count();
 		std::memcpy(hello.name, o.name.data(), o.name.size());
 		hello.max_gpa = max_gpa(vm.memory());
 		auto deadline = detail::kvmi::deadline_after(o.handshake_timeout);
