@@ -247,10 +247,17 @@ VK_TEST(event_reply_wrong_seq_closes)
 	});
 }
 
-VK_TEST(event_reply_wrong_size_closes)
+VK_TEST(event_reply_too_long_closes)
 {
 	bad_event_reply([](kvmi_msg_hdr &, kvmi_vcpu_hdr &, kvmi_event_reply &, std::size_t &n) {
-		n = 8; /* a PF reply without most of kvmi_event_pf_reply */
+		n += 8; /* more than kvmi_event_pf_reply: the kernel refuses it too */
+	});
+}
+
+VK_TEST(event_reply_too_short_for_its_header_closes)
+{
+	bad_event_reply([](kvmi_msg_hdr &, kvmi_vcpu_hdr &, kvmi_event_reply &, std::size_t &n) {
+		n = -std::size_t(4); /* cuts into kvmi_event_reply */
 	});
 }
 
@@ -261,11 +268,51 @@ VK_TEST(event_reply_wrong_vcpu_closes)
 	});
 }
 
-VK_TEST(event_reply_wrong_event_closes)
+static void guest_msr_write(void)
 {
-	bad_event_reply([](kvmi_msg_hdr &, kvmi_vcpu_hdr &, kvmi_event_reply &r, std::size_t &) {
-		r.event = KVMI_EVENT_MSR;
-	});
+	guest_wrmsr(0x174 /* SYSENTER_CS */, 0x51);
+	GUEST_SYNC(1, guest_rdmsr(0x174));
+}
+
+/*
+ * As the kernel: an event reply whose event-specific part is short is
+ * zero-filled (libkvmi's kvmi_reply_event() sends the size its caller
+ * passes), and kvmi_event_reply.event is not checked (seq names the event).
+ */
+VK_TEST(event_reply_short_or_naming_another_event_is_accepted)
+{
+	{
+		KvmiTest t;
+		auto &r = t.add_vcpu(guest_write_pages, page_a, page_b);
+		t.attach();
+		auto e = pf_waiting(t);
+		kvmi_event_reply er{KVMI_EVENT_ACTION_CONTINUE, KVMI_EVENT_MSR, 0, 0};
+		kvmi_event_pf_reply pf{};
+		auto payload = bytes_of(vcpu_hdr(e.vcpu), er, pf);
+		payload.resize(sizeof(kvmi_vcpu_hdr) + sizeof(er) + 8);
+		t.t().send_bytes(message(KVMI_EVENT_REPLY, e.seq, payload));
+		r.expect_sync(1);
+		TEST_ASSERT_EQ(t.peek(page_a), 0xa1u);
+		TEST_ASSERT(t.vmm->connected());
+		TEST_ASSERT_EQ(t.t().get_guest_info(), 1u);
+	}
+	{
+		KvmiTest t;
+		auto &r = t.add_vcpu(guest_msr_write);
+		t.attach();
+		auto &s = t.t();
+		s.control_events(0, intro::EventId::msr, true);
+		s.control_msr(0, 0x174, true);
+		r.resume();
+		auto e = t.event(intro::EventId::msr, 0);
+		TEST_ASSERT_EQ(e.get<intro::MsrEvent>()->new_value, 0x51u);
+		/* No kvmi_event_msr_reply at all: new_val is zero. */
+		kvmi_event_reply er{KVMI_EVENT_ACTION_CONTINUE, KVMI_EVENT_MSR, 0, 0};
+		s.send_bytes(message(KVMI_EVENT_REPLY, e.seq, bytes_of(vcpu_hdr(0), er)));
+		TEST_ASSERT_EQ(r.expect_sync(1)[1], 0u);
+		TEST_ASSERT(t.vmm->connected());
+		TEST_ASSERT_EQ(s.get_guest_info(), 1u);
+	}
 }
 
 VK_TEST(event_reply_bad_action_closes)
