@@ -662,9 +662,15 @@ VK_TEST(mtrr_type_follows_vcpu_mtrrs)
 	t.attach();
 	auto &s = t.t();
 	Vcpu &v = r.vcpu();
-	/* MTRRs disabled: virtkit answers WB (documented in mtrr.cpp/introspection.rst). */
-	v.set_msr(0x2ff, 0);
-	TEST_ASSERT_EQ(s.get_mtrr_type(0, 0x1000), 6u);
+	/* MTRRs disabled: UC, as KVM answers when the guest's CPUID has MTRR. */
+	auto cpuid = v.cpuid();
+	bool has_mtrr = false;
+	for (auto &e : cpuid)
+		if (e.function == 1 && e.index == 0)
+			has_mtrr = e.edx >> 12 & 1;
+	TEST_ASSERT(has_mtrr, "the guest's CPUID has no MTRR");
+	v.set_msr(0x2ff, 6 /* WB, but E clear */);
+	TEST_ASSERT_EQ(s.get_mtrr_type(0, 0x1000), 0u);
 	/* Enabled, default UC; variable range 0: the data region WC; fixed: off. */
 	std::uint32_t phys_bits = 36;
 	for (auto &e : v.cpuid())
@@ -680,6 +686,24 @@ VK_TEST(mtrr_type_follows_vcpu_mtrrs)
 	TEST_ASSERT_EQ(s.get_mtrr_type(0, 0x1000), 6u);
 	TEST_ASSERT_EQ(s.get_mtrr_type(0, data_gpa), 1u);
 	EXPECT_KVMI_ERROR(s.get_mtrr_type(1, 0), KVMI_EINVAL);
+	/*
+	 * Without MTRR in CPUID the firmware never enables them: disabled is
+	 * WB. Some hosts (kvm_pvm) keep MTRR in the guest's CPUID whatever
+	 * KVM_SET_CPUID2 says: the answer follows what the vCPU really has
+	 * (the unit test covers the WB case everywhere).
+	 */
+	for (auto &e : cpuid)
+		if (e.function == 1 && e.index == 0)
+			e.edx &= ~(1u << 12);
+	v.set_cpuid(cpuid);
+	v.set_msr(0x2ff, 0);
+	has_mtrr = false;
+	for (auto &e : v.cpuid())
+		if (e.function == 1 && e.index == 0)
+			has_mtrr = e.edx >> 12 & 1;
+	if (has_mtrr)
+		diag("this host keeps MTRR in the guest's CPUID: disabled MTRRs stay UC");
+	TEST_ASSERT_EQ(s.get_mtrr_type(0, 0x1000), has_mtrr ? 0u : 6u);
 }
 
 VK_TEST(translate_gva_matches_page_tables)
