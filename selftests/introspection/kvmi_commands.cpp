@@ -397,6 +397,26 @@ VK_TEST(read_write_physical_error_paths)
 	TEST_ASSERT(s.connected());
 }
 
+VK_TEST(tool_read_physical_too_large_is_an_error)
+{
+	KvmiTest t;
+	t.attach();
+	auto &s = t.t();
+	try {
+		(void)s.read_physical(data_gpa, std::size_t(1) << 40);
+		fail(__FILE__, __LINE__, "a read of 1 TiB succeeded");
+	} catch (const intro::CommandError &e) {
+		fail(__FILE__, __LINE__, std::string("sent to the VMM: ") + e.what());
+	} catch (const Error &e) {
+		TEST_ASSERT(e.err() == ENOMEM, "%s", e.what());
+	} catch (const std::exception &e) {
+		fail(__FILE__, __LINE__, std::string("not a virtkit::Error: ") + e.what());
+	}
+	/* Nothing was sent: the session goes on. */
+	TEST_ASSERT(s.connected());
+	TEST_ASSERT_EQ(s.get_guest_info(), 0u);
+}
+
 VK_TEST(max_gfn_and_query_physical_match_regions)
 {
 	KvmiTest t;

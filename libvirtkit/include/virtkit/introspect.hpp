@@ -295,6 +295,8 @@ public:
 	/* Any size: split into page-bounded requests (the VMM serves one
 	 * page per READ_PHYSICAL / WRITE_PHYSICAL). */
 	void read_physical(std::uint64_t gpa, std::span<std::byte> out);
+	/* Error ENOMEM (nothing sent, still connected) for a size no buffer
+	 * can hold. */
 	std::vector<std::byte> read_physical(std::uint64_t gpa, std::size_t size);
 	void write_physical(std::uint64_t gpa, std::span<const std::byte> data);
 	/* At most max_page_entries pages per call (one message). */
