@@ -417,6 +417,24 @@ VK_TEST(tool_read_physical_too_large_is_an_error)
 	TEST_ASSERT_EQ(s.get_guest_info(), 0u);
 }
 
+/*
+ * The VMM answers an unknown id with a reply of the same id; for id 1 that
+ * reads as KVMI_EVENT. The tool refuses to send it rather than take the
+ * reply for a malformed event and drop the session.
+ */
+VK_TEST(tool_refuses_raw_commands_with_event_ids)
+{
+	KvmiTest t;
+	t.attach();
+	auto &s = t.t();
+	TEST_EXPECT_ERROR(s.request_raw(KVMI_EVENT, {}), EINVAL);
+	TEST_EXPECT_ERROR(s.send_raw(KVMI_EVENT, {}), EINVAL);
+	TEST_EXPECT_ERROR(s.request_raw(KVMI_EVENT_REPLY, {}), EINVAL);
+	TEST_ASSERT(s.connected());
+	TEST_ASSERT_EQ(s.get_version().version, (std::uint32_t)KVMI_VERSION);
+	EXPECT_RAW_ERROR(s.request_raw(2000, {}), KVMI_ENOSYS);
+}
+
 VK_TEST(max_gfn_and_query_physical_match_regions)
 {
 	KvmiTest t;

@@ -338,9 +338,13 @@ public:
 	void reply_msr(const Event &event, Action action, std::uint64_t new_value);
 	void reply_pf(const Event &event, Action action);
 
-	/* Raw access, for tests of the VMM's handling of hostile input. */
+	/* Raw access, for tests of the VMM's handling of hostile input.
+	 * Error EINVAL, with nothing sent, for id 1 (KVMI_EVENT: the reply
+	 * would read as an event) and, here, id 0 (an event reply gets no
+	 * reply). */
 	RawReply request_raw(std::uint16_t id, std::span<const std::byte> payload);
-	/* A message with the next seq, not waiting for a reply; returns the seq. */
+	/* A message with the next seq, not waiting for a reply; returns the
+	 * seq. Error EINVAL for id 1, as request_raw(). */
 	std::uint32_t send_raw(std::uint16_t id, std::span<const std::byte> payload);
 	RawReply receive_raw(std::uint16_t id, std::uint32_t seq);
 	/* Bytes as they are, in one send. */
