@@ -143,6 +143,38 @@ VK_TEST(handshake_times_out_when_tool_is_silent)
 	TEST_ASSERT(ms >= 250 && ms < 4000, "connect took %lld ms", (long long)ms);
 }
 
+/*
+ * A VMM shutting down must not wait out the handshake timeout: stop
+ * requested on IntrospectionOptions::stop ends connect() with ECANCELED.
+ */
+VK_TEST(connect_is_cancelled_by_stop_token)
+{
+	KvmiTest t;
+	auto o = t.default_options();
+	o.handshake_timeout = 20000ms;
+	std::stop_source src;
+	o.stop = src.get_token();
+	auto fut = std::async(std::launch::async,
+			      [&] { return Introspection::connect(t.g.vm(), o); });
+	/* Accept the connection and say nothing; then stop. */
+	FileDesc conn = t.listener.accept(5000ms);
+	std::this_thread::sleep_for(100ms);
+	TEST_ASSERT(fut.wait_for(0ms) == std::future_status::timeout, "connect() returned early");
+	auto start = std::chrono::steady_clock::now();
+	src.request_stop();
+	TEST_ASSERT(fut.wait_for(5s) == std::future_status::ready, "connect() ignores the stop");
+	auto ms = std::chrono::duration_cast<std::chrono::milliseconds>(
+			  std::chrono::steady_clock::now() - start)
+			  .count();
+	TEST_ASSERT(ms < 1000, "connect took %lld ms after the stop", (long long)ms);
+	TEST_EXPECT_ERROR(fut.get(), ECANCELED);
+	/* Stopped before it starts: nothing is even connected. */
+	TEST_EXPECT_ERROR(Introspection::connect(t.g.vm(), o), ECANCELED);
+	/* Nothing was left behind: a connect without the stop works. */
+	t.attach();
+	TEST_ASSERT(t.vmm->connected());
+}
+
 VK_TEST(connect_without_tool_fails)
 {
 	KvmiTest t;

@@ -38,6 +38,7 @@
 #include <cstdint>
 #include <memory>
 #include <optional>
+#include <stop_token>
 #include <string>
 #include <vector>
 
@@ -79,6 +80,13 @@ struct IntrospectionOptions {
 	std::optional<std::vector<std::uint16_t>> allowed_events;
 	/* Limit for connecting and the handshake. */
 	std::chrono::milliseconds handshake_timeout{5000};
+	/*
+	 * Cancels connect() while it connects or runs the handshake (a VMM
+	 * shutting down need not wait out handshake_timeout): once stop is
+	 * requested, connect() throws Error(..., ECANCELED). Later requests
+	 * do nothing; disconnect() ends a connection.
+	 */
+	std::stop_token stop;
 };
 
 struct IntrospectionStats {
@@ -94,7 +102,8 @@ public:
 	 * bad options (the message says which), EBUSY when the VM already has
 	 * an introspection, and Error("KVMI handshake", errno, why) when the
 	 * connection or the handshake fails (ETIMEDOUT, EACCES for a wrong
-	 * cookie hash, EPROTO for a malformed answer, the socket's errno).
+	 * cookie hash, EPROTO for a malformed answer, ECANCELED when
+	 * options.stop was requested, the socket's errno).
 	 */
 	static Introspection connect(Vm &vm, const IntrospectionOptions &options);
 

@@ -386,7 +386,7 @@ Introspection Introspection::connect(Vm &vm, const IntrospectionOptions &o)
 				     "memory and vCPUs\n",
 				     o.address.c_str());
 		auto conn = detail::kvmi::Connection::open(*address, hello,
-							   hash ? &*hash : nullptr, deadline);
+							   hash ? &*hash : nullptr, deadline, o.stop);
 		server->start(std::move(conn));
 	} catch (...) {
 		server->release_vm();
