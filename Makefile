@@ -284,15 +284,17 @@ deps:
 # What `make run` runs, with the tools in PATH: virtkit info and virtkit
 # demo, then the example introspection tool against a second demo: the tool
 # listens in the background (its output goes to a file, shown afterwards),
-# the demo's VM connects to it with --introspect. Fails if any of them fails.
+# the demo's VM connects to it with --introspect, both given the secret in a
+# file only they can read (never on a command line, which every user sees in
+# /proc). Fails if any of them fails.
 RUN_DEMO = echo "virtkit info && virtkit demo"; virtkit info && virtkit demo || exit 1; \
 	d=$$(mktemp -d) || exit 1; \
-	s=$$(head -c 16 /dev/urandom | od -An -tx1 | tr -d " \n"); \
-	echo; echo "virtkit-introspect --listen unix:$$d/tool.sock --secret $$s --msr 0xc0000102 --count 10 --timeout 60 &"; \
-	echo "virtkit demo --introspect unix:$$d/tool.sock --secret $$s"; \
-	virtkit-introspect --listen unix:$$d/tool.sock --secret $$s --msr 0xc0000102 --count 10 --timeout 60 >$$d/tool.log 2>&1 & \
+	(umask 077; head -c 16 /dev/urandom | od -An -tx1 | tr -d " \n" >$$d/secret) || exit 1; \
+	echo; echo "virtkit-introspect --listen unix:$$d/tool.sock --secret-file $$d/secret --msr 0xc0000102 --count 10 --timeout 60 &"; \
+	echo "virtkit demo --introspect unix:$$d/tool.sock --secret-file $$d/secret"; \
+	virtkit-introspect --listen unix:$$d/tool.sock --secret-file $$d/secret --msr 0xc0000102 --count 10 --timeout 60 >$$d/tool.log 2>&1 & \
 	tool=$$!; \
-	virtkit demo --introspect unix:$$d/tool.sock --secret $$s; demo=$$?; \
+	virtkit demo --introspect unix:$$d/tool.sock --secret-file $$d/secret; demo=$$?; \
 	wait $$tool; rc=$$?; \
 	echo; echo "virtkit-introspect printed (exit status $$rc):"; cat $$d/tool.log; rm -rf $$d; \
 	[ $$demo = 0 ] && [ $$rc = 0 ]

@@ -765,6 +765,51 @@ VK_TEST(spp_write_bitmap_raises_pf_for_protected_subpages)
 		    "SPP bitmap for a hole accepted");
 }
 
+/*
+ * In KVMI, W and the write bitmap are one permission: SET_PAGE_ACCESS with
+ * W makes every sub-page writable again, and a bitmap on a page without W
+ * protects only the sub-pages it says.
+ */
+VK_TEST(spp_page_access_w_and_write_bitmap_are_one_permission)
+{
+	KvmiTest t;
+	auto &r = t.add_vcpu(guest_spp_writes, page_a);
+	t.attach();
+	auto &s = t.t();
+	s.control_spp(true);
+	s.control_events(0, intro::EventId::pf, true);
+	/* Sub-page 6 protected, then W set: the bitmap goes. */
+	intro::PageWriteBitmap bm{page_a, ~(1u << 6)};
+	s.set_page_write_bitmap(std::span(&bm, 1));
+	intro::PageAccess rwx{page_a, intro::access_r | intro::access_w | intro::access_x};
+	s.set_page_access(std::span(&rwx, 1));
+	r.run_sync(1);
+	t.expect_no_event(50ms);
+	TEST_ASSERT_EQ(t.peek(page_a + 6 * 128), 0x66u);
+	/* W cleared, then a bitmap that protects only sub-page 5: 31 is writable. */
+	intro::PageAccess rx{page_a, intro::access_r | intro::access_x};
+	s.set_page_access(std::span(&rx, 1));
+	bm.bitmap = ~(1u << 5);
+	s.set_page_write_bitmap(std::span(&bm, 1));
+	r.resume();
+	auto e = t.event(intro::EventId::pf, 0);
+	TEST_ASSERT_EQ(e.get<intro::PfEvent>()->gpa, page_a + 5 * 128 + 8);
+	s.reply_pf(e, intro::Action::continue_);
+	r.expect_sync(2);
+	r.run_sync(3);
+	t.expect_no_event(50ms);
+	TEST_ASSERT_EQ(t.peek(page_a + 31 * 128 + 120), 0x31u);
+	/* An empty bitmap is W cleared: the whole page is protected. */
+	bm.bitmap = 0;
+	s.set_page_write_bitmap(std::span(&bm, 1));
+	r.resume();
+	e = t.event(intro::EventId::pf, 0);
+	TEST_ASSERT_EQ(e.get<intro::PfEvent>()->gpa, page_a + 5 * 128 + 16);
+	s.reply_pf(e, intro::Action::continue_);
+	r.expect_sync(4);
+	TEST_ASSERT_EQ(t.peek(page_a + 5 * 128 + 16), 0x56u);
+}
+
 /* --- TRAP after INJECT_EXCEPTION --- */
 
 static volatile std::uint64_t trap_vector, trap_error, trap_cr2, trap_count;

@@ -14,7 +14,9 @@
 
 #include <linux/virtkit_kvmi.h>
 #include <poll.h>
+#include <sys/mman.h>
 #include <sys/socket.h>
+#include <unistd.h>
 
 using namespace virtkit;
 using namespace virtkit::x86;
@@ -245,10 +247,17 @@ VK_TEST(event_reply_wrong_seq_closes)
 	});
 }
 
-VK_TEST(event_reply_wrong_size_closes)
+VK_TEST(event_reply_too_long_closes)
 {
 	bad_event_reply([](kvmi_msg_hdr &, kvmi_vcpu_hdr &, kvmi_event_reply &, std::size_t &n) {
-		n = 8; /* a PF reply without most of kvmi_event_pf_reply */
+		n += 8; /* more than kvmi_event_pf_reply: the kernel refuses it too */
+	});
+}
+
+VK_TEST(event_reply_too_short_for_its_header_closes)
+{
+	bad_event_reply([](kvmi_msg_hdr &, kvmi_vcpu_hdr &, kvmi_event_reply &, std::size_t &n) {
+		n = -std::size_t(4); /* cuts into kvmi_event_reply */
 	});
 }
 
@@ -259,11 +268,51 @@ VK_TEST(event_reply_wrong_vcpu_closes)
 	});
 }
 
-VK_TEST(event_reply_wrong_event_closes)
+static void guest_msr_write(void)
 {
-	bad_event_reply([](kvmi_msg_hdr &, kvmi_vcpu_hdr &, kvmi_event_reply &r, std::size_t &) {
-		r.event = KVMI_EVENT_MSR;
-	});
+	guest_wrmsr(0x174 /* SYSENTER_CS */, 0x51);
+	GUEST_SYNC(1, guest_rdmsr(0x174));
+}
+
+/*
+ * As the kernel: an event reply whose event-specific part is short is
+ * zero-filled (libkvmi's kvmi_reply_event() sends the size its caller
+ * passes), and kvmi_event_reply.event is not checked (seq names the event).
+ */
+VK_TEST(event_reply_short_or_naming_another_event_is_accepted)
+{
+	{
+		KvmiTest t;
+		auto &r = t.add_vcpu(guest_write_pages, page_a, page_b);
+		t.attach();
+		auto e = pf_waiting(t);
+		kvmi_event_reply er{KVMI_EVENT_ACTION_CONTINUE, KVMI_EVENT_MSR, 0, 0};
+		kvmi_event_pf_reply pf{};
+		auto payload = bytes_of(vcpu_hdr(e.vcpu), er, pf);
+		payload.resize(sizeof(kvmi_vcpu_hdr) + sizeof(er) + 8);
+		t.t().send_bytes(message(KVMI_EVENT_REPLY, e.seq, payload));
+		r.expect_sync(1);
+		TEST_ASSERT_EQ(t.peek(page_a), 0xa1u);
+		TEST_ASSERT(t.vmm->connected());
+		TEST_ASSERT_EQ(t.t().get_guest_info(), 1u);
+	}
+	{
+		KvmiTest t;
+		auto &r = t.add_vcpu(guest_msr_write);
+		t.attach();
+		auto &s = t.t();
+		s.control_events(0, intro::EventId::msr, true);
+		s.control_msr(0, 0x174, true);
+		r.resume();
+		auto e = t.event(intro::EventId::msr, 0);
+		TEST_ASSERT_EQ(e.get<intro::MsrEvent>()->new_value, 0x51u);
+		/* No kvmi_event_msr_reply at all: new_val is zero. */
+		kvmi_event_reply er{KVMI_EVENT_ACTION_CONTINUE, KVMI_EVENT_MSR, 0, 0};
+		s.send_bytes(message(KVMI_EVENT_REPLY, e.seq, bytes_of(vcpu_hdr(0), er)));
+		TEST_ASSERT_EQ(r.expect_sync(1)[1], 0u);
+		TEST_ASSERT(t.vmm->connected());
+		TEST_ASSERT_EQ(s.get_guest_info(), 1u);
+	}
 }
 
 VK_TEST(event_reply_bad_action_closes)
@@ -461,9 +510,10 @@ static void write_all(int fd, const std::vector<std::byte> &b)
  * `answer`; returns the VMM's errno (0: connected) and leaves the socket in fd.
  */
 static int raw_handshake(KvmiTest &t, const std::vector<std::byte> &answer, FileDesc &fd,
-			 kvmi_qemu2introspector *hello_out = nullptr)
+			 kvmi_qemu2introspector *hello_out = nullptr,
+			 const IntrospectionOptions *options = nullptr)
 {
-	auto o = t.default_options();
+	auto o = options ? *options : t.default_options();
 	o.handshake_timeout = 2000ms;
 	auto fut = std::async(std::launch::async,
 			      [&] { return Introspection::connect(t.g.vm(), o); });
@@ -561,5 +611,73 @@ VK_TEST(handshake_raw_answers)
 		auto a = answer(24, 0, secret);
 		a.resize(10);
 		TEST_ASSERT_EQ(raw_handshake(t, a, fd), ETIMEDOUT);
+	}
+}
+
+/* What the process writes to stderr while it lives. */
+class StderrCapture {
+public:
+	StderrCapture()
+	{
+		file_ = FileDesc::adopt(::memfd_create("stderr", MFD_CLOEXEC), "memfd_create");
+		saved_ = FileDesc::adopt(::dup(2), "dup");
+		TEST_ASSERT(::dup2(file_.get(), 2) == 2);
+	}
+	~StderrCapture() { restore(); }
+	std::string restore()
+	{
+		if (saved_.get() >= 0) {
+			::dup2(saved_.get(), 2);
+			saved_ = FileDesc();
+		}
+		std::string out(4096, '\0');
+		ssize_t n = ::pread(file_.get(), out.data(), out.size(), 0);
+		out.resize(n > 0 ? std::size_t(n) : 0);
+		return out;
+	}
+
+private:
+	FileDesc file_, saved_;
+};
+
+VK_TEST(handshake_without_secret_accepts_any_tool)
+{
+	/*
+	 * As QEMU's kvmi without a key: libkvmi's examples leave cookie_hash
+	 * zero, and the VMM must let them in - with a warning.
+	 */
+	KvmiTest t;
+	auto o = t.default_options();
+	o.secret.clear();
+	FileDesc fd;
+	StderrCapture err;
+	int rc = raw_handshake(t, answer(24, 0, ""), fd, nullptr, &o);
+	std::string warning = err.restore();
+	TEST_ASSERT_EQ(rc, 0);
+	TEST_ASSERT(warning.find("without a secret") != std::string::npos &&
+			    warning.find(o.address) != std::string::npos,
+		    "stderr: '%s'", warning.c_str());
+	/* A zero cookie_hash, as libkvmi sends it. */
+	kvmi_introspector2qemu zero{};
+	zero.struct_size = sizeof(zero);
+	write_all(fd.get(), message(KVMI_GET_VERSION, 9, {}));
+	kvmi_msg_hdr h{};
+	TEST_ASSERT(read_exact(fd.get(), &h, sizeof(h), 5000ms));
+	TEST_ASSERT_EQ(h.id, KVMI_GET_VERSION);
+	TEST_ASSERT_EQ(h.seq, 9u);
+	t.vmm.reset();
+	{
+		KvmiTest u;
+		FileDesc fd2;
+		auto ou = u.default_options();
+		ou.secret.clear();
+		TEST_ASSERT_EQ(raw_handshake(u, bytes_of(zero), fd2, nullptr, &ou), 0);
+		TEST_ASSERT(u.vmm->connected());
+	}
+	/* With a secret, a zero cookie is still refused. */
+	{
+		KvmiTest u;
+		FileDesc fd2;
+		TEST_ASSERT_EQ(raw_handshake(u, bytes_of(zero), fd2), EACCES);
 	}
 }

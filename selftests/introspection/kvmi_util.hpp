@@ -181,7 +181,7 @@ public:
 		for (unsigned i = 0; i < 16; i++)
 			o.uuid[i] = static_cast<std::uint8_t>(0xa0 + i);
 		o.name = "kvmi-selftest";
-		o.start_time = 1700000000;
+		o.start_time = 1700000000123; /* ms */
 		o.handshake_timeout = 5000ms;
 		return o;
 	}

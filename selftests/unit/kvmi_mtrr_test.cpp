@@ -19,11 +19,16 @@ MtrrState::Var range(std::uint64_t base, std::uint64_t size, std::uint8_t t)
 
 } // namespace
 
-TEST_CASE("disabled MTRRs answer WB (virtkit's choice, see mtrr.cpp)", "[kvmi][mtrr]")
+TEST_CASE("disabled MTRRs answer UC, WB without MTRR in CPUID (KVM's mtrr_disabled_type)",
+	  "[kvmi][mtrr]")
 {
 	MtrrState m;
+	CHECK(mtrr_type(m, 0) == mtrr_uc);
+	m.def_type = mtrr_wb; /* E clear: the default type does not apply */
+	CHECK(mtrr_type(m, 0x12345000) == mtrr_uc);
+	m.cpuid_mtrr = false;
 	CHECK(mtrr_type(m, 0) == mtrr_wb);
-	m.def_type = mtrr_uc; /* E clear: the default type does not apply */
+	m.def_type = mtrr_uc;
 	CHECK(mtrr_type(m, 0x12345000) == mtrr_wb);
 }
 

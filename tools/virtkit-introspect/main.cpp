@@ -23,6 +23,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <ctime>
 #include <exception>
 #include <map>
 #include <optional>
@@ -35,6 +36,8 @@
 
 #include <linux/virtkit_kvmi.h> /* command ids */
 
+#include "../common/secret.hpp"
+
 namespace {
 
 using namespace std::chrono_literals;
@@ -42,8 +45,9 @@ using namespace virtkit::introspect;
 using virtkit::Error;
 
 const char usage_text[] =
-	"usage: virtkit-introspect --listen ADDRESS --secret SECRET [--msr INDEX]\n"
-	"                          [--breakpoint GPA] [--count N] [--timeout SECONDS]\n"
+	"usage: virtkit-introspect --listen ADDRESS [--secret-file PATH | --secret-fd N |\n"
+	"                          --secret SECRET] [--msr INDEX] [--breakpoint GPA]\n"
+	"                          [--count N] [--timeout SECONDS]\n"
 	"\n"
 	"Waits for a VM to connect over KVMI, then:\n"
 	"  shows the VM's name, uuid, vCPUs and the protocol version,\n"
@@ -54,7 +58,12 @@ const char usage_text[] =
 	"  byte, resumes them and closes the connection.\n"
 	"\n"
 	"  --listen ADDRESS   unix:/path or vsock:PORT; the VMM connects there\n"
-	"  --secret SECRET    the secret the VMM was configured with\n"
+	"  --secret-file PATH the secret the VMM was configured with: the file's\n"
+	"                     content, less one trailing newline\n"
+	"  --secret-fd N      the same, read from descriptor N (then closed)\n"
+	"  --secret SECRET    the same, on the command line (every user can see it in\n"
+	"                     /proc: for tests only). Without any of them, only a\n"
+	"                     VMM without a secret accepts the tool\n"
 	"  --msr INDEX        e.g. 0xc0000080 (EFER)\n"
 	"  --breakpoint GPA   guest-physical address of an instruction; where the VMM\n"
 	"                     cannot raise BREAKPOINT events, the tool says so and\n"
@@ -94,6 +103,7 @@ std::uint64_t parse_number(std::string_view option, const char *text, std::uint6
 Options parse(int argc, char **argv)
 {
 	Options o;
+	unsigned secrets = 0;
 	for (int i = 1; i < argc; i++) {
 		std::string_view a = argv[i];
 		if (a == "--help" || a == "-h") {
@@ -105,8 +115,20 @@ Options parse(int argc, char **argv)
 		const char *v = argv[++i];
 		if (a == "--listen")
 			o.listen = v;
-		else if (a == "--secret")
-			o.secret = v;
+		else if (a == "--secret" || a == "--secret-file" || a == "--secret-fd") {
+			if (secrets++)
+				usage_error("--secret, --secret-file and --secret-fd exclude each other");
+			try {
+				o.secret = a == "--secret"	    ? std::string(v) :
+					   a == "--secret-file" ? virtkit::tool::read_secret_file(v) :
+								  virtkit::tool::read_secret_fd_arg(v);
+			} catch (const Error &e) {
+				std::fprintf(stderr, "virtkit-introspect: %s\n", e.what());
+				std::exit(1);
+			}
+			if (o.secret.empty())
+				usage_error("--secret: the secret must not be empty");
+		}
 		else if (a == "--msr")
 			o.msr = std::uint32_t(parse_number(a, v, 0xffffffff));
 		else if (a == "--breakpoint")
@@ -118,8 +140,8 @@ Options parse(int argc, char **argv)
 		else
 			usage_error("unknown option " + std::string(a));
 	}
-	if (o.listen.empty() || o.secret.empty())
-		usage_error("--listen and --secret are required");
+	if (o.listen.empty())
+		usage_error("--listen is required");
 	return o;
 }
 
@@ -295,8 +317,14 @@ bool Tool::enable_breakpoint_events(Session &s)
 void Tool::attach(Session &s)
 {
 	const auto &info = s.info();
-	std::printf("VM '%s' connected: uuid %s, started %lld", info.name.c_str(),
-		    uuid_text(info.uuid).c_str(), (long long)info.start_time);
+	/* start_time is in milliseconds since the epoch (QEMU's kvmi, virtkit). */
+	std::time_t started = std::time_t(info.start_time / 1000);
+	std::tm tm{};
+	char when[32] = "?";
+	if (::gmtime_r(&started, &tm))
+		std::strftime(when, sizeof(when), "%Y-%m-%d %H:%M:%S UTC", &tm);
+	std::printf("VM '%s' connected: uuid %s, started %s", info.name.c_str(),
+		    uuid_text(info.uuid).c_str(), when);
 	if (info.max_gpa)
 		std::printf(", guest memory up to %#llx", (unsigned long long)*info.max_gpa);
 	std::printf("\n");

@@ -38,11 +38,13 @@
 #include "commands.hpp"
 #include "demo_guest.hpp"
 #include "demo_tool.hpp"
+#include "../common/secret.hpp"
 
 namespace virtkit::tool {
 
 const char demo_help[] =
-	"usage: virtkit demo [--device PATH] [--introspect ADDRESS --secret SECRET]\n"
+	"usage: virtkit demo [--device PATH] [--introspect ADDRESS\n"
+	"                    [--secret-file PATH | --secret-fd N | --secret SECRET]]\n"
 	"\n"
 	"Run a small guest on KVM with libvirtkit and explain, step by step, what\n"
 	"each step shows: guest code that is an ordinary function of this program,\n"
@@ -57,9 +59,9 @@ const char demo_help[] =
 	"By default the introspection tool is a thread of the demo. With\n"
 	"--introspect, the VM connects to an outside tool instead, retrying for\n"
 	"10 s until it listens, for example\n"
-	"  virtkit-introspect --listen unix:/tmp/vk.sock --secret s \\\n"
+	"  virtkit-introspect --listen unix:/tmp/vk.sock --secret-file key \\\n"
 	"                     --msr 0xc0000102 --count 10 &\n"
-	"  virtkit demo --introspect unix:/tmp/vk.sock --secret s\n"
+	"  virtkit demo --introspect unix:/tmp/vk.sock --secret-file key\n"
 	"There vCPU 0 writes MSR 0xc0000102 (MSR_KERNEL_GS_BASE) up to 1000 times,\n"
 	"with a port exit after each, until the tool detaches; the demo waits up\n"
 	"to 60 s for that and shows what the guest observed.\n"
@@ -67,7 +69,12 @@ const char demo_help[] =
 	"Options:\n"
 	"  --device PATH         KVM device to use (default /dev/kvm)\n"
 	"  --introspect ADDRESS  the tool's socket: unix:/path or vsock:CID:PORT\n"
-	"  --secret SECRET       the secret the tool was given (with --introspect)\n"
+	"  --secret-file PATH    the secret the tool was given (with --introspect): the\n"
+	"                        file's content, less one trailing newline\n"
+	"  --secret-fd N         the same, read from descriptor N (then closed)\n"
+	"  --secret SECRET       the same, on the command line (every user can see it\n"
+	"                        in /proc: for tests only). Without any of them, any\n"
+	"                        tool is accepted, with a warning\n"
 	"  -h, --help            show this help\n"
 	"\n"
 	"Exit status: 0 when every step worked, 1 when one failed (the step and\n"
@@ -1164,13 +1171,23 @@ int demo_main(Args args)
 {
 	std::string device = "/dev/kvm";
 	ToolAddress tool;
+	std::string secret_file, secret_fd;
+	unsigned secrets = 0;
 	std::vector<std::string_view> rest;
 	for (std::size_t i = 0; i < args.size(); i++) {
 		auto a = args[i];
-		std::string *value = a == "--introspect" || a.starts_with("--introspect=") ?
-					     &tool.address :
-				     a == "--secret" || a.starts_with("--secret=") ? &tool.secret :
-										  nullptr;
+		auto is = [&](std::string_view name) {
+			return a == name || (a.starts_with(name) && a.size() > name.size() &&
+					     a[name.size()] == '=');
+		};
+		std::string *value = is("--introspect")	 ? &tool.address :
+				     is("--secret")	 ? &tool.secret :
+				     is("--secret-file") ? &secret_file :
+				     is("--secret-fd")	 ? &secret_fd :
+							   nullptr;
+		if (value && value != &tool.address && secrets++)
+			return usage_error("demo",
+					   "--secret, --secret-file and --secret-fd exclude each other");
 		if (!value) {
 			rest.push_back(a); /* --device, --help or a usage error */
 		} else if (auto eq = a.find('='); eq != std::string_view::npos) {
@@ -1183,8 +1200,19 @@ int demo_main(Args args)
 	}
 	if (auto stop = parse_device_options("demo", demo_help, rest, device))
 		return *stop;
-	if (tool.address.empty() != tool.secret.empty())
-		return usage_error("demo", "--introspect ADDRESS and --secret SECRET go together");
+	if (secrets && tool.address.empty())
+		return usage_error("demo", "--secret, --secret-file and --secret-fd need --introspect");
+	try {
+		if (!secret_file.empty())
+			tool.secret = read_secret_file(secret_file);
+		else if (!secret_fd.empty())
+			tool.secret = read_secret_fd_arg(secret_fd);
+	} catch (const Error &e) {
+		std::fprintf(stderr, "virtkit demo: %s\n", e.what());
+		return 1;
+	}
+	if (secrets && tool.secret.empty())
+		return usage_error("demo", "the secret must not be empty");
 	if (!tool.address.empty() && !tool.address.starts_with("unix:") &&
 	    !tool.address.starts_with("vsock:"))
 		return usage_error("demo", "--introspect: '" + tool.address +

@@ -146,7 +146,7 @@ struct kvmi_qemu2introspector {
 	__u32 struct_size;	/* of the whole struct, this field included */
 	__u8 uuid[16];
 	__u32 padding;
-	__s64 start_time;	/* seconds since the epoch */
+	__s64 start_time;	/* milliseconds since the epoch (QEMU's vm_start_time) */
 	char name[64];		/* NUL-terminated */
 	/*
 	 * virtkit's extension (struct_size 104; QEMU sends 96): the end of

@@ -103,7 +103,7 @@ struct HandshakeInfo {
 	std::uint32_t struct_size = 0; /* as sent: 96 (QEMU), 104 (virtkit), more */
 	std::array<std::uint8_t, 16> uuid{};
 	std::string name;
-	std::int64_t start_time = 0; /* seconds since the epoch */
+	std::int64_t start_time = 0; /* milliseconds since the epoch (QEMU, virtkit) */
 	/* End of guest-physical memory; virtkit's extension (struct_size >= 104). */
 	std::optional<std::uint64_t> max_gpa;
 };
@@ -295,6 +295,8 @@ public:
 	/* Any size: split into page-bounded requests (the VMM serves one
 	 * page per READ_PHYSICAL / WRITE_PHYSICAL). */
 	void read_physical(std::uint64_t gpa, std::span<std::byte> out);
+	/* Error ENOMEM (nothing sent, still connected) for a size no buffer
+	 * can hold. */
 	std::vector<std::byte> read_physical(std::uint64_t gpa, std::size_t size);
 	void write_physical(std::uint64_t gpa, std::span<const std::byte> data);
 	/* At most max_page_entries pages per call (one message). */
@@ -336,9 +338,13 @@ public:
 	void reply_msr(const Event &event, Action action, std::uint64_t new_value);
 	void reply_pf(const Event &event, Action action);
 
-	/* Raw access, for tests of the VMM's handling of hostile input. */
+	/* Raw access, for tests of the VMM's handling of hostile input.
+	 * Error EINVAL, with nothing sent, for id 1 (KVMI_EVENT: the reply
+	 * would read as an event) and, here, id 0 (an event reply gets no
+	 * reply). */
 	RawReply request_raw(std::uint16_t id, std::span<const std::byte> payload);
-	/* A message with the next seq, not waiting for a reply; returns the seq. */
+	/* A message with the next seq, not waiting for a reply; returns the
+	 * seq. Error EINVAL for id 1, as request_raw(). */
 	std::uint32_t send_raw(std::uint16_t id, std::span<const std::byte> payload);
 	RawReply receive_raw(std::uint16_t id, std::uint32_t seq);
 	/* Bytes as they are, in one send. */

@@ -5,8 +5,8 @@
  * stock KVM.
  *
  * The tool listens on a unix or vsock socket; connect() connects to it, runs
- * the QEMU-style handshake (the tool must answer SHA-1 of the shared secret)
- * and serves the connection from a thread of its own until disconnect():
+ * the QEMU-style handshake (the tool must answer SHA-1 of the shared secret,
+ * if one is set) and serves the connection from a thread of its own until disconnect():
  *
  *	auto intro = Introspection::connect(vm, {.address = "unix:/run/tool.sock",
  *						 .secret = "s3cret"});
@@ -38,6 +38,7 @@
 #include <cstdint>
 #include <memory>
 #include <optional>
+#include <stop_token>
 #include <string>
 #include <vector>
 
@@ -57,12 +58,17 @@ class IntrospectionServer;
 struct IntrospectionOptions {
 	/* Where the tool listens: "unix:/path", "unix:@abstract" or "vsock:CID:PORT". */
 	std::string address;
-	/* The shared secret; the tool must answer SHA-1(secret). Required. */
+	/*
+	 * The shared secret; the tool must answer SHA-1(secret). Empty: no
+	 * check - any tool that the address reaches is accepted, as with
+	 * QEMU's kvmi without a key, and connect() warns on stderr.
+	 */
 	std::string secret;
 	std::array<std::uint8_t, 16> uuid{};
 	/* The VM's name for the tool; at most 63 bytes. */
 	std::string name;
-	/* Seconds since the epoch the tool is told the VM started; 0 = now. */
+	/* When the tool is told the VM started, in milliseconds since the
+	 * epoch as QEMU sends it; 0 = now. */
 	std::int64_t start_time = 0;
 	/*
 	 * The commands (KVMI_* ids) the tool may use; others answer
@@ -74,6 +80,13 @@ struct IntrospectionOptions {
 	std::optional<std::vector<std::uint16_t>> allowed_events;
 	/* Limit for connecting and the handshake. */
 	std::chrono::milliseconds handshake_timeout{5000};
+	/*
+	 * Cancels connect() while it connects or runs the handshake (a VMM
+	 * shutting down need not wait out handshake_timeout): once stop is
+	 * requested, connect() throws Error(..., ECANCELED). Later requests
+	 * do nothing; disconnect() ends a connection.
+	 */
+	std::stop_token stop;
 };
 
 struct IntrospectionStats {
@@ -89,7 +102,8 @@ public:
 	 * bad options (the message says which), EBUSY when the VM already has
 	 * an introspection, and Error("KVMI handshake", errno, why) when the
 	 * connection or the handshake fails (ETIMEDOUT, EACCES for a wrong
-	 * cookie hash, EPROTO for a malformed answer, the socket's errno).
+	 * cookie hash, EPROTO for a malformed answer, ECANCELED when
+	 * options.stop was requested, the socket's errno).
 	 */
 	static Introspection connect(Vm &vm, const IntrospectionOptions &options);
 

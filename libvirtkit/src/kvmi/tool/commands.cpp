@@ -9,6 +9,8 @@
 
 #include <cerrno>
 #include <cstring>
+#include <new>
+#include <stdexcept>
 
 #include "kvmi/tool/names.hpp"
 #include "kvmi/tool/requests.hpp"
@@ -113,7 +115,23 @@ void Session::read_physical(std::uint64_t gpa, std::span<std::byte> out)
 
 std::vector<std::byte> Session::read_physical(std::uint64_t gpa, std::size_t size)
 {
-	std::vector<std::byte> out(size);
+	/*
+	 * A size no buffer can hold is reported like every other failure, as
+	 * an Error naming the operation, not as std::bad_alloc; nothing has
+	 * been sent, so the session stays usable.
+	 */
+	std::vector<std::byte> out;
+	try {
+		out.resize(size);
+	} catch (const std::bad_alloc &) {
+		throw Error("KVMI_READ_PHYSICAL", ENOMEM,
+			    "gpa=" + hex(gpa) + " size=" + std::to_string(size) +
+				    ": no buffer that large");
+	} catch (const std::length_error &) {
+		throw Error("KVMI_READ_PHYSICAL", ENOMEM,
+			    "gpa=" + hex(gpa) + " size=" + std::to_string(size) +
+				    ": no buffer that large");
+	}
 	read_physical(gpa, std::span<std::byte>(out));
 	return out;
 }

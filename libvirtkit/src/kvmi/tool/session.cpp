@@ -478,12 +478,24 @@ void Session::reply_pf(const Event &event, Action action)
 
 RawReply Session::request_raw(std::uint16_t id, std::span<const std::byte> payload)
 {
+	/* The VMM takes id 0 as an event reply: it never answers. */
+	if (id == KVMI_EVENT_REPLY)
+		throw Error("KVMI raw message", EINVAL,
+			    "id 0 (KVMI_EVENT_REPLY) gets no reply; use send_raw()");
 	auto seq = send_raw(id, payload);
 	return receive_raw(id, seq);
 }
 
 std::uint32_t Session::send_raw(std::uint16_t id, std::span<const std::byte> payload)
 {
+	/*
+	 * The VMM answers id 1 as any unknown command, with a reply of id 1:
+	 * KVMI_EVENT, which no reader can tell from an event. Refused before
+	 * anything is sent (send_bytes() still sends it, for hostile tests).
+	 */
+	if (id == KVMI_EVENT)
+		throw Error("KVMI raw message", EINVAL,
+			    "id 1 is KVMI_EVENT, the VMM's: its reply would read as an event");
 	auto &s = state();
 	auto seq = s.next_seq();
 	s.send_message(id, seq, {payload}, "KVMI raw message");

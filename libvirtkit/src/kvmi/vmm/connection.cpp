@@ -1,6 +1,7 @@
 // SPDX-License-Identifier: MIT
 #include "kvmi/vmm/connection.hpp"
 
+#include <fcntl.h>
 #include <linux/vm_sockets.h>
 #include <poll.h>
 #include <sys/eventfd.h>
@@ -29,7 +30,8 @@ std::string describe(const Address &a)
 	return "unix:" + a.path;
 }
 
-FileDesc connect_socket(const Address &a, Clock::time_point deadline)
+/* cancel_fd: readable once the caller's stop was requested. */
+FileDesc connect_socket(const Address &a, Clock::time_point deadline, int cancel_fd)
 {
 	const std::string who = describe(a);
 	sockaddr_storage ss{};
@@ -61,15 +63,18 @@ FileDesc connect_socket(const Address &a, Clock::time_point deadline)
 		int err = errno;
 		if (err == EAGAIN && Clock::now() < deadline) {
 			/* A unix listener's backlog is full: try again shortly. */
-			std::this_thread::sleep_for(std::chrono::milliseconds(5));
+			pollfd p{cancel_fd, POLLIN, 0};
+			if (::poll(&p, 1, 5) > 0)
+				throw Error(op, ECANCELED, "connect to " + who + ": cancelled");
 			continue;
 		}
 		if (err != EINPROGRESS)
 			throw Error(op, err, "connect to " + who);
-		switch (wait_ready(s.get(), POLLOUT, deadline)) {
+		switch (wait_ready(s.get(), POLLOUT, deadline, cancel_fd)) {
 		case Ready::yes:
-		case Ready::cancelled:
 			break;
+		case Ready::cancelled:
+			throw Error(op, ECANCELED, "connect to " + who + ": cancelled");
 		case Ready::timeout:
 			throw Error(op, ETIMEDOUT, "connect to " + who);
 		case Ready::error:
@@ -88,23 +93,44 @@ FileDesc connect_socket(const Address &a, Clock::time_point deadline)
 
 std::unique_ptr<Connection> Connection::open(const Address &address,
 					     const kvmi_qemu2introspector &hello,
-					     const CookieHash &cookie_hash, Clock::time_point deadline)
+					     const CookieHash *cookie_hash, Clock::time_point deadline,
+					     std::stop_token stop)
 {
 	const std::string who = describe(address);
-	FileDesc sock = connect_socket(address, deadline);
-	std::unique_ptr<Connection> c(new Connection(std::move(sock), FileDesc::eventfd(0, EFD_NONBLOCK)));
+	/*
+	 * The connection's cancel eventfd doubles as the handshake's: a stop
+	 * request signals it, and every wait below polls it.
+	 */
+	FileDesc efd = FileDesc::eventfd(0, EFD_NONBLOCK);
+	/* The callback's own descriptor: it outlives the callback, whatever throws. */
+	FileDesc stop_fd = FileDesc::adopt(::fcntl(efd.get(), F_DUPFD_CLOEXEC, 0), op,
+					   "dup of the cancel eventfd");
+	std::stop_callback on_stop(stop, [fd = stop_fd.get()] {
+		std::uint64_t one = 1;
+		(void)!::write(fd, &one, sizeof(one));
+	});
+	auto cancelled = [&] {
+		if (stop.stop_requested())
+			throw Error(op, ECANCELED, who + ": cancelled");
+	};
+	cancelled(); /* before anything reaches the tool */
+	FileDesc sock = connect_socket(address, deadline, efd.get());
+	std::unique_ptr<Connection> c(new Connection(std::move(sock), std::move(efd)));
 
 	/* The handshake has no header: raw structs both ways. */
 	bool timed_out = false;
 	iovec iov{const_cast<kvmi_qemu2introspector *>(&hello), sizeof(hello)};
 	int err = send_all(c->sock_.get(), std::span(&iov, 1),
 			   [&] { return c->wait(POLLOUT, deadline, &timed_out); });
-	if (err == EAGAIN)
+	if (err == EAGAIN) {
+		cancelled();
 		throw Error(op, timed_out ? ETIMEDOUT : ECONNRESET, who + ": sending the VMM's data");
+	}
 	if (err)
 		throw Error(op, err, who + ": sending the VMM's data");
 
 	auto fail_read = [&](const char *what) {
+		cancelled();
 		throw Error(op, Clock::now() >= deadline ? ETIMEDOUT : ECONNRESET,
 			    who + ": " + what + " (the tool closed the connection or did not answer)");
 	};
@@ -127,8 +153,10 @@ std::unique_ptr<Connection> Connection::open(const Address &address,
 			fail_read("reading the tool's answer");
 		left -= n;
 	}
-	if (!equal_ct(std::span<const std::uint8_t>(answer.cookie_hash), cookie_hash))
+	if (cookie_hash && !equal_ct(std::span<const std::uint8_t>(answer.cookie_hash), *cookie_hash))
 		throw Error(op, EACCES, who + ": the tool's cookie hash is not SHA-1 of the secret");
+	/* A stop that came after the last wait: still connect()'s to answer. */
+	cancelled();
 	return c;
 }
 

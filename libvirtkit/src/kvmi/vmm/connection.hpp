@@ -24,6 +24,7 @@
 #include <memory>
 #include <mutex>
 #include <span>
+#include <stop_token>
 #include <vector>
 
 #include <virtkit/fd.hpp>
@@ -37,14 +38,17 @@ class Connection {
 public:
 	/*
 	 * Connect to the tool, send hello, read its answer and check the
-	 * cookie hash (constant time). Throws Error("KVMI handshake", errno,
+	 * cookie hash (constant time); with no cookie_hash (no secret) any
+	 * answer of a valid size is accepted, as QEMU does. Throws Error("KVMI handshake", errno,
 	 * why): ETIMEDOUT after deadline, EACCES for a wrong cookie, EPROTO for
-	 * a malformed answer, the socket's errno otherwise.
+	 * a malformed answer, ECANCELED once stop is requested, the socket's
+	 * errno otherwise.
 	 */
 	static std::unique_ptr<Connection> open(const Address &address,
 						const kvmi_qemu2introspector &hello,
-						const CookieHash &cookie_hash,
-						Clock::time_point deadline);
+						const CookieHash *cookie_hash,
+						Clock::time_point deadline,
+						std::stop_token stop = {});
 
 	Connection(const Connection &) = delete;
 	Connection &operator=(const Connection &) = delete;

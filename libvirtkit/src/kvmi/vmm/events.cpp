@@ -127,23 +127,30 @@ bool IntrospectionServer::complete_event(const kvmi_msg_hdr &hdr, std::span<cons
 	KvmiWaiter &w = *it->second;
 	const std::size_t head = sizeof(kvmi_vcpu_hdr) + sizeof(kvmi_event_reply);
 	const std::size_t specific = kvmi::event_reply_size(w.event);
-	if (p.size() != head + specific)
+	/*
+	 * As the kernel: the event-specific part may be shorter (zero-filled;
+	 * libkvmi's kvmi_reply_event() sends the size its caller passes) but
+	 * not longer, and .event is not checked - seq names the event.
+	 */
+	if (p.size() < head || p.size() > head + specific)
 		return false;
 	auto vh = kvmi::load<kvmi_vcpu_hdr>(p);
 	auto er = kvmi::load<kvmi_event_reply>(p, sizeof(vh));
 	if (vh.vcpu != w.vcpu || !VK_KVMI_ZERO(vh.padding1) || !VK_KVMI_ZERO(vh.padding2))
 		return false;
-	if (er.event != w.event || er.action > KVMI_EVENT_ACTION_CRASH ||
-	    !VK_KVMI_ZERO(er.padding1) || !VK_KVMI_ZERO(er.padding2))
+	if (er.action > KVMI_EVENT_ACTION_CRASH || !VK_KVMI_ZERO(er.padding1) ||
+	    !VK_KVMI_ZERO(er.padding2))
 		return false;
+	std::array<std::byte, sizeof(w.reply)> data{};
+	std::copy(p.begin() + head, p.end(), data.begin());
 	if (w.event == KVMI_EVENT_PF) {
 		/* Context and single-step hints mean nothing here: valid, ignored. */
-		auto pf = kvmi::load<kvmi_event_pf_reply>(p, head);
+		auto pf = kvmi::load<kvmi_event_pf_reply>(std::span<const std::byte>(data));
 		if (pf.ctx_size > sizeof(pf.ctx_data) || pf.singlestep > 1 || pf.rep_complete > 1 ||
 		    !VK_KVMI_ZERO(pf.padding))
 			return false;
 	}
-	std::copy_n(p.begin() + head, specific, w.reply.begin());
+	w.reply = data;
 	w.action = er.action;
 	w.done = true;
 	cv_.notify_all();

@@ -6,10 +6,10 @@
 namespace virtkit::detail::kvmi {
 
 /*
- * Disabled MTRRs answer WB, not the SDM's UC: a VMM that never programs
- * MTRRs (most virtkit VMs) runs its guest RAM write-back - KVM maps guest
- * memory WB whatever the guest's MTRRs say - and tools ask GET_MTRR_TYPE
- * to learn how the page really behaves.
+ * Disabled MTRRs answer what KVM's kvm_mtrr_get_guest_memory_type() does
+ * (the kernel's GET_MTRR_TYPE): the SDM's UC, unless the guest cannot have
+ * MTRRs at all (no MTRR in its CPUID), where firmware never enables them
+ * and KVM takes WB.
  */
 std::uint8_t mtrr_type(const MtrrState &m, std::uint64_t gpa)
 {
@@ -19,7 +19,7 @@ std::uint8_t mtrr_type(const MtrrState &m, std::uint64_t gpa)
 	constexpr std::uint64_t addr_bits = ((1ull << 52) - 1) & ~0xfffull;
 
 	if (!(m.def_type & def_e))
-		return mtrr_wb;
+		return m.cpuid_mtrr ? mtrr_uc : mtrr_wb;
 
 	if ((m.def_type & def_fe) && (m.cap & cap_fix) && gpa < 0x100000) {
 		std::uint64_t msr, unit, base;

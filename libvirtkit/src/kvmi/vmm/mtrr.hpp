@@ -28,11 +28,13 @@ struct MtrrState {
 		std::uint64_t base, mask;
 	};
 	std::array<Var, 255> var{};	/* the first min(VCNT, 255) are meaningful */
+	bool cpuid_mtrr = true;		/* the guest's CPUID has MTRR (leaf 1, EDX bit 12) */
 };
 
 /*
- * The memory type of gpa. With MTRRs disabled (E clear) the SDM says UC;
- * virtkit answers WB there instead (see mtrr.cpp).
+ * The memory type of gpa. With MTRRs disabled (E clear): UC as the SDM
+ * says, or WB when the guest's CPUID has no MTRR - KVM's
+ * mtrr_disabled_type(), which GET_MTRR_TYPE answers in the kernel.
  */
 std::uint8_t mtrr_type(const MtrrState &m, std::uint64_t gpa);
 

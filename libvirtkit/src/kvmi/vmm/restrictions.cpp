@@ -72,6 +72,12 @@ int IntrospectionServer::set_page_access(std::span<const std::byte> p)
 		auto it = pages_.find(gfn);
 		KvmiPage pg = it == pages_.end() ? KvmiPage{} : it->second;
 		pg.access = a;
+		/*
+		 * In KVMI, W and the write bitmap are one permission: W set
+		 * makes every sub-page writable (a bitmap set earlier goes),
+		 * W clear none of them.
+		 */
+		pg.bitmap = (a & KVMI_PAGE_ACCESS_W) ? SubpageProtection::all_writable : 0;
 		changes[gfn] = pg;
 	}
 	return apply_pages_locked(changes);
@@ -132,6 +138,18 @@ int IntrospectionServer::set_page_write_bitmap(std::span<const std::byte> p)
 		auto it = pages_.find(gfn);
 		KvmiPage pg = it == pages_.end() ? KvmiPage{} : it->second;
 		pg.bitmap = bitmap;
+		/*
+		 * And the other way round: a bitmap with writable sub-pages
+		 * gives back W (the map honours the bitmap only with W), an
+		 * empty one takes it. A page without R keeps no W: W without
+		 * R is no valid permission, the page stays write-protected.
+		 */
+		if (pg.access & KVMI_PAGE_ACCESS_R) {
+			if (bitmap)
+				pg.access |= KVMI_PAGE_ACCESS_W;
+			else
+				pg.access &= ~KVMI_PAGE_ACCESS_W;
+		}
 		changes[gfn] = pg;
 	}
 	return apply_pages_locked(changes);

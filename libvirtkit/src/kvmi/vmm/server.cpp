@@ -9,6 +9,7 @@
 #include <algorithm>
 #include <cerrno>
 #include <climits>
+#include <cstdio>
 #include <cstring>
 #include <ctime>
 #include <new>
@@ -339,8 +340,6 @@ Introspection Introspection::connect(Vm &vm, const IntrospectionOptions &o)
 	auto address = detail::kvmi::parse_address(o.address, &why);
 	if (!address)
 		throw Error(connect_op, EINVAL, "address \"" + o.address + "\": " + why);
-	if (o.secret.empty())
-		throw Error(connect_op, EINVAL, "the secret must not be empty");
 	if (o.name.size() > 63 || o.name.find('\0') != std::string::npos)
 		throw Error(connect_op, EINVAL, "the name must be at most 63 bytes without NUL");
 	if (o.handshake_timeout.count() <= 0)
@@ -357,12 +356,30 @@ Introspection Introspection::connect(Vm &vm, const IntrospectionOptions &o)
 		kvmi_qemu2introspector hello{};
 		hello.struct_size = sizeof(hello);
 		std::memcpy(hello.uuid, o.uuid.data(), sizeof(hello.uuid));
-		hello.start_time = o.start_time ? o.start_time : std::time(nullptr);
+		/* Milliseconds, as QEMU sends it (qemu_clock_get_ms(QEMU_CLOCK_REALTIME)). */
+		hello.start_time = o.start_time ? o.start_time :
+				   std::chrono::duration_cast<std::chrono::milliseconds>(
+					   std::chrono::system_clock::now().time_since_epoch())
+					   .count();
 		std::memcpy(hello.name, o.name.data(), o.name.size());
 		hello.max_gpa = max_gpa(vm.memory());
 		auto deadline = detail::kvmi::deadline_after(o.handshake_timeout);
+		std::optional<detail::kvmi::CookieHash> hash;
+		if (!o.secret.empty())
+			hash = detail::kvmi::cookie_hash(o.secret);
+		else
+			/*
+			 * As QEMU's kvmi without a key: any tool is accepted
+			 * (libkvmi's examples leave cookie_hash zero). Say so
+			 * once per connect - the library has no logging hook.
+			 */
+			std::fprintf(stderr,
+				     "virtkit: warning: introspection of this VM without a secret: "
+				     "whoever listens on %s gets full control of the guest's "
+				     "memory and vCPUs\n",
+				     o.address.c_str());
 		auto conn = detail::kvmi::Connection::open(*address, hello,
-							   detail::kvmi::cookie_hash(o.secret), deadline);
+							   hash ? &*hash : nullptr, deadline, o.stop);
 		server->start(std::move(conn));
 	} catch (...) {
 		server->release_vm();
