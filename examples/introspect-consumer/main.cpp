@@ -8,6 +8,7 @@
  * (virtkit-introspect) or CMake (virtkit::introspect).
  */
 #include <virtkit/introspect.hpp>
+#include <virtkit/introspection.hpp>
 #include <virtkit/virtkit.hpp>
 
 #include <chrono>
