@@ -368,6 +368,7 @@ check-install: lib
 include mk/install.mk
 include mk/kmod.mk
 include mk/page_walk.mk
+include mk/sanitize.mk
 
 clean:
 	rm -rf $(BUILD)
