@@ -17,8 +17,9 @@
 # built with the sanitizer without it reaching guest code -
 #   libvirtkit and libvirtkit-introspect (libvirtkit/src/**, common/*.c),
 #   the unit tests (selftests/unit), the selftest harness (selftests/lib),
-#   virtkit-introspect, and the virtkit tool except its guest half
-#   (tools/virtkit/demo_guest.cpp).
+#   the selftests without guest functions (x86/vm_lifecycle,
+#   x86/page_walk_host), virtkit-introspect, and the virtkit tool except its
+#   guest half (tools/virtkit/demo_guest.cpp).
 # Not instrumented: the guest environment (guest/: it is guest code, or host
 # code built with the guest-code flags alongside it), and the selftests' and
 # benchmarks' own translation units, which hold host test code and guest
@@ -45,8 +46,13 @@ SAN_CFLAGS := $(SAN_FLAGS) -Wno-maybe-uninitialized
 LIB_CXXFLAGS   += $(SAN_CFLAGS)
 COMMON_CFLAGS  += $(SAN_CFLAGS)
 CXXFLAGS       += $(SAN_CFLAGS)
-# Host-only objects built with the guest-code flags.
-$(ST_LIB_OBJS) $(filter-out %/demo_guest.o,$(TOOL_OBJS)): GUEST_CXXFLAGS += $(SAN_CFLAGS)
+# Host-only objects built with the guest-code flags: the harness, the tool
+# but its guest half, and the selftests without guest functions
+# (vm_lifecycle's real-mode guest is bytes it writes into guest memory,
+# page_walk_host runs a separately built image).
+SAN_HOST_ONLY_OBJS := $(ST_LIB_OBJS) $(filter-out %/demo_guest.o,$(TOOL_OBJS)) \
+	$(BUILD)/selftests/x86/vm_lifecycle.o $(BUILD)/selftests/x86/page_walk_host.o
+$(SAN_HOST_ONLY_OBJS): GUEST_CXXFLAGS += $(SAN_CFLAGS)
 # Every link pulls in the sanitizer runtime.
 GUEST_LINK     += $(SAN_FLAGS)
 HARDEN_LDFLAGS += $(SAN_FLAGS)
