@@ -157,10 +157,15 @@ int open_fd_count()
  * Without a sanitizer every mapping is counted.
  */
 #if defined(__SANITIZE_ADDRESS__) || defined(__SANITIZE_THREAD__)
-static constexpr bool named_mappings_only = true;
+static constexpr bool sanitized = true;
 #else
-static constexpr bool named_mappings_only = false;
+static constexpr bool sanitized = false;
 #endif
+
+bool sanitizer_build()
+{
+	return sanitized;
+}
 
 /* The path or name column of a /proc/self/maps line; empty if anonymous. */
 static std::string mapping_name(const std::string &line)
@@ -185,7 +190,7 @@ std::vector<std::string> mappings()
 		 */
 		if (line.ends_with("[heap]"))
 			continue;
-		if (named_mappings_only && mapping_name(line).empty())
+		if (sanitized && mapping_name(line).empty())
 			continue;
 		v.push_back(line);
 	}

@@ -57,6 +57,13 @@ int mapping_count();
  */
 std::vector<std::string> mappings();
 
+/*
+ * Whether this binary was built with AddressSanitizer or ThreadSanitizer
+ * (make check-asan, check-tsan; the harness is instrumented there, the
+ * tests' own files are not, so they ask at run time).
+ */
+bool sanitizer_build();
+
 /* Whether two regions, or region lists (GuestMemory::regions()), are identical. */
 bool same_region(const virtkit::RegionInfo &a, const virtkit::RegionInfo &b);
 bool same_layout(const std::vector<virtkit::RegionInfo> &a,
