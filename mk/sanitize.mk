@@ -74,6 +74,22 @@ SAN_ENV_tsan := \
 
 KVM_USABLE = [ -c /dev/kvm ] && [ -r /dev/kvm ] && [ -w /dev/kvm ]
 
+# The unit tests, with a summary line for make check's table (from Catch2's
+# closing line; no count at all is one failure). Sets rc=1 on failure.
+SAN_RUN_UNIT = out=$$(mktemp); \
+	echo "$(SAN_ENV_$(SAN_NAME)) $(UNIT_BIN)"; \
+	env $(SAN_ENV_$(SAN_NAME)) $(UNIT_BIN) >$$out 2>&1 || rc=1; \
+	cat $$out; \
+	awk '/^All tests passed \(/ { if (match($$0, /in [0-9]+ test case/)) p = substr($$0, RSTART + 3) + 0 } \
+	     /^test cases: / { k = split($$0, a, "|"); \
+		for (i = 2; i <= k; i++) \
+			if (a[i] ~ /passed/) p = a[i] + 0; \
+			else if (a[i] ~ /failed/) f = a[i] + 0; \
+			else if (a[i] ~ /skipped/) s = a[i] + 0 } \
+	     END { printf "\# summary: suite=unit-$(SAN_NAME) platform=no KVM pass=%d fail=%d skip=%d\n", \
+		   p, f + (p + f == 0), s }' $$out; \
+	rm -f $$out;
+
 .PHONY: check-asan check-tsan check-sanitized check-sanitized-unit
 
 check-asan:
@@ -90,8 +106,7 @@ check-tsan:
 check-sanitized-unit: $(UNIT_BIN)
 	@[ -n "$(SANITIZE)" ] || { echo "$@: run through make check-asan or check-tsan" >&2; exit 2; }
 	@rc=0; \
-	echo "$(SAN_ENV_$(SAN_NAME)) $(UNIT_BIN)"; \
-	env $(SAN_ENV_$(SAN_NAME)) $(UNIT_BIN) || rc=1; \
+	$(SAN_RUN_UNIT) \
 	echo "TAP version 13"; echo "1..1"; \
 	echo "ok 1 selftests ($(SANITIZE)) # SKIP requires a usable /dev/kvm (the sanitized selftests are not run under QEMU)"; \
 	echo "# summary: suite=selftests platform=none pass=0 fail=0 skip=1"; \
@@ -100,8 +115,7 @@ check-sanitized-unit: $(UNIT_BIN)
 check-sanitized: $(SAN_UNIT_BINS) $(SAN_ST_BINS)
 	@[ -n "$(SANITIZE)" ] || { echo "$@: run through make check-asan or check-tsan" >&2; exit 2; }
 	@rc=0; \
-	echo "$(SAN_ENV_$(SAN_NAME)) $(UNIT_BIN)"; \
-	env $(SAN_ENV_$(SAN_NAME)) $(UNIT_BIN) || rc=1; \
+	$(SAN_RUN_UNIT) \
 	for s in x86 introspection; do \
 		echo "scripts/run-selftests $(BUILD)/selftests/$$s"; \
 		env $(SAN_ENV_$(SAN_NAME)) VIRTKIT_SELFTESTS_SUITE=$$s-$(SAN_NAME) \
