@@ -109,7 +109,7 @@ check-sanitized-unit: $(UNIT_BIN)
 	$(SAN_RUN_UNIT) \
 	echo "TAP version 13"; echo "1..1"; \
 	echo "ok 1 selftests ($(SANITIZE)) # SKIP requires a usable /dev/kvm (the sanitized selftests are not run under QEMU)"; \
-	echo "# summary: suite=selftests platform=none pass=0 fail=0 skip=1"; \
+	echo "# summary: suite=selftests-$(SAN_NAME) platform=none pass=0 fail=0 skip=1"; \
 	exit $$rc
 
 check-sanitized: $(SAN_UNIT_BINS) $(SAN_ST_BINS)
