@@ -18,6 +18,7 @@
 #   make install    install headers, libraries, pkg-config and CMake files (PREFIX, DESTDIR)
 #   make kmod       build the kernel module virtkit.ko for Debian's 6.1, 6.12 and 7.x kernels
 #   make check-kmod, check-dkms, dkms-install, dkms-uninstall: see mk/kmod.mk
+#   make check-asan, check-tsan: sanitizer builds and runs, see mk/sanitize.mk
 #
 # Everything is built out of tree in $(BUILD).
 
@@ -370,6 +371,7 @@ check-install: lib
 include mk/install.mk
 include mk/kmod.mk
 include mk/page_walk.mk
+include mk/sanitize.mk
 
 clean:
 	rm -rf $(BUILD)

@@ -4,15 +4,27 @@
 #   make uninstall [PREFIX=/usr/local] [DESTDIR=]
 #
 # Layout under $(DESTDIR)$(PREFIX):
-#   include/virtkit/*.hpp, include/virtkit/x86/*.h*    library headers
+#   include/virtkit/*.hpp, *.h                         library headers
 #   include/linux/virtkit*.h                            module ABI (uapi/linux)
-#   lib/libvirtkit.a, lib/libvirtkit.so{,.0,.0.1.0}      libraries
-#   lib/pkgconfig/virtkit.pc                            pkg-config
-#   lib/cmake/virtkit/virtkitConfig{,Version}.cmake     find_package(virtkit)
+#   lib/libvirtkit.a, lib/libvirtkit.so{,.0,.0.1.0}      the VMM library
+#   lib/libvirtkit-introspect.a, .so{,.0,.0.1.0}        the tool end of KVMI
+#   lib/pkgconfig/virtkit.pc, virtkit-introspect.pc     pkg-config
+#   lib/cmake/virtkit/virtkitConfig{,Version}.cmake     find_package(virtkit):
+#                                                       virtkit::virtkit{,_static},
+#                                                       virtkit::introspect{,_static}
 #   bin/virtkit                                         tool (when it is built)
 #
-# The pkg-config file records PREFIX; the CMake package locates itself and
+# The pkg-config files record PREFIX; the CMake package locates itself and
 # is relocatable.
+#
+# The guest environment (guest/: libvirtkit-guest.a, <virtkit/x86/*.h*>) is
+# not installed. A program using it must build its guest code with the
+# guest-code flags, link statically as a non-PIE executable (its pages are
+# loaded into the guest at their own addresses), and link libvirtkit.a, not
+# libvirtkit.so: GuestVm uses libvirtkit internals (virtkit::detail::hex)
+# that the shared library does not export. It is part of this tree's
+# selftests, benchmarks and tool, with no tested outside consumer.
+# `make uninstall` still removes the x86 headers earlier versions installed.
 
 BINDIR       ?= $(PREFIX)/bin
 LIBDIR       ?= $(PREFIX)/lib
@@ -23,7 +35,8 @@ CMAKEDIR     ?= $(LIBDIR)/cmake/virtkit
 INSTALL      ?= install
 
 INST_HDRS     := $(wildcard libvirtkit/include/virtkit/*.hpp libvirtkit/include/virtkit/*.h)
-INST_X86_HDRS := $(wildcard libvirtkit/include/virtkit/x86/*.hpp libvirtkit/include/virtkit/x86/*.h)
+# Installed by virtkit 0.1.0 before the guest environment moved to guest/.
+OLD_X86_HDRS  := guest.h guest_probes.hpp guest_vm.hpp page_tables.hpp
 INST_UAPI     := $(wildcard uapi/linux/*.h)
 
 # pkg-config: keep ${prefix} symbolic where the directory lies under PREFIX.
@@ -32,6 +45,13 @@ pc_dir = $(patsubst $(PREFIX)/%,$${prefix}/%,$(1))
 cmake_rel = $(shell realpath -m --relative-to='$(CMAKEDIR)' '$(1)')
 
 $(BUILD)/virtkit.pc: libvirtkit/virtkit.pc.in FORCE
+	@mkdir -p $(@D)
+	sed -e 's|@PREFIX@|$(PREFIX)|g' \
+	    -e 's|@LIBDIR@|$(call pc_dir,$(LIBDIR))|g' \
+	    -e 's|@INCLUDEDIR@|$(call pc_dir,$(INCLUDEDIR))|g' \
+	    -e 's|@VERSION@|$(VERSION)|g' $< > $@
+
+$(BUILD)/virtkit-introspect.pc: libvirtkit/virtkit-introspect.pc.in FORCE
 	@mkdir -p $(@D)
 	sed -e 's|@PREFIX@|$(PREFIX)|g' \
 	    -e 's|@LIBDIR@|$(call pc_dir,$(LIBDIR))|g' \
@@ -49,7 +69,8 @@ $(BUILD)/cmake/virtkitConfigVersion.cmake: libvirtkit/cmake/virtkitConfigVersion
 	@mkdir -p $(@D)
 	sed -e 's|@VERSION@|$(VERSION)|g' $< > $@
 
-INST_GENERATED := $(BUILD)/virtkit.pc $(BUILD)/cmake/virtkitConfig.cmake \
+INST_GENERATED := $(BUILD)/virtkit.pc $(BUILD)/virtkit-introspect.pc \
+                  $(BUILD)/cmake/virtkitConfig.cmake \
                   $(BUILD)/cmake/virtkitConfigVersion.cmake
 
 # The tool is built and installed once its sources exist.
@@ -57,10 +78,6 @@ install: lib $(if $(TOOL_SRCS),tool) $(INST_GENERATED)
 	$(INSTALL) -d $(DESTDIR)$(INCLUDEDIR)/virtkit $(DESTDIR)$(LIBDIR) \
 		$(DESTDIR)$(PKGCONFIGDIR) $(DESTDIR)$(CMAKEDIR)
 	$(INSTALL) -m 644 $(INST_HDRS) $(DESTDIR)$(INCLUDEDIR)/virtkit/
-ifneq ($(INST_X86_HDRS),)
-	$(INSTALL) -d $(DESTDIR)$(INCLUDEDIR)/virtkit/x86
-	$(INSTALL) -m 644 $(INST_X86_HDRS) $(DESTDIR)$(INCLUDEDIR)/virtkit/x86/
-endif
 ifneq ($(INST_UAPI),)
 	$(INSTALL) -d $(DESTDIR)$(INCLUDEDIR)/linux
 	$(INSTALL) -m 644 $(INST_UAPI) $(DESTDIR)$(INCLUDEDIR)/linux/
@@ -69,7 +86,11 @@ endif
 	$(INSTALL) -m 755 $(LIB_SO) $(DESTDIR)$(LIBDIR)/
 	ln -sf libvirtkit.so.$(VERSION) $(DESTDIR)$(LIBDIR)/libvirtkit.so.$(SOVERSION)
 	ln -sf libvirtkit.so.$(SOVERSION) $(DESTDIR)$(LIBDIR)/libvirtkit.so
-	$(INSTALL) -m 644 $(BUILD)/virtkit.pc $(DESTDIR)$(PKGCONFIGDIR)/
+	$(INSTALL) -m 644 $(INTROSPECT_A) $(DESTDIR)$(LIBDIR)/
+	$(INSTALL) -m 755 $(INTROSPECT_SO) $(DESTDIR)$(LIBDIR)/
+	ln -sf libvirtkit-introspect.so.$(VERSION) $(DESTDIR)$(LIBDIR)/libvirtkit-introspect.so.$(SOVERSION)
+	ln -sf libvirtkit-introspect.so.$(SOVERSION) $(DESTDIR)$(LIBDIR)/libvirtkit-introspect.so
+	$(INSTALL) -m 644 $(BUILD)/virtkit.pc $(BUILD)/virtkit-introspect.pc $(DESTDIR)$(PKGCONFIGDIR)/
 	$(INSTALL) -m 644 $(BUILD)/cmake/virtkitConfig.cmake \
 		$(BUILD)/cmake/virtkitConfigVersion.cmake $(DESTDIR)$(CMAKEDIR)/
 	@if [ -x $(TOOL_BIN) ]; then \
@@ -81,13 +102,16 @@ endif
 
 uninstall:
 	rm -f $(addprefix $(DESTDIR)$(INCLUDEDIR)/virtkit/,$(notdir $(INST_HDRS)))
-	rm -f $(addprefix $(DESTDIR)$(INCLUDEDIR)/virtkit/x86/,$(notdir $(INST_X86_HDRS)))
+	rm -f $(addprefix $(DESTDIR)$(INCLUDEDIR)/virtkit/x86/,$(OLD_X86_HDRS))
 	rm -f $(addprefix $(DESTDIR)$(INCLUDEDIR)/linux/,$(notdir $(INST_UAPI)))
 	rmdir $(DESTDIR)$(INCLUDEDIR)/virtkit/x86 $(DESTDIR)$(INCLUDEDIR)/virtkit 2>/dev/null || true
 	rm -f $(DESTDIR)$(LIBDIR)/libvirtkit.a $(DESTDIR)$(LIBDIR)/libvirtkit.so \
 		$(DESTDIR)$(LIBDIR)/libvirtkit.so.$(SOVERSION) \
 		$(DESTDIR)$(LIBDIR)/libvirtkit.so.$(VERSION)
-	rm -f $(DESTDIR)$(PKGCONFIGDIR)/virtkit.pc
+	rm -f $(DESTDIR)$(LIBDIR)/libvirtkit-introspect.a $(DESTDIR)$(LIBDIR)/libvirtkit-introspect.so \
+		$(DESTDIR)$(LIBDIR)/libvirtkit-introspect.so.$(SOVERSION) \
+		$(DESTDIR)$(LIBDIR)/libvirtkit-introspect.so.$(VERSION)
+	rm -f $(DESTDIR)$(PKGCONFIGDIR)/virtkit.pc $(DESTDIR)$(PKGCONFIGDIR)/virtkit-introspect.pc
 	rm -f $(DESTDIR)$(CMAKEDIR)/virtkitConfig.cmake \
 		$(DESTDIR)$(CMAKEDIR)/virtkitConfigVersion.cmake
 	rmdir $(DESTDIR)$(CMAKEDIR) 2>/dev/null || true

@@ -50,8 +50,19 @@ virtkit::System &kvm();
 /* Resource accounting for "nothing leaked" checks. */
 int open_fd_count();
 int mapping_count();
-/* The lines of /proc/self/maps that mapping_count() counts (no [heap]). */
+/*
+ * The lines of /proc/self/maps that mapping_count() counts: no [heap]; in a
+ * sanitizer build (make check-asan, check-tsan) only named ones, since the
+ * runtime's own anonymous mappings come and go (harness.cpp).
+ */
 std::vector<std::string> mappings();
+
+/*
+ * Whether this binary was built with AddressSanitizer or ThreadSanitizer
+ * (make check-asan, check-tsan; the harness is instrumented there, the
+ * tests' own files are not, so they ask at run time).
+ */
+bool sanitizer_build();
 
 /* Whether two regions, or region lists (GuestMemory::regions()), are identical. */
 bool same_region(const virtkit::RegionInfo &a, const virtkit::RegionInfo &b);
