@@ -100,6 +100,8 @@ constexpr std::uint32_t device_id = 0x54494b56; /* "VKIT" in little-endian bytes
 constexpr auto tool_listen_patience = 10s;
 constexpr auto tool_detach_timeout = 60s;
 constexpr auto tool_unhook_timeout = 2000ms;
+constexpr auto tool_setup_quiet = 300ms;	/* no command for this long: set up */
+constexpr auto tool_setup_patience = 5s;
 
 /* Where the introspection step finds its tool. */
 struct ToolAddress {
@@ -838,7 +840,10 @@ void Demo::introspection(const ToolAddress &outside)
 			"connects to an outside tool instead.)");
 	else
 		explain("Here the tool is outside this program, listening at " + outside.address +
-			". Once connected, vCPU 0 writes the MSR again and again - at most " +
+			". Once connected, and once the tool has sent no command for " +
+			std::to_string(tool_setup_quiet.count()) + " ms (its setup is done; up to " +
+			std::to_string(tool_setup_patience.count()) + " s), vCPU 0 writes the MSR "
+			"again and again - at most " +
 			std::to_string(intro_max_writes) + " times, with a port exit after each - "
 			"until the tool detaches, and reads each value back; what the tool hooks "
 			"and how it answers is its decision. The demo waits up to " +
@@ -1041,7 +1046,7 @@ void Demo::watched_by_outside_tool(IntrospectionOptions &o, std::uint64_t ctl,
 	     (unsigned long long)tool_listen_patience.count());
 	std::fflush(stdout);
 
-	bool detached = false, unhooked = false, late_ran = false;
+	bool detached = false, unhooked = false, late_ran = false, done = false;
 	double attached_s;
 	const std::uint64_t msr_exits = exits.msr_exits();
 	std::vector<std::vector<Ucall>> syncs;
@@ -1052,17 +1057,39 @@ void Demo::watched_by_outside_tool(IntrospectionOptions &o, std::uint64_t ctl,
 		GuestThreads vcpus(g, ctl);
 		auto vmm = connect_when_listening(g.vm(), o, tool_listen_patience);
 		auto start = Clock::now();
-		show("connected: the tool answered the handshake; vCPU 0 starts writing");
+		show("connected: the tool answered the handshake");
 		std::fflush(stdout);
+		/*
+		 * Let the tool set up (pause, hook, resume) before vCPU 0 writes:
+		 * it has when no command came for a while.
+		 */
+		auto commands = vmm.stats().commands;
+		auto quiet_since = Clock::now();
+		while (vmm.connected() && Clock::now() - quiet_since < tool_setup_quiet &&
+		       Clock::now() - start < tool_setup_patience) {
+			std::this_thread::sleep_for(20ms);
+			if (auto c = vmm.stats().commands; c != commands) {
+				commands = c;
+				quiet_since = Clock::now();
+			}
+		}
+		show("the tool sent %llu commands and then none for %lld ms: vCPU 0 starts writing",
+		     (unsigned long long)commands,
+		     (long long)std::chrono::duration_cast<std::chrono::milliseconds>(
+			     Clock::now() - quiet_since).count());
+		std::fflush(stdout);
+		start = Clock::now();
 		vcpus.set(intro_go);
 		const auto deadline = Clock::now() + tool_detach_timeout;
 		while (!(detached = vmm.wait_disconnected(100ms)) && Clock::now() < deadline &&
-		       !std::atomic_ref(*const_cast<std::uint64_t *>(writes_done))
-				.load(std::memory_order_acquire))
+		       !(done = std::atomic_ref(*const_cast<std::uint64_t *>(writes_done))
+					.load(std::memory_order_acquire)))
 			;
 		attached_s = std::chrono::duration<double>(Clock::now() - start).count();
 		if (!detached) {
-			late_ran = late_vcpu(vmm);
+			/* Only while vCPU 0 spins without exits: see late_vcpu(). */
+			if (done)
+				late_ran = late_vcpu(vmm);
 			show("the tool is still attached: the VMM calls unhook() (%lld ms)",
 			     (long long)tool_unhook_timeout.count());
 			std::fflush(stdout);
@@ -1076,6 +1103,8 @@ void Demo::watched_by_outside_tool(IntrospectionOptions &o, std::uint64_t ctl,
 		syncs = vcpus.join();
 		at_end = vmm.stats();
 	}
+	check(detached || done, "the tool neither detached nor let vCPU 0 make its writes within " +
+					std::to_string(tool_detach_timeout.count()) + " s");
 	check(detached || late_ran, "the vCPU added while the tool was attached did not run");
 
 	check(syncs.at(0).size() >= 1, "vCPU 0 did not report");
