@@ -291,9 +291,9 @@ deps:
 RUN_DEMO = echo "virtkit info && virtkit demo"; virtkit info && virtkit demo || exit 1; \
 	d=$$(mktemp -d) || exit 1; \
 	(umask 077; head -c 16 /dev/urandom | od -An -tx1 | tr -d " \n" >$$d/secret) || exit 1; \
-	echo; echo "virtkit-introspect --listen unix:$$d/tool.sock --secret-file $$d/secret --msr 0xc0000102 --count 10 --timeout 60 &"; \
+	echo; echo "virtkit-introspect --listen unix:$$d/tool.sock --secret-file $$d/secret --msr 0xc0000102 --count 100 --timeout 60 &"; \
 	echo "virtkit demo --introspect unix:$$d/tool.sock --secret-file $$d/secret"; \
-	virtkit-introspect --listen unix:$$d/tool.sock --secret-file $$d/secret --msr 0xc0000102 --count 10 --timeout 60 >$$d/tool.log 2>&1 & \
+	virtkit-introspect --listen unix:$$d/tool.sock --secret-file $$d/secret --msr 0xc0000102 --count 100 --timeout 60 >$$d/tool.log 2>&1 & \
 	tool=$$!; \
 	virtkit demo --introspect unix:$$d/tool.sock --secret-file $$d/secret; demo=$$?; \
 	wait $$tool; rc=$$?; \

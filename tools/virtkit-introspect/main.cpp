@@ -54,8 +54,10 @@ const char usage_text[] =
 	"  pauses every vCPU and dumps its registers,\n"
 	"  hooks writes to the MSR (--msr) and a breakpoint at GPA (--breakpoint),\n"
 	"  resumes the vCPUs and reports N events (--count, default 10), one per line,\n"
-	"  detaches: pauses the vCPUs, removes the hooks, restores the breakpoint's\n"
-	"  byte, resumes them and closes the connection.\n"
+	"  vCPUs added later (CREATE_VCPU) among them,\n"
+	"  detaches (after N events, or at once when the VMM sends UNHOOK): pauses\n"
+	"  the vCPUs, removes the hooks, restores the breakpoint's byte, resumes them\n"
+	"  and closes the connection.\n"
 	"\n"
 	"  --listen ADDRESS   unix:/path or vsock:PORT; the VMM connects there\n"
 	"  --secret-file PATH the secret the VMM was configured with: the file's\n"
@@ -177,7 +179,8 @@ public:
 	void detach(Session &s);
 
 	unsigned reported() const { return reported_; }
-	bool finished() const { return reported_ >= opt_.count; }
+	bool unhooked() const { return unhooked_; }
+	bool finished() const { return reported_ >= opt_.count || unhooked_; }
 
 private:
 	/* pause_all_vcpus and wait until every vCPU waits for a reply: its
@@ -203,6 +206,7 @@ private:
 	bool can_step_ = false;
 	std::set<std::uint16_t> stepping_;
 	unsigned reported_ = 0;
+	bool unhooked_ = false; /* the VMM asked us to let go */
 	std::vector<Event> paused_, held_;
 };
 
@@ -355,6 +359,10 @@ void Tool::attach(Session &s)
 			    (unsigned long long)*opt_.breakpoint, unsigned(b[0]),
 			    can_step_ ? "" : ", once: the VMM cannot single-step");
 	}
+	/* VM events: a vCPU added later, the VMM asking the tool to let go. */
+	for (auto id : {EventId::create_vcpu, EventId::unhook})
+		if (s.check_event(id) == 0)
+			s.control_vm_events(id, true);
 	resume(s);
 	std::printf("resumed; reporting %u events\n", opt_.count);
 	std::fflush(stdout);
@@ -380,6 +388,10 @@ void Tool::on_event(Session &s, Event &ev)
 		if (stepping_.empty())
 			arm_breakpoint(s);
 		s.reply(ev, Action::continue_);
+	} else if (ev.id == EventId::unhook) {
+		/* The VMM is shutting down or migrating: detach now. */
+		s.reply(ev, Action::continue_);
+		unhooked_ = true;
 	} else if (is_ours(ev)) {
 		/* Trapped before another vCPU put the byte back: re-run it. */
 		s.reply(ev, Action::retry);
@@ -499,7 +511,9 @@ int run(const Options &opt)
 	bool ended = opt.timeout ? loop.run_for(*opt.timeout) : (loop.run(), true);
 
 	if (session && session->connected()) {
-		if (!failure && !tool.finished())
+		if (tool.unhooked())
+			std::printf("the VMM asked to unhook: detaching\n");
+		else if (!failure && !tool.finished())
 			std::printf("%s after %u events; detaching\n",
 				    ended ? "interrupted" : "timeout", tool.reported());
 		try {

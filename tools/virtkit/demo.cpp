@@ -22,6 +22,7 @@
 #include <exception>
 #include <filesystem>
 #include <functional>
+#include <future>
 #include <optional>
 #include <random>
 #include <stdexcept>
@@ -62,9 +63,11 @@ const char demo_help[] =
 	"  virtkit-introspect --listen unix:/tmp/vk.sock --secret-file key \\\n"
 	"                     --msr 0xc0000102 --count 10 &\n"
 	"  virtkit demo --introspect unix:/tmp/vk.sock --secret-file key\n"
-	"There vCPU 0 writes MSR 0xc0000102 (MSR_KERNEL_GS_BASE) up to 1000 times,\n"
+	"There vCPU 0 writes MSR 0xc0000102 (MSR_KERNEL_GS_BASE) up to 20 times,\n"
 	"with a port exit after each, until the tool detaches; the demo waits up\n"
-	"to 60 s for that and shows what the guest observed.\n"
+	"to 60 s for that and shows what the guest observed. A tool still attached\n"
+	"when vCPU 0 is done sees a vCPU added (CREATE_VCPU), then the VMM calls\n"
+	"unhook() (UNHOOK) and gives it 2 s to let go.\n"
 	"\n"
 	"Options:\n"
 	"  --device PATH         KVM device to use (default /dev/kvm)\n"
@@ -96,6 +99,9 @@ constexpr std::uint32_t device_id = 0x54494b56; /* "VKIT" in little-endian bytes
 /* How long the demo waits for an outside tool: to listen, to detach. */
 constexpr auto tool_listen_patience = 10s;
 constexpr auto tool_detach_timeout = 60s;
+constexpr auto tool_unhook_timeout = 2000ms;
+constexpr auto tool_setup_quiet = 300ms;	/* no command for this long: set up */
+constexpr auto tool_setup_patience = 5s;
 
 /* Where the introspection step finds its tool. */
 struct ToolAddress {
@@ -423,6 +429,7 @@ struct Demo {
 	void two_vcpus();
 	void subpages();
 	void introspection(const ToolAddress &outside);
+	bool late_vcpu(Introspection &vmm);
 	void timing();
 
 private:
@@ -797,6 +804,7 @@ std::string guest_where(std::uint64_t rip)
 		{at(guest_introspect_watched), "guest_introspect_watched"},
 		{at(guest_introspect_writes), "guest_introspect_writes"},
 		{at(guest_introspect_idle), "guest_introspect_idle"},
+		{at(guest_introspect_late), "guest_introspect_late"},
 	};
 	const std::pair<std::uint64_t, const char *> *best = nullptr;
 	for (auto &f : fns)
@@ -832,11 +840,18 @@ void Demo::introspection(const ToolAddress &outside)
 			"connects to an outside tool instead.)");
 	else
 		explain("Here the tool is outside this program, listening at " + outside.address +
-			". Once connected, vCPU 0 writes the MSR again and again - at most " +
+			". Once connected, and once the tool has sent no command for " +
+			std::to_string(tool_setup_quiet.count()) + " ms (its setup is done; up to " +
+			std::to_string(tool_setup_patience.count()) + " s), vCPU 0 writes the MSR "
+			"again and again - at most " +
 			std::to_string(intro_max_writes) + " times, with a port exit after each - "
 			"until the tool detaches, and reads each value back; what the tool hooks "
 			"and how it answers is its decision. The demo waits up to " +
-			std::to_string(tool_detach_timeout.count()) + " s for it to detach.");
+			std::to_string(tool_detach_timeout.count()) + " s for the tool to detach "
+			"or vCPU 0 to finish. A tool still attached then sees the VM add a vCPU "
+			"(a CREATE_VCPU event, if it enabled it) and the VMM call unhook() before "
+			"it moves on (an UNHOOK event): the tool has " +
+			std::to_string(tool_unhook_timeout.count()) + " ms to let go.");
 
 	const std::pair<int, const char *> needs[] = {
 		{KVM_CAP_X86_USER_SPACE_MSR, "KVM_CAP_X86_USER_SPACE_MSR"},
@@ -991,6 +1006,36 @@ void Demo::watched_by_demo_tool(IntrospectionOptions &o, std::uint64_t ctl, std:
 		      " times, expected 2: the hooked ones");
 }
 
+/*
+ * A vCPU added while the tool is attached: its first entry raises
+ * CREATE_VCPU (if the tool enabled it), which the tool answers. The other
+ * vCPUs spin in the guest without exits meanwhile, so that nothing reads
+ * GuestVm while add_vcpu() changes it. true when the vCPU reported.
+ */
+bool Demo::late_vcpu(Introspection &vmm)
+{
+	Vcpu &v = g.add_vcpu(guest_introspect_late);
+	show("the VM adds vCPU %u while the tool is attached (a CREATE_VCPU event)", v.id());
+	std::fflush(stdout);
+	std::promise<std::vector<Ucall>> done;
+	auto result = done.get_future();
+	std::jthread t([&] {
+		try {
+			done.set_value(run_with_device(g, v, [](Exit &) { return false; }));
+		} catch (...) {
+			done.set_exception(std::current_exception());
+		}
+	});
+	/* A tool that never answers: disconnecting releases the vCPU. */
+	if (result.wait_for(tool_detach_timeout) != std::future_status::ready)
+		vmm.disconnect();
+	auto syncs = result.get();
+	bool ok = syncs.size() == 1 && syncs[0].args.size() >= 1 &&
+		  syncs[0].args[0] == intro_late_value;
+	show("guest: vCPU %u ran %s", v.id(), ok ? "and reported" : "but did not report");
+	return ok;
+}
+
 void Demo::watched_by_outside_tool(IntrospectionOptions &o, std::uint64_t ctl,
 				   const ToolAddress &outside)
 {
@@ -1001,27 +1046,66 @@ void Demo::watched_by_outside_tool(IntrospectionOptions &o, std::uint64_t ctl,
 	     (unsigned long long)tool_listen_patience.count());
 	std::fflush(stdout);
 
-	bool detached;
+	bool detached = false, unhooked = false, late_ran = false, done = false;
 	double attached_s;
 	const std::uint64_t msr_exits = exits.msr_exits();
 	std::vector<std::vector<Ucall>> syncs;
 	IntrospectionStats at_detach{}, at_end{};
+	const auto *writes_done = reinterpret_cast<const std::uint64_t *>(g.memory().host_ptr(
+		*g.gva_to_gpa(ctl) + intro_writes_done, sizeof(std::uint64_t)));
 	{
 		GuestThreads vcpus(g, ctl);
 		auto vmm = connect_when_listening(g.vm(), o, tool_listen_patience);
 		auto start = Clock::now();
-		show("connected: the tool answered the handshake; vCPU 0 starts writing");
+		show("connected: the tool answered the handshake");
 		std::fflush(stdout);
+		/*
+		 * Let the tool set up (pause, hook, resume) before vCPU 0 writes:
+		 * it has when no command came for a while.
+		 */
+		auto commands = vmm.stats().commands;
+		auto quiet_since = Clock::now();
+		while (vmm.connected() && Clock::now() - quiet_since < tool_setup_quiet &&
+		       Clock::now() - start < tool_setup_patience) {
+			std::this_thread::sleep_for(20ms);
+			if (auto c = vmm.stats().commands; c != commands) {
+				commands = c;
+				quiet_since = Clock::now();
+			}
+		}
+		show("the tool sent %llu commands and then none for %lld ms: vCPU 0 starts writing",
+		     (unsigned long long)commands,
+		     (long long)std::chrono::duration_cast<std::chrono::milliseconds>(
+			     Clock::now() - quiet_since).count());
+		std::fflush(stdout);
+		start = Clock::now();
 		vcpus.set(intro_go);
-		detached = vmm.wait_disconnected(tool_detach_timeout);
+		const auto deadline = Clock::now() + tool_detach_timeout;
+		while (!(detached = vmm.wait_disconnected(100ms)) && Clock::now() < deadline &&
+		       !(done = std::atomic_ref(*const_cast<std::uint64_t *>(writes_done))
+					.load(std::memory_order_acquire)))
+			;
 		attached_s = std::chrono::duration<double>(Clock::now() - start).count();
+		if (!detached) {
+			/* Only while vCPU 0 spins without exits: see late_vcpu(). */
+			if (done)
+				late_ran = late_vcpu(vmm);
+			show("the tool is still attached: the VMM calls unhook() (%lld ms)",
+			     (long long)tool_unhook_timeout.count());
+			std::fflush(stdout);
+			unhooked = vmm.unhook(tool_unhook_timeout);
+			show("%s", unhooked ? "the tool let go after the UNHOOK event" :
+					      "the tool did not close the connection in time (or did "
+					      "not enable UNHOOK): the VMM disconnected it");
+		}
 		at_detach = vmm.stats();
 		vmm.disconnect();
 		syncs = vcpus.join();
 		at_end = vmm.stats();
 	}
-	check(detached, "the tool did not detach within " +
-				std::to_string(tool_detach_timeout.count()) + " s");
+	check(detached || done, "the tool neither detached nor let vCPU 0 make its writes within " +
+					std::to_string(tool_detach_timeout.count()) + " s");
+	check(detached || late_ran, "the vCPU added while the tool was attached did not run");
 
 	check(syncs.at(0).size() >= 1, "vCPU 0 did not report");
 	const auto &last = syncs[0].back().args;

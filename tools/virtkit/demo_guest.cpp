@@ -204,6 +204,7 @@ void guest_introspect_writes(std::uint64_t msr, std::uint64_t ctl)
 		guest_wrmsr(msr, v);
 		GUEST_SYNC(i, v, guest_rdmsr(msr));
 	}
+	*(volatile std::uint64_t *)(ctl + intro_writes_done) = 1;
 	wait_flag(ctl + intro_released);
 	guest_wrmsr(msr, intro_after_value);
 	GUEST_SYNC(i, intro_after_value, guest_rdmsr(msr));
@@ -213,6 +214,12 @@ void guest_introspect_idle(std::uint64_t ctl)
 {
 	/* Running, so that a tool can pause it, until the tool has gone. */
 	wait_flag(ctl + intro_released);
+}
+
+void guest_introspect_late(void)
+{
+	/* Added while a tool is attached: its first entry is a CREATE_VCPU event. */
+	GUEST_SYNC(intro_late_value);
 }
 
 void guest_bench_pio(std::uint64_t n)

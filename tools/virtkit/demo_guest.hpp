@@ -41,9 +41,11 @@ inline constexpr std::uint64_t intro_allowed_value = 0x600d000;
 inline constexpr std::uint64_t intro_after_value = 0xa11000;
 inline constexpr std::uint64_t intro_page_value = 0x7001700170017001ull;
 inline constexpr std::uint64_t intro_loop_base = 0x1000000;	/* + 0x1000 per write */
-inline constexpr std::uint64_t intro_max_writes = 1000;
+inline constexpr std::uint64_t intro_max_writes = 20;
 inline constexpr std::uint64_t intro_go = 0;		/* set: start writing */
 inline constexpr std::uint64_t intro_released = 8;	/* set: the tool has gone */
+inline constexpr std::uint64_t intro_writes_done = 16;	/* set by the guest */
+inline constexpr std::uint64_t intro_late_value = 0x1a7e;	/* the late vCPU's report */
 
 /* Values the steps check. */
 inline constexpr std::uint64_t fib_n = 90;
@@ -60,6 +62,7 @@ void guest_spp(std::uint64_t page);
 void guest_introspect_watched(std::uint64_t msr, std::uint64_t page, std::uint64_t ctl);
 void guest_introspect_writes(std::uint64_t msr, std::uint64_t ctl);
 void guest_introspect_idle(std::uint64_t ctl);
+void guest_introspect_late(void);
 void guest_bench_pio(std::uint64_t n);
 void guest_bench_mmio(std::uint64_t n);
 
