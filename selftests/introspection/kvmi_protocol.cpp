@@ -174,6 +174,52 @@ VK_TEST(vmm_disconnect_resumes_waiting_vcpu)
 	TEST_ASSERT_EQ(t.t().get_guest_info(), 1u);
 }
 
+/* Write, read back; report a write that did not land. */
+static void guest_write_and_check(std::uint64_t stop, std::uint64_t slot)
+{
+	for (std::uint64_t v = 1; !g_::read64(stop); v++) {
+		g_::write64(slot, v);
+		if (g_::read64(slot) != v)
+			GUEST_SYNC(2, v, g_::read64(slot));
+	}
+	GUEST_SYNC(1);
+}
+
+/*
+ * Disconnects while vCPUs write to a write-restricted page (PF events off:
+ * every write traps and is allowed by the introspection's handler). A write
+ * the SPP engine found blocked just before the disconnect lifted the
+ * restriction must still be performed, as if the tool had replied CONTINUE.
+ * Many disconnects, bounded by count, hit that window.
+ */
+VK_TEST(disconnect_while_writes_trap_loses_no_write)
+{
+	KvmiTest t;
+	const unsigned n = 2;
+	for (unsigned i = 0; i < n; i++)
+		t.add_vcpu(guest_write_and_check, stop_gpa, page_a + 8 * i);
+	for (unsigned i = 0; i < n; i++)
+		t.runner(i).resume();
+	auto slot = [&](unsigned i) { return t.peek(page_a + 8 * i); };
+	for (int round = 0; round < 300; round++) {
+		t.attach();
+		restrict_page(t.t(), page_a);
+		/* Both vCPUs trap on the page before the disconnect. */
+		std::uint64_t from[n];
+		for (unsigned i = 0; i < n; i++)
+			from[i] = slot(i);
+		for (unsigned i = 0; i < n; i++)
+			if (!wait_until([&] { return slot(i) > from[i] + 20; }, 5000ms))
+				t.runner(i).expect_sync(1, 0ms); /* says what the guest saw */
+		t.vmm->disconnect();
+		t.tool.reset();
+		t.vmm.reset();
+	}
+	t.poke(stop_gpa, 1);
+	for (unsigned i = 0; i < n; i++)
+		t.runner(i).expect_sync(1);
+}
+
 VK_TEST(second_introspection_is_refused)
 {
 	KvmiTest t;
