@@ -1114,3 +1114,54 @@ VK_TEST(singlestep_event)
 	t.expect_no_event(50ms);
 	EXPECT_KVMI_ERROR(s.control_singlestep(1, true), KVMI_EINVAL);
 }
+
+/*
+ * Single-stepping turned off while the vCPUs step as fast as they can (no
+ * SINGLESTEP event: each #DB exit is resumed at once), and the tool
+ * disconnecting while they step. A #DB exit already out of KVM_RUN when the
+ * command's hold (or the disconnect) lands was caused by the introspection:
+ * it must be consumed, never reach the VMM (GuestVm::run() would fail with
+ * "unexpected exit: DEBUG"). Many rounds, bounded by count.
+ */
+static void steps_race(bool disconnect)
+{
+	KvmiTest t;
+	const unsigned n = 2;
+	for (unsigned i = 0; i < n; i++)
+		t.add_vcpu(g_::spin_until, stop_gpa, counter_gpa + 8 * i);
+	t.attach();
+	int err = t.t().check_event(intro::EventId::singlestep);
+	TEST_REQUIRE(err == 0, "single-stepping (KVM_GUESTDBG_SINGLESTEP): CHECK_EVENT(SINGLESTEP) "
+			       "answered " + std::string(errno_name(err)));
+	for (unsigned i = 0; i < n; i++)
+		t.runner(i).resume();
+	auto counter = [&](unsigned i) { return t.peek(counter_gpa + 8 * i); };
+	for (int round = 0; round < 200; round++) {
+		if (!t.vmm)
+			t.attach();
+		auto &s = t.t();
+		for (std::uint16_t i = 0; i < n; i++)
+			s.control_singlestep(i, true);
+		/* Both vCPUs step (and are not stuck on a stray exit) before the change. */
+		for (unsigned i = 0; i < n; i++) {
+			std::uint64_t from = counter(i);
+			if (!wait_until([&] { return counter(i) > from + 2; }, 5000ms))
+				t.runner(i).expect_sync(1, 0ms); /* says what the vCPU got */
+		}
+		if (disconnect) {
+			t.vmm->disconnect();
+			t.tool.reset();
+			t.vmm.reset();
+		} else {
+			for (std::uint16_t i = 0; i < n; i++)
+				s.control_singlestep(i, false);
+		}
+	}
+	t.poke(stop_gpa, 1);
+	for (unsigned i = 0; i < n; i++)
+		t.runner(i).expect_sync(1);
+}
+
+VK_TEST(singlestep_off_while_stepping_leaks_no_debug_exit) { steps_race(false); }
+
+VK_TEST(disconnect_while_stepping_leaks_no_debug_exit) { steps_race(true); }
