@@ -10,15 +10,22 @@
  * guest's value itself, so the filter is invisible to the guest.
  *
  * KVM_CAP_X86_USER_SPACE_MSR cannot be switched back off; after the
- * disconnect the filter allows everything again, so no filter exit occurs.
+ * disconnect the filter allows everything again, so no new filter exit
+ * occurs. One that is already out of KVM_RUN when the filter goes may reach
+ * the exit handlers after the server's handler is gone: StrayMsrExits
+ * completes it.
  */
 #include "kvmi/vmm/server.hpp"
 
 #include <algorithm>
 #include <atomic>
+#include <climits>
+#include <map>
+#include <mutex>
 
 #include <virtkit/error.hpp>
 
+#include "core/feature_slots.hpp"
 #include "core/ioctl.hpp"
 
 namespace virtkit::detail {
@@ -78,6 +85,58 @@ void retry_instruction(Vcpu &vcpu)
 	RunControl::complete_pending_exit(vcpu, "WRMSR");
 	vcpu.set_regs(regs);
 }
+
+/*
+ * Filter exits of a filter that is gone. KVM_X86_SET_MSR_FILTER waits until
+ * no vCPU can still be checking a WRMSR against the old filter, but an exit
+ * it already produced may be on its way to the exit handlers (the vCPU is
+ * not held): after a disconnect, the server's handler is no longer there to
+ * complete it. It is recognized by its entry: one the vCPU had started by
+ * the time the filter was removed. One per VM, in a feature slot, so that
+ * it outlives the connection; its handler runs after the server's.
+ */
+class StrayMsrExits {
+public:
+	explicit StrayMsrExits(Vm &vm)
+	{
+		reg_ = vm.add_exit_handler([this](Vcpu &v, Exit &e) { return on_exit(v, e); },
+					   INT_MIN + 2);
+	}
+
+	/* The filter is gone: exits of the entries up to now are stray. */
+	void filter_removed(Vm &vm)
+	{
+		for (auto &v : RunControl::vcpus(vm)) {
+			const std::uint64_t entry = RunControl::entries(v);
+			std::lock_guard lock(mu_);
+			last_filtered_entry_[v.id()] = entry;
+		}
+	}
+
+private:
+	ExitAction on_exit(Vcpu &vcpu, Exit &e)
+	{
+		auto *m = std::get_if<MsrExit>(&e);
+		if (!m || !m->is_write() || m->reason != KVM_MSR_EXIT_REASON_FILTER)
+			return ExitAction::pass;
+		{
+			std::lock_guard lock(mu_);
+			auto it = last_filtered_entry_.find(vcpu.id());
+			if (it == last_filtered_entry_.end())
+				return ExitAction::pass;
+			const bool stray = RunControl::entries(vcpu) <= it->second;
+			last_filtered_entry_.erase(it);
+			if (!stray)
+				return ExitAction::pass;
+		}
+		complete_write(vcpu, *m, m->value());
+		return ExitAction::resume;
+	}
+
+	std::mutex mu_;
+	std::map<std::uint32_t, std::uint64_t> last_filtered_entry_; /* by vCPU id */
+	ExitHandlerRegistration reg_;
+};
 
 } // namespace
 
@@ -186,9 +245,14 @@ void IntrospectionServer::remove_msr_filter() noexcept
 	if (!msr_filter_used_)
 		return;
 	try {
+		auto &stray = RunControl::features(vm_).get_or_attach<StrayMsrExits>(
+			[&] { return std::make_unique<StrayMsrExits>(vm_); });
 		set_filter(vm_.fd(), {});
+		/* After the filter: every exit it made comes from these entries. */
+		stray.filter_removed(vm_);
 	} catch (const Error &) {
 		/* The VM is dead: nothing runs that could see the filter. */
+	} catch (const std::bad_alloc &) {
 	}
 	filtered_msrs_.clear();
 }
