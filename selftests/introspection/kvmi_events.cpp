@@ -1114,3 +1114,111 @@ VK_TEST(singlestep_event)
 	t.expect_no_event(50ms);
 	EXPECT_KVMI_ERROR(s.control_singlestep(1, true), KVMI_EINVAL);
 }
+
+/*
+ * Single-stepping turned off while the vCPUs step as fast as they can (no
+ * SINGLESTEP event: each #DB exit is resumed at once), and the tool
+ * disconnecting while they step. A #DB exit already out of KVM_RUN when the
+ * command's hold (or the disconnect) lands was caused by the introspection:
+ * it must be consumed, never reach the VMM (GuestVm::run() would fail with
+ * "unexpected exit: DEBUG"). Many rounds, bounded by count.
+ */
+static void steps_race(bool disconnect)
+{
+	KvmiTest t;
+	const unsigned n = 2;
+	for (unsigned i = 0; i < n; i++)
+		t.add_vcpu(g_::spin_until, stop_gpa, counter_gpa + 8 * i);
+	t.attach();
+	int err = t.t().check_event(intro::EventId::singlestep);
+	TEST_REQUIRE(err == 0, "single-stepping (KVM_GUESTDBG_SINGLESTEP): CHECK_EVENT(SINGLESTEP) "
+			       "answered " + std::string(errno_name(err)));
+	for (unsigned i = 0; i < n; i++)
+		t.runner(i).resume();
+	auto counter = [&](unsigned i) { return t.peek(counter_gpa + 8 * i); };
+	for (int round = 0; round < 200; round++) {
+		if (!t.vmm)
+			t.attach();
+		auto &s = t.t();
+		for (std::uint16_t i = 0; i < n; i++)
+			s.control_singlestep(i, true);
+		/* Both vCPUs step (and are not stuck on a stray exit) before the change. */
+		for (unsigned i = 0; i < n; i++) {
+			std::uint64_t from = counter(i);
+			if (!wait_until([&] { return counter(i) > from + 2; }, 5000ms))
+				t.runner(i).expect_sync(1, 0ms); /* says what the vCPU got */
+		}
+		if (disconnect) {
+			t.vmm->disconnect();
+			t.tool.reset();
+			t.vmm.reset();
+		} else {
+			for (std::uint16_t i = 0; i < n; i++)
+				s.control_singlestep(i, false);
+		}
+	}
+	t.poke(stop_gpa, 1);
+	for (unsigned i = 0; i < n; i++)
+		t.runner(i).expect_sync(1);
+}
+
+VK_TEST(singlestep_off_while_stepping_leaks_no_debug_exit) { steps_race(false); }
+
+VK_TEST(disconnect_while_stepping_leaks_no_debug_exit) { steps_race(true); }
+
+/* --- MSR writes keep the guest's semantics --- */
+
+static constexpr std::uint32_t msr_platform_info = 0xce;
+static volatile std::uint64_t msr_index, msr_value;
+
+/*
+ * Read an MSR, write a value (same_value: the one read), read it again:
+ * GUEST_SYNC(1, the write's GP_VECTOR + 1 or 0, the value read after).
+ * 0xff: the MSR is not readable.
+ */
+static constexpr std::uint64_t same_value = ~0ull;
+static void guest_write_msr_check(std::uint32_t msr, std::uint64_t value)
+{
+	struct virtkit_exception ex = {};
+	msr_index = msr;
+	auto rd = [](void *) { msr_value = guest_rdmsr(msr_index); };
+	if (guest_catch(rd, 0, &ex))
+		GUEST_SYNC(1, 0xff, 0);
+	if (value != same_value)
+		msr_value = value;
+	auto wr = [](void *) { guest_wrmsr(msr_index, msr_value); };
+	std::uint64_t fault = guest_catch(wr, 0, &ex);
+	GUEST_SYNC(1, fault, guest_rdmsr(msr));
+}
+
+/*
+ * The MSR event's CONTINUE performs the guest's WRMSR with the guest's
+ * semantics, not those of a host write (KVM_SET_MSRS): MSR_PLATFORM_INFO
+ * is read-only for the guest (#GP), while the host may write it (its own
+ * value, with the CPUID-faulting bit, always).
+ */
+static void msr_continue_as_without_introspection(std::uint32_t msr, std::uint64_t value)
+{
+	KvmiTest t;
+	auto &r = t.add_vcpu(guest_write_msr_check, msr, value);
+	auto &ref = t.add_vcpu(guest_write_msr_check, msr, value);
+	/* Without introspection. */
+	auto without = ref.run_sync(1);
+	TEST_REQUIRE(without[1] != 0xff, format("MSR 0x%x readable by the guest", msr));
+	t.attach();
+	auto &s = t.t();
+	s.control_events(0, intro::EventId::msr, true);
+	s.control_msr(0, msr, true);
+	r.resume();
+	auto e = t.event(intro::EventId::msr, 0);
+	TEST_ASSERT_EQ(e.get<intro::MsrEvent>()->msr, msr);
+	s.reply_msr(e, intro::Action::continue_, e.get<intro::MsrEvent>()->new_value);
+	auto with = r.expect_sync(1);
+	TEST_ASSERT_EQ(with[1], without[1]);
+	TEST_ASSERT_EQ(with[2], without[2]);
+}
+
+VK_TEST(msr_continue_read_only_msr_faults)
+{
+	msr_continue_as_without_introspection(msr_platform_info, same_value);
+}

@@ -174,6 +174,52 @@ VK_TEST(vmm_disconnect_resumes_waiting_vcpu)
 	TEST_ASSERT_EQ(t.t().get_guest_info(), 1u);
 }
 
+/* Write, read back; report a write that did not land. */
+static void guest_write_and_check(std::uint64_t stop, std::uint64_t slot)
+{
+	for (std::uint64_t v = 1; !g_::read64(stop); v++) {
+		g_::write64(slot, v);
+		if (g_::read64(slot) != v)
+			GUEST_SYNC(2, v, g_::read64(slot));
+	}
+	GUEST_SYNC(1);
+}
+
+/*
+ * Disconnects while vCPUs write to a write-restricted page (PF events off:
+ * every write traps and is allowed by the introspection's handler). A write
+ * the SPP engine found blocked just before the disconnect lifted the
+ * restriction must still be performed, as if the tool had replied CONTINUE.
+ * Many disconnects, bounded by count, hit that window.
+ */
+VK_TEST(disconnect_while_writes_trap_loses_no_write)
+{
+	KvmiTest t;
+	const unsigned n = 2;
+	for (unsigned i = 0; i < n; i++)
+		t.add_vcpu(guest_write_and_check, stop_gpa, page_a + 8 * i);
+	for (unsigned i = 0; i < n; i++)
+		t.runner(i).resume();
+	auto slot = [&](unsigned i) { return t.peek(page_a + 8 * i); };
+	for (int round = 0; round < 300; round++) {
+		t.attach();
+		restrict_page(t.t(), page_a);
+		/* Both vCPUs trap on the page before the disconnect. */
+		std::uint64_t from[n];
+		for (unsigned i = 0; i < n; i++)
+			from[i] = slot(i);
+		for (unsigned i = 0; i < n; i++)
+			if (!wait_until([&] { return slot(i) > from[i] + 20; }, 5000ms))
+				t.runner(i).expect_sync(1, 0ms); /* says what the guest saw */
+		t.vmm->disconnect();
+		t.tool.reset();
+		t.vmm.reset();
+	}
+	t.poke(stop_gpa, 1);
+	for (unsigned i = 0; i < n; i++)
+		t.runner(i).expect_sync(1);
+}
+
 VK_TEST(second_introspection_is_refused)
 {
 	KvmiTest t;
@@ -376,4 +422,50 @@ VK_TEST(event_loop_serves_two_vms)
 	TEST_ASSERT(b.vmm->connected());
 	b.vmm->disconnect();
 	spin([&] { return disconnects == 2; }, "no second on_disconnect");
+}
+
+/* WRMSR in a loop, counting in memory. */
+static void guest_wrmsr_loop(std::uint64_t stop, std::uint64_t counter)
+{
+	for (std::uint64_t v = 1; !g_::read64(stop); v++) {
+		guest_wrmsr(msr_sysenter_cs, v & 0xffff);
+		g_::write64(counter, v);
+	}
+	GUEST_SYNC(1);
+}
+
+/*
+ * Disconnects while vCPUs write a controlled MSR (MSR events off: every
+ * WRMSR is a filter exit the server completes). A filter exit already out
+ * of KVM_RUN when the disconnect removes the filter and the server's exit
+ * handler was caused by the introspection: it must be completed as the
+ * guest's write, never reach the VMM. Many rounds, bounded by count.
+ */
+VK_TEST(disconnect_while_msr_writes_exit_leaks_no_msr_exit)
+{
+	KvmiTest t;
+	const unsigned n = 2;
+	const std::uint64_t counter_gpa = data_gpa + 8;
+	for (unsigned i = 0; i < n; i++)
+		t.add_vcpu(guest_wrmsr_loop, stop_gpa, counter_gpa + 8 * i);
+	for (unsigned i = 0; i < n; i++)
+		t.runner(i).resume();
+	auto counter = [&](unsigned i) { return t.peek(counter_gpa + 8 * i); };
+	for (int round = 0; round < 200; round++) {
+		t.attach();
+		auto &s = t.t();
+		for (std::uint16_t i = 0; i < n; i++)
+			s.control_msr(i, msr_sysenter_cs, true);
+		for (unsigned i = 0; i < n; i++) {
+			std::uint64_t from = counter(i);
+			if (!wait_until([&] { return counter(i) > from + 20; }, 5000ms))
+				t.runner(i).expect_sync(1, 0ms); /* says what the vCPU got */
+		}
+		t.vmm->disconnect();
+		t.tool.reset();
+		t.vmm.reset();
+	}
+	t.poke(stop_gpa, 1);
+	for (unsigned i = 0; i < n; i++)
+		t.runner(i).expect_sync(1);
 }

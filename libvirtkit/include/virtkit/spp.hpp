@@ -61,7 +61,13 @@ class SppEngine;
 
 /* What happens to a write that an SppViolation reports. */
 enum class SppDecision {
-	drop,		/* not performed; the instruction completes (as on ROM) */
+	/*
+	 * Not performed; the instruction completes (as on ROM). Only while
+	 * the maps still block the write when the handler returns: a write
+	 * they stopped blocking meanwhile is performed, and one decided by a
+	 * handler that was replaced meanwhile goes to the current handler.
+	 */
+	drop,
 	allow_once,	/* performed this once; the maps are unchanged */
 	stop,		/* not performed; Vcpu::run() returns SppViolationExit */
 };

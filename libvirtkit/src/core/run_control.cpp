@@ -70,6 +70,13 @@ void RunControl::request_work(Vcpu &vcpu)
 	internal_kick(s);
 }
 
+std::uint64_t RunControl::entries(Vcpu &vcpu) noexcept
+{
+	auto &s = *vcpu.state_;
+	std::lock_guard lock(s.kick_mu);
+	return s.entries;
+}
+
 bool RunControl::complete_pending_exit(Vcpu &vcpu, const char *completing)
 {
 	auto &s = *vcpu.state_;

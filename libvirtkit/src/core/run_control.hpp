@@ -18,6 +18,7 @@
  *     request_work(vcpu)      run the VcpuWork on the vCPU's own thread
  *                             before its next entry (kicks it out)
  *     VcpuHold(vcpu)          keep it out of the guest while the hold lives
+ *     entries(vcpu)           guest entries so far (which entry an exit is from)
  *   one vCPU, on its own thread, inside an exit handler
  *     complete_pending_exit(vcpu, what)
  *                             let KVM finish the exit being handled without
@@ -119,6 +120,14 @@ public:
 
 	/* Make the vCPU's thread call the VM's VcpuWork before its next entry. */
 	static void request_work(Vcpu &vcpu);
+	/*
+	 * How many guest entries Vcpu::run() has started. Under a VcpuHold,
+	 * the entry whose exit (if any) the vCPU has yet to handle; in an exit
+	 * handler, the entry that produced the exit. A feature that changes
+	 * how the guest exits compares the two to recognize an exit the old
+	 * setting produced.
+	 */
+	static std::uint64_t entries(Vcpu &vcpu) noexcept;
 
 	/* --- one vCPU, on its own thread, inside an exit handler --- */
 

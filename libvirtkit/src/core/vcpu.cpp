@@ -126,6 +126,7 @@ Exit Vcpu::run()
 			}
 			s.running_thread = pthread_self();
 			s.in_run = true;
+			s.entries++;
 		}
 		/*
 		 * KVM writes exit_reason only when it reports an exit; clear it

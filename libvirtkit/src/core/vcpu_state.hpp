@@ -60,6 +60,8 @@ struct VcpuState {
 	 * kick_cv signals in_run turning false and holds reaching 0.
 	 */
 	unsigned holds = 0;
+	/* Guest entries started by Vcpu::run() (RunControl::entries()); under kick_mu. */
+	std::uint64_t entries = 0;
 	std::condition_variable kick_cv;
 	/* RunControl::request_work(): run before_entry() before the next entry. */
 	std::atomic<bool> work_pending{false};

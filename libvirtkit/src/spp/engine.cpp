@@ -191,6 +191,7 @@ void SppEngine::on_violation(SppViolationHandler handler)
 	auto h = handler ? std::make_shared<const SppViolationHandler>(std::move(handler)) : nullptr;
 	std::lock_guard lock(handler_mu_);
 	handler_ = std::move(h);
+	handler_gen_++;
 }
 
 SppStats SppEngine::stats() const
@@ -336,15 +337,40 @@ std::optional<std::uint64_t> SppEngine::first_blocked(const MapWindow &maps, std
 	return std::nullopt;
 }
 
-SppDecision SppEngine::report(Vcpu &vcpu, const SppViolation &v)
+/*
+ * The protection may change while a blocked write waits for its decision:
+ * lifted (an introspection tool that disconnected takes its restrictions and
+ * its handler away; the handler may answer drop for a page it no longer
+ * restricts), or replaced along with the handler (the next tool). A drop
+ * stands only for a write the maps still block, decided by the handler
+ * still installed: the guest loses no write that nothing blocks any more,
+ * and a write the new protection blocks is the new handler's to decide.
+ */
+SppDecision SppEngine::report(Vcpu &vcpu, SppViolation &v,
+			      const std::function<std::optional<std::uint64_t>()> &blocked_now)
 {
-	violations_++;
-	std::shared_ptr<const SppViolationHandler> handler;
-	{
-		std::lock_guard lock(handler_mu_);
-		handler = handler_;
+	for (;;) {
+		violations_++;
+		std::shared_ptr<const SppViolationHandler> handler;
+		std::uint64_t gen;
+		{
+			std::lock_guard lock(handler_mu_);
+			handler = handler_;
+			gen = handler_gen_;
+		}
+		SppDecision d = handler ? (*handler)(vcpu, v) : SppDecision::drop;
+		if (d != SppDecision::drop)
+			return d;
+		auto blocked = blocked_now();
+		if (!blocked)
+			return SppDecision::allow_once;
+		{
+			std::lock_guard lock(handler_mu_);
+			if (gen == handler_gen_)
+				return d;
+		}
+		v.gpa = *blocked;
 	}
-	return handler ? (*handler)(vcpu, v) : SppDecision::drop;
 }
 
 /*
@@ -422,7 +448,12 @@ ExitAction SppEngine::complete_cmpxchg16b(Vcpu &vcpu, Exit &exit)
 	v.rip = regs.rip + d->length;
 	const std::uint64_t *data = equal ? desired : expected;
 	std::memcpy(v.bytes.data(), data, 16);
-	switch (report(vcpu, v)) {
+	auto blocked_now = [&]() -> std::optional<std::uint64_t> {
+		auto lock = mem_.lock_shared();
+		MapWindow maps(*store_, "SubpageProtection (cmpxchg16b)", gpa / page, gpa / page + 1);
+		return first_blocked(maps, gpa, 16);
+	};
+	switch (report(vcpu, v, blocked_now)) {
 	case SppDecision::drop:
 		finish(equal);
 		return ExitAction::resume;
@@ -481,18 +512,24 @@ ExitAction SppEngine::on_exit(Vcpu &vcpu, Exit &exit)
 	}
 	hi = std::min(hi, lo + 1);
 
-	/* Decide on the whole write with the layout and the maps stable. */
-	std::uint64_t blocked = std::numeric_limits<std::uint64_t>::max();
-	{
-		auto lock = mem_.lock_shared();
+	/* The first byte the maps block, or ~0; called with the layout locked. */
+	auto first_blocked_locked = [&] {
 		MapWindow maps(*store_, "SubpageProtection (guest write)", lo, hi + 1);
-		for (std::size_t i = 0; i < w.count && blocked == ~0ull; i++) {
+		for (std::size_t i = 0; i < w.count; i++) {
 			const MmioFragment &f = w.pieces[i];
 			if (!mem_.writable_ram_locked(f.gpa, f.len))
 				continue; /* the non-RAM part of a straddling write */
 			if (auto b = first_blocked(maps, f.gpa, f.len))
-				blocked = *b;
+				return *b;
 		}
+		return std::numeric_limits<std::uint64_t>::max();
+	};
+
+	/* Decide on the whole write with the layout and the maps stable. */
+	std::uint64_t blocked;
+	{
+		auto lock = mem_.lock_shared();
+		blocked = first_blocked_locked();
 		checked_++;
 		if (blocked == ~0ull && !w.overflow) {
 			w.perform_locked(mem_);
@@ -510,7 +547,16 @@ ExitAction SppEngine::on_exit(Vcpu &vcpu, Exit &exit)
 		v.size += w.pieces[i].len;
 	}
 
-	switch (report(vcpu, v)) {
+	auto blocked_now = [&]() -> std::optional<std::uint64_t> {
+		auto lock = mem_.lock_shared();
+		std::uint64_t b = first_blocked_locked();
+		if (b != ~0ull)
+			return b;
+		if (w.overflow)
+			return first.gpa; /* too large to perform: still the handler's */
+		return std::nullopt;
+	};
+	switch (report(vcpu, v, blocked_now)) {
 	case SppDecision::drop:
 		return ExitAction::resume;
 	case SppDecision::allow_once: {

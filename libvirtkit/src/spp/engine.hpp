@@ -27,6 +27,7 @@
 #pragma once
 
 #include <atomic>
+#include <functional>
 #include <memory>
 #include <mutex>
 #include <optional>
@@ -77,8 +78,13 @@ private:
 	int set_pieces_locked(std::uint64_t gfn, std::span<const std::uint32_t> maps);
 	/* Clear the protected pages among gfn .. gfn + maps.size() - 1 (their maps). */
 	void clear_locked(std::uint64_t gfn, std::span<const std::uint32_t> maps) noexcept;
-	/* Ask the VMM's violation handler (default: drop). */
-	SppDecision report(Vcpu &vcpu, const SppViolation &v);
+	/*
+	 * Ask the VMM's violation handler (default: drop). A drop stands only
+	 * while blocked_now() (which takes the layout lock) still finds a
+	 * blocked byte; allow_once when it finds none.
+	 */
+	SppDecision report(Vcpu &vcpu, SppViolation &v,
+			   const std::function<std::optional<std::uint64_t>()> &blocked_now);
 	/* A cmpxchg16b that KVM's emulator refused on a trapping page. */
 	ExitAction complete_cmpxchg16b(Vcpu &vcpu, Exit &exit);
 	void count_protected(std::span<const std::uint32_t> old_maps,
@@ -90,6 +96,7 @@ private:
 
 	mutable std::mutex handler_mu_;
 	std::shared_ptr<const SppViolationHandler> handler_;
+	std::uint64_t handler_gen_ = 0; /* on_violation() calls; under handler_mu_ */
 
 	std::atomic<std::uint64_t> checked_{0}, allowed_{0}, violations_{0};
 	ExitHandlerRegistration reg_;

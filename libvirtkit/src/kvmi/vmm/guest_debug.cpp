@@ -12,9 +12,13 @@
  */
 #include "kvmi/vmm/server.hpp"
 
+#include <climits>
 #include <condition_variable>
+#include <map>
 #include <mutex>
 #include <thread>
+
+#include "core/feature_slots.hpp"
 
 #include <virtkit/error.hpp>
 #include <virtkit/memory.hpp>
@@ -36,6 +40,87 @@ void reinject_bp(Vcpu &vcpu)
 	ev.exception.has_error_code = 0;
 	ev.exception.error_code = 0;
 	vcpu.set_events(ev);
+}
+
+/*
+ * Debug exits the introspection caused after it stopped asking for them.
+ * KVM_SET_GUEST_DEBUG happens under a VcpuHold, which waits only until the
+ * vCPU is out of KVM_RUN: the exit of that last entry - a #DB of
+ * KVM_GUESTDBG_SINGLESTEP, a #BP of KVM_GUESTDBG_USE_SW_BP - may still be
+ * on its way to the exit handlers, which see the new setting (or, after a
+ * disconnect, no introspection at all). Such an exit is consumed here as
+ * the introspection consumes it without an event: a step resumes, a #BP is
+ * the guest's. It is recognized by the entry that produced it (the one
+ * before the change); from the next entry on KVM makes no such exit.
+ *
+ * One per VM, in a feature slot: it outlives every connection, so a stray
+ * exit still finds it after the server and its exit handler are gone. Its
+ * handler runs after the server's (which passes such an exit on).
+ */
+class StrayDebugExits {
+public:
+	explicit StrayDebugExits(Vm &vm)
+	{
+		reg_ = vm.add_exit_handler([this](Vcpu &v, Exit &e) { return on_exit(v, e); },
+					   INT_MIN + 2);
+	}
+
+	/* The vCPU is held: its controls go from `from` to `to`. */
+	void changed(Vcpu &vcpu, std::uint32_t from, std::uint32_t to)
+	{
+		const std::uint32_t dropped = from & ~to & (KVM_GUESTDBG_SINGLESTEP | KVM_GUESTDBG_USE_SW_BP);
+		if (!dropped)
+			return;
+		const std::uint64_t entry = RunControl::entries(vcpu);
+		std::lock_guard lock(mu_);
+		auto &s = stale_[vcpu.id()];
+		if (s.entry != entry)
+			s = Stale{0, entry};
+		s.control |= dropped;
+	}
+
+private:
+	struct Stale {
+		std::uint32_t control = 0; /* what the entry had and the setting no longer has */
+		std::uint64_t entry = 0;
+	};
+
+	ExitAction on_exit(Vcpu &vcpu, Exit &e)
+	{
+		auto *d = std::get_if<DebugExit>(&e);
+		if (!d)
+			return ExitAction::pass;
+		std::uint32_t control;
+		{
+			std::lock_guard lock(mu_);
+			auto it = stale_.find(vcpu.id());
+			if (it == stale_.end())
+				return ExitAction::pass;
+			control = it->second.entry == RunControl::entries(vcpu) ? it->second.control : 0;
+			stale_.erase(it); /* one exit per entry */
+		}
+		if (d->exception == db_vector && (control & KVM_GUESTDBG_SINGLESTEP))
+			return ExitAction::resume;
+		if (d->exception == bp_vector && (control & KVM_GUESTDBG_USE_SW_BP)) {
+			reinject_bp(vcpu);
+			return ExitAction::resume;
+		}
+		return ExitAction::pass;
+	}
+
+	std::mutex mu_;
+	std::map<std::uint32_t, Stale> stale_; /* by vCPU id */
+	ExitHandlerRegistration reg_;
+};
+
+/* The vCPU is held; its KVM_SET_GUEST_DEBUG control goes from `from` to `to`. */
+void note_debug_change(Vm &vm, Vcpu &vcpu, std::uint32_t from, std::uint32_t to)
+{
+	if (!(from & ~to))
+		return;
+	RunControl::features(vm)
+		.get_or_attach<StrayDebugExits>([&] { return std::make_unique<StrayDebugExits>(vm); })
+		.changed(vcpu, from, to);
 }
 
 } // namespace
@@ -79,7 +164,7 @@ int IntrospectionServer::control_singlestep(Vcpu &vcpu, std::span<const std::byt
 void IntrospectionServer::apply_guest_debug(Vcpu &vcpu)
 {
 	const auto id = static_cast<std::uint16_t>(vcpu.id());
-	std::uint32_t control = 0;
+	std::uint32_t control = 0, old;
 	{
 		std::lock_guard lock(mu_);
 		auto &r = record_locked(id);
@@ -89,7 +174,10 @@ void IntrospectionServer::apply_guest_debug(Vcpu &vcpu)
 			control |= KVM_GUESTDBG_ENABLE | KVM_GUESTDBG_SINGLESTEP;
 		if (control == r.debug_control)
 			return;
+		old = r.debug_control;
 	}
+	/* Before KVM_SET_GUEST_DEBUG: a pending exit of the old setting finds it. */
+	note_debug_change(vm_, vcpu, old, control);
 	kvm_guest_debug d{};
 	d.control = control;
 	vcpu.set_guest_debug(d);
@@ -141,21 +229,22 @@ ExitAction IntrospectionServer::on_debug_exit(Vcpu &vcpu, DebugExit &d)
 
 void IntrospectionServer::remove_guest_debug() noexcept
 {
-	std::vector<std::uint16_t> ids;
+	std::vector<std::pair<std::uint16_t, std::uint32_t>> ids;
 	{
 		std::lock_guard lock(mu_);
 		for (auto &[id, r] : vcpus_) {
 			r->singlestep = false;
 			if (r->debug_control)
-				ids.push_back(id);
+				ids.push_back({id, r->debug_control});
 		}
 	}
-	for (auto id : ids) {
+	for (auto [id, control] : ids) {
 		auto v = RunControl::vcpu(vm_, id);
 		if (!v)
 			continue;
 		try {
 			VcpuHold hold(*v);
+			note_debug_change(vm_, *v, control, 0);
 			v->set_guest_debug(kvm_guest_debug{});
 		} catch (const Error &) {
 		}

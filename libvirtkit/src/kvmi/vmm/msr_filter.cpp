@@ -6,19 +6,27 @@
  * write into KVM_EXIT_X86_WRMSR instead of a #GP. On that exit the vCPU
  * thread raises the MSR event if this vCPU has MSR events enabled and
  * controls the MSR, and writes the tool's new_val with KVM_SET_MSRS (a
- * value KVM refuses becomes the guest's #GP); otherwise it writes the
+ * value KVM refuses becomes the guest's #GP, and so does a write KVM
+ * accepts only from the host: guest_write()); otherwise it writes the
  * guest's value itself, so the filter is invisible to the guest.
  *
  * KVM_CAP_X86_USER_SPACE_MSR cannot be switched back off; after the
- * disconnect the filter allows everything again, so no filter exit occurs.
+ * disconnect the filter allows everything again, so no new filter exit
+ * occurs. One that is already out of KVM_RUN when the filter goes may reach
+ * the exit handlers after the server's handler is gone: StrayMsrExits
+ * completes it.
  */
 #include "kvmi/vmm/server.hpp"
 
 #include <algorithm>
 #include <atomic>
+#include <climits>
+#include <map>
+#include <mutex>
 
 #include <virtkit/error.hpp>
 
+#include "core/feature_slots.hpp"
 #include "core/ioctl.hpp"
 
 namespace virtkit::detail {
@@ -59,9 +67,61 @@ void set_filter(int vm_fd, const std::set<std::uint32_t> &deny)
 		 std::to_string(deny.size()) + " write-denied MSRs", vm_fd);
 }
 
-/* Perform a guest WRMSR from the VMM; a value KVM refuses becomes #GP. */
+enum class GuestWrite { perform, ignore, fault };
+
+/*
+ * KVM_SET_MSRS is a host-initiated write, and KVM accepts there what it
+ * refuses from the guest: a filter exit completed without the write leaves
+ * it to us. What KVM does with a guest WRMSR that it does not do with
+ * KVM_SET_MSRS, for the MSRs where that is known (arch/x86/kvm/x86.c,
+ * vmx.c): read-only MSRs #GP, a microcode-revision write is dropped, a
+ * locked IA32_FEATURE_CONTROL #GPs, EFER.LME cannot change with paging on.
+ * Everything else KVM refuses for both (Vcpu::try_set_msr() says so).
+ * Documentation/introspection.rst lists what still differs.
+ */
+GuestWrite guest_write(Vcpu &vcpu, std::uint32_t msr, std::uint64_t value)
+{
+	constexpr std::uint32_t ucode_rev = 0x8b, platform_info = 0xce, feat_ctl = 0x3a,
+				arch_capabilities = 0x10a, perf_capabilities = 0x345,
+				vmx_first = 0x480, vmx_last = 0x491, efer = 0xc0000080;
+	constexpr std::uint64_t feat_ctl_locked = 1, efer_lme = 1u << 8, cr0_pg = 1u << 31;
+	switch (msr) {
+	case arch_capabilities:
+	case perf_capabilities:
+	case platform_info:
+		return GuestWrite::fault;
+	case ucode_rev:
+		return GuestWrite::ignore;
+	case feat_ctl:
+		if (vcpu.try_msr(feat_ctl).value_or(0) & feat_ctl_locked)
+			return GuestWrite::fault;
+		break;
+	case efer: {
+		kvm_sregs s = vcpu.sregs();
+		if ((s.cr0 & cr0_pg) && ((s.efer ^ value) & efer_lme))
+			return GuestWrite::fault;
+		break;
+	}
+	default:
+		if (msr >= vmx_first && msr <= vmx_last)
+			return GuestWrite::fault; /* the VMX capability MSRs */
+		break;
+	}
+	return GuestWrite::perform;
+}
+
+/* Perform a guest WRMSR from the VMM, with the guest's semantics (#GP as the guest gets it). */
 void complete_write(Vcpu &vcpu, MsrExit &m, std::uint64_t value)
 {
+	switch (guest_write(vcpu, m.index, value)) {
+	case GuestWrite::fault:
+		m.fail();
+		return;
+	case GuestWrite::ignore:
+		return;
+	case GuestWrite::perform:
+		break;
+	}
 	if (!vcpu.try_set_msr(m.index, value))
 		m.fail();
 }
@@ -78,6 +138,58 @@ void retry_instruction(Vcpu &vcpu)
 	RunControl::complete_pending_exit(vcpu, "WRMSR");
 	vcpu.set_regs(regs);
 }
+
+/*
+ * Filter exits of a filter that is gone. KVM_X86_SET_MSR_FILTER waits until
+ * no vCPU can still be checking a WRMSR against the old filter, but an exit
+ * it already produced may be on its way to the exit handlers (the vCPU is
+ * not held): after a disconnect, the server's handler is no longer there to
+ * complete it. It is recognized by its entry: one the vCPU had started by
+ * the time the filter was removed. One per VM, in a feature slot, so that
+ * it outlives the connection; its handler runs after the server's.
+ */
+class StrayMsrExits {
+public:
+	explicit StrayMsrExits(Vm &vm)
+	{
+		reg_ = vm.add_exit_handler([this](Vcpu &v, Exit &e) { return on_exit(v, e); },
+					   INT_MIN + 2);
+	}
+
+	/* The filter is gone: exits of the entries up to now are stray. */
+	void filter_removed(Vm &vm)
+	{
+		for (auto &v : RunControl::vcpus(vm)) {
+			const std::uint64_t entry = RunControl::entries(v);
+			std::lock_guard lock(mu_);
+			last_filtered_entry_[v.id()] = entry;
+		}
+	}
+
+private:
+	ExitAction on_exit(Vcpu &vcpu, Exit &e)
+	{
+		auto *m = std::get_if<MsrExit>(&e);
+		if (!m || !m->is_write() || m->reason != KVM_MSR_EXIT_REASON_FILTER)
+			return ExitAction::pass;
+		{
+			std::lock_guard lock(mu_);
+			auto it = last_filtered_entry_.find(vcpu.id());
+			if (it == last_filtered_entry_.end())
+				return ExitAction::pass;
+			const bool stray = RunControl::entries(vcpu) <= it->second;
+			last_filtered_entry_.erase(it);
+			if (!stray)
+				return ExitAction::pass;
+		}
+		complete_write(vcpu, *m, m->value());
+		return ExitAction::resume;
+	}
+
+	std::mutex mu_;
+	std::map<std::uint32_t, std::uint64_t> last_filtered_entry_; /* by vCPU id */
+	ExitHandlerRegistration reg_;
+};
 
 } // namespace
 
@@ -186,9 +298,14 @@ void IntrospectionServer::remove_msr_filter() noexcept
 	if (!msr_filter_used_)
 		return;
 	try {
+		auto &stray = RunControl::features(vm_).get_or_attach<StrayMsrExits>(
+			[&] { return std::make_unique<StrayMsrExits>(vm_); });
 		set_filter(vm_.fd(), {});
+		/* After the filter: every exit it made comes from these entries. */
+		stray.filter_removed(vm_);
 	} catch (const Error &) {
 		/* The VM is dead: nothing runs that could see the filter. */
+	} catch (const std::bad_alloc &) {
 	}
 	filtered_msrs_.clear();
 }
