@@ -1,5 +1,5 @@
 // SPDX-License-Identifier: MIT
-/* GET_MTRR_TYPE's computation (libvirtkit/src/introspection/mtrr.hpp). */
+/* GET_MTRR_TYPE's computation (libvirtkit/src/kvmi/vmm/mtrr.hpp). */
 #include <catch2/catch.hpp>
 
 #include "kvmi/vmm/mtrr.hpp"
