@@ -320,6 +320,7 @@ private:
 	Bytes message(std::uint16_t id, const Bytes &payload, std::optional<std::uint16_t> size = {});
 	Bytes mutated();
 	Bytes event_replies();
+	Bytes events_on();
 	Bytes step_bytes();
 
 	/* ---- the model ---- */
@@ -607,6 +608,38 @@ Bytes Session::event_replies()
 		}
 	}
 	return out;
+}
+
+/* Valid commands that make the guest's loop raise PF and MSR events. */
+Bytes Session::events_on()
+{
+	Bytes b;
+	auto add = [&](std::uint16_t id, const Bytes &p) {
+		auto m = message(id, p);
+		b.insert(b.end(), m.begin(), m.end());
+	};
+	for (std::uint16_t v = 0; v < nvcpus; v++) {
+		for (std::uint16_t ev : {KVMI_EVENT_PF, KVMI_EVENT_MSR})
+			if (gen_.chance(70))
+				add(KVMI_CONTROL_EVENTS,
+				    bytes_of(vcpu_hdr(v), kvmi_control_events{ev, 1, 0, 0}));
+		if (gen_.chance(70))
+			add(KVMI_CONTROL_MSR, bytes_of(vcpu_hdr(v), kvmi_control_msr{1, 0, 0, guest_msr}));
+	}
+	if (gen_.chance(70)) {
+		kvmi_set_page_access spa{0, nvcpus, 0};
+		Bytes p = bytes_of(spa);
+		for (unsigned v = 0; v < nvcpus; v++) {
+			kvmi_page_access_entry e{write_gpa + 4096 * v,
+						 KVMI_PAGE_ACCESS_R | KVMI_PAGE_ACCESS_X, 0, 0, 0};
+			auto eb = bytes_of(e);
+			p.insert(p.end(), eb.begin(), eb.end());
+		}
+		add(KVMI_SET_PAGE_ACCESS, p);
+	}
+	if (gen_.chance(20))
+		add(KVMI_PAUSE_VCPU, bytes_of(vcpu_hdr(gen_.below(nvcpus)), kvmi_pause_vcpu{0, 0, 0, 0}));
+	return b;
 }
 
 /* The bytes of one step: a message, a batch, garbage or event replies. */
@@ -1283,7 +1316,7 @@ void Session::run()
 	connect();
 	const unsigned steps = 1 + gen_.below(gen_.chance(20) ? 200 : 30);
 	for (unsigned s = 0; s < steps && !framing_closed_; s++) {
-		Bytes b = step_bytes();
+		Bytes b = s == 0 && gen_.chance(50) ? events_on() : step_bytes();
 		frame(b);
 		send(b, gen_.chance(15));
 		wait_replies();
