@@ -26,6 +26,10 @@
  *   VIRTKIT_FUZZ_ITERS=N  sessions (default 400, a few seconds)
  *   VIRTKIT_FUZZ_FIRST=N  start at session N (each session has its own
  *                         generator, derived from the seed and N)
+ *   VIRTKIT_FUZZ_VERBOSE  log every message, reply and event
+ *   VIRTKIT_FUZZ_STRICT   fail on the known teardown race too (an MSR
+ *                         filter or single-step exit in flight when the
+ *                         server tears down reaches the VMM unhandled)
  */
 #include "guest_code.hpp"
 #include "kvmi_util.hpp"
