@@ -27,9 +27,6 @@
  *   VIRTKIT_FUZZ_FIRST=N  start at session N (each session has its own
  *                         generator, derived from the seed and N)
  *   VIRTKIT_FUZZ_VERBOSE  log every message, reply and event
- *   VIRTKIT_FUZZ_STRICT   fail on the known teardown race too (an MSR
- *                         filter or single-step exit in flight when the
- *                         server tears down reaches the VMM unhandled)
  */
 #include "guest_code.hpp"
 #include "kvmi_util.hpp"
@@ -71,8 +68,6 @@ constexpr u64 scratch_pages = 8;
 constexpr std::uint32_t guest_msr = 0x174; /* SYSENTER_CS: any value is harmless */
 constexpr auto deadline = 30s;
 const bool verbose = getenv("VIRTKIT_FUZZ_VERBOSE");
-/* Fail on the known teardown race too (stray MSR/debug exits). */
-const bool strict = getenv("VIRTKIT_FUZZ_STRICT"); /* per session: only a hang gets near it */
 
 /* Forever: count, write the page, write the MSR. */
 void guest_loop(u64 stop, u64 counter, u64 page)
@@ -210,7 +205,6 @@ struct Fuzzer {
 	std::vector<std::uint16_t> ids; /* every id of the table */
 	std::vector<std::pair<u64, u64>> regions; /* guest memory: gpa, size */
 	u64 max_end = 0;
-	u64 stray_exits = 0;
 
 	explicit Fuzzer(u64 s) : seed(s)
 	{
@@ -243,7 +237,12 @@ struct Fuzzer {
 		return std::nullopt;
 	}
 
-	/* The vCPU's loop still runs (a known stray exit is counted and resumed). */
+	/*
+	 * The vCPU's loop still runs. Any exit the VMM's own loop sees fails
+	 * the test: an MSR filter or single-step exit in flight when a
+	 * session ends must be consumed by the introspection (it was not, in
+	 * about 1 % of sessions, before the fix of issue 18 item 8).
+	 */
 	void check_runner(unsigned i)
 	{
 		auto r = t.runner(i).try_wait(0ms);
@@ -261,19 +260,6 @@ struct Fuzzer {
 				why = ex.what();
 			} catch (...) {
 			}
-		}
-		/*
-		 * A known bug (see Documentation/selftests.rst): an MSR filter
-		 * or single-step exit in flight when the server tears down
-		 * reaches the VMM unhandled (GuestVm: "unexpected exit").
-		 */
-		if (!strict && (why.find("unexpected exit: WRMSR") != std::string::npos ||
-				why.find("unexpected exit: DEBUG") != std::string::npos)) {
-			if (verbose || !stray_exits)
-				diag("known bug: %s, after a session's end", why.c_str());
-			stray_exits++;
-			t.runner(i).resume();
-			return;
 		}
 		fail(__FILE__, __LINE__, format("vcpu %u left its loop: %s", i, why.c_str()));
 	}
@@ -1408,10 +1394,6 @@ VK_TEST(fuzz_sessions)
 	     (unsigned long long)t.bytes, (unsigned long long)t.partial_writes,
 	     (unsigned long long)t.replies, (unsigned long long)t.error_replies,
 	     (unsigned long long)t.events, (unsigned long long)t.event_replies);
-	if (f.stray_exits)
-		diag("%llu stray MSR/debug exits after a teardown (known bug; "
-		     "VIRTKIT_FUZZ_STRICT=1 fails on them)",
-		     (unsigned long long)f.stray_exits);
 	for (auto &[how, n] : t.endings)
 		diag("%6llu sessions %s", (unsigned long long)n, how.c_str());
 }
