@@ -267,7 +267,7 @@ Comparison compare(const char *what, const char *unit, int rounds, std::uint64_t
 		    ps_str(c.base.min()).c_str(), ps_str(c.base.max()).c_str());
 	std::printf("  %-40s %10s  [%s - %s]\n", subj_label, ps_str(c.subj.median()).c_str(),
 		    ps_str(c.subj.min()).c_str(), ps_str(c.subj.max()).c_str());
-	std::printf("  %-40s %10s\n", "ratio of medians", c.ratio().c_str());
+	std::printf("  %-40s %10s\n", "ratio subject/baseline (medians)", c.ratio().c_str());
 	return c;
 }
 
