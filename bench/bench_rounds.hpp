@@ -68,6 +68,21 @@ static constexpr std::uint8_t blob_wrmsr[] = {
 	0xf4,			/* hlt */
 };
 
+/*
+ * rsi = count:
+ *	1: dec rsi ; jnz 1b ; out 0x80, al ; hlt
+ * For single-stepping: two instructions per iteration. It ends with a port
+ * write (an I/O exit to userspace) because a single-stepped HLT reports a
+ * debug exit and the vCPU would step on past it.
+ */
+static constexpr std::uint16_t step_end_port = 0x80;
+static constexpr std::uint8_t blob_step[] = {
+	0x48, 0xff, 0xce,	/* dec rsi */
+	0x75, 0xfb,		/* jnz -5 */
+	0xe6, 0x80,		/* out 0x80, al */
+	0xf4,			/* hlt */
+};
+
 inline int xioctl(int fd, unsigned long req, const void *arg, const char *what)
 {
 	int r = ::ioctl(fd, req, arg);
@@ -263,11 +278,11 @@ Comparison compare(const char *what, const char *unit, int rounds, std::uint64_t
 	}
 	std::printf("%s (%d rounds of %llu, median [min-max] per %s):\n", what, rounds,
 		    (unsigned long long)n, unit);
-	std::printf("  %-40s %10s  [%s - %s]\n", base_label, ps_str(c.base.median()).c_str(),
+	std::printf("  %-44s %10s  [%s - %s]\n", base_label, ps_str(c.base.median()).c_str(),
 		    ps_str(c.base.min()).c_str(), ps_str(c.base.max()).c_str());
-	std::printf("  %-40s %10s  [%s - %s]\n", subj_label, ps_str(c.subj.median()).c_str(),
+	std::printf("  %-44s %10s  [%s - %s]\n", subj_label, ps_str(c.subj.median()).c_str(),
 		    ps_str(c.subj.min()).c_str(), ps_str(c.subj.max()).c_str());
-	std::printf("  %-40s %10s\n", "ratio subject/baseline (medians)", c.ratio().c_str());
+	std::printf("  %-44s %10s\n", "ratio subject/baseline (medians)", c.ratio().c_str());
 	return c;
 }
 

@@ -23,10 +23,11 @@
  *   (b) the same with guest breakpoints (INT3 -> BREAKPOINT event), where
  *       this host's KVM reports INT3 to the VMM at all (the server probes
  *       it; nested KVM under QEMU TCG and some hosts do not: then the line
- *       says so), and with single-steps: a guest loop stepped instruction
- *       by instruction, each step a SINGLESTEP event answered CONTINUE,
- *       against the bare KVM debug exit (KVM_GUESTDBG_SINGLESTEP, a plain
- *       exit handler resuming each KVM_EXIT_DEBUG) over the same loop;
+ *       says so), and with single-steps: a loop of two instructions
+ *       (rounds::blob_step) stepped instruction by instruction, each step a
+ *       SINGLESTEP event answered CONTINUE, against a raw VM stepping the
+ *       same loop with KVM_GUESTDBG_SINGLESTEP, each KVM_EXIT_DEBUG resumed
+ *       after one echo round trip; the step counts must match;
  *   (c) READ_PHYSICAL throughput for 4 KiB and 64 KiB reads (a 64 KiB read
  *       is 16 page-sized commands on the wire), alternating rounds with
  *       memcpy of the same sizes in this process.
@@ -101,15 +102,6 @@ static void guest_bp_handler(struct virtkit_ex_frame *)
 {
 }
 
-/* Stepped from SYNC(0) to SYNC(1): a few instructions per iteration. */
-static void guest_step_loop(std::uint64_t n)
-{
-	GUEST_SYNC(0);
-	for (std::uint64_t i = 0; i < n; i++)
-		__asm__ volatile("nop");
-	GUEST_SYNC(1);
-}
-
 /* Host side. */
 
 static void line(const char *label, const std::string &text)
@@ -139,40 +131,6 @@ static std::uint64_t timed_loop(GuestVm &g, Fn *entry, Args... args)
 	      uc.describe().c_str());
 	g.run_to_done(v);
 	return ns;
-}
-
-/*
- * The baseline of the single-step case: KVM_GUESTDBG_SINGLESTEP from the
- * guest's SYNC(0) to its SYNC(1), every KVM_EXIT_DEBUG resumed by a plain
- * exit handler. Returns the time and the number of steps.
- */
-static std::pair<std::uint64_t, std::uint64_t> bare_debug_exits(const System &sys)
-{
-	GuestVm g(sys);
-	std::uint64_t exits = 0;
-	auto reg = g.vm().add_exit_handler([&](Vcpu &, Exit &e) {
-		if (!std::holds_alternative<DebugExit>(e))
-			return ExitAction::pass;
-		exits++;
-		return ExitAction::resume;
-	});
-	Vcpu &v = g.add_vcpu(guest_step_loop, n_step_iterations);
-	Ucall uc = g.run(v);
-	check(uc.kind == Ucall::Kind::sync && uc.args.at(0) == 0, "expected SYNC(0), got %s",
-	      uc.describe().c_str());
-	kvm_guest_debug dbg{};
-	dbg.control = KVM_GUESTDBG_ENABLE | KVM_GUESTDBG_SINGLESTEP;
-	v.set_guest_debug(dbg);
-	auto t0 = Clock::now();
-	uc = g.run(v);
-	std::uint64_t ns = ns_since(t0);
-	check(uc.kind == Ucall::Kind::sync && uc.args.at(0) == 1, "expected SYNC(1), got %s",
-	      uc.describe().c_str());
-	v.set_guest_debug(kvm_guest_debug{});
-	g.run_to_done(v);
-	check(exits >= n_step_iterations, "bare debug exits: %llu steps for %llu iterations",
-	      (unsigned long long)exits, (unsigned long long)n_step_iterations);
-	return {ns, exits};
 }
 
 /* The tool: a thread with its own Session, answering every event CONTINUE. */
@@ -409,7 +367,10 @@ struct IntroBlob {
 		check(tool.session.connected(), "the tool did not get the connection");
 	}
 
-	/* Run the blob with regs to its HLT: ns; every event must reach the tool. */
+	std::uint64_t last_events = 0; /* of the last loop() */
+
+	/* Run the blob with regs to its HLT (blob_step: its port write): ns; n
+	 * events (0: any number) must reach the tool. */
 	std::uint64_t loop(const kvm_regs &regs, std::uint64_t n)
 	{
 		vcpu.set_regs(regs);
@@ -419,11 +380,14 @@ struct IntroBlob {
 			Exit e = vcpu.run();
 			if (std::holds_alternative<HltExit>(e))
 				break;
+			if (auto *io = std::get_if<IoExit>(&e); io && io->port == rounds::step_end_port)
+				break;
 			check(false, "introspected blob: unexpected exit %zu", e.index());
 		}
 		std::uint64_t ns = ns_since(t0);
 		std::uint64_t events = tool.events - e0;
-		check(events == n, "introspected blob: %llu events for %llu operations",
+		last_events = events;
+		check(!n || events == n, "introspected blob: %llu events for %llu operations",
 		      (unsigned long long)events, (unsigned long long)n);
 		return ns;
 	}
@@ -545,36 +509,59 @@ int main()
 			line("BREAKPOINT event round trip", per_event(ns, n_events));
 		}
 
-		/* (b) single-steps: SINGLESTEP events against bare debug exits. */
-		auto [bare_ns, bare_steps] = bare_debug_exits(sys);
+		/* (b) single-steps: SINGLESTEP events against raw debug exits + echo. */
 		std::printf("\n");
-		line("bare debug exit (single-step)", per_event(bare_ns, bare_steps));
 		{
-			Introspected in(sys, socket_path("step"));
-			in.g.add_vcpu(guest_step_loop, n_step_iterations);
-			Vcpu &v = in.g.vcpu(0);
-			Ucall uc = in.g.run(v);
-			check(uc.kind == Ucall::Kind::sync && uc.args.at(0) == 0,
-			      "expected SYNC(0), got %s", uc.describe().c_str());
+			int kvm_fd = ::open("/dev/kvm", O_RDWR | O_CLOEXEC);
+			check(kvm_fd >= 0, "open /dev/kvm: %s", std::strerror(errno));
+			rounds::RawVm raw(rounds::blob_step, sizeof(rounds::blob_step), false);
+			kvm_guest_debug dbg{};
+			dbg.control = KVM_GUESTDBG_ENABLE | KVM_GUESTDBG_SINGLESTEP;
+			rounds::xioctl(raw.vcpu, KVM_SET_GUEST_DEBUG, &dbg, "KVM_SET_GUEST_DEBUG");
+			std::uint64_t raw_steps = 0;
+			IntroBlob in(sys, kvm_fd, rounds::blob_step, sizeof(rounds::blob_step),
+				     socket_path("step"));
 			in.tool.session.control_events(0, introspect::EventId::singlestep, true);
 			in.tool.session.control_singlestep(0, true);
 			in.tool.serve();
-			auto t0 = Clock::now();
-			uc = in.g.run(v);
-			std::uint64_t ns = ns_since(t0);
-			check(uc.kind == Ucall::Kind::sync && uc.args.at(0) == 1,
-			      "expected SYNC(1), got %s", uc.describe().c_str());
+			/* n steps: n / 2 iterations of two instructions. */
+			auto c = rounds::compare(
+				"SINGLESTEP event (CONTINUE)", "step", n_rounds, n_events,
+				"raw KVM_EXIT_DEBUG (single-step) + echo",
+				[&](std::uint64_t n) {
+					raw.set_regs(rounds::blob_regs(0, 0, 0, n / 2, 0));
+					raw_steps = 0;
+					auto t0 = Clock::now();
+					for (;;) {
+						std::uint32_t reason = raw.enter();
+						if (reason == KVM_EXIT_IO &&
+						    raw.run->io.port == rounds::step_end_port)
+							break;
+						check(reason == KVM_EXIT_DEBUG,
+						      "raw single-step: exit %u after %llu steps (mmio %#llx, rip %#llx)", reason, (unsigned long long)raw_steps,
+						      (unsigned long long)raw.run->mmio.phys_addr,
+						      (unsigned long long)raw.run->debug.arch.pc);
+						echo.round_trip();
+						raw_steps++;
+					}
+					return ns_since(t0);
+				},
+				"libvirtkit KVMI SINGLESTEP event round trip",
+				[&](std::uint64_t n) {
+					std::uint64_t ns = in.loop(rounds::blob_regs(0, 0, 0, n / 2, 0), 0);
+					/* The same code, stepped the same way: the same count. */
+					check(in.last_events == raw_steps,
+					      "SINGLESTEP events: %llu steps, raw: %llu",
+					      (unsigned long long)in.last_events,
+					      (unsigned long long)raw_steps);
+					return ns;
+				});
+			std::printf("  %-44s %10llu\n", "steps per loop (both)",
+				    (unsigned long long)raw_steps);
 			in.tool.join();
-			std::uint64_t steps = in.tool.events;
 			in.tool.session.control_singlestep(0, false);
-			in.g.run_to_done(v);
-			/* The same guest code, stepped the same way: the same count. */
-			check(steps == bare_steps, "SINGLESTEP events: %llu steps, bare: %llu",
-			      (unsigned long long)steps, (unsigned long long)bare_steps);
-			line("SINGLESTEP event round trip", per_event(ns, steps));
-			line("  ratio event / bare debug exit",
-			     fixed((unsigned __int128)ns * bare_steps,
-				   (unsigned __int128)bare_ns * steps, 2));
+			::close(kvm_fd);
+			(void)c;
 		}
 
 		/* (c) READ_PHYSICAL against memcpy, in alternating rounds. */
@@ -616,7 +603,7 @@ int main()
 				/* bytes per ns = GB/s; the median read's */
 				std::uint64_t med_ps = c.subj.median();
 				std::string gbs = fixed((unsigned __int128)size * 1000, med_ps, 2) + " GB/s";
-				std::printf("  %-40s %10s   memcpy %s GB/s\n", "READ_PHYSICAL throughput",
+				std::printf("  %-44s %10s   memcpy %s GB/s\n", "READ_PHYSICAL throughput",
 					    gbs.c_str(),
 					    fixed((unsigned __int128)size * 1000, c.base.median(), 2).c_str());
 				if (size == 65536)

@@ -560,7 +560,7 @@ static void fair_writes(const System &sys)
 			[&](std::uint64_t n) { return lib.writes(n); });
 		/* rounds + 1 warm-up round of n_fair writes, each ending in HLT */
 		std::uint64_t writes = n_fair * (fair_rounds + 1);
-		std::printf("  %-40s %10s\n", "libvirtkit exits to userspace per write",
+		std::printf("  %-44s %10s\n", "libvirtkit exits to userspace per write",
 			    fixed(lib.exits - exits0 - (fair_rounds + 1), writes, 3).c_str());
 		rounds::goal(g,
 			     c.ratio() + "x (" + rounds::ps_str(c.subj.median()) + " vs " +
