@@ -316,17 +316,26 @@ run: deps
 
 # Without a usable /dev/kvm (the test scripts/run-selftests makes), each
 # benchmark runs on nested KVM in a Debian guest under QEMU, one boot each.
+# Each benchmark's output is kept in $(BUILD)/bench/<name>.out; its "goal:"
+# lines (the goals of issue 19) end the run as one table.
 run-bench: $(BENCH_BINS)
 	@if [ -c /dev/kvm ] && [ -r /dev/kvm ] && [ -w /dev/kvm ]; then \
-		for b in $(BENCH_BINS); do echo "$$b"; $$b || exit 1; done; \
+		for b in $(BENCH_BINS); do echo "$$b"; \
+			{ $$b; echo $$? > $$b.rc; } | tee $$b.out; \
+			[ "$$(cat $$b.rc)" = 0 ] || exit 1; \
+		done; \
 	else \
 		echo "this host has no usable /dev/kvm: running the benchmarks on nested KVM in a Debian guest under QEMU, with virtkit.ko loaded"; \
 		ko=$$(scripts/build-kmod --kernel 6.1 --out $(KMOD_OUT)) || exit 1; \
 		for b in $(BENCH_BINS); do \
 			echo "scripts/vmtest --module $$ko --copy $$b -- $$(basename $$b)"; \
-			scripts/vmtest --module $$ko --copy $$b -- $$(basename $$b) || exit 1; \
+			{ scripts/vmtest --module $$ko --copy $$b -- $$(basename $$b); \
+			  echo $$? > $$b.rc; } | tee $$b.out; \
+			[ "$$(cat $$b.rc)" = 0 ] || exit 1; \
 		done; \
-	fi
+	fi; \
+	echo; echo "goals (issue 19): goal | measured | verdict"; \
+	for b in $(BENCH_BINS); do grep -h '^goal: ' $$b.out | sed 's/^goal: /  /'; done
 
 # Every suite runs, also after one failed; scripts/check-suites streams each
 # one's output, then prints one table (target, suite, platform, pass, fail,

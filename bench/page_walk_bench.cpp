@@ -7,9 +7,11 @@
  * paging maps n_addresses distinct addresses, half in 4 KiB pages (each in
  * a 2 MiB region of its own, so every walk goes through a page table of its
  * own), half in 2 MiB pages; the vCPU runs to its first GUEST_SYNC and stays
- * there. Over the same address list, each measured for `rounds` passes:
- *   KVM_TRANSLATE            Vcpu::translate(gva): one ioctl per address,
- *                            KVM's own walk of the guest tables;
+ * there. Over the same address list, each in alternating rounds against the
+ * baseline (bench_rounds.hpp: median, spread, ratio of medians):
+ *   KVM_TRANSLATE            the baseline: a raw KVM_TRANSLATE ioctl on the
+ *                            vCPU's fd per address, KVM's own walk of the
+ *                            guest tables, no libvirtkit in the loop;
  *   Vcpu::translate(read)    Vcpu::translate(gva, Access::read): the vCPU's
  *                            state from KVM (KVM_GET_SREGS, KVM_GET_REGS)
  *                            and the engine's walk, per address;
@@ -28,6 +30,7 @@
 #include <virtkit/virtkit.hpp>
 #include <virtkit/x86/guest_vm.hpp>
 
+#include "bench_rounds.hpp"
 #include "bench_util.hpp"
 #include "page_walk.h"
 
@@ -50,18 +53,6 @@ static constexpr std::uint64_t guest_memory = 256 * MiB;
 static void guest_wait(void)
 {
 	GUEST_SYNC(0);
-}
-
-static void line(const char *label, const std::string &text)
-{
-	std::printf("%-40s: %s\n", label, text.c_str());
-}
-
-/* "1234567 translations/s   0.81 us/translation" */
-static std::string rate(std::uint64_t ns, std::uint64_t n)
-{
-	return fixed((unsigned __int128)n * 1000000000ull, ns, 0) + " translations/s   " +
-	       fixed(ns, n * 1000, 3) + " us/translation";
 }
 
 /* The guest's address list: distinct gvas over 4 KiB and 2 MiB pages. */
@@ -114,8 +105,6 @@ int main()
 		check((ps.cr4 & (1ull << 12)) == 0, "the guest uses 5-level paging");
 
 		const std::uint64_t n = gvas.size();
-		/* The ioctl methods are slow under nested KVM: fewer passes. */
-		const std::uint64_t rounds_ioctl = 5, rounds_engine = 100;
 		std::printf("page_walk_bench: libvirtkit %s, %llu addresses (%llu in 4 KiB pages, "
 			    "%llu in 2 MiB pages), 4-level paging\n\n",
 			    VIRTKIT_VERSION_STRING, (unsigned long long)n,
@@ -130,35 +119,39 @@ int main()
 			      (unsigned long long)gvas[i]);
 			want[i] = t.physical_address;
 		}
-		/* Check each method's answers, then time it. */
-		auto measure = [&](const char *name, std::uint64_t rounds, auto &&gpa_of) {
+		/* The baseline: the raw ioctl, on the vCPU's fd. */
+		auto raw_translate = [&](std::uint64_t gva) {
+			kvm_translation t{};
+			t.linear_address = gva;
+			rounds::xioctl(v.fd(), KVM_TRANSLATE, &t, "KVM_TRANSLATE");
+			return t.valid ? t.physical_address : ~0ull;
+		};
+		/* Check a method's answers; return a timed loop of n translations over the list. */
+		auto method = [&](const char *name, auto gpa_of) {
 			for (std::uint64_t i = 0; i < n; i++) {
 				std::uint64_t gpa = gpa_of(gvas[i]);
 				check(gpa == want[i], "%s: gva %#llx gives gpa %#llx, KVM_TRANSLATE %#llx",
 				      name, (unsigned long long)gvas[i], (unsigned long long)gpa,
 				      (unsigned long long)want[i]);
 			}
-			std::uint64_t sum = 0;
-			auto t0 = Clock::now();
-			for (std::uint64_t r = 0; r < rounds; r++)
-				for (std::uint64_t gva : gvas)
-					sum += gpa_of(gva);
-			std::uint64_t ns = ns_since(t0);
-			__asm__ volatile("" ::"r"(sum));
-			line(name, rate(ns, rounds * n));
-			return std::pair{ns, rounds * n};
+			return [&gvas, n, gpa_of](std::uint64_t count) {
+				std::uint64_t sum = 0;
+				auto t0 = Clock::now();
+				for (std::uint64_t i = 0; i < count; i++)
+					sum += gpa_of(gvas[i % n]);
+				std::uint64_t ns = ns_since(t0);
+				__asm__ volatile("" ::"r"(sum));
+				return ns;
+			};
 		};
-
-		auto kvm = measure("KVM_TRANSLATE", rounds_ioctl, [&](std::uint64_t gva) {
-			kvm_translation t = v.translate(gva);
-			return t.valid ? t.physical_address : ~0ull;
-		});
-		auto vcpu = measure("Vcpu::translate(read)", rounds_ioctl, [&](std::uint64_t gva) {
+		auto kvm = method("KVM_TRANSLATE", raw_translate);
+		auto vcpu = method("Vcpu::translate(read)", [&](std::uint64_t gva) {
 			Walk w = v.translate(gva, Access::read);
 			return w.ok() ? w.gpa : ~0ull;
 		});
-		auto snap = measure("translate(snapshot)", rounds_engine, [&](std::uint64_t gva) {
-			Walk w = translate(g.memory(), ps, gva, Access::read);
+		const GuestMemory &gm = g.memory();
+		auto snap = method("translate(snapshot)", [&gm, ps](std::uint64_t gva) {
+			Walk w = translate(gm, ps, gva, Access::read);
 			return w.ok() ? w.gpa : ~0ull;
 		});
 		FlatMemory flat{g.memory().host_ptr(0, guest_memory), guest_memory};
@@ -167,22 +160,21 @@ int main()
 				      .cpl = ps.cpl, .maxphyaddr = ps.maxphyaddr, .quirks = 0,
 				      .features = ps.features};
 		const vk_walk_mem mem{FlatMemory::read, &flat};
-		auto bare = measure("engine alone", rounds_engine, [&](std::uint64_t gva) {
+		auto bare = method("engine alone", [&s, &mem](std::uint64_t gva) {
 			vk_walk w;
 			return vk_walk_translate(&s, &mem, gva, VK_WALK_READ, &w) == VK_WALK_OK
 				       ? w.gpa
 				       : ~0ull;
 		});
 
-		/* Rates relative to KVM_TRANSLATE's: (n / ns) / (n_kvm / ns_kvm). */
-		auto ratio = [&](std::pair<std::uint64_t, std::uint64_t> m) {
-			return fixed((unsigned __int128)m.second * kvm.first,
-				     (unsigned __int128)m.first * kvm.second, 2);
-		};
-		std::printf("\n");
-		line("ratio Vcpu::translate / KVM_TRANSLATE", ratio(vcpu));
-		line("ratio snapshot / KVM_TRANSLATE", ratio(snap));
-		line("ratio engine alone / KVM_TRANSLATE", ratio(bare));
+		/* Each against the raw ioctl, in alternating rounds of one pass. */
+		const char *base = "raw KVM_TRANSLATE ioctl";
+		rounds::compare("Vcpu::translate(read): KVM_GET_SREGS/REGS + the engine", "translation",
+				7, n, base, kvm, "Vcpu::translate(read)", vcpu);
+		rounds::compare("translate(snapshot): the engine on a PagingState", "translation", 7,
+				n, base, kvm, "translate(snapshot)", snap);
+		rounds::compare("engine alone: vk_walk_translate over a flat pointer", "translation",
+				7, n, base, kvm, "engine alone", bare);
 	} catch (const std::exception &e) {
 		std::fflush(stdout);
 		std::fprintf(stderr, "page_walk_bench: FAILED: %s\n", e.what());
