@@ -30,6 +30,8 @@
  */
 #include "guest_code.hpp"
 #include "kvmi_util.hpp"
+
+#include <virtkit/spp.hpp>
 /* The protocol table, and the handshake's SHA-1 (libvirtkit-internal). */
 #include "kvmi/protocol/handshake.hpp"
 #include "kvmi/protocol/layout.hpp"
@@ -1367,6 +1369,13 @@ VK_TEST(fuzz_sessions)
 	     (unsigned long long)seed, (unsigned long long)first,
 	     (unsigned long long)(first + iters - 1), (unsigned long long)seed);
 	Fuzzer f(seed);
+	/*
+	 * The first page restriction enables the VM's sub-page protection,
+	 * which keeps a descriptor for the VM's life with the kmod backend
+	 * (virtkit.ko's per-VM file): enable it first, so that the count
+	 * below sees only what sessions leave behind.
+	 */
+	virtkit::SubpageProtection::enable(f.t.g.vm());
 	const int fds0 = open_fd_count();
 	for (u64 i = first; i < first + iters; i++) {
 		/* KvmiTest's alarm, per session. */

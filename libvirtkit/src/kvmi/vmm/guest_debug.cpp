@@ -96,8 +96,16 @@ private:
 			auto it = stale_.find(vcpu.id());
 			if (it == stale_.end())
 				return ExitAction::pass;
-			control = it->second.entry == RunControl::entries(vcpu) ? it->second.control : 0;
-			stale_.erase(it); /* one exit per entry */
+			/*
+			 * The exit of the entry the change caught, or of the one
+			 * after it: a single-step trap KVM had already made
+			 * pending (nested SVM delivers it on the next entry).
+			 * No one else enables guest debugging meanwhile (the
+			 * introspection owns it), so such an exit is ours.
+			 */
+			const std::uint64_t since = RunControl::entries(vcpu) - it->second.entry;
+			control = since <= 1 ? it->second.control : 0;
+			stale_.erase(it); /* one exit, then the setting is the vCPU's again */
 		}
 		if (d->exception == db_vector && (control & KVM_GUESTDBG_SINGLESTEP))
 			return ExitAction::resume;
