@@ -88,8 +88,6 @@ private:
 	ExitAction on_exit(Vcpu &vcpu, Exit &e)
 	{
 		auto *d = std::get_if<DebugExit>(&e);
-		if (!d)
-			return ExitAction::pass;
 		std::uint32_t control;
 		{
 			std::lock_guard lock(mu_);
@@ -97,14 +95,23 @@ private:
 			if (it == stale_.end())
 				return ExitAction::pass;
 			/*
-			 * The exit of the entry the change caught, or of the one
-			 * after it: a single-step trap KVM had already made
-			 * pending (nested SVM delivers it on the next entry).
+			 * A debug exit of the old setting may come from the
+			 * entry the change caught or from a later KVM_RUN: a
+			 * trap KVM had already made pending is delivered on the
+			 * next entry, and entries that only returned EINTR (the
+			 * hold's or a memslot pause's kick) come in between. It
+			 * stays ours until the vCPU ran the guest under the new
+			 * setting: any other exit of a later entry ends that.
 			 * No one else enables guest debugging meanwhile (the
-			 * introspection owns it), so such an exit is ours.
+			 * introspection owns it).
 			 */
-			const std::uint64_t since = RunControl::entries(vcpu) - it->second.entry;
-			control = since <= 1 ? it->second.control : 0;
+			if (!d) {
+				if (!std::holds_alternative<InterruptedExit>(e) &&
+				    RunControl::entries(vcpu) != it->second.entry)
+					stale_.erase(it);
+				return ExitAction::pass;
+			}
+			control = it->second.control;
 			stale_.erase(it); /* one exit, then the setting is the vCPU's again */
 		}
 		if (d->exception == db_vector && (control & KVM_GUESTDBG_SINGLESTEP))
@@ -121,17 +128,26 @@ private:
 	ExitHandlerRegistration reg_;
 };
 
+StrayDebugExits &stray_debug_exits(Vm &vm)
+{
+	return RunControl::features(vm).get_or_attach<StrayDebugExits>(
+		[&] { return std::make_unique<StrayDebugExits>(vm); });
+}
+
 /* The vCPU is held; its KVM_SET_GUEST_DEBUG control goes from `from` to `to`. */
 void note_debug_change(Vm &vm, Vcpu &vcpu, std::uint32_t from, std::uint32_t to)
 {
 	if (!(from & ~to))
 		return;
-	RunControl::features(vm)
-		.get_or_attach<StrayDebugExits>([&] { return std::make_unique<StrayDebugExits>(vm); })
-		.changed(vcpu, from, to);
+	stray_debug_exits(vm).changed(vcpu, from, to);
 }
 
 } // namespace
+
+void attach_stray_debug_exits(Vm &vm)
+{
+	stray_debug_exits(vm);
+}
 
 bool IntrospectionServer::int3_exits()
 {

@@ -191,7 +191,18 @@ private:
 	ExitHandlerRegistration reg_;
 };
 
+StrayMsrExits &stray_msr_exits(Vm &vm)
+{
+	return RunControl::features(vm).get_or_attach<StrayMsrExits>(
+		[&] { return std::make_unique<StrayMsrExits>(vm); });
+}
+
 } // namespace
+
+void attach_stray_msr_exits(Vm &vm)
+{
+	stray_msr_exits(vm);
+}
 
 int IntrospectionServer::control_msr(Vcpu &vcpu, std::span<const std::byte> p)
 {
@@ -298,8 +309,7 @@ void IntrospectionServer::remove_msr_filter() noexcept
 	if (!msr_filter_used_)
 		return;
 	try {
-		auto &stray = RunControl::features(vm_).get_or_attach<StrayMsrExits>(
-			[&] { return std::make_unique<StrayMsrExits>(vm_); });
+		auto &stray = stray_msr_exits(vm_);
 		set_filter(vm_.fd(), {});
 		/* After the filter: every exit it made comes from these entries. */
 		stray.filter_removed(vm_);

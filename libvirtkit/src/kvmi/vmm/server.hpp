@@ -279,4 +279,14 @@ template <class T> void append_bytes(std::vector<std::byte> &out, const T &v)
 	out.insert(out.end(), b.begin(), b.end());
 }
 
+/*
+ * The per-VM handlers that consume the MSR-filter and guest-debug exits a
+ * torn-down setting left in flight (msr_filter.cpp, guest_debug.cpp).
+ * Attached when a server starts, not when a setting is dropped: a vCPU
+ * calls the handlers of the list it took when its exit arrived, which
+ * must already hold them.
+ */
+void attach_stray_msr_exits(Vm &vm);
+void attach_stray_debug_exits(Vm &vm);
+
 } // namespace virtkit::detail
