@@ -218,6 +218,40 @@ struct RawVm {
 	}
 };
 
+/*
+ * The raw read-only-slot write loop: RawVm(blob_write, ..., true) stores
+ * 1..n to page_gpa; each store exits as an MMIO write, which this completes
+ * with a memcpy into the page's backing (what a VMM does for ROM it
+ * emulates), calling per_exit() first. Returns the loop's ns; checks that
+ * every store exited once and the last one landed.
+ */
+template <typename PerExit>
+std::uint64_t raw_readonly_writes(RawVm &raw, std::uint64_t n, const char *what,
+				  PerExit &&per_exit)
+{
+	raw.set_regs(blob_regs(1, n, 0, 0, page_gpa));
+	std::uint64_t exits = 0;
+	auto t0 = Clock::now();
+	for (;;) {
+		std::uint32_t reason = raw.enter();
+		if (reason == KVM_EXIT_HLT)
+			break;
+		auto &m = raw.run->mmio;
+		check(reason == KVM_EXIT_MMIO && m.is_write && m.len <= 8 &&
+			      m.phys_addr >= page_gpa && m.phys_addr + m.len <= page_gpa + 4096,
+		      "%s: exit %u", what, reason);
+		per_exit();
+		std::memcpy(raw.page + (m.phys_addr - page_gpa), m.data, m.len);
+		exits++;
+	}
+	std::uint64_t ns = ns_since(t0);
+	std::uint64_t last;
+	std::memcpy(&last, raw.page, 8);
+	check(exits == n && last == n, "%s: %llu exits, last value %llu", what,
+	      (unsigned long long)exits, (unsigned long long)last);
+	return ns;
+}
+
 /* Per-round figures, in picoseconds per operation (integer arithmetic). */
 struct Series {
 	std::vector<std::uint64_t> ps;

@@ -310,28 +310,8 @@ struct RawPf {
 
 	std::uint64_t loop(Echo &echo, std::uint64_t n)
 	{
-		raw.set_regs(rounds::blob_regs(1, n, 0, 0, rounds::page_gpa));
-		std::uint64_t exits = 0;
-		auto t0 = Clock::now();
-		for (;;) {
-			std::uint32_t reason = raw.enter();
-			if (reason == KVM_EXIT_HLT)
-				break;
-			auto &m = raw.run->mmio;
-			check(reason == KVM_EXIT_MMIO && m.is_write && m.len <= 8 &&
-				      m.phys_addr >= rounds::page_gpa &&
-				      m.phys_addr + m.len <= rounds::page_gpa + 4096,
-			      "raw PF baseline: exit %u", reason);
-			echo.round_trip();
-			std::memcpy(raw.page + (m.phys_addr - rounds::page_gpa), m.data, m.len);
-			exits++;
-		}
-		std::uint64_t ns = ns_since(t0);
-		std::uint64_t last;
-		std::memcpy(&last, raw.page, 8);
-		check(exits == n && last == n, "raw PF baseline: %llu exits, last value %llu",
-		      (unsigned long long)exits, (unsigned long long)last);
-		return ns;
+		return rounds::raw_readonly_writes(raw, n, "raw PF baseline",
+						   [&] { echo.round_trip(); });
 	}
 };
 

@@ -461,33 +461,6 @@ void Bench::run()
 static constexpr std::uint64_t n_fair = 2000;
 static constexpr int fair_rounds = 7;
 
-/* The baseline: raw fds, the page a KVM_MEM_READONLY slot, each write
- * completed by a memcpy into its backing. */
-static std::uint64_t raw_readonly_writes(rounds::RawVm &raw, std::uint64_t n)
-{
-	raw.set_regs(rounds::blob_regs(1, n, 0, 0, rounds::page_gpa));
-	std::uint64_t exits = 0;
-	auto t0 = Clock::now();
-	for (;;) {
-		std::uint32_t reason = raw.enter();
-		if (reason == KVM_EXIT_HLT)
-			break;
-		auto &m = raw.run->mmio;
-		check(reason == KVM_EXIT_MMIO && m.is_write && m.len <= 8 &&
-			      m.phys_addr >= rounds::page_gpa &&
-			      m.phys_addr + m.len <= rounds::page_gpa + 4096,
-		      "raw read-only slot: exit %u", reason);
-		std::memcpy(raw.page + (m.phys_addr - rounds::page_gpa), m.data, m.len);
-		exits++;
-	}
-	std::uint64_t ns = ns_since(t0);
-	std::uint64_t last;
-	std::memcpy(&last, raw.page, 8);
-	check(exits == n && last == n, "raw read-only slot: %llu exits, last value %llu",
-	      (unsigned long long)exits, (unsigned long long)last);
-	return ns;
-}
-
 /* The subject: a libvirtkit VM, the page protected but for sub-page 0. */
 struct LibWrites {
 	Vm vm;
@@ -555,7 +528,9 @@ static void fair_writes(const System &sys)
 		auto c = rounds::compare(
 			user ? "user backend" : "kmod backend", "write", fair_rounds, n_fair,
 			"raw ioctls, KVM_MEM_READONLY slot",
-			[&](std::uint64_t n) { return raw_readonly_writes(raw, n); },
+			[&](std::uint64_t n) {
+				return rounds::raw_readonly_writes(raw, n, "raw read-only slot", [] {});
+			},
 			user ? "libvirtkit SPP, user backend" : "libvirtkit SPP, kmod backend",
 			[&](std::uint64_t n) { return lib.writes(n); });
 		/* rounds + 1 warm-up round of n_fair writes, each ending in HLT */
