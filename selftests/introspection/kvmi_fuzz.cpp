@@ -85,28 +85,6 @@ void guest_loop(u64 stop, u64 counter, u64 page)
 	GUEST_SYNC(1, i);
 }
 
-/* splitmix64, as kmod_fuzz. */
-struct Rng {
-	u64 s;
-	explicit Rng(u64 seed) : s(seed) {}
-	u64 next()
-	{
-		u64 z = (s += 0x9e3779b97f4a7c15ull);
-		z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
-		z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
-		return z ^ (z >> 31);
-	}
-	u64 below(u64 n) { return n ? next() % n : 0; }
-	bool chance(unsigned percent) { return below(100) < percent; }
-	template <class T> const T &pick(const std::vector<T> &v) { return v[below(v.size())]; }
-};
-
-u64 env_u64(const char *name, u64 dflt)
-{
-	const char *v = getenv(name);
-	return v && *v ? strtoull(v, nullptr, 0) : dflt;
-}
-
 template <class T> T load(const Bytes &b, std::size_t off)
 {
 	T v{};

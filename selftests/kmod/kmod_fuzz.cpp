@@ -451,12 +451,6 @@ struct Fuzzer {
 	}
 };
 
-u64 env_u64(const char *name, u64 dflt)
-{
-	const char *v = getenv(name);
-	return v && *v ? strtoull(v, nullptr, 0) : dflt;
-}
-
 } // namespace
 
 VK_TEST(fuzz_ioctls)

@@ -321,19 +321,7 @@ struct FastGuest {
 	virtkit_spp_stats st() { return stats(vk.get()); }
 };
 
-/* A pseudo-random generator with a printable seed (splitmix64). */
-struct Rng {
-	u64 s;
-	explicit Rng(u64 seed) : s(seed) {}
-	u64 next()
-	{
-		u64 z = (s += 0x9e3779b97f4a7c15ull);
-		z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
-		z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
-		return z ^ (z >> 31);
-	}
-	u64 below(u64 n) { return n ? next() % n : 0; }
-	bool chance(unsigned percent) { return below(100) < percent; }
-};
+using vkt::env_u64;
+using vkt::Rng;
 
 } // namespace kmt

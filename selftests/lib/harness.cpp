@@ -133,6 +133,12 @@ virtkit::System &kvm()
 	return *sys;
 }
 
+std::uint64_t env_u64(const char *name, std::uint64_t dflt)
+{
+	const char *v = getenv(name);
+	return v && *v ? strtoull(v, nullptr, 0) : dflt;
+}
+
 int open_fd_count()
 {
 	int n = 0;

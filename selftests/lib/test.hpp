@@ -44,6 +44,28 @@ struct Failure {
 	__attribute__((format(printf, 4, 5)));
 std::string format(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
 
+/*
+ * A pseudo-random generator with a printable seed (splitmix64), for the
+ * seeded, replayable tests (kmod_fuzz, kvmi_fuzz and randomized cases).
+ */
+struct Rng {
+	std::uint64_t s;
+	explicit Rng(std::uint64_t seed) : s(seed) {}
+	std::uint64_t next()
+	{
+		std::uint64_t z = (s += 0x9e3779b97f4a7c15ull);
+		z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+		z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+		return z ^ (z >> 31);
+	}
+	std::uint64_t below(std::uint64_t n) { return n ? next() % n : 0; }
+	bool chance(unsigned percent) { return below(100) < percent; }
+	template <class T> const T &pick(const std::vector<T> &v) { return v[below(v.size())]; }
+};
+
+/* An environment variable as a number (strtoull base 0), or dflt if unset or empty. */
+std::uint64_t env_u64(const char *name, std::uint64_t dflt);
+
 /* /dev/kvm, opened once per test. */
 virtkit::System &kvm();
 
