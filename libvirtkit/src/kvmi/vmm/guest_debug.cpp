@@ -13,6 +13,7 @@
 #include "kvmi/vmm/server.hpp"
 
 #include <climits>
+#include <atomic>
 #include <condition_variable>
 #include <map>
 #include <mutex>
@@ -77,6 +78,7 @@ public:
 		if (s.entry != entry)
 			s = Stale{0, entry};
 		s.control |= dropped;
+		any_.store(true, std::memory_order_release);
 	}
 
 private:
@@ -87,6 +89,9 @@ private:
 
 	ExitAction on_exit(Vcpu &vcpu, Exit &e)
 	{
+		/* Every exit the VMM sees passes here: no lock while nothing is stale. */
+		if (!any_.load(std::memory_order_acquire))
+			return ExitAction::pass;
 		auto *d = std::get_if<DebugExit>(&e);
 		std::uint32_t control;
 		{
@@ -108,11 +113,11 @@ private:
 			if (!d) {
 				if (!std::holds_alternative<InterruptedExit>(e) &&
 				    RunControl::entries(vcpu) != it->second.entry)
-					stale_.erase(it);
+					erase_locked(it);
 				return ExitAction::pass;
 			}
 			control = it->second.control;
-			stale_.erase(it); /* one exit, then the setting is the vCPU's again */
+			erase_locked(it); /* one exit, then the setting is the vCPU's again */
 		}
 		if (d->exception == db_vector && (control & KVM_GUESTDBG_SINGLESTEP))
 			return ExitAction::resume;
@@ -123,8 +128,15 @@ private:
 		return ExitAction::pass;
 	}
 
+	void erase_locked(std::map<std::uint32_t, Stale>::iterator it)
+	{
+		stale_.erase(it);
+		any_.store(!stale_.empty(), std::memory_order_release);
+	}
+
 	std::mutex mu_;
 	std::map<std::uint32_t, Stale> stale_; /* by vCPU id */
+	std::atomic<bool> any_{false};		/* !stale_.empty(), read without mu_ */
 	ExitHandlerRegistration reg_;
 };
 
