@@ -82,6 +82,17 @@ bool MemoryMap::guest_cmpxchg16b_locked(std::uint64_t gpa, std::uint64_t expecte
 	return equal;
 }
 
+bool MemoryMap::guest_rmw_locked(std::uint64_t gpa, std::uint32_t len,
+				 const std::function<void(std::byte *host)> &rmw)
+{
+	auto *r = const_cast<Region *>(find_gpa(gpa));
+	if (!r || r->opts.readonly || len > r->gpa + r->size - gpa)
+		return false;
+	rmw(r->map.data() + (gpa - r->gpa));
+	mark_dirty_locked(*r, gpa - r->gpa, len);
+	return true;
+}
+
 bool MemoryMap::complete_mmio(const MmioExit &exit)
 {
 	std::shared_lock lock(mu_);

@@ -119,6 +119,14 @@ public:
 	 */
 	bool guest_cmpxchg16b_locked(std::uint64_t gpa, std::uint64_t expected[2],
 				     const std::uint64_t desired[2]);
+	/*
+	 * A locked read-modify-write the feature performs for the guest:
+	 * rmw(host) runs on the host bytes of [gpa, gpa + len), which must be
+	 * writable RAM inside one region (false if not, and rmw is not
+	 * called); the range is marked dirty afterwards. Under lock_shared().
+	 */
+	bool guest_rmw_locked(std::uint64_t gpa, std::uint32_t len,
+			      const std::function<void(std::byte *host)> &rmw);
 
 	/*
 	 * An MMIO exit the guest took on guest RAM only because of the memslot

@@ -13,6 +13,7 @@
 #include "core/ioctl.hpp"
 #include "core/run_control.hpp"
 #include "spp/cmpxchg16b.hpp"
+#include "spp/locked_rmw.hpp"
 
 namespace virtkit::detail {
 
@@ -322,7 +323,44 @@ struct PendingWrite {
 				mem.guest_write_locked(pieces[i].gpa, pieces[i].data.data(),
 						       pieces[i].len);
 	}
+
+	/* The bytes of the whole write, in order. */
+	std::span<const std::uint8_t> data(std::array<std::uint8_t, SppViolation::max_write> &buf) const
+	{
+		std::size_t n = 0;
+		for (std::size_t i = 0; i < count; i++) {
+			std::memcpy(buf.data() + n, pieces[i].data.data(), pieces[i].len);
+			n += pieces[i].len;
+		}
+		return std::span(buf.data(), n);
+	}
+
+	/* Whether the pieces are one run of guest-physical bytes. */
+	bool contiguous() const
+	{
+		for (std::size_t i = 1; i < count; i++)
+			if (pieces[i].gpa != pieces[i - 1].gpa + pieces[i - 1].len)
+				return false;
+		return true;
+	}
 };
+
+/*
+ * An allowed write, performed: a lockable read-modify-write (rmw) again,
+ * atomically on the VMM's mapping, with the registers it leaves in *regs;
+ * anything else as KVM wrote it. Under the layout lock, shared.
+ */
+void perform_write_locked(MemoryMap &mem, const PendingWrite &w, const std::optional<RmwPlan> &rmw,
+			  const kvm_regs &post, std::optional<kvm_regs> &regs)
+{
+	if (rmw && !rmw->store)
+		return; /* a failed compare-exchange: it only read */
+	if (rmw && w.contiguous() &&
+	    mem.guest_rmw_locked(w.pieces[0].gpa, w.bytes,
+				 [&](std::byte *host) { regs = perform_rmw(*rmw, host, post); }))
+		return;
+	w.perform_locked(mem);
+}
 
 } // namespace
 
@@ -525,6 +563,21 @@ ExitAction SppEngine::on_exit(Vcpu &vcpu, Exit &exit)
 		return std::numeric_limits<std::uint64_t>::max();
 	};
 
+	/*
+	 * Whether KVM ran a lockable read-modify-write here (it did so
+	 * non-atomically): found before the decision, as it takes ioctls.
+	 */
+	const kvm_regs post = vcpu.regs();
+	std::optional<RmwPlan> rmw;
+	std::array<std::uint8_t, SppViolation::max_write> bytes;
+	if (!w.overflow)
+		rmw = find_locked_rmw(vcpu, post, first.gpa, w.data(bytes));
+	std::optional<kvm_regs> regs;
+	auto set_regs = [&] {
+		if (regs && std::memcmp(&*regs, &post, sizeof(post)))
+			vcpu.set_regs(*regs);
+	};
+
 	/* Decide on the whole write with the layout and the maps stable. */
 	std::uint64_t blocked;
 	{
@@ -532,16 +585,19 @@ ExitAction SppEngine::on_exit(Vcpu &vcpu, Exit &exit)
 		blocked = first_blocked_locked();
 		checked_++;
 		if (blocked == ~0ull && !w.overflow) {
-			w.perform_locked(mem_);
+			perform_write_locked(mem_, w, rmw, post, regs);
 			allowed_++;
-			return ExitAction::resume;
 		}
+	}
+	if (blocked == ~0ull && !w.overflow) {
+		set_regs();
+		return ExitAction::resume;
 	}
 	SppViolation v{};
 	v.vcpu = vcpu.id();
 	v.gpa = blocked != ~0ull ? blocked : first.gpa;
 	v.write_gpa = first.gpa;
-	v.rip = vcpu.regs().rip;
+	v.rip = post.rip;
 	for (std::size_t i = 0; i < w.count; i++) {
 		std::memcpy(v.bytes.data() + v.size, w.pieces[i].data.data(), w.pieces[i].len);
 		v.size += w.pieces[i].len;
@@ -559,11 +615,13 @@ ExitAction SppEngine::on_exit(Vcpu &vcpu, Exit &exit)
 	switch (report(vcpu, v, blocked_now)) {
 	case SppDecision::drop:
 		return ExitAction::resume;
-	case SppDecision::allow_once: {
-		auto lock = mem_.lock_shared();
-		w.perform_locked(mem_);
+	case SppDecision::allow_once:
+		{
+			auto lock = mem_.lock_shared();
+			perform_write_locked(mem_, w, rmw, post, regs);
+		}
+		set_regs();
 		return ExitAction::resume;
-	}
 	case SppDecision::stop:
 		break;
 	}

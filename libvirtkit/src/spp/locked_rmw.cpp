@@ -1,0 +1,619 @@
+// SPDX-License-Identifier: MIT
+#include "spp/locked_rmw.hpp"
+
+#include <algorithm>
+#include <array>
+#include <cstring>
+
+#include <virtkit/memory.hpp>
+#include <virtkit/vcpu.hpp>
+
+namespace virtkit::detail {
+
+static constexpr std::uint64_t arith = 0x8d5; /* CF PF AF ZF SF OF */
+static constexpr std::uint64_t cf = 0x1, zf = 0x40;
+
+static std::uint64_t size_mask(unsigned size)
+{
+	return size == 8 ? ~0ull : (1ull << 8 * size) - 1;
+}
+
+/* --- decoding --------------------------------------------------------- */
+
+std::optional<RmwInsn> decode_rmw(std::span<const std::uint8_t> code, bool long64)
+{
+	const std::size_t n = std::min<std::size_t>(code.size(), 15);
+	std::size_t i = 0;
+	bool opsize = false, addrsize = false;
+	std::int8_t seg = -1;
+	for (; i < n; i++) {
+		switch (code[i]) {
+		case 0xf0: case 0xf2: case 0xf3: continue;
+		case 0x66: opsize = true; continue;
+		case 0x67: addrsize = true; continue;
+		case 0x26: seg = 0; continue;
+		case 0x2e: seg = 1; continue;
+		case 0x36: seg = 2; continue;
+		case 0x3e: seg = 3; continue;
+		case 0x64: seg = 4; continue;
+		case 0x65: seg = 5; continue;
+		}
+		break;
+	}
+	std::uint8_t rex = 0;
+	if (long64 && i < n && (code[i] & 0xf0) == 0x40)
+		rex = code[i++];
+	if (i + 1 >= n)
+		return std::nullopt;
+	std::uint8_t opc = code[i++];
+	const bool two = opc == 0x0f;
+	if (two)
+		opc = code[i++];
+	if (i >= n)
+		return std::nullopt;
+	const std::uint8_t modrm = code[i++];
+	const unsigned mod = modrm >> 6, reg = modrm >> 3 & 7, rm = modrm & 7;
+	if (mod == 3)
+		return std::nullopt;
+
+	RmwInsn d{};
+	enum { none, by_reg, imm8, immz } src = none;
+	bool byte = false;
+	if (!two) {
+		if (opc < 0x40 && (opc & 7) < 2 && opc >> 3 != 7) {
+			d.op = static_cast<RmwOp>(opc >> 3);
+			byte = !(opc & 1);
+			src = by_reg;
+		} else if (opc == 0x80 || opc == 0x81 || opc == 0x83) {
+			if (reg == 7) /* cmp */
+				return std::nullopt;
+			d.op = static_cast<RmwOp>(reg);
+			byte = opc == 0x80;
+			src = opc == 0x81 ? immz : imm8;
+		} else if (opc == 0x86 || opc == 0x87) {
+			d.op = RmwOp::xchg;
+			byte = opc == 0x86;
+			src = by_reg;
+		} else if ((opc == 0xf6 || opc == 0xf7) && (reg == 2 || reg == 3)) {
+			d.op = reg == 2 ? RmwOp::not_ : RmwOp::neg;
+			byte = opc == 0xf6;
+		} else if ((opc == 0xfe || opc == 0xff) && reg < 2) {
+			d.op = reg == 0 ? RmwOp::inc : RmwOp::dec;
+			byte = opc == 0xfe;
+		} else {
+			return std::nullopt;
+		}
+	} else {
+		switch (opc) {
+		case 0xab: d.op = RmwOp::bts; src = by_reg; break;
+		case 0xb3: d.op = RmwOp::btr; src = by_reg; break;
+		case 0xbb: d.op = RmwOp::btc; src = by_reg; break;
+		case 0xba:
+			if (reg < 5)
+				return std::nullopt; /* bt (no write), or undefined */
+			d.op = static_cast<RmwOp>(static_cast<unsigned>(RmwOp::bts) + reg - 5);
+			src = imm8;
+			break;
+		case 0xb0: case 0xb1:
+			d.op = RmwOp::cmpxchg;
+			byte = opc == 0xb0;
+			src = by_reg;
+			break;
+		case 0xc0: case 0xc1:
+			d.op = RmwOp::xadd;
+			byte = opc == 0xc0;
+			src = by_reg;
+			break;
+		case 0xc7:
+			if (reg != 1 || rex & 8) /* cmpxchg16b is completed elsewhere */
+				return std::nullopt;
+			d.op = RmwOp::cmpxchg8b;
+			break;
+		default:
+			return std::nullopt;
+		}
+	}
+	if (d.op == RmwOp::cmpxchg8b)
+		d.size = 8;
+	else
+		d.size = byte ? 1 : rex & 8 ? 8 : opsize ? 2 : 4;
+	if (src == by_reg) {
+		d.src_reg = static_cast<std::uint8_t>(reg | (rex & 4) << 1);
+		d.high8 = byte && !rex && reg >= 4;
+		if (d.high8)
+			d.src_reg = static_cast<std::uint8_t>(reg - 4);
+	}
+
+	/* The memory operand. */
+	if (long64)
+		d.addr_bytes = addrsize ? 4 : 8;
+	else if (addrsize)
+		return std::nullopt; /* 16-bit addressing */
+	else
+		d.addr_bytes = 4;
+	d.seg = seg;
+	bool disp32 = mod == 2;
+	if (rm == 4) {
+		if (i >= n)
+			return std::nullopt;
+		const std::uint8_t sib = code[i++];
+		d.scale = sib >> 6;
+		const unsigned idx = (sib >> 3 & 7) | (rex & 2) << 2;
+		if (idx != 4)
+			d.index = static_cast<std::int8_t>(idx);
+		if ((sib & 7) == 5 && mod == 0)
+			disp32 = true;
+		else
+			d.base = static_cast<std::int8_t>((sib & 7) | (rex & 1) << 3);
+	} else if (rm == 5 && mod == 0) {
+		disp32 = true;
+		d.rip_relative = long64;
+	} else {
+		d.base = static_cast<std::int8_t>(rm | (rex & 1) << 3);
+	}
+	if (mod == 1) {
+		if (i >= n)
+			return std::nullopt;
+		d.disp = static_cast<std::int8_t>(code[i++]);
+	} else if (disp32) {
+		if (i + 4 > n)
+			return std::nullopt;
+		std::int32_t v;
+		std::memcpy(&v, &code[i], 4);
+		d.disp = v;
+		i += 4;
+	}
+	if (src == imm8 || src == immz) {
+		const unsigned bytes = src == imm8 || byte ? 1 : d.size == 2 ? 2 : 4;
+		if (i + bytes > n)
+			return std::nullopt;
+		std::int64_t v = 0;
+		if (bytes == 1)
+			v = static_cast<std::int8_t>(code[i]);
+		else if (bytes == 2)
+			v = static_cast<std::int16_t>(code[i] | code[i + 1] << 8);
+		else
+			v = static_cast<std::int32_t>(code[i] | code[i + 1] << 8 | code[i + 2] << 16 |
+						      static_cast<std::uint32_t>(code[i + 3]) << 24);
+		i += bytes;
+		d.src_imm = true;
+		/* A bit number is not sign-extended; an ALU immediate is. */
+		d.imm = d.op >= RmwOp::bts && d.op <= RmwOp::btc ? code[i - 1]
+								  : static_cast<std::uint64_t>(v) & size_mask(d.size);
+	}
+	d.length = static_cast<std::uint8_t>(i);
+	return d;
+}
+
+/* --- the instruction on the host --------------------------------------- */
+
+static __u64 &gpr(kvm_regs &r, unsigned n)
+{
+	__u64 *v[16] = {&r.rax, &r.rcx, &r.rdx, &r.rbx, &r.rsp, &r.rbp, &r.rsi, &r.rdi,
+				&r.r8,	&r.r9,	&r.r10, &r.r11, &r.r12, &r.r13, &r.r14, &r.r15};
+	return *v[n & 15];
+}
+
+static std::uint64_t gpr(const kvm_regs &r, unsigned n)
+{
+	return gpr(const_cast<kvm_regs &>(r), n);
+}
+
+/* The source register's value (size bytes), and writing one back as the CPU does. */
+static std::uint64_t read_reg(const kvm_regs &r, const RmwInsn &d)
+{
+	if (d.high8)
+		return gpr(r, d.src_reg) >> 8 & 0xff;
+	return gpr(r, d.src_reg) & size_mask(d.size);
+}
+
+static void write_reg(kvm_regs &r, unsigned n, bool high8, unsigned size, std::uint64_t v)
+{
+	__u64 &x = gpr(r, n);
+	if (high8)
+		x = (x & ~0xff00ull) | (v & 0xff) << 8;
+	else if (size == 4)
+		x = v & 0xffffffff; /* 32-bit writes zero-extend */
+	else
+		x = (x & ~size_mask(size)) | (v & size_mask(size));
+}
+
+struct HostResult {
+	std::uint64_t flags;
+	std::uint64_t src;	/* xadd/xchg: the old value; cmpxchg: rax */
+	std::uint64_t rdx;	/* cmpxchg8b: edx */
+};
+
+/*
+ * Run the instruction natively on m with the arithmetic flags flags_in,
+ * returning the flags it leaves. The stack moves past the red zone around
+ * pushfq/popfq: the compiler may keep locals there.
+ */
+#define FLAGS_IN "lea -128(%%rsp), %%rsp\n\tpushfq\n\tandq $~0x8d5, (%%rsp)\n\t" \
+		 "orq %[fin], (%%rsp)\n\tpopfq\n\t"
+#define FLAGS_OUT "\n\tpushfq\n\tpopq %[fout]\n\tlea 128(%%rsp), %%rsp"
+
+template <class T> static HostResult host_binary(RmwOp op, T *m, T s, std::uint64_t fin)
+{
+	HostResult r{};
+#define BIN(insn)                                                                          \
+	asm volatile(FLAGS_IN insn " %[s], %[m]" FLAGS_OUT                                 \
+		     : [m] "+m"(*m), [fout] "=&r"(r.flags)                                 \
+		     : [s] "r"(s), [fin] "r"(fin)                                          \
+		     : "cc", "memory")
+	switch (op) {
+	case RmwOp::add: BIN("lock add"); break;
+	case RmwOp::or_: BIN("lock or"); break;
+	case RmwOp::adc: BIN("lock adc"); break;
+	case RmwOp::sbb: BIN("lock sbb"); break;
+	case RmwOp::and_: BIN("lock and"); break;
+	case RmwOp::sub: BIN("lock sub"); break;
+	case RmwOp::xor_: BIN("lock xor"); break;
+	case RmwOp::xadd:
+		asm volatile(FLAGS_IN "lock xadd %[s], %[m]" FLAGS_OUT
+			     : [m] "+m"(*m), [fout] "=&r"(r.flags), [s] "+r"(s)
+			     : [fin] "r"(fin)
+			     : "cc", "memory");
+		r.src = s;
+		break;
+	case RmwOp::xchg:
+		asm volatile("xchg %[s], %[m]" : [m] "+m"(*m), [s] "+r"(s) : : "memory");
+		r.flags = fin;
+		r.src = s;
+		break;
+	default:
+		break;
+	}
+#undef BIN
+	return r;
+}
+
+template <class T> static HostResult host_cmpxchg(T *m, T rax, T s, std::uint64_t fin)
+{
+	HostResult r{};
+	asm volatile(FLAGS_IN "lock cmpxchg %[s], %[m]" FLAGS_OUT
+		     : [m] "+m"(*m), [fout] "=&r"(r.flags), "+a"(rax)
+		     : [s] "r"(s), [fin] "r"(fin)
+		     : "cc", "memory");
+	r.src = rax;
+	return r;
+}
+
+template <class T> static HostResult host_bit(RmwOp op, T *m, T bit, std::uint64_t fin)
+{
+	HostResult r{};
+#define BIT(insn)                                                                          \
+	asm volatile(FLAGS_IN insn " %[b], %[m]" FLAGS_OUT                                 \
+		     : [m] "+m"(*m), [fout] "=&r"(r.flags)                                 \
+		     : [b] "r"(bit), [fin] "r"(fin)                                        \
+		     : "cc", "memory")
+	if (op == RmwOp::bts)
+		BIT("lock bts");
+	else if (op == RmwOp::btr)
+		BIT("lock btr");
+	else
+		BIT("lock btc");
+#undef BIT
+	return r;
+}
+
+#define UNARY(T, S)                                                                        \
+	static HostResult host_unary(RmwOp op, T *m, std::uint64_t fin)                    \
+	{                                                                                  \
+		HostResult r{};                                                            \
+		switch (op) {                                                              \
+		case RmwOp::inc: UN("lock inc" S); break;                                  \
+		case RmwOp::dec: UN("lock dec" S); break;                                  \
+		case RmwOp::not_: UN("lock not" S); break;                                 \
+		default: UN("lock neg" S); break;                                          \
+		}                                                                          \
+		return r;                                                                  \
+	}
+#define UN(insn)                                                                           \
+	asm volatile(FLAGS_IN insn " %[m]" FLAGS_OUT                                       \
+		     : [m] "+m"(*m), [fout] "=&r"(r.flags)                                 \
+		     : [fin] "r"(fin)                                                      \
+		     : "cc", "memory")
+UNARY(std::uint8_t, "b")
+UNARY(std::uint16_t, "w")
+UNARY(std::uint32_t, "l")
+UNARY(std::uint64_t, "q")
+#undef UN
+#undef UNARY
+
+static HostResult host_cmpxchg8b(std::uint64_t *m, std::uint32_t eax, std::uint32_t edx,
+				 std::uint32_t ebx, std::uint32_t ecx, std::uint64_t fin)
+{
+	HostResult r{};
+	asm volatile(FLAGS_IN "lock cmpxchg8b %[m]" FLAGS_OUT
+		     : [m] "+m"(*m), [fout] "=&r"(r.flags), "+a"(eax), "+d"(edx)
+		     : "b"(ebx), "c"(ecx), [fin] "r"(fin)
+		     : "cc", "memory");
+	r.src = eax;
+	r.rdx = edx;
+	return r;
+}
+#undef FLAGS_IN
+#undef FLAGS_OUT
+
+template <class T> static HostResult host_exec(const RmwPlan &p, void *host)
+{
+	T *m = static_cast<T *>(host);
+	const T s = static_cast<T>(p.src);
+	switch (p.insn.op) {
+	case RmwOp::inc: case RmwOp::dec: case RmwOp::not_: case RmwOp::neg:
+		return host_unary(p.insn.op, m, p.flags_in);
+	case RmwOp::bts: case RmwOp::btr: case RmwOp::btc:
+		if constexpr (sizeof(T) > 1)
+			return host_bit(p.insn.op, m, static_cast<T>(p.src & (8 * sizeof(T) - 1)),
+					p.flags_in);
+		return {};
+	case RmwOp::cmpxchg:
+		return host_cmpxchg(m, static_cast<T>(p.rax), s, p.flags_in);
+	case RmwOp::cmpxchg8b:
+		if constexpr (sizeof(T) == 8)
+			return host_cmpxchg8b(m, static_cast<std::uint32_t>(p.rax),
+					      static_cast<std::uint32_t>(p.rdx),
+					      static_cast<std::uint32_t>(p.rbx),
+					      static_cast<std::uint32_t>(p.rcx), p.flags_in);
+		return {};
+	default:
+		return host_binary(p.insn.op, m, s, p.flags_in);
+	}
+}
+
+static HostResult execute(const RmwPlan &p, void *host)
+{
+	switch (p.insn.size) {
+	case 1: return host_exec<std::uint8_t>(p, host);
+	case 2: return host_exec<std::uint16_t>(p, host);
+	case 4: return host_exec<std::uint32_t>(p, host);
+	default: return host_exec<std::uint64_t>(p, host);
+	}
+}
+
+/* The flags an instruction sets (the others it leaves as they were). */
+static std::uint64_t flags_written(RmwOp op)
+{
+	switch (op) {
+	case RmwOp::inc: case RmwOp::dec: return arith & ~cf;
+	case RmwOp::not_: case RmwOp::xchg: return 0;
+	case RmwOp::bts: case RmwOp::btr: case RmwOp::btc: return cf;
+	case RmwOp::cmpxchg8b: return zf;
+	default: return arith;
+	}
+}
+
+/* The flags an instruction sets that are defined (and., or., xor. leave AF undefined). */
+static std::uint64_t flags_defined(RmwOp op)
+{
+	if (op == RmwOp::and_ || op == RmwOp::or_ || op == RmwOp::xor_)
+		return arith & ~0x10ull;
+	return flags_written(op);
+}
+
+kvm_regs perform_rmw(const RmwPlan &p, void *host, const kvm_regs &post)
+{
+	kvm_regs r = post;
+	if (!p.store)
+		return r;
+	const HostResult h = execute(p, host);
+	const std::uint64_t w = flags_written(p.insn.op);
+	r.rflags = (post.rflags & ~w) | (h.flags & w);
+	const RmwInsn &d = p.insn;
+	switch (d.op) {
+	case RmwOp::xadd: case RmwOp::xchg:
+		write_reg(r, d.src_reg, d.high8, d.size, h.src);
+		break;
+	case RmwOp::cmpxchg:
+		if (!(h.flags & zf))
+			write_reg(r, 0, false, d.size, h.src);
+		break;
+	case RmwOp::cmpxchg8b:
+		if (!(h.flags & zf)) {
+			r.rax = h.src & 0xffffffff;
+			r.rdx = h.rdx & 0xffffffff;
+		}
+		break;
+	default:
+		break;
+	}
+	return r;
+}
+
+/* --- explaining a trapped write ---------------------------------------- */
+
+/*
+ * The plan for insn given the registers KVM left and the data it wrote, if
+ * they agree with it: KVM ran the instruction on some value m0 it read; the
+ * data must be what the instruction makes of m0 and the flags what it sets.
+ * Where m0 follows from them, the instruction is re-run on m0 natively to
+ * check; and. and or. only constrain the data.
+ */
+static std::optional<RmwPlan> explain(const RmwInsn &d, const kvm_regs &post, std::uint64_t data)
+{
+	const std::uint64_t mask = size_mask(d.size);
+	RmwPlan p{};
+	p.insn = d;
+	p.store = true;
+	p.flags_in = post.rflags & arith;
+	p.src = d.src_imm ? d.imm : read_reg(post, d);
+	std::uint64_t m0 = 0;
+
+	auto check = [&](std::uint64_t m0_try, std::uint64_t fin) {
+		RmwPlan t = p;
+		t.flags_in = fin;
+		std::uint64_t local = m0_try;
+		const HostResult h = execute(t, &local);
+		const std::uint64_t f = flags_defined(d.op);
+		return (local & mask) == data && (h.flags & f) == (post.rflags & f);
+	};
+
+	switch (d.op) {
+	case RmwOp::add: m0 = data - p.src; break;
+	case RmwOp::sub: m0 = data + p.src; break;
+	case RmwOp::xor_: m0 = data ^ p.src; break;
+	case RmwOp::or_: case RmwOp::and_: m0 = data; break; /* same result and flags */
+	case RmwOp::adc: case RmwOp::sbb:
+		/* The carry it consumed is gone from the flags: the one that fits. */
+		for (std::uint64_t c : {0ull, 1ull}) {
+			std::uint64_t m = d.op == RmwOp::adc ? data - p.src - c : data + p.src + c;
+			if (check(m & mask, (post.rflags & arith & ~cf) | c)) {
+				p.flags_in = (post.rflags & arith & ~cf) | c;
+				return p;
+			}
+		}
+		return std::nullopt;
+	case RmwOp::inc: m0 = data - 1; break;
+	case RmwOp::dec: m0 = data + 1; break;
+	case RmwOp::not_: m0 = ~data; break;
+	case RmwOp::neg: m0 = -data; break;
+	case RmwOp::bts: case RmwOp::btr: case RmwOp::btc: {
+		const std::uint64_t bit = 1ull << (p.src & (8 * d.size - 1));
+		const bool was = post.rflags & cf;
+		m0 = was ? data | bit : data & ~bit;
+		if (d.op == RmwOp::btc)
+			m0 = data ^ bit;
+		break;
+	}
+	case RmwOp::xadd:
+		m0 = read_reg(post, d);
+		p.src = (data - m0) & mask;
+		break;
+	case RmwOp::xchg:
+		p.src = data;
+		return p;
+	case RmwOp::cmpxchg:
+		p.rax = post.rax & mask;
+		if (!(post.rflags & zf)) {
+			/* Failed: KVM wrote back what it read, which is now in rax. */
+			if (data != p.rax)
+				return std::nullopt;
+			p.store = false;
+			return p;
+		}
+		return data == p.src ? std::optional(p) : std::nullopt;
+	case RmwOp::cmpxchg8b:
+		p.rax = post.rax & 0xffffffff;
+		p.rdx = post.rdx & 0xffffffff;
+		p.rbx = post.rbx & 0xffffffff;
+		p.rcx = post.rcx & 0xffffffff;
+		if (!(post.rflags & zf)) {
+			if (data != (p.rdx << 32 | p.rax))
+				return std::nullopt;
+			p.store = false;
+			return p;
+		}
+		return data == (p.rcx << 32 | p.rbx) ? std::optional(p) : std::nullopt;
+	}
+	if (!check(m0 & mask, p.flags_in))
+		return std::nullopt;
+	return p;
+}
+
+/*
+ * The registers before the instruction, as far as its address depends on
+ * them: xadd and xchg changed their source register; nullopt when that one
+ * is also in the address and its old value cannot be worked out.
+ */
+static std::optional<kvm_regs> regs_before(const RmwPlan &p, const kvm_regs &post)
+{
+	const RmwInsn &d = p.insn;
+	if (d.op != RmwOp::xadd && d.op != RmwOp::xchg)
+		return post;
+	const bool in_address = !d.high8 && (d.base == d.src_reg || d.index == d.src_reg);
+	if (!in_address)
+		return post;
+	if (d.size == 4)
+		return std::nullopt; /* its upper half was cleared */
+	kvm_regs pre = post;
+	write_reg(pre, d.src_reg, false, d.size, p.src);
+	return pre;
+}
+
+static std::optional<std::uint64_t> operand_gva(const RmwPlan &p, const kvm_regs &pre,
+						const kvm_sregs &s, bool long64)
+{
+	const RmwInsn &d = p.insn;
+	std::uint64_t ea = static_cast<std::uint64_t>(d.disp);
+	if (d.base >= 0)
+		ea += gpr(pre, d.base);
+	if (d.index >= 0)
+		ea += gpr(pre, d.index) << d.scale;
+	if (d.rip_relative)
+		ea += pre.rip;
+	if (d.op >= RmwOp::bts && d.op <= RmwOp::btc && !d.src_imm) {
+		/* A bit offset in a register also selects the operand. */
+		const unsigned bits = 8 * d.size;
+		std::int64_t off = static_cast<std::int64_t>(p.src << (64 - bits)) >> (64 - bits);
+		ea += static_cast<std::uint64_t>((off & ~static_cast<std::int64_t>(bits - 1)) >> 3);
+	}
+	if (d.addr_bytes == 4)
+		ea &= 0xffffffff;
+	if (long64) {
+		if (d.seg == 4)
+			ea += s.fs.base;
+		else if (d.seg == 5)
+			ea += s.gs.base;
+		return ea;
+	}
+	const kvm_segment *segs[] = {&s.es, &s.cs, &s.ss, &s.ds, &s.fs, &s.gs};
+	int seg = d.seg >= 0 ? d.seg : (d.base == 4 || d.base == 5) ? 2 : 3;
+	return (segs[seg]->base + ea) & 0xffffffff;
+}
+
+std::optional<RmwPlan> find_locked_rmw(Vcpu &vcpu, const kvm_regs &post, std::uint64_t gpa,
+				       std::span<const std::uint8_t> data)
+{
+	const std::size_t size = data.size();
+	if (size != 1 && size != 2 && size != 4 && size != 8)
+		return std::nullopt;
+	const kvm_sregs s = vcpu.sregs();
+	const bool long64 = (s.efer & (1u << 10)) && s.cs.l;
+	if (!long64 && !s.cs.db)
+		return std::nullopt; /* 16-bit code: see spp.rst */
+
+	/* The up to 15 bytes before rip (the instruction ended there). */
+	std::array<std::uint8_t, 15> code{};
+	std::size_t have = 0; /* code[15 - have .. 15) are read */
+	for (std::uint64_t end = post.rip; have < code.size();) {
+		const std::uint64_t va = end - 1;
+		const kvm_translation t = vcpu.translate(va);
+		if (!t.valid)
+			break;
+		const std::size_t n = std::min<std::uint64_t>(code.size() - have, va % 4096 + 1);
+		const std::uint64_t g = t.physical_address - (n - 1);
+		if (!vcpu.memory().contains(g, n))
+			break;
+		vcpu.memory().read(g, std::as_writable_bytes(
+					      std::span(code.data() + code.size() - have - n, n)));
+		have += n;
+		end -= n;
+	}
+
+	std::uint64_t value = 0;
+	std::memcpy(&value, data.data(), size);
+	/* The shortest instruction that fits: extra bytes in front are prefixes at most. */
+	for (std::size_t len = 2; len <= have; len++) {
+		auto d = decode_rmw(std::span(code).last(len), long64);
+		if (!d || d->length != len || d->size != size)
+			continue;
+		auto p = explain(*d, post, value);
+		if (!p)
+			continue;
+		auto pre = regs_before(*p, post);
+		if (!pre)
+			continue;
+		auto gva = operand_gva(*p, *pre, s, long64);
+		if (!gva)
+			continue;
+		const kvm_translation t = vcpu.translate(*gva);
+		if (!t.valid || t.physical_address != gpa)
+			continue;
+		p->gva = *gva;
+		return p;
+	}
+	return std::nullopt;
+}
+
+} // namespace virtkit::detail

@@ -1,0 +1,95 @@
+// SPDX-License-Identifier: MIT
+/*
+ * Internal: locked read-modify-writes on pages whose writes trap.
+ *
+ * KVM's emulator runs `lock add/or/xadd/cmpxchg/...` and `xchg` on a
+ * read-only memslot as a read when it emulates the instruction and a plain
+ * write that reaches the VMM afterwards ("emulating exchange as write"): its
+ * result is computed from a value another vCPU may have changed since, and a
+ * failed compare-exchange writes the stale value back. The write exit comes
+ * with the instruction already retired (RIP after it, registers and flags
+ * committed), so sub-page protection finds the instruction that ended at RIP
+ * (decode_rmw() at each possible start, kept only when its operand, size,
+ * the data KVM wrote and the flags and registers KVM left all agree), works
+ * out its operands as they were before it ran, and performs it again with
+ * LOCK on the VMM's mapping of the same memory: atomic with respect to the
+ * guest's own locked accesses on other vCPUs, with the architectural results
+ * of that execution.
+ */
+#pragma once
+
+#include <virtkit/kvm.h>
+
+#include <cstdint>
+#include <optional>
+#include <span>
+
+namespace virtkit {
+class Vcpu;
+}
+
+namespace virtkit::detail {
+
+/* The instructions LOCK may prefix, plus XCHG (locked without it). */
+enum class RmwOp : std::uint8_t {
+	add, or_, adc, sbb, and_, sub, xor_, /* in the order of the ALU opcodes */
+	inc, dec, not_, neg, bts, btr, btc, xadd, xchg, cmpxchg, cmpxchg8b,
+};
+
+/* One such instruction with a memory destination, decoded. */
+struct RmwInsn {
+	RmwOp op;
+	std::uint8_t size;	/* operand bytes: 1, 2, 4 or 8 */
+	std::uint8_t length;	/* instruction bytes */
+	bool src_imm;		/* the source is imm; else register src_reg, if any */
+	bool high8;		/* src_reg 4..7 name AH, CH, DH, BH */
+	std::uint8_t src_reg;	/* 0..15: rax, rcx, rdx, rbx, rsp, rbp, rsi, rdi, r8.. */
+	std::uint64_t imm;	/* sign-extended to size, masked to it */
+	/* The memory operand: seg:[base + index * 2^scale + disp] (or rip + disp). */
+	std::int8_t base = -1, index = -1;
+	std::uint8_t scale = 0;
+	bool rip_relative = false;
+	std::uint8_t addr_bytes = 8;	/* 8, or 4 with an address-size override */
+	std::int8_t seg = -1;		/* 0 es 1 cs 2 ss 3 ds 4 fs 5 gs; -1 default */
+	std::int64_t disp = 0;
+};
+
+/*
+ * The instruction at the start of code, if it is one of the above with a
+ * memory operand; in 64-bit mode (long64) or in 32-bit code (CS.D = 1).
+ * 16-bit addressing gives nullopt.
+ */
+std::optional<RmwInsn> decode_rmw(std::span<const std::uint8_t> code, bool long64);
+
+/* A trapped write explained as a lockable read-modify-write. */
+struct RmwPlan {
+	RmwInsn insn;
+	std::uint64_t gva;	/* of the destination (after a bit-offset adjustment) */
+	std::uint64_t src;	/* the source value (register or immediate), masked */
+	std::uint64_t rax, rdx, rbx, rcx; /* before it, for cmpxchg/cmpxchg8b */
+	std::uint64_t flags_in;	/* rflags before it, as far as they matter */
+	/*
+	 * false for a compare-exchange whose compare failed when KVM ran it:
+	 * the instruction took effect as an atomic read then, and its write
+	 * (of the value read) must not be performed now.
+	 */
+	bool store;
+};
+
+/*
+ * Explain the write KVM reported - data at the (first) piece's gpa, the
+ * vCPU's registers after the instruction - as the lockable RMW that ended
+ * at post.rip, if it was one. Reads the vCPU's registers, translations and
+ * guest memory; does not change anything.
+ */
+std::optional<RmwPlan> find_locked_rmw(Vcpu &vcpu, const kvm_regs &post, std::uint64_t gpa,
+				       std::span<const std::uint8_t> data);
+
+/*
+ * Perform plan atomically on the host bytes of its destination, host (its
+ * operand size long; may be unaligned): returns the registers the guest
+ * must continue with, given post, the registers KVM left.
+ */
+kvm_regs perform_rmw(const RmwPlan &plan, void *host, const kvm_regs &post);
+
+} // namespace virtkit::detail
