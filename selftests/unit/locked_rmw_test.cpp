@@ -21,7 +21,7 @@ TEST_CASE("decode_rmw: ALU forms, sizes and immediates", "[spp][rmw]")
 	CHECK(d->op == RmwOp::add);
 	CHECK(d->size == 8);
 	CHECK(d->length == 4);
-	CHECK(d->base == 7);
+	CHECK(d->mem.base == 7);
 	CHECK(d->src_reg == 0);
 	CHECK(!d->src_imm);
 
@@ -30,9 +30,9 @@ TEST_CASE("decode_rmw: ALU forms, sizes and immediates", "[spp][rmw]")
 	CHECK(d->op == RmwOp::add);
 	CHECK(d->size == 2);
 	CHECK(d->length == 10);
-	CHECK(d->base == -1);
-	CHECK(d->index == -1);
-	CHECK(d->disp == 0x40000140);
+	CHECK(d->mem.base == -1);
+	CHECK(d->mem.index == -1);
+	CHECK(d->mem.disp == 0x40000140);
 	CHECK(d->src_imm);
 	CHECK(d->imm == 0xfffd); /* sign-extended to the operand, masked to it */
 
@@ -69,25 +69,25 @@ TEST_CASE("decode_rmw: addressing", "[spp][rmw]")
 	auto d = decode({0x65, 0xf0, 0x4b, 0xff, 0x44, 0xa8, 0x10});
 	REQUIRE(d);
 	CHECK(d->op == RmwOp::inc);
-	CHECK(d->seg == 5);
-	CHECK(d->base == 8);
-	CHECK(d->index == 13);
-	CHECK(d->scale == 2);
-	CHECK(d->disp == 0x10);
+	CHECK(d->mem.seg == 5);
+	CHECK(d->mem.base == 8);
+	CHECK(d->mem.index == 13);
+	CHECK(d->mem.scale == 2);
+	CHECK(d->mem.disp == 0x10);
 	CHECK(d->length == 7);
 
 	/* lock decl 0x100(%rip) */
 	d = decode({0xf0, 0xff, 0x0d, 0x00, 0x01, 0x00, 0x00});
 	REQUIRE(d);
 	CHECK(d->op == RmwOp::dec);
-	CHECK(d->rip_relative);
-	CHECK(d->disp == 0x100);
+	CHECK(d->mem.rip_relative);
+	CHECK(d->mem.disp == 0x100);
 
 	/* 32-bit code: disp32 is absolute; 16-bit addressing is refused. */
 	d = decode({0xf0, 0xff, 0x05, 0x00, 0x10, 0x00, 0x00}, false);
 	REQUIRE(d);
-	CHECK(!d->rip_relative);
-	CHECK(d->addr_bytes == 4);
+	CHECK(!d->mem.rip_relative);
+	CHECK(d->mem.addr_bytes == 4);
 	CHECK(!decode({0x67, 0xf0, 0xff, 0x07}, false));
 
 	/* A truncated instruction is not decoded. */

@@ -63,6 +63,21 @@ void RunControl::set_entry(Vm &vm, const RunEntry *entry) noexcept
 
 VcpuState &RunControl::state(Vcpu &vcpu) noexcept { return *vcpu.state_; }
 
+std::optional<RunControl::StallRegistration>
+RunControl::watch_stalls(Vm &vm, std::shared_ptr<VcpuWork> check)
+{
+	const VcpuWork *c = check.get();
+	if (!vm.state_->stalls.watch(std::move(check)))
+		return std::nullopt;
+	return StallRegistration(vm.state_->stalls, c);
+}
+
+void RunControl::StallRegistration::reset() noexcept
+{
+	if (watch_)
+		std::exchange(watch_, nullptr)->unwatch(check_);
+}
+
 void RunControl::request_work(Vcpu &vcpu)
 {
 	auto &s = *vcpu.state_;

@@ -44,6 +44,7 @@
 #include <cstdint>
 #include <memory>
 #include <optional>
+#include <utility>
 #include <vector>
 
 #include <virtkit/exit.hpp>
@@ -54,6 +55,7 @@ namespace virtkit::detail {
 
 class FeatureSlots;
 class MemoryMap;
+class StallWatch;
 struct VcpuState;
 
 /*
@@ -115,6 +117,37 @@ public:
 	static void release_work(Vm &vm, const VcpuWork *work) noexcept;
 	/* Enter the guest through `entry` (nullptr: KVM_RUN) from the next entry on. */
 	static void set_entry(Vm &vm, const RunEntry *entry) noexcept;
+	/*
+	 * Install the VM's stall check (stall_watch.hpp): a vCPU that stays
+	 * inside one KVM_RUN for a StallWatch::period is kicked out and runs
+	 * check->before_entry() on its own thread. One per VM: false (nothing
+	 * changed) when another one is installed. The returned registration
+	 * removes it; it must not outlive the VM's state (a feature slot).
+	 */
+	class StallRegistration {
+	public:
+		StallRegistration() = default;
+		StallRegistration(StallWatch &w, const VcpuWork *c) : watch_(&w), check_(c) {}
+		StallRegistration(StallRegistration &&o) noexcept
+			: watch_(std::exchange(o.watch_, nullptr)), check_(o.check_) {}
+		StallRegistration &operator=(StallRegistration &&o) noexcept
+		{
+			if (this != &o) {
+				reset();
+				watch_ = std::exchange(o.watch_, nullptr);
+				check_ = o.check_;
+			}
+			return *this;
+		}
+		~StallRegistration() { reset(); }
+		void reset() noexcept;
+
+	private:
+		StallWatch *watch_ = nullptr;
+		const VcpuWork *check_ = nullptr;
+	};
+	static std::optional<StallRegistration> watch_stalls(Vm &vm,
+							     std::shared_ptr<VcpuWork> check);
 
 	/* --- one vCPU, from any thread --- */
 

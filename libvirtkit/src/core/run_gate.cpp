@@ -33,6 +33,13 @@ void RunGate::remove(VcpuState *v)
 	vcpus_.erase(std::remove(vcpus_.begin(), vcpus_.end(), v), vcpus_.end());
 }
 
+void RunGate::for_each(const std::function<void(VcpuState &)> &fn)
+{
+	std::lock_guard lock(mu_);
+	for (VcpuState *v : vcpus_)
+		fn(*v);
+}
+
 RunGate::Pause::Pause(RunGate &gate) : gate_(gate)
 {
 	std::unique_lock lock(gate_.mu_);

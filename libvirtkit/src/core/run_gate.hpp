@@ -19,6 +19,7 @@
 
 #include <condition_variable>
 #include <cstdint>
+#include <functional>
 #include <mutex>
 #include <vector>
 
@@ -35,6 +36,8 @@ public:
 	/* Vcpus register so that a Pause can kick them. */
 	void add(VcpuState *v);
 	void remove(VcpuState *v);
+	/* fn on each registered vCPU, under the gate's lock (they stay alive). */
+	void for_each(const std::function<void(VcpuState &)> &fn);
 
 	/* Keeps every vCPU of the VM out of the guest while it exists. */
 	class Pause {

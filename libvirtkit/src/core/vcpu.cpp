@@ -109,6 +109,13 @@ Exit Vcpu::run()
 				if (auto exit = work->before_entry(*this))
 					return std::move(*exit);
 		}
+		/* A feature's look at a vCPU that stayed in the guest (StallWatch). */
+		if (s.stall_check_pending.load(std::memory_order_relaxed) &&
+		    s.stall_check_pending.exchange(false)) {
+			if (auto check = s.vm->stalls.check())
+				if (auto exit = check->before_entry(*this))
+					return std::move(*exit);
+		}
 		s.vm->gate.enter();
 		{
 			std::unique_lock lock(s.kick_mu);
@@ -202,6 +209,11 @@ namespace detail {
 void internal_kick(VcpuState &s)
 {
 	std::lock_guard lock(s.kick_mu);
+	internal_kick_locked(s);
+}
+
+void internal_kick_locked(VcpuState &s)
+{
 	s.internal_kick = true;
 	std::atomic_ref(s.run.as<kvm_run>()->immediate_exit).store(1);
 	if (s.in_run)

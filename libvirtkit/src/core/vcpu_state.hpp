@@ -65,6 +65,12 @@ struct VcpuState {
 	std::condition_variable kick_cv;
 	/* RunControl::request_work(): run before_entry() before the next entry. */
 	std::atomic<bool> work_pending{false};
+	/*
+	 * StallWatch: run the VM's stall check before the next entry; the
+	 * entry it last saw the vCPU in (under kick_mu).
+	 */
+	std::atomic<bool> stall_check_pending{false};
+	std::uint64_t stall_seen = 0;
 
 	/*
 	 * What page walks take from the vCPU's CPUID (vcpu_paging.cpp), read
@@ -84,5 +90,7 @@ int kick_signal();
 
 /* Make the vCPU leave KVM_RUN without run() reporting it (see RunGate). */
 void internal_kick(VcpuState &v);
+/* The same with v.kick_mu held. */
+void internal_kick_locked(VcpuState &v);
 
 } // namespace virtkit::detail

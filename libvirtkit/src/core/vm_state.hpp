@@ -25,6 +25,7 @@
 #include "core/memory_map.hpp"
 #include "core/run_control.hpp"
 #include "core/run_gate.hpp"
+#include "core/stall_watch.hpp"
 #include "paging/paging_support.hpp"
 
 namespace virtkit::detail {
@@ -100,6 +101,9 @@ struct VmState {
 	 * may still use the memory map, the gate and the handler list while
 	 * it is destroyed (feature_slots.hpp).
 	 */
+	/* Before the features: they unwatch while they are destroyed. */
+	StallWatch stalls{gate};
+
 	FeatureSlots features;
 };
 

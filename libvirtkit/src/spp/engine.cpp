@@ -14,6 +14,7 @@
 #include "core/run_control.hpp"
 #include "spp/cmpxchg16b.hpp"
 #include "spp/locked_rmw.hpp"
+#include "spp/system_writes.hpp"
 
 namespace virtkit::detail {
 
@@ -86,6 +87,7 @@ SppEngine::SppEngine(MemoryMap &mem, std::unique_ptr<SppStore> store)
 
 SppEngine::~SppEngine()
 {
+	stall_reg_.reset();
 	reg_.reset();
 	auto lock = mem_.lock();
 	mem_.set_observer_locked(nullptr);
@@ -512,6 +514,136 @@ ExitAction SppEngine::complete_cmpxchg16b(Vcpu &vcpu, Exit &exit)
 	finish(equal);
 	exit = SppViolationExit{v};
 	return ExitAction::pass;
+}
+
+void SppEngine::watch_stalls(Vm &vm)
+{
+	struct Check final : VcpuWork {
+		explicit Check(SppEngine &e) : engine(e) {}
+		std::optional<Exit> before_entry(Vcpu &vcpu) override
+		{
+			return engine.complete_stalled(vcpu);
+		}
+		SppEngine &engine;
+	};
+	if (auto reg = RunControl::watch_stalls(vm, std::make_shared<Check>(*this)))
+		stall_reg_ = std::move(*reg);
+}
+
+/*
+ * The vCPU made no progress for a StallWatch period: if the instruction at
+ * its RIP makes a write KVM cannot complete on a trapping page, decide it
+ * here, as for any other write. A store (sgdt, sidt) is then done or
+ * dropped and the guest continues after the instruction. A descriptor's
+ * accessed or busy bit is set, and the guest runs the instruction again;
+ * dropping that write would leave it stuck, so a drop ends Vcpu::run() with
+ * the violation for the VMM to decide (SppViolationExit, rip at the
+ * instruction).
+ */
+std::optional<Exit> SppEngine::complete_stalled(Vcpu &vcpu)
+{
+	kvm_regs regs = vcpu.regs();
+	const kvm_sregs sregs = vcpu.sregs();
+	bool advance = false;
+	std::uint8_t length = 0;
+	for (const SystemWrite &w : find_system_writes(vcpu, regs, sregs)) {
+		/* Its bytes by page: at most two pieces. */
+		struct Piece {
+			std::uint64_t gpa;
+			std::uint32_t off, len;
+		};
+		std::array<Piece, 2> pieces{};
+		std::size_t count = 0;
+		for (std::uint32_t off = 0; off < w.size; count++) {
+			const kvm_translation t = vcpu.translate(w.gva + off);
+			if (!t.valid)
+				return std::nullopt; /* the CPU faults on its own */
+			const std::uint32_t len = std::min<std::uint64_t>(
+				w.size - off, page - (w.gva + off) % page);
+			pieces[count] = {t.physical_address, off, len};
+			off += len;
+		}
+		auto perform_locked = [&] {
+			for (std::size_t k = 0; k < count; k++) {
+				const Piece &pc = pieces[k];
+				if (w.kind == SystemWrite::Kind::store)
+					mem_.guest_write_locked(pc.gpa, reinterpret_cast<const std::byte *>(
+										w.bytes.data() + pc.off),
+								pc.len);
+				else
+					mem_.guest_rmw_locked(pc.gpa, 1, [&](std::byte *host) {
+						__atomic_fetch_or(reinterpret_cast<std::uint8_t *>(host),
+								  w.set_bits, __ATOMIC_SEQ_CST);
+					});
+			}
+		};
+		auto blocked_locked = [&]() -> std::optional<std::uint64_t> {
+			for (std::size_t k = 0; k < count; k++) {
+				MapWindow maps(*store_, "SubpageProtection (system write)",
+					       pieces[k].gpa / page, pieces[k].gpa / page + 1);
+				if (auto b = first_blocked(maps, pieces[k].gpa, pieces[k].len))
+					return b;
+			}
+			return std::nullopt;
+		};
+		std::optional<std::uint64_t> blocked;
+		{
+			auto lock = mem_.lock_shared();
+			bool traps = false;
+			for (std::size_t k = 0; k < count; k++) {
+				if (!mem_.writable_ram_locked(pieces[k].gpa, pieces[k].len))
+					return std::nullopt; /* not RAM: not a write we hold up */
+				const std::uint64_t g = pieces[k].gpa / page;
+				MapWindow maps = trap_window(*store_, "SubpageProtection (system write)", g, 1);
+				traps |= needs_trap(g, [&](std::uint64_t x) { return maps.at(x); });
+			}
+			if (!traps)
+				continue; /* KVM performs it */
+			checked_++;
+			blocked = blocked_locked();
+			if (!blocked) {
+				perform_locked();
+				allowed_++;
+			}
+		}
+		if (w.kind == SystemWrite::Kind::store) {
+			advance = true;
+			length = w.length;
+		}
+		if (!blocked)
+			continue;
+
+		SppViolation v{};
+		v.vcpu = vcpu.id();
+		v.gpa = *blocked;
+		v.write_gpa = pieces[0].gpa;
+		v.size = w.size;
+		v.rip = w.kind == SystemWrite::Kind::store ? regs.rip + w.length : regs.rip;
+		std::memcpy(v.bytes.data(), w.bytes.data(), w.size);
+		auto blocked_now = [&] {
+			auto lock = mem_.lock_shared();
+			return blocked_locked();
+		};
+		const SppDecision d = report(vcpu, v, blocked_now);
+		if (d == SppDecision::allow_once) {
+			auto lock = mem_.lock_shared();
+			perform_locked();
+			continue;
+		}
+		if (d == SppDecision::drop && w.kind == SystemWrite::Kind::store)
+			continue;
+		/* stop, or a descriptor that must change for the guest to go on. */
+		if (advance) {
+			regs.rip += length;
+			vcpu.set_regs(regs);
+		}
+		return SppViolationExit{v};
+	}
+	if (advance) {
+		regs.rip += length;
+		vcpu.set_regs(regs);
+	}
+	return std::nullopt;
 }
 
 ExitAction SppEngine::on_exit(Vcpu &vcpu, Exit &exit)

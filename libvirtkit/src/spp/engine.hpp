@@ -35,6 +35,7 @@
 #include <virtkit/vm.hpp>
 
 #include "core/memory_map.hpp"
+#include "core/run_control.hpp"
 #include "spp/store.hpp"
 
 namespace virtkit::detail {
@@ -49,6 +50,11 @@ public:
 	/* The exit handler the VM must register (at the highest priority). */
 	ExitAction on_exit(Vcpu &vcpu, Exit &exit);
 	void keep_registration(ExitHandlerRegistration reg) { reg_ = std::move(reg); }
+	/*
+	 * Watch vm's vCPUs for instructions KVM restarts for ever on a
+	 * trapping page (system_writes.hpp) and complete them.
+	 */
+	void watch_stalls(Vm &vm);
 
 	/*
 	 * What SubpageProtection offers, after it validated what does not
@@ -87,6 +93,8 @@ private:
 			   const std::function<std::optional<std::uint64_t>()> &blocked_now);
 	/* A cmpxchg16b that KVM's emulator refused on a trapping page. */
 	ExitAction complete_cmpxchg16b(Vcpu &vcpu, Exit &exit);
+	/* A vCPU that stayed in the guest: complete what KVM cannot (on its thread). */
+	std::optional<Exit> complete_stalled(Vcpu &vcpu);
 	void count_protected(std::span<const std::uint32_t> old_maps,
 			     std::span<const std::uint32_t> new_maps);
 
@@ -100,6 +108,7 @@ private:
 
 	std::atomic<std::uint64_t> checked_{0}, allowed_{0}, violations_{0};
 	ExitHandlerRegistration reg_;
+	RunControl::StallRegistration stall_reg_;
 };
 
 } // namespace virtkit::detail

@@ -23,40 +23,22 @@ static std::uint64_t size_mask(unsigned size)
 std::optional<RmwInsn> decode_rmw(std::span<const std::uint8_t> code, bool long64)
 {
 	const std::size_t n = std::min<std::size_t>(code.size(), 15);
-	std::size_t i = 0;
-	bool opsize = false, addrsize = false;
-	std::int8_t seg = -1;
-	for (; i < n; i++) {
-		switch (code[i]) {
-		case 0xf0: case 0xf2: case 0xf3: continue;
-		case 0x66: opsize = true; continue;
-		case 0x67: addrsize = true; continue;
-		case 0x26: seg = 0; continue;
-		case 0x2e: seg = 1; continue;
-		case 0x36: seg = 2; continue;
-		case 0x3e: seg = 3; continue;
-		case 0x64: seg = 4; continue;
-		case 0x65: seg = 5; continue;
-		}
-		break;
-	}
-	std::uint8_t rex = 0;
-	if (long64 && i < n && (code[i] & 0xf0) == 0x40)
-		rex = code[i++];
+	const Prefixes pre = decode_prefixes(code, long64);
+	const std::uint8_t rex = pre.rex;
+	std::size_t i = pre.length;
 	if (i + 1 >= n)
 		return std::nullopt;
 	std::uint8_t opc = code[i++];
 	const bool two = opc == 0x0f;
 	if (two)
 		opc = code[i++];
-	if (i >= n)
-		return std::nullopt;
-	const std::uint8_t modrm = code[i++];
-	const unsigned mod = modrm >> 6, reg = modrm >> 3 & 7, rm = modrm & 7;
-	if (mod == 3)
-		return std::nullopt;
-
 	RmwInsn d{};
+	unsigned reg;
+	auto after = decode_mem_operand(code, i, pre, long64, d.mem, reg);
+	if (!after)
+		return std::nullopt;
+	i = *after;
+
 	enum { none, by_reg, imm8, immz } src = none;
 	bool byte = false;
 	if (!two) {
@@ -116,7 +98,7 @@ std::optional<RmwInsn> decode_rmw(std::span<const std::uint8_t> code, bool long6
 	if (d.op == RmwOp::cmpxchg8b)
 		d.size = 8;
 	else
-		d.size = byte ? 1 : rex & 8 ? 8 : opsize ? 2 : 4;
+		d.size = byte ? 1 : rex & 8 ? 8 : pre.opsize ? 2 : 4;
 	if (src == by_reg) {
 		d.src_reg = static_cast<std::uint8_t>(reg | (rex & 4) << 1);
 		d.high8 = byte && !rex && reg >= 4;
@@ -124,45 +106,6 @@ std::optional<RmwInsn> decode_rmw(std::span<const std::uint8_t> code, bool long6
 			d.src_reg = static_cast<std::uint8_t>(reg - 4);
 	}
 
-	/* The memory operand. */
-	if (long64)
-		d.addr_bytes = addrsize ? 4 : 8;
-	else if (addrsize)
-		return std::nullopt; /* 16-bit addressing */
-	else
-		d.addr_bytes = 4;
-	d.seg = seg;
-	bool disp32 = mod == 2;
-	if (rm == 4) {
-		if (i >= n)
-			return std::nullopt;
-		const std::uint8_t sib = code[i++];
-		d.scale = sib >> 6;
-		const unsigned idx = (sib >> 3 & 7) | (rex & 2) << 2;
-		if (idx != 4)
-			d.index = static_cast<std::int8_t>(idx);
-		if ((sib & 7) == 5 && mod == 0)
-			disp32 = true;
-		else
-			d.base = static_cast<std::int8_t>((sib & 7) | (rex & 1) << 3);
-	} else if (rm == 5 && mod == 0) {
-		disp32 = true;
-		d.rip_relative = long64;
-	} else {
-		d.base = static_cast<std::int8_t>(rm | (rex & 1) << 3);
-	}
-	if (mod == 1) {
-		if (i >= n)
-			return std::nullopt;
-		d.disp = static_cast<std::int8_t>(code[i++]);
-	} else if (disp32) {
-		if (i + 4 > n)
-			return std::nullopt;
-		std::int32_t v;
-		std::memcpy(&v, &code[i], 4);
-		d.disp = v;
-		i += 4;
-	}
 	if (src == imm8 || src == immz) {
 		const unsigned bytes = src == imm8 || byte ? 1 : d.size == 2 ? 2 : 4;
 		if (i + bytes > n)
@@ -186,18 +129,6 @@ std::optional<RmwInsn> decode_rmw(std::span<const std::uint8_t> code, bool long6
 }
 
 /* --- the instruction on the host --------------------------------------- */
-
-static __u64 &gpr(kvm_regs &r, unsigned n)
-{
-	__u64 *v[16] = {&r.rax, &r.rcx, &r.rdx, &r.rbx, &r.rsp, &r.rbp, &r.rsi, &r.rdi,
-				&r.r8,	&r.r9,	&r.r10, &r.r11, &r.r12, &r.r13, &r.r14, &r.r15};
-	return *v[n & 15];
-}
-
-static std::uint64_t gpr(const kvm_regs &r, unsigned n)
-{
-	return gpr(const_cast<kvm_regs &>(r), n);
-}
 
 /* The source register's value (size bytes), and writing one back as the CPU does. */
 static std::uint64_t read_reg(const kvm_regs &r, const RmwInsn &d)
@@ -521,7 +452,7 @@ static std::optional<kvm_regs> regs_before(const RmwPlan &p, const kvm_regs &pos
 	const RmwInsn &d = p.insn;
 	if (d.op != RmwOp::xadd && d.op != RmwOp::xchg)
 		return post;
-	const bool in_address = !d.high8 && (d.base == d.src_reg || d.index == d.src_reg);
+	const bool in_address = !d.high8 && (d.mem.base == d.src_reg || d.mem.index == d.src_reg);
 	if (!in_address)
 		return post;
 	if (d.size == 4)
@@ -531,35 +462,18 @@ static std::optional<kvm_regs> regs_before(const RmwPlan &p, const kvm_regs &pos
 	return pre;
 }
 
-static std::optional<std::uint64_t> operand_gva(const RmwPlan &p, const kvm_regs &pre,
-						const kvm_sregs &s, bool long64)
+static std::uint64_t operand_gva(const RmwPlan &p, const kvm_regs &pre, const kvm_sregs &s,
+				 bool long64)
 {
 	const RmwInsn &d = p.insn;
-	std::uint64_t ea = static_cast<std::uint64_t>(d.disp);
-	if (d.base >= 0)
-		ea += gpr(pre, d.base);
-	if (d.index >= 0)
-		ea += gpr(pre, d.index) << d.scale;
-	if (d.rip_relative)
-		ea += pre.rip;
+	MemOperand mem = d.mem;
 	if (d.op >= RmwOp::bts && d.op <= RmwOp::btc && !d.src_imm) {
 		/* A bit offset in a register also selects the operand. */
 		const unsigned bits = 8 * d.size;
 		std::int64_t off = static_cast<std::int64_t>(p.src << (64 - bits)) >> (64 - bits);
-		ea += static_cast<std::uint64_t>((off & ~static_cast<std::int64_t>(bits - 1)) >> 3);
+		mem.disp += (off & ~static_cast<std::int64_t>(bits - 1)) >> 3;
 	}
-	if (d.addr_bytes == 4)
-		ea &= 0xffffffff;
-	if (long64) {
-		if (d.seg == 4)
-			ea += s.fs.base;
-		else if (d.seg == 5)
-			ea += s.gs.base;
-		return ea;
-	}
-	const kvm_segment *segs[] = {&s.es, &s.cs, &s.ss, &s.ds, &s.fs, &s.gs};
-	int seg = d.seg >= 0 ? d.seg : (d.base == 4 || d.base == 5) ? 2 : 3;
-	return (segs[seg]->base + ea) & 0xffffffff;
+	return linear_address(mem, pre, s, long64, pre.rip);
 }
 
 std::optional<RmwPlan> find_locked_rmw(Vcpu &vcpu, const kvm_regs &post, std::uint64_t gpa,
@@ -569,33 +483,29 @@ std::optional<RmwPlan> find_locked_rmw(Vcpu &vcpu, const kvm_regs &post, std::ui
 	if (size != 1 && size != 2 && size != 4 && size != 8)
 		return std::nullopt;
 	const kvm_sregs s = vcpu.sregs();
-	const bool long64 = (s.efer & (1u << 10)) && s.cs.l;
-	if (!long64 && !s.cs.db)
+	const auto long64 = code_is_64bit(s);
+	if (!long64)
 		return std::nullopt; /* 16-bit code: see spp.rst */
 
 	/* The up to 15 bytes before rip (the instruction ended there). */
-	std::array<std::uint8_t, 15> code{};
-	std::size_t have = 0; /* code[15 - have .. 15) are read */
-	for (std::uint64_t end = post.rip; have < code.size();) {
-		const std::uint64_t va = end - 1;
-		const kvm_translation t = vcpu.translate(va);
-		if (!t.valid)
-			break;
-		const std::size_t n = std::min<std::uint64_t>(code.size() - have, va % 4096 + 1);
-		const std::uint64_t g = t.physical_address - (n - 1);
-		if (!vcpu.memory().contains(g, n))
-			break;
-		vcpu.memory().read(g, std::as_writable_bytes(
-					      std::span(code.data() + code.size() - have - n, n)));
-		have += n;
-		end -= n;
+	std::array<std::uint8_t, 15> buf{};
+	std::size_t have = read_guest_virtual(vcpu, post.rip - buf.size(), buf);
+	std::span<const std::uint8_t> code(buf.data(), have);
+	if (have < buf.size()) {
+		/* The page before rip's is not mapped: only rip's own page. */
+		const std::uint64_t start = (post.rip - 1) & ~4095ull;
+		have = read_guest_virtual(vcpu, start, std::span(buf).first(
+								     std::min<std::uint64_t>(post.rip - start, buf.size())));
+		code = std::span<const std::uint8_t>(buf.data(), have);
+		if (have != post.rip - start)
+			return std::nullopt;
 	}
 
 	std::uint64_t value = 0;
 	std::memcpy(&value, data.data(), size);
 	/* The shortest instruction that fits: extra bytes in front are prefixes at most. */
 	for (std::size_t len = 2; len <= have; len++) {
-		auto d = decode_rmw(std::span(code).last(len), long64);
+		auto d = decode_rmw(code.last(len), *long64);
 		if (!d || d->length != len || d->size != size)
 			continue;
 		auto p = explain(*d, post, value);
@@ -604,13 +514,11 @@ std::optional<RmwPlan> find_locked_rmw(Vcpu &vcpu, const kvm_regs &post, std::ui
 		auto pre = regs_before(*p, post);
 		if (!pre)
 			continue;
-		auto gva = operand_gva(*p, *pre, s, long64);
-		if (!gva)
-			continue;
-		const kvm_translation t = vcpu.translate(*gva);
+		const std::uint64_t gva = operand_gva(*p, *pre, s, *long64);
+		const kvm_translation t = vcpu.translate(gva);
 		if (!t.valid || t.physical_address != gpa)
 			continue;
-		p->gva = *gva;
+		p->gva = gva;
 		return p;
 	}
 	return std::nullopt;

@@ -24,9 +24,7 @@
 #include <optional>
 #include <span>
 
-namespace virtkit {
-class Vcpu;
-}
+#include "spp/x86_decode.hpp"
 
 namespace virtkit::detail {
 
@@ -45,19 +43,12 @@ struct RmwInsn {
 	bool high8;		/* src_reg 4..7 name AH, CH, DH, BH */
 	std::uint8_t src_reg;	/* 0..15: rax, rcx, rdx, rbx, rsp, rbp, rsi, rdi, r8.. */
 	std::uint64_t imm;	/* sign-extended to size, masked to it */
-	/* The memory operand: seg:[base + index * 2^scale + disp] (or rip + disp). */
-	std::int8_t base = -1, index = -1;
-	std::uint8_t scale = 0;
-	bool rip_relative = false;
-	std::uint8_t addr_bytes = 8;	/* 8, or 4 with an address-size override */
-	std::int8_t seg = -1;		/* 0 es 1 cs 2 ss 3 ds 4 fs 5 gs; -1 default */
-	std::int64_t disp = 0;
+	MemOperand mem;		/* the destination */
 };
 
 /*
  * The instruction at the start of code, if it is one of the above with a
  * memory operand; in 64-bit mode (long64) or in 32-bit code (CS.D = 1).
- * 16-bit addressing gives nullopt.
  */
 std::optional<RmwInsn> decode_rmw(std::span<const std::uint8_t> code, bool long64);
 

@@ -130,6 +130,7 @@ SubpageProtection &SubpageProtection::enable(Vm &vm, const SppOptions &options)
 		auto engine = std::make_unique<detail::SppEngine>(RunControl::memory_map(vm),
 								  std::move(store));
 		auto *e = engine.get();
+		e->watch_stalls(vm);
 		/* Library features see exits before any handler of the VMM. */
 		e->keep_registration(vm.add_exit_handler(
 			[e](Vcpu &v, Exit &exit) { return e->on_exit(v, exit); }, INT_MIN));

@@ -1,0 +1,153 @@
+// SPDX-License-Identifier: MIT
+#include "spp/x86_decode.hpp"
+
+#include <algorithm>
+#include <cstring>
+
+#include <virtkit/memory.hpp>
+#include <virtkit/vcpu.hpp>
+
+namespace virtkit::detail {
+
+Prefixes decode_prefixes(std::span<const std::uint8_t> code, bool long64)
+{
+	Prefixes p;
+	const std::size_t n = std::min<std::size_t>(code.size(), 15);
+	std::size_t i = 0;
+	for (; i < n; i++) {
+		switch (code[i]) {
+		case 0xf0: case 0xf2: case 0xf3: continue;
+		case 0x66: p.opsize = true; continue;
+		case 0x67: p.addrsize = true; continue;
+		case 0x26: p.seg = 0; continue;
+		case 0x2e: p.seg = 1; continue;
+		case 0x36: p.seg = 2; continue;
+		case 0x3e: p.seg = 3; continue;
+		case 0x64: p.seg = 4; continue;
+		case 0x65: p.seg = 5; continue;
+		}
+		break;
+	}
+	if (long64 && i < n && (code[i] & 0xf0) == 0x40)
+		p.rex = code[i++];
+	p.length = i;
+	return p;
+}
+
+std::optional<std::size_t> decode_mem_operand(std::span<const std::uint8_t> code, std::size_t i,
+					      const Prefixes &p, bool long64, MemOperand &d,
+					      unsigned &reg)
+{
+	const std::size_t n = std::min<std::size_t>(code.size(), 15);
+	if (i >= n)
+		return std::nullopt;
+	const std::uint8_t modrm = code[i++];
+	const unsigned mod = modrm >> 6, rm = modrm & 7;
+	reg = modrm >> 3 & 7;
+	if (mod == 3)
+		return std::nullopt;
+	if (long64)
+		d.addr_bytes = p.addrsize ? 4 : 8;
+	else if (p.addrsize)
+		return std::nullopt; /* 16-bit addressing */
+	else
+		d.addr_bytes = 4;
+	d.seg = p.seg;
+	bool disp32 = mod == 2;
+	if (rm == 4) {
+		if (i >= n)
+			return std::nullopt;
+		const std::uint8_t sib = code[i++];
+		d.scale = sib >> 6;
+		const unsigned idx = (sib >> 3 & 7) | (p.rex & 2) << 2;
+		if (idx != 4)
+			d.index = static_cast<std::int8_t>(idx);
+		if ((sib & 7) == 5 && mod == 0)
+			disp32 = true;
+		else
+			d.base = static_cast<std::int8_t>((sib & 7) | (p.rex & 1) << 3);
+	} else if (rm == 5 && mod == 0) {
+		disp32 = true;
+		d.rip_relative = long64;
+	} else {
+		d.base = static_cast<std::int8_t>(rm | (p.rex & 1) << 3);
+	}
+	if (mod == 1) {
+		if (i >= n)
+			return std::nullopt;
+		d.disp = static_cast<std::int8_t>(code[i++]);
+	} else if (disp32) {
+		if (i + 4 > n)
+			return std::nullopt;
+		std::int32_t v;
+		std::memcpy(&v, &code[i], 4);
+		d.disp = v;
+		i += 4;
+	}
+	return i;
+}
+
+__u64 &gpr(kvm_regs &r, unsigned n)
+{
+	__u64 *v[16] = {&r.rax, &r.rcx, &r.rdx, &r.rbx, &r.rsp, &r.rbp, &r.rsi, &r.rdi,
+			&r.r8,	&r.r9,	&r.r10, &r.r11, &r.r12, &r.r13, &r.r14, &r.r15};
+	return *v[n & 15];
+}
+
+__u64 gpr(const kvm_regs &r, unsigned n)
+{
+	return gpr(const_cast<kvm_regs &>(r), n);
+}
+
+std::uint64_t linear_address(const MemOperand &d, const kvm_regs &regs, const kvm_sregs &s,
+			     bool long64, std::uint64_t rip_after)
+{
+	std::uint64_t ea = static_cast<std::uint64_t>(d.disp);
+	if (d.base >= 0)
+		ea += gpr(regs, d.base);
+	if (d.index >= 0)
+		ea += gpr(regs, d.index) << d.scale;
+	if (d.rip_relative)
+		ea += rip_after;
+	if (d.addr_bytes == 4)
+		ea &= 0xffffffff;
+	if (long64) {
+		if (d.seg == 4)
+			ea += s.fs.base;
+		else if (d.seg == 5)
+			ea += s.gs.base;
+		return ea;
+	}
+	const kvm_segment *segs[] = {&s.es, &s.cs, &s.ss, &s.ds, &s.fs, &s.gs};
+	const int seg = d.seg >= 0 ? d.seg : (d.base == 4 || d.base == 5) ? 2 : 3;
+	return (segs[seg]->base + ea) & 0xffffffff;
+}
+
+std::optional<bool> code_is_64bit(const kvm_sregs &s)
+{
+	if ((s.efer & (1u << 10)) && s.cs.l)
+		return true;
+	if (s.cs.db)
+		return false;
+	return std::nullopt;
+}
+
+std::size_t read_guest_virtual(Vcpu &vcpu, std::uint64_t gva, std::span<std::uint8_t> out)
+{
+	std::size_t got = 0;
+	while (got < out.size()) {
+		const std::uint64_t va = gva + got;
+		const kvm_translation t = vcpu.translate(va);
+		if (!t.valid)
+			break;
+		const std::size_t n = std::min<std::uint64_t>(out.size() - got, 4096 - va % 4096);
+		if (!vcpu.memory().contains(t.physical_address, n))
+			break;
+		vcpu.memory().read(t.physical_address,
+				   std::as_writable_bytes(out.subspan(got, n)));
+		got += n;
+	}
+	return got;
+}
+
+} // namespace virtkit::detail

@@ -1,0 +1,71 @@
+// SPDX-License-Identifier: MIT
+/*
+ * Internal: the pieces of x86 instruction decoding that sub-page protection
+ * needs to complete a guest instruction itself (locked_rmw.hpp,
+ * system_writes.hpp, cmpxchg16b.hpp): prefixes, a ModRM memory operand and
+ * its linear address, and the guest's code bytes. 64-bit mode and 32-bit
+ * code (CS.D = 1) only; 16-bit addressing is not decoded.
+ */
+#pragma once
+
+#include <virtkit/kvm.h>
+
+#include <cstddef>
+#include <cstdint>
+#include <optional>
+#include <span>
+
+namespace virtkit {
+class Vcpu;
+}
+
+namespace virtkit::detail {
+
+/* Legacy prefixes and REX, and where the opcode starts. */
+struct Prefixes {
+	bool opsize = false;	/* 0x66 */
+	bool addrsize = false;	/* 0x67 */
+	std::int8_t seg = -1;	/* 0 es 1 cs 2 ss 3 ds 4 fs 5 gs; -1 none */
+	std::uint8_t rex = 0;	/* 64-bit mode only, right before the opcode */
+	std::size_t length = 0;	/* bytes of prefixes */
+};
+Prefixes decode_prefixes(std::span<const std::uint8_t> code, bool long64);
+
+/* A memory operand: seg:[base + index * 2^scale + disp], or rip + disp. */
+struct MemOperand {
+	std::int8_t base = -1, index = -1; /* 0..15: rax, rcx, ... r15; -1 none */
+	std::uint8_t scale = 0;
+	bool rip_relative = false;
+	std::uint8_t addr_bytes = 8;	/* 8, or 4 (32-bit addressing) */
+	std::int8_t seg = -1;
+	std::int64_t disp = 0;
+};
+
+/*
+ * The ModRM byte at code[at] and what follows it (SIB, displacement) as a
+ * memory operand: returns the index after them; nullopt for a register
+ * operand (mod = 3), 16-bit addressing, or bytes missing. *reg gets the
+ * ModRM reg field (without REX.R).
+ */
+std::optional<std::size_t> decode_mem_operand(std::span<const std::uint8_t> code, std::size_t at,
+					      const Prefixes &p, bool long64, MemOperand &mem,
+					      unsigned &reg);
+
+/* Its linear address with the registers before the instruction and rip after it. */
+std::uint64_t linear_address(const MemOperand &mem, const kvm_regs &regs, const kvm_sregs &sregs,
+			     bool long64, std::uint64_t rip_after);
+
+/* General-purpose register n (0 rax, 1 rcx, ... 15 r15) of regs. */
+__u64 &gpr(kvm_regs &regs, unsigned n);
+__u64 gpr(const kvm_regs &regs, unsigned n);
+
+/* Whether the vCPU runs 64-bit code; nullopt for 16-bit code (not decoded). */
+std::optional<bool> code_is_64bit(const kvm_sregs &sregs);
+
+/*
+ * Guest-virtual bytes [gva, gva + out.size()) as the vCPU translates them,
+ * as far as they are mapped guest RAM: returns how many were read.
+ */
+std::size_t read_guest_virtual(Vcpu &vcpu, std::uint64_t gva, std::span<std::uint8_t> out);
+
+} // namespace virtkit::detail
