@@ -132,6 +132,18 @@ std::optional<MmioFragment> RunControl::next_mmio_fragment(Vcpu &vcpu)
 	return f;
 }
 
+MmioExit RunControl::replay_mmio(Vcpu &vcpu, const MmioFragment &f)
+{
+	auto *run = vcpu.state_->run.as<kvm_run>();
+	run->exit_reason = KVM_EXIT_MMIO;
+	run->mmio.phys_addr = f.gpa;
+	run->mmio.len = f.len;
+	run->mmio.is_write = f.is_write;
+	std::memcpy(run->mmio.data, f.data.data(), f.len);
+	return MmioExit{f.is_write ? MmioExit::Direction::write : MmioExit::Direction::read, f.gpa,
+			std::span(reinterpret_cast<std::byte *>(run->mmio.data), f.len)};
+}
+
 VcpuHold::VcpuHold(Vcpu &vcpu) : vcpu_(vcpu)
 {
 	auto &v = RunControl::state(vcpu_);

@@ -180,6 +180,14 @@ public:
 	 * the access is complete. Throws for a failing KVM_RUN.
 	 */
 	static std::optional<MmioFragment> next_mmio_fragment(Vcpu &vcpu);
+	/*
+	 * The MMIO exit the VMM gets for fragment f of an access the feature
+	 * decided: f is put in kvm_run as KVM reports MMIO (so the exit reads
+	 * as any other), whether KVM still waits for its completion (the
+	 * fragment being handled) or has completed it (next_mmio_fragment()
+	 * went past it: KVM then takes no completion from kvm_run).
+	 */
+	static MmioExit replay_mmio(Vcpu &vcpu, const MmioFragment &f);
 
 private:
 	friend class VcpuHold;

@@ -655,24 +655,75 @@ ExitAction SppEngine::on_exit(Vcpu &vcpu, Exit &exit)
 	auto *m = std::get_if<MmioExit>(&exit);
 	if (!m || !m->is_write() || m->data.empty())
 		return ExitAction::pass;
-	{
-		auto lock = mem_.lock_shared();
-		if (!mem_.writable_ram_locked(m->gpa, m->data.size()))
-			return ExitAction::pass; /* a device of the VMM */
-	}
-
-	PendingWrite w;
+	/*
+	 * A write may straddle a page edge between guest RAM that traps and a
+	 * device of the VMM (no memslot). It is decided whole: the device's
+	 * part (the first piece that is not RAM, vmm_piece) reaches the VMM
+	 * only if the write is performed.
+	 */
+	std::optional<MmioFragment> vmm_piece;
+	bool vmm_pending = false; /* vmm_piece is the exit KVM waits to complete */
 	MmioFragment first{};
 	first.gpa = m->gpa;
 	first.len = static_cast<std::uint32_t>(m->data.size());
 	first.is_write = true;
 	std::memcpy(first.data.data(), m->data.data(), first.len);
+	{
+		auto lock = mem_.lock_shared();
+		if (!mem_.writable_ram_locked(m->gpa, m->data.size())) {
+			/*
+			 * A device write that ends at a page edge may go on into
+			 * the next page: if that page traps with sub-page 0
+			 * protected, the RAM part is blocked and so is the
+			 * whole write; otherwise the device's part is the VMM's
+			 * at once.
+			 */
+			const std::uint64_t next = m->gpa + m->data.size();
+			if (next % page || !mem_.writable_ram_locked(next, 1))
+				return ExitAction::pass;
+			MapWindow maps(*store_, "SubpageProtection (guest write)", next / page,
+				       next / page + 1);
+			if (maps.at(next / page) & 1)
+				return ExitAction::pass;
+			vmm_piece = first;
+		}
+	}
+
+	PendingWrite w;
 	w.add(first);
-	while (auto f = RunControl::next_mmio_fragment(vcpu)) {
+	for (;;) {
+		auto f = RunControl::next_mmio_fragment(vcpu);
+		if (!f)
+			break;
 		if (!f->is_write)
 			throw Error("KVM_RUN", EPROTO, "MMIO read inside a guest write");
 		w.add(*f);
+		bool ram;
+		{
+			auto lock = mem_.lock_shared();
+			ram = mem_.writable_ram_locked(f->gpa, f->len);
+		}
+		if (!ram && !vmm_piece) {
+			/* RAM, then the device: leave its piece to KVM for now. */
+			vmm_piece = *f;
+			vmm_pending = true;
+			break;
+		}
 	}
+	/* The rest of the write, once it will not reach the VMM. */
+	auto drain = [&] {
+		if (vmm_pending)
+			while (RunControl::next_mmio_fragment(vcpu)) {
+			}
+		vmm_pending = false;
+	};
+	/* Resume, or hand the device's part of a performed write to the VMM. */
+	auto done = [&] {
+		if (!vmm_piece)
+			return ExitAction::resume;
+		exit = RunControl::replay_mmio(vcpu, *vmm_piece);
+		return ExitAction::pass;
+	};
 
 	/* The (at most two) pages the write touches: their maps in one GET. */
 	std::uint64_t lo = ~0ull, hi = 0;
@@ -723,7 +774,7 @@ ExitAction SppEngine::on_exit(Vcpu &vcpu, Exit &exit)
 	}
 	if (blocked == ~0ull && !w.overflow) {
 		set_regs();
-		return ExitAction::resume;
+		return done();
 	}
 	SppViolation v{};
 	v.vcpu = vcpu.id();
@@ -746,6 +797,7 @@ ExitAction SppEngine::on_exit(Vcpu &vcpu, Exit &exit)
 	};
 	switch (report(vcpu, v, blocked_now)) {
 	case SppDecision::drop:
+		drain();
 		return ExitAction::resume;
 	case SppDecision::allow_once:
 		{
@@ -753,10 +805,11 @@ ExitAction SppEngine::on_exit(Vcpu &vcpu, Exit &exit)
 			perform_write_locked(mem_, w, rmw, post, regs);
 		}
 		set_regs();
-		return ExitAction::resume;
+		return done();
 	case SppDecision::stop:
 		break;
 	}
+	drain();
 	exit = SppViolationExit{v};
 	return ExitAction::pass;
 }

@@ -1,0 +1,139 @@
+// SPDX-License-Identifier: MIT
+/*
+ * Stores that straddle a protected page's edge into the VMM's MMIO: the
+ * write is decided whole. Allowed, its RAM part lands and its MMIO part
+ * reaches the VMM as without protection; blocked, neither happens and the
+ * violation is reported.
+ */
+#include "test.hpp"
+
+#include <virtkit/spp.hpp>
+#include <virtkit/x86/guest_vm.hpp>
+
+#include <cstring>
+#include <vector>
+
+using namespace virtkit;
+using namespace virtkit::x86;
+
+static constexpr std::uint64_t page = 4096;
+/* RAM [ram, ram + 2 pages); MMIO pages of the VMM on both sides. */
+static constexpr std::uint64_t ram = 0x40001000;
+static constexpr std::uint64_t mmio_below = ram - page;
+static constexpr std::uint64_t mmio_above = ram + 2 * page;
+
+static void guest_store8(std::uint64_t addr, std::uint64_t value)
+{
+	*(volatile std::uint64_t *)addr = value;
+	GUEST_SYNC(0);
+}
+
+struct StraddleGuest {
+	GuestVm g{vkt::kvm()};
+	SubpageProtection &spp;
+	std::vector<SppViolation> seen;
+	struct Mmio {
+		std::uint64_t gpa;
+		std::vector<std::uint8_t> data;
+	};
+	std::vector<Mmio> device;
+	ExitHandlerRegistration reg;
+
+	StraddleGuest(std::uint64_t protected_gpa, std::uint32_t map)
+		: spp(SubpageProtection::enable(g.vm()))
+	{
+		g.memory().add(ram, 2 * page, {.name = "spp-straddle"});
+		g.identity_map(mmio_below, 4 * page);
+		spp.set_access(protected_gpa / page, {map});
+		spp.on_violation([this](Vcpu &, const SppViolation &v) {
+			seen.push_back(v);
+			return SppDecision::drop;
+		});
+		/* The VMM's device on the pages around the RAM. */
+		reg = g.vm().add_exit_handler([this](Vcpu &, Exit &e) {
+			auto *m = std::get_if<MmioExit>(&e);
+			if (!m || !m->is_write() ||
+			    (m->gpa / page != mmio_below / page && m->gpa / page != mmio_above / page))
+				return ExitAction::pass;
+			Mmio w{m->gpa, std::vector<std::uint8_t>(m->data.size())};
+			std::memcpy(w.data.data(), m->data.data(), m->data.size());
+			device.push_back(std::move(w));
+			return ExitAction::resume;
+		});
+	}
+
+	void store(std::uint64_t addr, std::uint64_t value)
+	{
+		Vcpu &v = g.add_vcpu(guest_store8, addr, value);
+		Ucall uc = g.run(v);
+		TEST_ASSERT(uc.kind == Ucall::Kind::sync, "%s", uc.describe().c_str());
+		g.run_to_done(v);
+	}
+
+	std::uint32_t read32(std::uint64_t gpa) { return g.memory().read_obj<std::uint32_t>(gpa); }
+};
+
+static constexpr std::uint64_t value = 0x1122334455667788ull;
+
+VK_TEST(spp_allowed_store_into_mmio_reaches_vmm)
+{
+	/* Last RAM page: sub-page 31 writable, sub-page 0 protected. */
+	StraddleGuest t(ram + page, 0x80000000u);
+	t.store(mmio_above - 4, value);
+	TEST_ASSERT_EQ(t.read32(mmio_above - 4), 0x55667788u);
+	TEST_ASSERT_EQ(t.seen.size(), 0u);
+	TEST_ASSERT(t.device.size() == 1, "the VMM saw %zu MMIO writes, want 1", t.device.size());
+	TEST_ASSERT(t.device[0].gpa == mmio_above && t.device[0].data.size() == 4,
+		    "the VMM saw gpa 0x%llx, %zu bytes; want 0x%llx, 4",
+		    (unsigned long long)t.device[0].gpa, t.device[0].data.size(),
+		    (unsigned long long)mmio_above);
+	std::uint32_t got;
+	std::memcpy(&got, t.device[0].data.data(), 4);
+	TEST_ASSERT_EQ(got, 0x11223344u);
+}
+
+VK_TEST(spp_blocked_store_into_mmio_is_blocked_whole)
+{
+	/* Sub-page 31 of the last RAM page protected. */
+	StraddleGuest t(ram + page, 0x7fffffffu);
+	const std::uint32_t before = t.read32(mmio_above - 4);
+	t.store(mmio_above - 4, value);
+	TEST_ASSERT_EQ(t.read32(mmio_above - 4), before);
+	TEST_ASSERT(t.device.empty(), "the VMM saw the MMIO part of a blocked store");
+	TEST_ASSERT_EQ(t.seen.size(), 1u);
+	TEST_ASSERT(t.seen[0].gpa == mmio_above - 4 && t.seen[0].write_gpa == mmio_above - 4,
+		    "violation gpa 0x%llx write 0x%llx", (unsigned long long)t.seen[0].gpa,
+		    (unsigned long long)t.seen[0].write_gpa);
+	TEST_ASSERT_EQ(t.seen[0].size, 8u);
+	TEST_ASSERT(!std::memcmp(t.seen[0].data().data(), &value, 8), "violation data differ");
+}
+
+VK_TEST(spp_store_from_mmio_into_protected_sub_page_is_blocked_whole)
+{
+	/* First RAM page: sub-page 0 protected. */
+	StraddleGuest t(ram, 0xfffffffeu);
+	const std::uint32_t before = t.read32(ram);
+	t.store(ram - 4, value);
+	TEST_ASSERT_EQ(t.read32(ram), before);
+	TEST_ASSERT(t.device.empty(), "the VMM saw the MMIO part of a blocked store (%zu writes)",
+		    t.device.size());
+	TEST_ASSERT_EQ(t.seen.size(), 1u);
+	TEST_ASSERT(t.seen[0].gpa == ram && t.seen[0].write_gpa == ram - 4 && t.seen[0].size == 8,
+		    "violation gpa 0x%llx write 0x%llx size %u", (unsigned long long)t.seen[0].gpa,
+		    (unsigned long long)t.seen[0].write_gpa, t.seen[0].size);
+	TEST_ASSERT(!std::memcmp(t.seen[0].data().data(), &value, 8), "violation data differ");
+}
+
+VK_TEST(spp_allowed_store_from_mmio_reaches_vmm)
+{
+	/* First RAM page: sub-page 0 writable, sub-page 1 protected. */
+	StraddleGuest t(ram, 0xfffffffdu);
+	t.store(ram - 4, value);
+	TEST_ASSERT_EQ(t.read32(ram), 0x11223344u);
+	TEST_ASSERT_EQ(t.seen.size(), 0u);
+	TEST_ASSERT(t.device.size() == 1 && t.device[0].gpa == ram - 4 && t.device[0].data.size() == 4,
+		    "the VMM saw %zu MMIO writes", t.device.size());
+	std::uint32_t got;
+	std::memcpy(&got, t.device[0].data.data(), 4);
+	TEST_ASSERT_EQ(got, 0x55667788u);
+}
