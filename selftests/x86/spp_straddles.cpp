@@ -137,3 +137,70 @@ VK_TEST(spp_allowed_store_from_mmio_reaches_vmm)
 	std::memcpy(&got, t.device[0].data.data(), 4);
 	TEST_ASSERT_EQ(got, 0x55667788u);
 }
+
+/*
+ * A region added below a page whose sub-page 0 is protected needs its last
+ * page to trap (a store straddling up into that sub-page is decided whole),
+ * so a memslot of its own. With one memslot left, the region fits but its
+ * guard does not: add() must refuse it, or - where it is added - the guard
+ * must be there.
+ */
+VK_TEST(spp_region_without_room_for_its_guard_is_refused)
+{
+	GuestVm g(vkt::kvm());
+	SubpageProtection &spp = SubpageProtection::enable(g.vm());
+	GuestMemory &mem = g.memory();
+	const std::uint64_t max = vkt::kvm().check_extension(KVM_CAP_NR_MEMSLOTS);
+	TEST_REQUIRE(max > 0 && max <= 65536, "KVM_CAP_NR_MEMSLOTS = " + std::to_string(max));
+
+	/* Region A: its first page has sub-page 0 protected; isolated protected pages fill the slots. */
+	const std::uint64_t a = 0x100000000ull;
+	const std::uint64_t pages = 2 * max + 8;
+	mem.add(a, pages * page, {.name = "spp-fill"});
+	std::uint64_t free = max - mem.slot_count();
+	std::vector<std::uint32_t> maps(pages, SubpageProtection::all_writable);
+	maps[0] = 0xfffffffeu;
+	for (std::uint64_t k = 1; k < free / 2; k++)
+		maps[2 * k + 8] = 0xfffffffdu; /* sub-pages 0 and 31 writable: traps alone */
+	spp.set_access(a / page, maps);
+	/* Then single-slot regions far away, until none is left; then free one. */
+	std::vector<RegionId> plain;
+	for (std::uint64_t gpa = 0x800000000ull;; gpa += 2 * page) {
+		try {
+			plain.push_back(mem.add(gpa, page, {.name = "spp-plain"}));
+		} catch (const Error &e) {
+			TEST_ASSERT(e.err() == ENOSPC, "%s", e.what());
+			break;
+		}
+		TEST_ASSERT(plain.size() < 64, "memslots do not run out");
+	}
+	TEST_ASSERT(!plain.empty(), "no single-slot region fitted");
+	mem.remove(plain.back());
+	vkt::diag("%zu memslots in use of %llu", mem.slot_count(), (unsigned long long)max);
+
+	const std::uint64_t b = a - 4 * page;
+	try {
+		mem.add(b, 4 * page, {.name = "spp-below"});
+	} catch (const Error &e) {
+		TEST_ASSERT(e.err() == ENOSPC, "%s", e.what());
+		TEST_ASSERT(!mem.contains(b, 1), "a refused region stayed");
+		vkt::diag("refused: %s", e.what());
+		/* The layout is as before: the freed slot is still free. */
+		mem.add(0x900000000ull, page, {.name = "spp-plain"});
+		return;
+	}
+	/* Added: then its last page must trap, and a straddling store is blocked whole. */
+	g.identity_map(b, 5 * page);
+	int violations = 0;
+	spp.on_violation([&](Vcpu &, const SppViolation &) {
+		violations++;
+		return SppDecision::drop;
+	});
+	const std::uint32_t before = mem.read_obj<std::uint32_t>(a - 4);
+	Vcpu &v = g.add_vcpu(guest_store8, a - 4, value);
+	Ucall uc = g.run(v);
+	TEST_ASSERT(uc.kind == Ucall::Kind::sync, "%s", uc.describe().c_str());
+	TEST_ASSERT(mem.read_obj<std::uint32_t>(a - 4) == before,
+		    "the unprotected half of a blocked straddling store landed");
+	TEST_ASSERT_EQ(violations, 1);
+}

@@ -85,8 +85,15 @@ RegionId GuestMemory::add(std::uint64_t gpa, std::uint64_t size, const RegionOpt
 	RegionId id = r->id;
 	bool writable = !opts.readonly;
 	map_.regions_.emplace(gpa, std::move(r));
-	if (map_.observer_ && writable)
-		map_.observer_->region_placed(gpa, size);
+	if (map_.observer_ && writable) {
+		try {
+			map_.observer_->region_placed(gpa, size);
+		} catch (...) {
+			auto node = map_.regions_.extract(gpa);
+			map_.remove_slots(*node.mapped());
+			throw;
+		}
+	}
 	return id;
 }
 
@@ -109,21 +116,29 @@ void GuestMemory::move(RegionId id, std::uint64_t new_gpa)
 	r.gpa = new_gpa;
 	try {
 		map_.apply_plan(r, plan_slots(r.gpa, r.size, r.opts.readonly, r.traps));
+		node.key() = new_gpa;
+		map_.regions_.insert(std::move(node));
+		if (map_.observer_ && !r.opts.readonly)
+			map_.observer_->region_placed(new_gpa, r.size);
 	} catch (...) {
+		if (node.empty()) {
+			node = map_.regions_.extract(new_gpa);
+			map_.remove_slots(r);
+		}
 		r.gpa = old_gpa;
 		map_.apply_plan(r, plan_slots(r.gpa, r.size, r.opts.readonly, r.traps));
 		node.key() = old_gpa;
 		map_.regions_.insert(std::move(node));
 		if (map_.observer_ && !r.opts.readonly) {
 			map_.observer_->region_moved(new_gpa, old_gpa, r.size);
-			map_.observer_->region_placed(old_gpa, r.size);
+			try {
+				/* Its old place had its slots: this only re-cuts them. */
+				map_.observer_->region_placed(old_gpa, r.size);
+			} catch (...) {
+			}
 		}
 		throw;
 	}
-	node.key() = new_gpa;
-	map_.regions_.insert(std::move(node));
-	if (map_.observer_ && !r.opts.readonly)
-		map_.observer_->region_placed(new_gpa, r.size);
 }
 
 void GuestMemory::remove(RegionId id)

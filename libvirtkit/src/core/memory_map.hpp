@@ -40,13 +40,15 @@ class RunGate;
  * (sub-page protection) follows the regions through this interface. Called
  * with the map's lock held exclusively, before the change; region_moved may
  * throw to refuse the move (nothing changed then), region_removed must not.
+ * region_placed may throw to refuse the region where it is (its pages need
+ * memslots that are not there): the addition or move is then undone.
  */
 class RegionObserver {
 public:
 	virtual void region_moved(std::uint64_t from, std::uint64_t to, std::uint64_t size) = 0;
 	virtual void region_removed(std::uint64_t gpa, std::uint64_t size) noexcept = 0;
 	/* After a region appeared at gpa (added, moved or moved back). */
-	virtual void region_placed(std::uint64_t gpa, std::uint64_t size) noexcept = 0;
+	virtual void region_placed(std::uint64_t gpa, std::uint64_t size) = 0;
 
 protected:
 	~RegionObserver() = default;

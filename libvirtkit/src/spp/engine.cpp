@@ -281,21 +281,23 @@ void SppEngine::region_removed(std::uint64_t gpa, std::uint64_t size) noexcept
 
 /*
  * A region appeared next to others: its edge pages, and its neighbours'
- * edge pages, may need to trap for straddling writes.
+ * edge pages, may need to trap for straddling writes. Without the memslots
+ * for that, a store straddling into a protected sub-page of the neighbour
+ * would be split: the region is refused (the caller undoes the change).
  */
-void SppEngine::region_placed(std::uint64_t gpa, std::uint64_t size) noexcept
+void SppEngine::region_placed(std::uint64_t gpa, std::uint64_t size)
 {
 	std::uint64_t g = gpa / page, n = size / page;
 	try {
 		refresh_traps_locked(g, 1);
 		if (n > 1)
 			refresh_traps_locked(g + n - 1, 1);
-	} catch (const Error &) {
-		/*
-		 * Out of memslots: protection itself holds (protected pages are
-		 * in the region's own layout); only a store straddling into
-		 * the new neighbour could be split.
-		 */
+	} catch (const Error &e) {
+		throw Error("GuestMemory", e.err(),
+			    "region " + gpa_range(gpa, size) +
+				    " borders sub-page protection, and its edge pages need "
+				    "memslots of their own to trap straddling stores: " +
+				    e.detail());
 	}
 }
 

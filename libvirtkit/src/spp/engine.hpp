@@ -70,7 +70,7 @@ public:
 private:
 	void region_moved(std::uint64_t from, std::uint64_t to, std::uint64_t size) override;
 	void region_removed(std::uint64_t gpa, std::uint64_t size) noexcept override;
-	void region_placed(std::uint64_t gpa, std::uint64_t size) noexcept override;
+	void region_placed(std::uint64_t gpa, std::uint64_t size) override;
 	/* Whether page gfn must trap writes, given its map and its neighbours'. */
 	template <class MapAt> static bool needs_trap(std::uint64_t gfn, const MapAt &map_at);
 	/* Trap writes to pages gfn - 1 .. gfn + n as needs_trap() says with map_at. */
