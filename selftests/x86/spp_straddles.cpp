@@ -204,3 +204,50 @@ VK_TEST(spp_region_without_room_for_its_guard_is_refused)
 		    "the unprotected half of a blocked straddling store landed");
 	TEST_ASSERT_EQ(violations, 1);
 }
+
+static void guest_push8(std::uint64_t top, std::uint64_t v)
+{
+	std::uint64_t saved;
+	asm volatile("mov %%rsp, %0\n\tmov %1, %%rsp\n\tpush %2\n\tmov %0, %%rsp"
+		     : "=&r"(saved)
+		     : "r"(top), "r"(v)
+		     : "memory");
+	GUEST_SYNC(0);
+}
+
+/*
+ * A store across two guest-virtual pages whose guest-physical pages are
+ * not adjacent, the second with sub-page 0 protected: KVM stores the part
+ * in the first page (which does not trap) before the rest reaches
+ * sub-page protection. The violation must say so exactly: the store's gva,
+ * its first byte's gpa, the bytes already performed, all of its data; the
+ * protected page stays unchanged.
+ */
+VK_TEST(spp_store_split_across_unadjacent_pages_is_reported_exactly)
+{
+	const std::uint64_t other = 0x50000000, va = 0x60000000;
+	for (bool push : {false, true}) {
+		StraddleGuest t(ram + page, 0xfffffffeu);
+		t.g.memory().add(other, page, {.name = "spp-other"});
+		t.g.map(va, other, page);
+		t.g.map(va + page, ram + page, page);
+		const std::uint32_t before = t.read32(ram + page);
+		Vcpu &v = push ? t.g.add_vcpu(guest_push8, va + page + 4, value)
+			       : t.g.add_vcpu(guest_store8, va + page - 4, value);
+		Ucall uc = t.g.run(v);
+		TEST_ASSERT(uc.kind == Ucall::Kind::sync, "%s", uc.describe().c_str());
+		t.g.run_to_done(v);
+		const char *what = push ? "push" : "mov";
+		TEST_ASSERT(t.read32(ram + page) == before, "%s: the protected sub-page changed", what);
+		TEST_ASSERT_EQ(t.seen.size(), 1u);
+		const SppViolation &x = t.seen[0];
+		TEST_ASSERT(x.gpa == ram + page && x.write_gpa == other + page - 4 &&
+				    x.gva == va + page - 4 && x.performed == 4 && x.size == 8,
+			    "%s: violation gpa 0x%llx write_gpa 0x%llx gva 0x%llx performed %u size %u",
+			    what, (unsigned long long)x.gpa, (unsigned long long)x.write_gpa,
+			    (unsigned long long)x.gva, x.performed, x.size);
+		TEST_ASSERT(!std::memcmp(x.data().data(), &value, 8), "%s: violation data differ", what);
+		/* What KVM performed, as the violation says. */
+		TEST_ASSERT_EQ(t.read32(other + page - 4), 0x55667788u);
+	}
+}

@@ -30,6 +30,16 @@ struct SppViolation {
 	 * it on re-entry with RCX = 0).
 	 */
 	std::uint64_t rip;
+	/*
+	 * A store split across two guest-virtual pages whose guest-physical
+	 * pages are not adjacent, the first not trapping: KVM stores the part
+	 * in the first page before the rest reaches sub-page protection (see
+	 * spp.rst). Then gva is the store's guest-virtual address, write_gpa
+	 * its first byte in the first page, and `performed` the bytes already
+	 * stored there (data() holds the whole store); otherwise both are 0.
+	 */
+	std::uint64_t gva;
+	std::uint32_t performed;
 	std::array<std::byte, 64> bytes; /* the first `size` are the data */
 
 	static constexpr std::uint32_t max_write = 64;

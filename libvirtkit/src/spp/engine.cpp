@@ -15,6 +15,7 @@
 #include "spp/cmpxchg16b.hpp"
 #include "spp/locked_rmw.hpp"
 #include "spp/system_writes.hpp"
+#include "spp/x86_decode.hpp"
 
 namespace virtkit::detail {
 
@@ -648,6 +649,68 @@ std::optional<Exit> SppEngine::complete_stalled(Vcpu &vcpu)
 	return std::nullopt;
 }
 
+namespace {
+
+struct SplitStore {
+	std::uint64_t gva;
+	std::uint64_t first_gpa;
+	std::uint32_t performed;
+};
+
+/*
+ * Whether the write whose first trapped piece begins the page at gpa
+ * (bytes long) is the end of a store that started on another guest-virtual
+ * page, mapped to a guest-physical page that is not adjacent (and so does
+ * not trap): find the instruction that ended at RIP - a push (at the new
+ * RSP) or a plain or read-modify-write store through a memory operand - whose
+ * operand straddles into gpa with exactly `bytes` bytes.
+ */
+std::optional<SplitStore> find_split_store(Vcpu &vcpu, const kvm_regs &post, std::uint64_t gpa,
+					   std::uint32_t bytes)
+{
+	const kvm_sregs s = vcpu.sregs();
+	const auto long64 = code_is_64bit(s);
+	if (!long64)
+		return std::nullopt;
+	auto fits = [&](std::uint64_t gva, std::uint32_t size) -> std::optional<SplitStore> {
+		const std::uint32_t k = static_cast<std::uint32_t>(page - gva % page);
+		if (k >= size || size - k != bytes)
+			return std::nullopt;
+		const kvm_translation second = vcpu.translate(gva + k);
+		const kvm_translation first = vcpu.translate(gva);
+		if (!second.valid || second.physical_address != gpa || !first.valid ||
+		    first.physical_address + k == gpa || !vcpu.memory().contains(first.physical_address, k))
+			return std::nullopt;
+		return SplitStore{gva, first.physical_address, k};
+	};
+	/* push and call store at the new RSP. */
+	for (std::uint32_t size : {8u, 4u, 2u})
+		if (auto f = fits(*long64 ? post.rsp : s.ss.base + (post.rsp & 0xffffffff), size))
+			return f;
+	std::array<std::uint8_t, 15> buf{};
+	const std::size_t have = read_guest_virtual(vcpu, post.rip - buf.size(), buf);
+	const std::span<const std::uint8_t> code(buf.data(), have);
+	for (std::size_t len = 2; len <= have; len++) {
+		const auto tail = code.last(len);
+		MemOperand mem;
+		std::uint32_t size;
+		if (auto st = decode_store(tail, *long64); st && st->length == len) {
+			mem = st->mem;
+			size = st->size;
+		} else if (auto rmw = decode_rmw(tail, *long64); rmw && rmw->length == len) {
+			mem = rmw->mem;
+			size = rmw->size;
+		} else {
+			continue;
+		}
+		if (auto f = fits(linear_address(mem, post, s, *long64, post.rip), size))
+			return f;
+	}
+	return std::nullopt;
+}
+
+} // namespace
+
 ExitAction SppEngine::on_exit(Vcpu &vcpu, Exit &exit)
 {
 	if (auto *ie = std::get_if<InternalErrorExit>(&exit))
@@ -783,6 +846,16 @@ ExitAction SppEngine::on_exit(Vcpu &vcpu, Exit &exit)
 	v.gpa = blocked != ~0ull ? blocked : first.gpa;
 	v.write_gpa = first.gpa;
 	v.rip = post.rip;
+	if (first.gpa % page == 0 && !vmm_piece)
+		if (auto s = find_split_store(vcpu, post, first.gpa, w.bytes)) {
+			/* KVM stored the first part already: report the whole store. */
+			v.gva = s->gva;
+			v.write_gpa = s->first_gpa;
+			v.performed = s->performed;
+			vcpu.memory().read(s->first_gpa,
+					   std::as_writable_bytes(std::span(v.bytes).first(s->performed)));
+			v.size = s->performed;
+		}
 	for (std::size_t i = 0; i < w.count; i++) {
 		std::memcpy(v.bytes.data() + v.size, w.pieces[i].data.data(), w.pieces[i].len);
 		v.size += w.pieces[i].len;

@@ -87,6 +87,65 @@ std::optional<std::size_t> decode_mem_operand(std::span<const std::uint8_t> code
 	return i;
 }
 
+std::optional<StoreInsn> decode_store(std::span<const std::uint8_t> code, bool long64)
+{
+	const std::size_t n = std::min<std::size_t>(code.size(), 15);
+	Prefixes p = decode_prefixes(code, long64);
+	std::size_t i = p.length;
+	if (i + 1 >= n)
+		return std::nullopt;
+	/* Mandatory prefixes of SSE moves (66, f3) are legacy prefixes here. */
+	bool f2 = false, f3 = false;
+	for (std::size_t k = 0; k < p.length; k++) {
+		f2 |= code[k] == 0xf2;
+		f3 |= code[k] == 0xf3;
+	}
+	const unsigned opsize = p.rex & 8 ? 8 : p.opsize ? 2 : 4;
+	std::uint8_t op = code[i++];
+	unsigned size = 0, imm = 0;
+	if (op == 0x0f) {
+		op = code[i++];
+		if (op == 0xc3)
+			size = p.rex & 8 ? 8 : 4;			/* movnti */
+		else if (op == 0x11 || op == 0x29 || op == 0x2b || op == 0xe7)
+			size = 16;	/* movups/movupd/movss..., movaps/movapd, movntps, movntdq */
+		else if (op == 0x7f && (p.opsize || f3))
+			size = 16;					/* movdqa, movdqu */
+		else if (op == 0xd6 && p.opsize)
+			size = 8;					/* movq xmm */
+		else if (op == 0x7e && !f3)
+			size = p.rex & 8 ? 8 : 4;			/* movd/movq r/m, (x)mm */
+		else if (op >= 0x90 && op <= 0x9f)
+			size = 1;					/* setcc */
+		else
+			return std::nullopt;
+		if (op == 0x11 && f3)
+			size = 4;					/* movss */
+		else if (op == 0x11 && f2)
+			size = 8;					/* movsd */
+	} else if (op == 0x88) {
+		size = 1;
+	} else if (op == 0x89) {
+		size = opsize;
+	} else if (op == 0xc6) {
+		size = 1;
+		imm = 1;
+	} else if (op == 0xc7) {
+		size = opsize;
+		imm = opsize == 2 ? 2 : 4;
+	} else {
+		return std::nullopt;
+	}
+	StoreInsn s{};
+	unsigned reg;
+	auto end = decode_mem_operand(code, i, p, long64, s.mem, reg);
+	if (!end || ((op == 0xc6 || op == 0xc7) && reg != 0) || *end + imm > n)
+		return std::nullopt;
+	s.size = static_cast<std::uint8_t>(size);
+	s.length = static_cast<std::uint8_t>(*end + imm);
+	return s;
+}
+
 __u64 &gpr(kvm_regs &r, unsigned n)
 {
 	__u64 *v[16] = {&r.rax, &r.rcx, &r.rdx, &r.rbx, &r.rsp, &r.rbp, &r.rsi, &r.rdi,

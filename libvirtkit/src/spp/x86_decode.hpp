@@ -51,6 +51,15 @@ std::optional<std::size_t> decode_mem_operand(std::span<const std::uint8_t> code
 					      const Prefixes &p, bool long64, MemOperand &mem,
 					      unsigned &reg);
 
+/* A plain store through a ModRM memory operand (mov, movnti, SSE moves, setcc). */
+struct StoreInsn {
+	std::uint8_t size;	/* bytes stored */
+	std::uint8_t length;	/* instruction bytes */
+	MemOperand mem;
+};
+/* The instruction at the start of code, if it is such a store (not VEX-encoded). */
+std::optional<StoreInsn> decode_store(std::span<const std::uint8_t> code, bool long64);
+
 /* Its linear address with the registers before the instruction and rip after it. */
 std::uint64_t linear_address(const MemOperand &mem, const kvm_regs &regs, const kvm_sregs &sregs,
 			     bool long64, std::uint64_t rip_after);
