@@ -3,6 +3,7 @@
 #include "core/run_control.hpp"
 
 #include <signal.h>
+#include <sys/ioctl.h>
 
 #include <algorithm>
 #include <atomic>
@@ -63,6 +64,19 @@ void RunControl::set_entry(Vm &vm, const RunEntry *entry) noexcept
 
 VcpuState &RunControl::state(Vcpu &vcpu) noexcept { return *vcpu.state_; }
 
+std::optional<std::uint64_t> RunControl::guest_physical(Vcpu &vcpu, std::uint64_t gva)
+{
+	return detail::guest_physical(vcpu, *vcpu.state_, gva);
+}
+
+void RunControl::sync_regs(Vm &vm)
+{
+	constexpr int want = KVM_SYNC_X86_REGS | KVM_SYNC_X86_SREGS;
+	const int have = ::ioctl(vm.state_->fd.get(), KVM_CHECK_EXTENSION, KVM_CAP_SYNC_REGS);
+	if (have > 0 && (have & want) == want)
+		vm.state_->sync_regs.store(true);
+}
+
 std::optional<RunControl::StallRegistration>
 RunControl::watch_stalls(Vm &vm, std::shared_ptr<VcpuWork> check)
 {
@@ -97,8 +111,10 @@ bool RunControl::complete_pending_exit(Vcpu &vcpu, const char *completing)
 	auto &s = *vcpu.state_;
 	auto *run = s.run.as<kvm_run>();
 	std::atomic_ref(run->immediate_exit).store(1);
+	s.regs_synced.store(false);
 	int r = value_ioctl<KVM_RUN>(s.fd.get(), 0);
 	int err = errno;
+	note_synced_regs(s, r, err);
 	{
 		/* Keep a kick (user or internal) that arrived meanwhile pending. */
 		std::lock_guard lock(s.kick_mu);

@@ -118,6 +118,14 @@ public:
 	/* Enter the guest through `entry` (nullptr: KVM_RUN) from the next entry on. */
 	static void set_entry(Vm &vm, const RunEntry *entry) noexcept;
 	/*
+	 * Have KVM return the registers and special registers with every
+	 * exit (KVM_CAP_SYNC_REGS, where KVM offers both), so that exit
+	 * handlers read them without ioctls (Vcpu::regs(), sregs()). For
+	 * features that look at the vCPU on most exits they handle. Not with
+	 * a RunEntry in place.
+	 */
+	static void sync_regs(Vm &vm);
+	/*
 	 * Install the VM's stall check (stall_watch.hpp): a vCPU that stays
 	 * inside one KVM_RUN for a StallWatch::period is kicked out and runs
 	 * check->before_entry() on its own thread. One per VM: false (nothing
@@ -180,6 +188,8 @@ public:
 	 * the access is complete. Throws for a failing KVM_RUN.
 	 */
 	static std::optional<MmioFragment> next_mmio_fragment(Vcpu &vcpu);
+	/* Where gva maps in the vCPU's paging (a software walk, rights unchecked). */
+	static std::optional<std::uint64_t> guest_physical(Vcpu &vcpu, std::uint64_t gva);
 	/*
 	 * The MMIO exit the VMM gets for fragment f of an access the feature
 	 * decided: f is put in kvm_run as KVM reports MMIO (so the exit reads

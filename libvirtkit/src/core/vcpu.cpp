@@ -143,9 +143,14 @@ Exit Vcpu::run()
 		run->exit_reason = KVM_EXIT_UNKNOWN;
 		/* KVM_RUN, or the entry a feature put in its place (RunEntry). */
 		const detail::RunEntry *entry = s.vm->entry.load();
+		run->kvm_valid_regs = !entry && s.vm->sync_regs.load(std::memory_order_relaxed)
+					      ? KVM_SYNC_X86_REGS | KVM_SYNC_X86_SREGS
+					      : 0;
+		s.regs_synced.store(false);
 		const int r = entry ? entry->enter(s.fd.get())
 				    : detail::value_ioctl<KVM_RUN>(s.fd.get(), 0);
 		int err = errno;
+		detail::note_synced_regs(s, r, err);
 		{
 			std::lock_guard lock(s.kick_mu);
 			s.in_run = false;
@@ -212,6 +217,14 @@ void internal_kick(VcpuState &s)
 	internal_kick_locked(s);
 }
 
+void note_synced_regs(VcpuState &s, int r, int err)
+{
+	if (!s.run.as<kvm_run>()->kvm_valid_regs || (r < 0 && err != EINTR && err != EAGAIN))
+		return;
+	s.synced_thread = pthread_self();
+	s.regs_synced.store(true);
+}
+
 void internal_kick_locked(VcpuState &s)
 {
 	s.internal_kick = true;
@@ -235,17 +248,31 @@ void internal_kick_locked(VcpuState &s)
 						  state_->vm->fd.get());     \
 		return v;                                                    \
 	}
+/* A setter also ends the validity of registers KVM synced to kvm_run. */
 #define SETTER(type, name, req)                                              \
 	void Vcpu::name(const type &v)                                       \
 	{                                                                    \
+		state_->regs_synced.store(false);                            \
 		if (detail::typed_ioctl<req>(fd(), const_cast<type *>(&v)) < 0) \
 			detail::throw_ioctl_error(#req, who(*state_),        \
 						  state_->vm->fd.get());     \
 	}
+/* The registers KVM left in kvm_run, when they are this thread's and current. */
+#define SYNCED(type, name, req, field)                                       \
+	type Vcpu::name() const                                              \
+	{                                                                    \
+		auto &s = *state_;                                           \
+		if (s.regs_synced.load() && pthread_equal(s.synced_thread, pthread_self())) \
+			return s.run.as<kvm_run>()->s.regs.field;            \
+		type v{};                                                    \
+		if (detail::typed_ioctl<req>(fd(), &v) < 0)                  \
+			detail::throw_ioctl_error(#req, who(s), s.vm->fd.get()); \
+		return v;                                                    \
+	}
 
-GETTER(kvm_regs, regs, KVM_GET_REGS)
+SYNCED(kvm_regs, regs, KVM_GET_REGS, regs)
 SETTER(kvm_regs, set_regs, KVM_SET_REGS)
-GETTER(kvm_sregs, sregs, KVM_GET_SREGS)
+SYNCED(kvm_sregs, sregs, KVM_GET_SREGS, sregs)
 SETTER(kvm_sregs, set_sregs, KVM_SET_SREGS)
 GETTER(kvm_fpu, fpu, KVM_GET_FPU)
 SETTER(kvm_fpu, set_fpu, KVM_SET_FPU)
@@ -255,6 +282,7 @@ GETTER(kvm_debugregs, debugregs, KVM_GET_DEBUGREGS)
 SETTER(kvm_debugregs, set_debugregs, KVM_SET_DEBUGREGS)
 SETTER(kvm_guest_debug, set_guest_debug, KVM_SET_GUEST_DEBUG)
 
+#undef SYNCED
 #undef GETTER
 #undef SETTER
 
@@ -282,6 +310,7 @@ void Vcpu::set_xsave(const Xsave &x)
 		throw Error("KVM_SET_XSAVE", EINVAL,
 			    who(*state_) + ": area of " + std::to_string(x.region.size() * 4) +
 				    " bytes, KVM needs " + std::to_string(size));
+	state_->regs_synced.store(false);
 	VK_IOCTL(fd(), KVM_SET_XSAVE,
 		 reinterpret_cast<kvm_xsave *>(const_cast<std::uint32_t *>(x.region.data())),
 		 who(*state_), state_->vm->fd.get());
@@ -327,6 +356,7 @@ void Vcpu::set_msrs(std::span<const kvm_msr_entry> entries)
 	MsrBuf b(entries.size());
 	for (std::size_t i = 0; i < entries.size(); i++)
 		b.msrs()->entries[i] = entries[i];
+	state_->regs_synced.store(false);
 	int n = VK_IOCTL(fd(), KVM_SET_MSRS, b.msrs(), who(*state_), state_->vm->fd.get());
 	if (static_cast<std::size_t>(n) == entries.size())
 		return;
@@ -383,6 +413,7 @@ bool Vcpu::try_set_msr(std::uint32_t index, std::uint64_t value)
 	MsrBuf b(1);
 	b.msrs()->entries[0].index = index;
 	b.msrs()->entries[0].data = value;
+	state_->regs_synced.store(false);
 	return VK_IOCTL(fd(), KVM_SET_MSRS, b.msrs(), who(*state_), state_->vm->fd.get()) == 1;
 }
 
@@ -406,6 +437,7 @@ void Vcpu::set_cpuid(std::span<const kvm_cpuid_entry2> entries)
 	auto *c = reinterpret_cast<kvm_cpuid2 *>(buf.data());
 	c->nent = static_cast<std::uint32_t>(entries.size());
 	std::copy(entries.begin(), entries.end(), c->entries);
+	state_->regs_synced.store(false);
 	VK_IOCTL(fd(), KVM_SET_CPUID2, c,
 		 who(*state_) + " nent=" + std::to_string(entries.size()), state_->vm->fd.get());
 	std::lock_guard lock(state_->paging_mu);

@@ -73,6 +73,15 @@ struct VcpuState {
 	std::uint64_t stall_seen = 0;
 
 	/*
+	 * KVM_CAP_SYNC_REGS, while the VM asks for it (VmState::sync_regs):
+	 * every return from KVM_RUN leaves the registers and special
+	 * registers in kvm_run.s.regs. regs() and sregs() read them there on
+	 * the thread that ran the vCPU until any setter changes the vCPU.
+	 */
+	std::atomic<bool> regs_synced{false};
+	pthread_t synced_thread{};
+
+	/*
 	 * What page walks take from the vCPU's CPUID (vcpu_paging.cpp), read
 	 * on first use and again after Vcpu::set_cpuid(). paging_mu guards
 	 * it.
@@ -92,5 +101,7 @@ int kick_signal();
 void internal_kick(VcpuState &v);
 /* The same with v.kick_mu held. */
 void internal_kick_locked(VcpuState &v);
+/* After a KVM_RUN that returned r (errno err) on this thread: kvm_run.s.regs is fresh. */
+void note_synced_regs(VcpuState &v, int r, int err);
 
 } // namespace virtkit::detail

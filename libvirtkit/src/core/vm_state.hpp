@@ -73,6 +73,8 @@ struct VmState {
 	 * (RunControl::set_entry()), else nullptr. Read once per entry.
 	 */
 	std::atomic<const RunEntry *> entry{nullptr};
+	/* RunControl::sync_regs(): KVM_SYNC_X86_REGS | KVM_SYNC_X86_SREGS at each KVM_RUN. */
+	std::atomic<bool> sync_regs{false};
 
 	/* What KVM offers page walks (asked once, when the VM is created). */
 	KvmPagingSupport paging;

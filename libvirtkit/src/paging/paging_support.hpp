@@ -11,6 +11,10 @@
 #include <optional>
 #include <vector>
 
+namespace virtkit {
+class Vcpu;
+}
+
 namespace virtkit::detail {
 
 /* What KVM can give a guest's page walks; asked when the VM is created. */
@@ -45,5 +49,13 @@ struct VcpuPagingCpuid {
 
 /* The paging features (paging_feature::*) a CPUID lists (vcpu_paging.cpp). */
 std::uint32_t paging_features(const std::vector<kvm_cpuid_entry2> &cpuid);
+
+struct VcpuState;
+/*
+ * The guest-physical address gva maps to in the vCPU's current paging
+ * mode, walked in software (no KVM_TRANSLATE; with synced registers no
+ * ioctl at all); access rights are not checked. nullopt: not mapped.
+ */
+std::optional<std::uint64_t> guest_physical(const Vcpu &vcpu, VcpuState &st, std::uint64_t gva);
 
 } // namespace virtkit::detail

@@ -89,7 +89,8 @@ std::uint32_t pkru_of(const Xsave &x, std::uint32_t offset)
 }
 
 /* Which optional parts of the state to read. */
-enum class Want { all, walk };
+/* all: Vcpu::paging_state(); walk: a checked walk; mapping: where a gva maps, no checks. */
+enum class Want { all, walk, mapping };
 
 PagingState read_state(const Vcpu &vcpu, detail::VcpuState &st, Want want)
 {
@@ -119,6 +120,11 @@ PagingState read_state(const Vcpu &vcpu, detail::VcpuState &st, Want want)
 	p.cr3 = s.cr3;
 	p.cr4 = s.cr4;
 	p.efer = s.efer;
+	if (want == Want::mapping) {
+		/* No access rights are checked: nothing that only checks them is read. */
+		p.cr4 &= ~(cr4_smap | cr4_pke | cr4_pks);
+		return p;
+	}
 	/*
 	 * A walk reads RFLAGS for AC, which only SMAP looks at. (VM, for the
 	 * CPL below, only exists outside long mode, where a walk is either
@@ -174,6 +180,16 @@ std::uint32_t detail::paging_features(const std::vector<kvm_cpuid_entry2> &cpuid
 PagingState Vcpu::paging_state() const
 {
 	return read_state(*this, *state_, Want::all);
+}
+
+std::optional<std::uint64_t> detail::guest_physical(const Vcpu &vcpu, VcpuState &st,
+						    std::uint64_t gva)
+{
+	const Walk w = virtkit::translate(st.vm->guest_memory, read_state(vcpu, st, Want::mapping),
+					  gva, Access::read);
+	if (!w.mapped())
+		return std::nullopt;
+	return w.gpa;
 }
 
 Walk Vcpu::translate(std::uint64_t gva, Access access) const

@@ -8,6 +8,8 @@
 #include <virtkit/memory.hpp>
 #include <virtkit/vcpu.hpp>
 
+#include "core/run_control.hpp"
+
 namespace virtkit::detail {
 
 static constexpr std::uint64_t arith = 0x8d5; /* CF PF AF ZF SF OF */
@@ -515,8 +517,7 @@ std::optional<RmwPlan> find_locked_rmw(Vcpu &vcpu, const kvm_regs &post, std::ui
 		if (!pre)
 			continue;
 		const std::uint64_t gva = operand_gva(*p, *pre, s, *long64);
-		const kvm_translation t = vcpu.translate(gva);
-		if (!t.valid || t.physical_address != gpa)
+		if (RunControl::guest_physical(vcpu, gva) != gpa)
 			continue;
 		p->gva = gva;
 		return p;

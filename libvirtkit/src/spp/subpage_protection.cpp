@@ -131,6 +131,8 @@ SubpageProtection &SubpageProtection::enable(Vm &vm, const SppOptions &options)
 								  std::move(store));
 		auto *e = engine.get();
 		e->watch_stalls(vm);
+		/* Its exit handler reads registers on most writes it completes. */
+		RunControl::sync_regs(vm);
 		/* Library features see exits before any handler of the VMM. */
 		e->keep_registration(vm.add_exit_handler(
 			[e](Vcpu &v, Exit &exit) { return e->on_exit(v, exit); }, INT_MIN));

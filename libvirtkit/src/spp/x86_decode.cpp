@@ -7,6 +7,8 @@
 #include <virtkit/memory.hpp>
 #include <virtkit/vcpu.hpp>
 
+#include "core/run_control.hpp"
+
 namespace virtkit::detail {
 
 Prefixes decode_prefixes(std::span<const std::uint8_t> code, bool long64)
@@ -196,13 +198,13 @@ std::size_t read_guest_virtual(Vcpu &vcpu, std::uint64_t gva, std::span<std::uin
 	std::size_t got = 0;
 	while (got < out.size()) {
 		const std::uint64_t va = gva + got;
-		const kvm_translation t = vcpu.translate(va);
-		if (!t.valid)
+		const auto gpa = RunControl::guest_physical(vcpu, va);
+		if (!gpa)
 			break;
 		const std::size_t n = std::min<std::uint64_t>(out.size() - got, 4096 - va % 4096);
-		if (!vcpu.memory().contains(t.physical_address, n))
+		if (!vcpu.memory().contains(*gpa, n))
 			break;
-		vcpu.memory().read(t.physical_address,
+		vcpu.memory().read(*gpa,
 				   std::as_writable_bytes(out.subspan(got, n)));
 		got += n;
 	}
