@@ -754,9 +754,17 @@ ExitAction SppEngine::on_exit(Vcpu &vcpu, Exit &exit)
 		}
 	}
 
+	const kvm_regs post = vcpu.regs();
+	/*
+	 * KVM reports the pieces of one write one exit after another; the
+	 * next is known only after completing this one without entering the
+	 * guest (a KVM_RUN). When the instruction is known to store just this
+	 * piece, that is saved.
+	 */
+	const bool one_piece = !vmm_piece && store_is_one_piece(vcpu, post, first.gpa, first.len);
 	PendingWrite w;
 	w.add(first);
-	for (;;) {
+	while (!one_piece) {
 		auto f = RunControl::next_mmio_fragment(vcpu);
 		if (!f)
 			break;
@@ -815,7 +823,6 @@ ExitAction SppEngine::on_exit(Vcpu &vcpu, Exit &exit)
 	 * Whether KVM ran a lockable read-modify-write here (it did so
 	 * non-atomically): found before the decision, as it takes ioctls.
 	 */
-	const kvm_regs post = vcpu.regs();
 	std::optional<RmwPlan> rmw;
 	std::array<std::uint8_t, SppViolation::max_write> bytes;
 	if (!w.overflow)

@@ -478,6 +478,35 @@ static std::uint64_t operand_gva(const RmwPlan &p, const kvm_regs &pre, const kv
 	return linear_address(mem, pre, s, long64, pre.rip);
 }
 
+bool store_is_one_piece(Vcpu &vcpu, const kvm_regs &post, std::uint64_t gpa, std::uint32_t len)
+{
+	if (len != 1 && len != 2 && len != 4 && len != 8)
+		return false;
+	const kvm_sregs s = vcpu.sregs();
+	const auto long64 = code_is_64bit(s);
+	if (!long64)
+		return false;
+	std::array<std::uint8_t, 15> buf{};
+	if (read_guest_virtual(vcpu, post.rip - buf.size(), buf) != buf.size())
+		return false;
+	for (std::size_t n = 2; n <= buf.size(); n++) {
+		const auto code = std::span<const std::uint8_t>(buf).last(n);
+		MemOperand mem;
+		if (auto st = decode_store(code, *long64); st && st->length == n && st->size == len)
+			mem = st->mem;
+		else if (auto rmw = decode_rmw(code, *long64);
+			 rmw && rmw->length == n && rmw->size == len &&
+			 !(rmw->op >= RmwOp::bts && rmw->op <= RmwOp::btc && !rmw->src_imm))
+			mem = rmw->mem;
+		else
+			continue;
+		const std::uint64_t gva = linear_address(mem, post, s, *long64, post.rip);
+		if (gva % 4096 + len <= 4096 && RunControl::guest_physical(vcpu, gva) == gpa)
+			return true;
+	}
+	return false;
+}
+
 std::optional<RmwPlan> find_locked_rmw(Vcpu &vcpu, const kvm_regs &post, std::uint64_t gpa,
 				       std::span<const std::uint8_t> data)
 {

@@ -77,6 +77,14 @@ std::optional<RmwPlan> find_locked_rmw(Vcpu &vcpu, const kvm_regs &post, std::ui
 				       std::span<const std::uint8_t> data);
 
 /*
+ * Whether the instruction that ended at post.rip stores exactly len bytes
+ * at gpa and nothing else: a plain store (decode_store()) or one of the
+ * above, whose operand maps to gpa and stays in its page. Then KVM has no
+ * further piece of the write to report.
+ */
+bool store_is_one_piece(Vcpu &vcpu, const kvm_regs &post, std::uint64_t gpa, std::uint32_t len);
+
+/*
  * Perform plan atomically on the host bytes of its destination, host (its
  * operand size long; may be unaligned): returns the registers the guest
  * must continue with, given post, the registers KVM left.
