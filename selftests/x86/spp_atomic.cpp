@@ -45,13 +45,14 @@ enum Kind : std::uint64_t {
 	cmpxchg_spinlock,
 	bts_spinlock,
 	cmpxchg8b_counter,
+	lock_xaddl_r9d,
 };
 
 static const char *kind_name(std::uint64_t k)
 {
 	static const char *const names[] = {"lock incl",	"lock xaddq",	  "lock addw",
 					    "xchg spinlock",	"cmpxchg spinlock", "lock bts spinlock",
-					    "lock cmpxchg8b counter"};
+					    "lock cmpxchg8b counter", "lock xaddl %r9d"};
 	return names[k];
 }
 
@@ -100,6 +101,20 @@ static void guest_hammer(std::uint64_t kind, std::uint64_t iters)
 			sum += v; /* the values handed out: 0 .. 2 * iters - 1, once each */
 			break;
 		}
+		case lock_xaddl_r9d: {
+			/*
+			 * REX.R names r9d: without its REX byte the same
+			 * bytes read as an xadd of %ecx, as long.
+			 */
+			std::uint32_t v;
+			asm volatile("mov $1, %%r9d\n\t"
+				     "lock xaddl %%r9d, %1\n\t"
+				     "mov %%r9d, %0"
+				     : "=r"(v), "+m"(*(volatile std::uint32_t *)counter)
+				     : : "r9", "memory", "cc");
+			sum += v;
+			break;
+		}
 		case lock_addw:
 			asm volatile("lock addw %1, %0"
 				     : "+m"(*(volatile std::uint16_t *)counter)
@@ -127,7 +142,7 @@ static void guest_hammer(std::uint64_t kind, std::uint64_t iters)
 			break;
 		}
 	}
-	if (kind == lock_xaddq)
+	if (kind == lock_xaddq || kind == lock_xaddl_r9d)
 		__atomic_fetch_add((std::uint64_t *)sum_word, sum, __ATOMIC_SEQ_CST);
 	GUEST_SYNC(iters);
 }
@@ -198,6 +213,7 @@ static void hammer(std::uint64_t kind, std::uint64_t iters)
 		TEST_ASSERT(c == 3 * total, "lock addw: counter %llu, want %llu",
 			    (unsigned long long)c, (unsigned long long)(3 * total));
 		break;
+	case lock_xaddl_r9d:
 	case lock_xaddq: {
 		auto sum = g.memory().read_obj<std::uint64_t>(sum_word);
 		TEST_ASSERT(c == total, "lock xadd: counter %llu after %llu additions",
@@ -237,3 +253,4 @@ VK_TEST(spp_xchg_spinlock_excludes) { hammer(xchg_spinlock, iters); }
 VK_TEST(spp_cmpxchg_spinlock_excludes) { hammer(cmpxchg_spinlock, iters); }
 VK_TEST(spp_bts_spinlock_excludes) { hammer(bts_spinlock, iters); }
 VK_TEST(spp_cmpxchg8b_counter_is_atomic) { hammer(cmpxchg8b_counter, iters); }
+VK_TEST(spp_lock_xadd_of_extended_register_is_atomic) { hammer(lock_xaddl_r9d, iters); }

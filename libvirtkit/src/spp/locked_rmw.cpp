@@ -393,6 +393,7 @@ static std::optional<RmwPlan> explain(const RmwInsn &d, const kvm_regs &post, st
 			std::uint64_t m = d.op == RmwOp::adc ? data - p.src - c : data + p.src + c;
 			if (check(m & mask, (post.rflags & arith & ~cf) | c)) {
 				p.flags_in = (post.rflags & arith & ~cf) | c;
+				p.m0 = m & mask;
 				return p;
 			}
 		}
@@ -415,9 +416,11 @@ static std::optional<RmwPlan> explain(const RmwInsn &d, const kvm_regs &post, st
 		break;
 	case RmwOp::xchg:
 		p.src = data;
+		p.m0 = read_reg(post, d);
 		return p;
 	case RmwOp::cmpxchg:
 		p.rax = post.rax & mask;
+		p.m0 = p.rax; /* equal, or loaded into rax */
 		if (!(post.rflags & zf)) {
 			/* Failed: KVM wrote back what it read, which is now in rax. */
 			if (data != p.rax)
@@ -431,6 +434,7 @@ static std::optional<RmwPlan> explain(const RmwInsn &d, const kvm_regs &post, st
 		p.rdx = post.rdx & 0xffffffff;
 		p.rbx = post.rbx & 0xffffffff;
 		p.rcx = post.rcx & 0xffffffff;
+		p.m0 = p.rdx << 32 | p.rax;
 		if (!(post.rflags & zf)) {
 			if (data != (p.rdx << 32 | p.rax))
 				return std::nullopt;
@@ -441,6 +445,8 @@ static std::optional<RmwPlan> explain(const RmwInsn &d, const kvm_regs &post, st
 	}
 	if (!check(m0 & mask, p.flags_in))
 		return std::nullopt;
+	if (d.op != RmwOp::or_ && d.op != RmwOp::and_)
+		p.m0 = m0 & mask;
 	return p;
 }
 
@@ -489,22 +495,36 @@ bool store_is_one_piece(Vcpu &vcpu, const kvm_regs &post, std::uint64_t gpa, std
 	std::array<std::uint8_t, 15> buf{};
 	if (read_guest_virtual(vcpu, post.rip - buf.size(), buf) != buf.size())
 		return false;
+	/*
+	 * Every candidate that ends at rip and stores at gpa must say: len
+	 * bytes, inside the page. A prefix left out (REX.W, 66) changes the
+	 * size; a byte in front read as one may too - any disagreement, and
+	 * the pieces are collected as usual.
+	 */
+	bool any = false;
 	for (std::size_t n = 2; n <= buf.size(); n++) {
 		const auto code = std::span<const std::uint8_t>(buf).last(n);
 		MemOperand mem;
-		if (auto st = decode_store(code, *long64); st && st->length == n && st->size == len)
+		std::uint32_t size;
+		if (auto st = decode_store(code, *long64); st && st->length == n) {
 			mem = st->mem;
-		else if (auto rmw = decode_rmw(code, *long64);
-			 rmw && rmw->length == n && rmw->size == len &&
-			 !(rmw->op >= RmwOp::bts && rmw->op <= RmwOp::btc && !rmw->src_imm))
+			size = st->size;
+		} else if (auto rmw = decode_rmw(code, *long64); rmw && rmw->length == n) {
+			if (rmw->op >= RmwOp::bts && rmw->op <= RmwOp::btc && !rmw->src_imm)
+				return false; /* the operand moves with the bit offset */
 			mem = rmw->mem;
-		else
+			size = rmw->size;
+		} else {
 			continue;
+		}
 		const std::uint64_t gva = linear_address(mem, post, s, *long64, post.rip);
-		if (gva % 4096 + len <= 4096 && RunControl::guest_physical(vcpu, gva) == gpa)
-			return true;
+		if (RunControl::guest_physical(vcpu, gva) != gpa)
+			continue;
+		if (size != len || gva % 4096 + len > 4096)
+			return false;
+		any = true;
 	}
-	return false;
+	return any;
 }
 
 std::optional<RmwPlan> find_locked_rmw(Vcpu &vcpu, const kvm_regs &post, std::uint64_t gpa,
@@ -534,7 +554,20 @@ std::optional<RmwPlan> find_locked_rmw(Vcpu &vcpu, const kvm_regs &post, std::ui
 
 	std::uint64_t value = 0;
 	std::memcpy(&value, data.data(), size);
-	/* The shortest instruction that fits: extra bytes in front are prefixes at most. */
+	/*
+	 * Every instruction that ends at rip and explains the write. The bytes
+	 * before the real one may read as prefixes (a longer candidate), and
+	 * its own prefixes may be left out (a shorter one): with REX.R, say,
+	 * both can explain it with different registers. Choose the one that
+	 * starts with LOCK (the real locked instruction does; bytes in front
+	 * of it cannot change it), else one that all candidates agree with,
+	 * else the one whose operand KVM read matches memory now.
+	 */
+	struct Candidate {
+		RmwPlan plan;
+		std::size_t len;
+	};
+	std::vector<Candidate> found;
 	for (std::size_t len = 2; len <= have; len++) {
 		auto d = decode_rmw(code.last(len), *long64);
 		if (!d || d->length != len || d->size != size)
@@ -549,8 +582,32 @@ std::optional<RmwPlan> find_locked_rmw(Vcpu &vcpu, const kvm_regs &post, std::ui
 		if (RunControl::guest_physical(vcpu, gva) != gpa)
 			continue;
 		p->gva = gva;
-		return p;
+		found.push_back({*p, len});
 	}
+	if (found.empty())
+		return std::nullopt;
+	for (const Candidate &c : found)
+		if (code[code.size() - c.len] == 0xf0)
+			return c.plan;
+	auto same = [](const RmwInsn &a, const RmwInsn &b) {
+		return a.op == b.op && a.size == b.size && a.src_imm == b.src_imm &&
+		       a.high8 == b.high8 && (a.src_imm ? a.imm == b.imm : a.src_reg == b.src_reg);
+	};
+	if (std::all_of(found.begin(), found.end(),
+			[&](const Candidate &c) { return same(c.plan.insn, found[0].plan.insn); }))
+		return found[0].plan;
+	std::uint64_t now = 0;
+	if (vcpu.memory().contains(gpa, size))
+		vcpu.memory().read(gpa, std::as_writable_bytes(std::span(&now, 1)).first(size));
+	const Candidate *match = nullptr;
+	for (const Candidate &c : found)
+		if (c.plan.m0 == now) {
+			if (match)
+				return std::nullopt; /* cannot tell: see spp.rst */
+			match = &c;
+		}
+	if (match)
+		return match->plan;
 	return std::nullopt;
 }
 

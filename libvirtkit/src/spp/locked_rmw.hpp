@@ -65,6 +65,8 @@ struct RmwPlan {
 	 * (of the value read) must not be performed now.
 	 */
 	bool store;
+	/* The value KVM read, where the data and registers tell (not or/and). */
+	std::optional<std::uint64_t> m0;
 };
 
 /*
