@@ -689,23 +689,9 @@ std::optional<SplitStore> find_split_store(Vcpu &vcpu, const kvm_regs &post, std
 			return f;
 	std::array<std::uint8_t, 15> buf{};
 	const std::size_t have = read_guest_virtual(vcpu, post.rip - buf.size(), buf);
-	const std::span<const std::uint8_t> code(buf.data(), have);
-	for (std::size_t len = 2; len <= have; len++) {
-		const auto tail = code.last(len);
-		MemOperand mem;
-		std::uint32_t size;
-		if (auto st = decode_store(tail, *long64); st && st->length == len) {
-			mem = st->mem;
-			size = st->size;
-		} else if (auto rmw = decode_rmw(tail, *long64); rmw && rmw->length == len) {
-			mem = rmw->mem;
-			size = rmw->size;
-		} else {
-			continue;
-		}
-		if (auto f = fits(linear_address(mem, post, s, *long64, post.rip), size))
+	for (const StoreCandidate &c : stores_ending_here(std::span(buf.data(), have), *long64))
+		if (auto f = fits(linear_address(c.mem, post, s, *long64, post.rip), c.size))
 			return f;
-	}
 	return std::nullopt;
 }
 

@@ -484,6 +484,21 @@ static std::uint64_t operand_gva(const RmwPlan &p, const kvm_regs &pre, const kv
 	return linear_address(mem, pre, s, long64, pre.rip);
 }
 
+std::vector<StoreCandidate> stores_ending_here(std::span<const std::uint8_t> code, bool long64)
+{
+	std::vector<StoreCandidate> out;
+	for (std::size_t n = 2; n <= code.size() && n <= 15; n++) {
+		const auto tail = code.last(n);
+		if (auto st = decode_store(tail, long64); st && st->length == n)
+			out.push_back({st->mem, st->size, n});
+		else if (auto rmw = decode_rmw(tail, long64);
+			 rmw && rmw->length == n &&
+			 !(rmw->op >= RmwOp::bts && rmw->op <= RmwOp::btc && !rmw->src_imm))
+			out.push_back({rmw->mem, rmw->size, n});
+	}
+	return out;
+}
+
 bool store_is_one_piece(Vcpu &vcpu, const kvm_regs &post, std::uint64_t gpa, std::uint32_t len)
 {
 	if (len != 1 && len != 2 && len != 4 && len != 8)
@@ -502,25 +517,11 @@ bool store_is_one_piece(Vcpu &vcpu, const kvm_regs &post, std::uint64_t gpa, std
 	 * the pieces are collected as usual.
 	 */
 	bool any = false;
-	for (std::size_t n = 2; n <= buf.size(); n++) {
-		const auto code = std::span<const std::uint8_t>(buf).last(n);
-		MemOperand mem;
-		std::uint32_t size;
-		if (auto st = decode_store(code, *long64); st && st->length == n) {
-			mem = st->mem;
-			size = st->size;
-		} else if (auto rmw = decode_rmw(code, *long64); rmw && rmw->length == n) {
-			if (rmw->op >= RmwOp::bts && rmw->op <= RmwOp::btc && !rmw->src_imm)
-				return false; /* the operand moves with the bit offset */
-			mem = rmw->mem;
-			size = rmw->size;
-		} else {
-			continue;
-		}
-		const std::uint64_t gva = linear_address(mem, post, s, *long64, post.rip);
+	for (const StoreCandidate &c : stores_ending_here(buf, *long64)) {
+		const std::uint64_t gva = linear_address(c.mem, post, s, *long64, post.rip);
 		if (RunControl::guest_physical(vcpu, gva) != gpa)
 			continue;
-		if (size != len || gva % 4096 + len > 4096)
+		if (c.size != len || gva % 4096 + len > 4096)
 			return false;
 		any = true;
 	}

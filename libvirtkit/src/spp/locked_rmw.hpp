@@ -23,6 +23,7 @@
 #include <cstdint>
 #include <optional>
 #include <span>
+#include <vector>
 
 #include "spp/x86_decode.hpp"
 
@@ -77,6 +78,19 @@ struct RmwPlan {
  */
 std::optional<RmwPlan> find_locked_rmw(Vcpu &vcpu, const kvm_regs &post, std::uint64_t gpa,
 				       std::span<const std::uint8_t> data);
+
+/*
+ * The stores - plain (decode_store()) or one of the above - that end
+ * exactly where code ends, one per possible start: what the instruction
+ * that ended at RIP may have been. A bit-string instruction with the bit
+ * offset in a register (its operand moves with it) is left out.
+ */
+struct StoreCandidate {
+	MemOperand mem;
+	std::uint32_t size;
+	std::size_t length;
+};
+std::vector<StoreCandidate> stores_ending_here(std::span<const std::uint8_t> code, bool long64);
 
 /*
  * Whether the instruction that ended at post.rip stores exactly len bytes
