@@ -6,6 +6,8 @@
  */
 #include <virtkit/x86/guest_probes.hpp>
 
+#include <cpuid.h>
+
 #include <cstdint>
 #include <fstream>
 #include <span>
@@ -152,7 +154,50 @@ Probe probe_cmpxchg16b(const System &sys)
 	return no("lock cmpxchg16b on guest RAM: " + describe(e));
 }
 
+/* SVM's exit information in emulation-failure data (AuthenticAMD, HygonGenuine). */
+bool host_has_svm_exit_info()
+{
+	unsigned a, b, c, d;
+	__cpuid(0, a, b, c, d);
+	return (b == 0x68747541 && c == 0x444d4163 && d == 0x69746e65) ||
+	       (b == 0x6f677948 && c == 0x656e6975 && d == 0x6e65476e);
+}
+
+Probe probe_delivery(const System &sys)
+{
+	/* ud2, with the stack on a read-only page: KVM cannot push the #UD frame. */
+	static const std::uint8_t code[] = {0x0f, 0x0b};
+	Tiny t(sys, code);
+	t.g.memory().add(probe_gpa, 4096, {.readonly = true, .name = "delivery probe"});
+	t.g.map(probe_gva, probe_gpa, 4096);
+	auto r = t.v->regs();
+	r.rsp = probe_gva + 4096;
+	t.v->set_regs(r);
+	Exit e = run_bounded(*t.v);
+	const std::string what = "a #UD whose frame lands on a read-only memslot";
+	if (auto *ie = std::get_if<InternalErrorExit>(&e)) {
+		if (ie->suberror == KVM_INTERNAL_ERROR_DELIVERY_EV)
+			return yes(what + " ends in KVM_INTERNAL_ERROR_DELIVERY_EV with the event queued");
+		const std::size_t info =
+			!ie->data.empty() && (ie->data[0] & KVM_INTERNAL_ERROR_EMULATION_FLAG_INSTRUCTION_BYTES)
+				? 3
+				: 1;
+		const std::size_t at = info + (host_has_svm_exit_info() ? 3 : 2);
+		if (ie->suberror == KVM_INTERNAL_ERROR_EMULATION && ie->data.size() > at &&
+		    (ie->data[at] >> 31 & 1) && (ie->data[at] & 0xff) == 6)
+			return yes(what + " ends in an emulation failure that names the event (" +
+				   (host_has_svm_exit_info() ? "EXITINTINFO" : "IDT-vectoring info") + ")");
+		return no(what + " ends in " + internal_error(e) + ", which does not name the event");
+	}
+	return no(what + ": " + describe(e) + " (KVM does not report the event it failed to deliver)");
+}
+
 } // namespace
+
+const Probe &failed_delivery_reported(const System &sys)
+{
+	return once<probe_delivery>("event delivery", sys);
+}
 
 const Probe &guest_int3(const System &sys)
 {

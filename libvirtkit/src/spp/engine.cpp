@@ -2,6 +2,7 @@
 #include "spp/engine.hpp"
 
 #include <algorithm>
+#include <cpuid.h>
 #include <cerrno>
 #include <cstring>
 #include <limits>
@@ -695,14 +696,295 @@ std::optional<SplitStore> find_split_store(Vcpu &vcpu, const kvm_regs &post, std
 	return std::nullopt;
 }
 
+/* An event being delivered: VMX IDT-vectoring / SVM EXITINTINFO layout. */
+struct Vectoring {
+	std::uint8_t vector;
+	std::uint8_t type; /* 0 external interrupt, 2 NMI, 3 hardware exception, 4+ software */
+	bool has_error_code;
+	std::uint32_t error_code;
+};
+
+bool host_is_amd()
+{
+	unsigned a, b, c, d;
+	if (!__get_cpuid(0, &a, &b, &c, &d))
+		return false;
+	/* AuthenticAMD, HygonGenuine: SVM's exit information */
+	return (b == 0x68747541 && c == 0x444d4163 && d == 0x69746e65) ||
+	       (b == 0x6f677948 && c == 0x656e6975 && d == 0x6e65476e);
+}
+
+/*
+ * The event KVM failed to deliver, from the exit and the vCPU's events.
+ *
+ * KVM_INTERNAL_ERROR_DELIVERY_EV (Linux 6.14+, x86_emulate_instruction ->
+ * kvm_check_emulate_insn -> X86EMUL_UNHANDLEABLE_VECTORING): KVM left the
+ * event queued for reinjection, so KVM_GET_VCPU_EVENTS has it (exception
+ * with its error code, NMI or interrupt; not a software exception, #BP/#OF,
+ * which the events hide).
+ *
+ * KVM_INTERNAL_ERROR_EMULATION (older kernels): KVM tried to emulate the
+ * instruction at RIP, cleared the exception queue first and queued a #UD
+ * of its own on failure (CPL 0), so the events lie; the vectoring info is
+ * in the exit's data (prepare_emulation_failure_exit: flags, [instruction
+ * bytes], exit reason, info1, info2, intr_info, error code). SVM reports
+ * EXITINTINFO (intr_info) and its error code; VMX reports IDT-vectoring
+ * info (info2) without the error code, so an exception with an error code
+ * cannot be redelivered there.
+ */
+std::optional<Vectoring> failed_delivery(const InternalErrorExit &ie, const kvm_vcpu_events &e)
+{
+	if (ie.suberror == KVM_INTERNAL_ERROR_DELIVERY_EV) {
+		if (e.exception.injected)
+			return Vectoring{e.exception.nr, 3, e.exception.has_error_code != 0,
+					 e.exception.error_code};
+		if (e.nmi.injected)
+			return Vectoring{2, 2, false, 0};
+		if (e.interrupt.injected && !e.interrupt.soft)
+			return Vectoring{e.interrupt.nr, 0, false, 0};
+		return std::nullopt;
+	}
+	if (ie.suberror != KVM_INTERNAL_ERROR_EMULATION || ie.data.empty())
+		return std::nullopt;
+	const std::size_t info = (ie.data[0] & KVM_INTERNAL_ERROR_EMULATION_FLAG_INSTRUCTION_BYTES) ? 3 : 1;
+	if (ie.data.size() < info + 5)
+		return std::nullopt;
+	const bool amd = host_is_amd();
+	const std::uint64_t v = amd ? ie.data[info + 3] : ie.data[info + 2];
+	if (!(v >> 31 & 1))
+		return std::nullopt;
+	Vectoring ev{static_cast<std::uint8_t>(v), static_cast<std::uint8_t>(v >> 8 & 7),
+		     (v >> 11 & 1) != 0, 0};
+	if (ev.has_error_code) {
+		if (!amd)
+			return std::nullopt; /* VMX: the error code is not reported */
+		ev.error_code = static_cast<std::uint32_t>(ie.data[info + 4]);
+	}
+	return ev;
+}
+
+/* Guest-virtual bytes as the vCPU maps them; false if any page is unmapped. */
+bool read_gva(Vcpu &vcpu, std::uint64_t va, void *out, std::size_t n)
+{
+	return read_guest_virtual(vcpu, va, std::span(static_cast<std::uint8_t *>(out), n)) == n;
+}
+
 } // namespace
+
+/*
+ * Deliver the event in 64-bit mode as the processor would (SDM 6.14,
+ * APM 8.9): the IDT gate, the stack (IST, or RSPn from the TSS on a
+ * privilege change, else the current one, aligned to 16 bytes), the frame
+ * SS, RSP, RFLAGS, CS, RIP [, error code], then CS:RIP from the gate and
+ * RFLAGS with TF, NT, RF (and IF for an interrupt gate) clear. Each 8-byte
+ * push is checked against the maps. A frame on writable sub-pages is
+ * written and the event delivered. A frame touching a protected sub-page is
+ * reported once; allow_once writes it and delivers. The guest cannot go on
+ * without its frame, so drop and stop end Vcpu::run() with the violation
+ * and leave the event undelivered, queued as KVM had it (running the vCPU
+ * again retries the delivery). Anything this does not model (legacy modes,
+ * LDT selectors, software interrupts, a gate or stack that would fault) is
+ * left to the caller, as KVM reported it.
+ */
+ExitAction SppEngine::complete_delivery(Vcpu &vcpu, Exit &exit)
+{
+	const auto &ie = std::get<InternalErrorExit>(exit);
+	kvm_vcpu_events events = vcpu.events();
+	auto ev = failed_delivery(ie, events);
+	if (!ev || ev->type > 3)
+		return ExitAction::pass;
+
+	kvm_regs regs = vcpu.regs();
+	kvm_sregs sregs = vcpu.sregs();
+	const std::uint64_t efer_lma = 1u << 10;
+	if (!(sregs.efer & efer_lma) || !sregs.cs.l)
+		return ExitAction::pass;
+
+	/* The gate. */
+	if (ev->vector * 16ull + 15 > sregs.idt.limit)
+		return ExitAction::pass;
+	std::uint64_t gate[2];
+	if (!read_gva(vcpu, sregs.idt.base + ev->vector * 16ull, gate, sizeof(gate)))
+		return ExitAction::pass;
+	const unsigned gtype = gate[0] >> 40 & 0xf;
+	if (!(gate[0] >> 47 & 1) || (gtype != 0xe && gtype != 0xf))
+		return ExitAction::pass;
+	const std::uint16_t sel = gate[0] >> 16 & 0xffff;
+	const unsigned ist = gate[0] >> 32 & 7;
+	const std::uint64_t target = (gate[0] & 0xffff) | (gate[0] >> 48 & 0xffff) << 16 |
+				     (gate[1] & 0xffffffffull) << 32;
+
+	/* The code segment. */
+	if ((sel & 4) || (sel | 7) > sregs.gdt.limit || !(sel & ~7))
+		return ExitAction::pass;
+	std::uint64_t desc;
+	if (!read_gva(vcpu, sregs.gdt.base + (sel & ~7), &desc, sizeof(desc)))
+		return ExitAction::pass;
+	const bool code = (desc >> 43 & 3) == 3, present = desc >> 47 & 1, longmode = desc >> 53 & 1;
+	if (!code || !present || !longmode)
+		return ExitAction::pass;
+	const unsigned cpl = sregs.cs.selector & 3;
+	const unsigned new_cpl = (desc >> 42 & 1) ? cpl : (desc >> 45 & 3);
+	if (new_cpl > cpl)
+		return ExitAction::pass;
+
+	/* The stack. */
+	std::uint64_t rsp = regs.rsp;
+	if (ist) {
+		if (!read_gva(vcpu, sregs.tr.base + 0x24 + 8 * (ist - 1), &rsp, 8))
+			return ExitAction::pass;
+	} else if (new_cpl < cpl) {
+		if (!read_gva(vcpu, sregs.tr.base + 4 + 8 * new_cpl, &rsp, 8))
+			return ExitAction::pass;
+	}
+	rsp &= ~0xfull;
+
+	/* The frame, lowest address first. */
+	std::array<std::uint64_t, 6> frame{};
+	std::size_t n = 0;
+	if (ev->has_error_code)
+		frame[n++] = ev->error_code;
+	frame[n++] = regs.rip;
+	frame[n++] = sregs.cs.selector;
+	frame[n++] = regs.rflags;
+	frame[n++] = regs.rsp;
+	frame[n++] = sregs.ss.selector;
+	const std::uint64_t start = rsp - 8 * n;
+	std::array<std::uint64_t, 6> slot_gpa{};
+	for (std::size_t i = 0; i < n; i++) {
+		kvm_translation t = vcpu.translate(start + 8 * i);
+		if (!t.valid)
+			return ExitAction::pass; /* a #PF on the push: not modelled */
+		slot_gpa[i] = t.physical_address;
+	}
+
+	std::optional<std::uint64_t> first;
+	auto write_frame_locked = [&] {
+		for (std::size_t i = 0; i < n; i++)
+			mem_.guest_write_locked(slot_gpa[i], reinterpret_cast<const std::byte *>(&frame[i]),
+						8);
+	};
+	auto blocked_locked = [&]() -> std::optional<std::uint64_t> {
+		for (std::size_t i = 0; i < n; i++) {
+			MapWindow maps(*store_, "SubpageProtection (event delivery)", slot_gpa[i] / page,
+				       slot_gpa[i] / page + 1);
+			if (auto b = first_blocked(maps, slot_gpa[i], 8))
+				return b;
+		}
+		return std::nullopt;
+	};
+	{
+		auto lock = mem_.lock_shared();
+		bool traps = false;
+		for (std::size_t i = 0; i < n; i++) {
+			if (!mem_.writable_ram_locked(slot_gpa[i], 8))
+				return ExitAction::pass; /* not RAM: not a failure SPP caused */
+			const std::uint64_t g = slot_gpa[i] / page;
+			MapWindow maps = trap_window(*store_, "SubpageProtection (event delivery)", g, 1);
+			traps |= needs_trap(g, [&](std::uint64_t x) { return maps.at(x); });
+		}
+		if (!traps)
+			return ExitAction::pass;
+		checked_++;
+		first = blocked_locked();
+		if (!first) {
+			write_frame_locked();
+			allowed_++;
+		}
+	}
+
+	if (first) {
+		SppViolation v{};
+		v.vcpu = vcpu.id();
+		v.gpa = *first;
+		v.write_gpa = slot_gpa[0];
+		v.size = static_cast<std::uint32_t>(8 * n);
+		v.rip = regs.rip;
+		std::memcpy(v.bytes.data(), frame.data(), 8 * n);
+		auto blocked_now = [&] {
+			auto lock = mem_.lock_shared();
+			return blocked_locked();
+		};
+		if (report(vcpu, v, blocked_now) != SppDecision::allow_once) {
+			/* Undelivered: queued again as KVM had it, for a later run to retry. */
+			events.exception.injected = ev->type == 3;
+			events.exception.pending = 0;
+			events.exception.nr = ev->vector;
+			events.exception.has_error_code = ev->has_error_code;
+			events.exception.error_code = ev->error_code;
+			events.nmi.injected = ev->type == 2;
+			events.interrupt.injected = ev->type == 0;
+			events.interrupt.nr = ev->vector;
+			events.interrupt.soft = 0;
+			vcpu.set_events(events);
+			exit = SppViolationExit{v};
+			return ExitAction::pass;
+		}
+		auto lock = mem_.lock_shared();
+		write_frame_locked();
+	}
+
+	/* The event is delivered: nothing left to inject. */
+	events.exception.injected = 0;
+	events.exception.pending = 0;
+	events.interrupt.injected = 0;
+	events.nmi.injected = 0;
+	events.interrupt.shadow = 0; /* delivery ends an STI / MOV SS shadow */
+	if (ev->type == 2)
+		events.nmi.masked = 1;
+	vcpu.set_events(events);
+
+	const std::uint64_t tf = 1u << 8, ifl = 1u << 9, nt = 1u << 14, rf = 1u << 16, vm = 1u << 17;
+	regs.rsp = start;
+	regs.rip = target;
+	regs.rflags &= ~(tf | nt | rf | vm | (gtype == 0xe ? ifl : 0));
+	vcpu.set_regs(regs);
+
+	const std::uint16_t new_cs = (sel & ~3) | new_cpl;
+	if (new_cs != sregs.cs.selector || new_cpl != cpl) {
+		kvm_segment &cs = sregs.cs;
+		cs.base = 0;
+		cs.limit = 0xffffffff;
+		cs.selector = new_cs;
+		cs.type = desc >> 40 & 0xf;
+		cs.s = 1;
+		cs.dpl = new_cpl;
+		cs.present = 1;
+		cs.l = 1;
+		cs.db = 0;
+		cs.g = 1;
+		cs.unusable = 0;
+		if (new_cpl != cpl) {
+			/* SS becomes the null selector with RPL = the new CPL. */
+			kvm_segment &ss = sregs.ss;
+			ss = {};
+			ss.selector = new_cpl;
+			ss.limit = 0xffffffff;
+			ss.type = 3;
+			ss.s = 1;
+			ss.dpl = new_cpl;
+			ss.present = 1;
+			ss.db = 1;
+			ss.g = 1;
+		}
+		vcpu.set_sregs(sregs);
+	}
+	return ExitAction::resume;
+}
 
 ExitAction SppEngine::on_exit(Vcpu &vcpu, Exit &exit)
 {
-	if (auto *ie = std::get_if<InternalErrorExit>(&exit))
+	if (auto *ie = std::get_if<InternalErrorExit>(&exit)) {
+		if (ie->suberror == KVM_INTERNAL_ERROR_DELIVERY_EV ||
+		    ie->suberror == KVM_INTERNAL_ERROR_EMULATION) {
+			ExitAction a = complete_delivery(vcpu, exit);
+			if (a == ExitAction::resume || !std::holds_alternative<InternalErrorExit>(exit))
+				return a;
+		}
 		return ie->suberror == KVM_INTERNAL_ERROR_EMULATION
 			       ? complete_cmpxchg16b(vcpu, exit)
 			       : ExitAction::pass;
+	}
 	auto *m = std::get_if<MmioExit>(&exit);
 	if (!m || !m->is_write() || m->data.empty())
 		return ExitAction::pass;

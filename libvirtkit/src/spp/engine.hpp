@@ -93,6 +93,12 @@ private:
 			   const std::function<std::optional<std::uint64_t>()> &blocked_now);
 	/* A cmpxchg16b that KVM's emulator refused on a trapping page. */
 	ExitAction complete_cmpxchg16b(Vcpu &vcpu, Exit &exit);
+	/*
+	 * An event (exception, NMI, interrupt) whose delivery KVM could not
+	 * complete because its frame lands on a trapping page: delivered
+	 * here (64-bit IDT), the frame written through the maps.
+	 */
+	ExitAction complete_delivery(Vcpu &vcpu, Exit &exit);
 	/* A vCPU that stayed in the guest: complete what KVM cannot (on its thread). */
 	std::optional<Exit> complete_stalled(Vcpu &vcpu);
 	void count_protected(std::span<const std::uint32_t> old_maps,

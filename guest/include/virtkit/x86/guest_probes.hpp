@@ -42,4 +42,15 @@ const Probe &large_mappings(const System &sys);
  */
 const Probe &guest_cmpxchg16b(const System &sys);
 
+/*
+ * Whether KVM reports an event (exception, interrupt) it could not deliver
+ * because the frame lands on a read-only memslot, naming the event:
+ * KVM_INTERNAL_ERROR_DELIVERY_EV (Linux 6.14 and later), or an emulation
+ * failure with the IDT-vectoring information in its data (older kernels,
+ * when the faulting instruction cannot be emulated). Sub-page protection
+ * delivers such an event itself; where KVM reports neither (a triple fault,
+ * or KVM re-executing the instruction), it cannot.
+ */
+const Probe &failed_delivery_reported(const System &sys);
+
 } // namespace virtkit::platform
