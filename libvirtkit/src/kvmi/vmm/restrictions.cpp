@@ -1,7 +1,8 @@
 // SPDX-License-Identifier: MIT
 /*
  * Page restrictions: SET_PAGE_ACCESS without W and SET_PAGE_WRITE_BITMAP
- * (after CONTROL_SPP) become sub-page protection maps (virtkit/spp.hpp):
+ * (SPP on by CONTROL_SPP or by the first bitmap) become sub-page
+ * protection maps (virtkit/spp.hpp):
  * a page without W gets map 0, a page with a write bitmap gets the bitmap.
  * A guest write the maps block reaches on_spp_violation() on the vCPU's
  * thread, which raises the PF event and performs the write once
@@ -90,15 +91,8 @@ int IntrospectionServer::control_spp(std::span<const std::byte> p)
 	    !VK_KVMI_ZERO(c.padding3))
 		return -KVMI_EINVAL;
 	std::lock_guard lock(restr_mu_);
-	if (c.enable) {
-		try {
-			SubpageProtection::enable(vm_); /* fails here, not at the first bitmap */
-		} catch (const Error &) {
-			return -KVMI_EOPNOTSUPP;
-		}
-		spp_enabled_ = true;
-		return 0;
-	}
+	if (c.enable)
+		return enable_spp_locked();
 	/* Disabling drops every write bitmap; W restrictions stay. */
 	std::map<std::uint64_t, KvmiPage> changes;
 	for (auto &[gfn, pg] : pages_) {
@@ -108,7 +102,18 @@ int IntrospectionServer::control_spp(std::span<const std::byte> p)
 	}
 	if (int err = apply_pages_locked(changes))
 		return err;
-	spp_enabled_ = false;
+	spp_control_ = SppControl::disabled;
+	return 0;
+}
+
+int IntrospectionServer::enable_spp_locked()
+{
+	try {
+		SubpageProtection::enable(vm_); /* fails here, not at the first bitmap */
+	} catch (const Error &) {
+		return -KVMI_EOPNOTSUPP;
+	}
+	spp_control_ = SppControl::enabled;
 	return 0;
 }
 
@@ -131,8 +136,11 @@ int IntrospectionServer::set_page_write_bitmap(std::span<const std::byte> p)
 		want[gfn] = e.bitmap;
 	}
 	std::lock_guard lock(restr_mu_);
-	if (!spp_enabled_)
-		return -KVMI_EOPNOTSUPP; /* CONTROL_SPP{enable=1} first */
+	if (spp_control_ == SppControl::disabled)
+		return -KVMI_EOPNOTSUPP; /* the tool turned it off: CONTROL_SPP{enable=1} first */
+	if (spp_control_ == SppControl::unset)
+		if (int err = enable_spp_locked())
+			return err;
 	std::map<std::uint64_t, KvmiPage> changes;
 	for (auto [gfn, bitmap] : want) {
 		auto it = pages_.find(gfn);
@@ -388,7 +396,7 @@ void IntrospectionServer::remove_restrictions() noexcept
 		}
 	}
 	pages_.clear();
-	spp_enabled_ = false;
+	spp_control_ = SppControl::unset;
 	if (spp_) {
 		spp_->on_violation(nullptr);
 		spp_ = nullptr;

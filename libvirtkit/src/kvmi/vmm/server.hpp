@@ -194,6 +194,7 @@ private:
 	/* --- restrictions.cpp --- */
 	int set_page_access(std::span<const std::byte> p);
 	int control_spp(std::span<const std::byte> p);
+	int enable_spp_locked(); /* under restr_mu_ */
 	int set_page_write_bitmap(std::span<const std::byte> p);
 	/* Apply new page states all or nothing; 0 or -KVMI_E*. Under restr_mu_. */
 	int apply_pages_locked(const std::map<std::uint64_t, KvmiPage> &changes);
@@ -257,7 +258,12 @@ private:
 
 	std::mutex restr_mu_;
 	std::map<std::uint64_t, KvmiPage> pages_;	/* restricted pages by gfn */
-	bool spp_enabled_ = false;			/* CONTROL_SPP */
+	/*
+	 * CONTROL_SPP: never sent (the first SET_PAGE_WRITE_BITMAP enables
+	 * SPP itself: libkvmi has no call that sends CONTROL_SPP), enabled,
+	 * or disabled by the tool (bitmaps refused until it enables again).
+	 */
+	enum class SppControl { unset, enabled, disabled } spp_control_ = SppControl::unset;
 	SubpageProtection *spp_ = nullptr;		/* once we installed our handler */
 
 	std::atomic<std::uint64_t> n_commands_{0}, n_events_{0}, n_errors_{0};
