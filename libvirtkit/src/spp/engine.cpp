@@ -650,6 +650,88 @@ std::optional<Exit> SppEngine::complete_stalled(Vcpu &vcpu)
 	return std::nullopt;
 }
 
+/*
+ * rep stos and rep movs: on a page that traps, KVM emulates one element per
+ * exit, RIP staying at the instruction until RCX reaches 0. After an
+ * allowed element, go on with the following ones here, each decided as the
+ * exit for it would be - until the count runs out, an element would touch a
+ * protected sub-page, leave guest RAM, read a hidden page, straddle a page,
+ * or the batch (4096 elements) is full. The guest then re-runs the
+ * instruction for the rest, and KVM reports the next element that traps:
+ * a protected one is reported as before, element by element.
+ */
+std::optional<kvm_regs> SppEngine::continue_rep_string(Vcpu &vcpu, const kvm_regs &post,
+						      std::uint64_t gpa, std::uint32_t len)
+{
+	const kvm_sregs s = vcpu.sregs();
+	const auto long64 = code_is_64bit(s);
+	if (!long64)
+		return std::nullopt;
+	std::array<std::uint8_t, 15> buf{};
+	const std::size_t have = read_guest_virtual(vcpu, post.rip, buf);
+	const auto rep = decode_rep_string(std::span(buf.data(), have), *long64);
+	if (!rep || rep->size != len)
+		return std::nullopt;
+	const std::uint64_t amask = rep->addr_bytes == 8 ? ~0ull : 0xffffffffull;
+	const std::int64_t step = post.rflags & (1u << 10) ? -std::int64_t{len} : len; /* DF */
+	const std::uint64_t es = *long64 ? 0 : s.es.base, ds = *long64 ? 0 : s.ds.base;
+	std::uint64_t count = post.rcx & amask, rdi = post.rdi & amask, rsi = post.rsi & amask;
+	auto lin = [&](std::uint64_t base, std::uint64_t off) { return (base + off) & amask; };
+	/* The element just written is the one before RDI. */
+	if (!count || RunControl::guest_physical(vcpu, lin(es, rdi - step)) != gpa)
+		return std::nullopt;
+
+	std::uint64_t done = 0;
+	for (bool more = true; more && count && done < 4096;) {
+		/* The pages the next elements are on: translated outside the lock. */
+		const std::uint64_t dva = lin(es, rdi), sva = lin(ds, rsi);
+		const auto dpage = RunControl::guest_physical(vcpu, dva & ~(page - 1));
+		const auto spage = rep->movs ? RunControl::guest_physical(vcpu, sva & ~(page - 1))
+					     : std::optional<std::uint64_t>(0);
+		if (!dpage || !spage)
+			break;
+		auto lock = mem_.lock_shared();
+		MapWindow maps(*store_, "SubpageProtection (rep string)", *dpage / page,
+			       *dpage / page + 1);
+		while (count && done < 4096) {
+			const std::uint64_t d = lin(es, rdi), sv = lin(ds, rsi);
+			if (d / page != dva / page || d % page + len > page ||
+			    (rep->movs && (sv / page != sva / page || sv % page + len > page))) {
+				more = d % page + len <= page && (!rep->movs || sv % page + len <= page);
+				break;
+			}
+			const std::uint64_t dg = *dpage + d % page, sg = *spage + sv % page;
+			if (!mem_.writable_ram_locked(dg, len) || first_blocked(maps, dg, len) ||
+			    (rep->movs && (!mem_.host_ptr_locked(sg, len) || mem_.hidden_locked(sg)))) {
+				more = false;
+				break;
+			}
+			std::array<std::byte, 8> data{};
+			if (rep->movs)
+				mem_.guest_read_locked(sg, data.data(), len);
+			else
+				std::memcpy(data.data(), &post.rax, len);
+			mem_.guest_write_locked(dg, data.data(), len);
+			checked_++;
+			allowed_++;
+			rdi += step;
+			rsi += step;
+			count--;
+			done++;
+		}
+	}
+	if (!done)
+		return std::nullopt;
+	kvm_regs r = post;
+	r.rcx = (post.rcx & ~amask) | count;
+	r.rdi = (post.rdi & ~amask) | (rdi & amask);
+	if (rep->movs)
+		r.rsi = (post.rsi & ~amask) | (rsi & amask);
+	if (!count)
+		r.rip += rep->length; /* retired, as the guest would on re-entry */
+	return r;
+}
+
 namespace {
 
 struct SplitStore {
@@ -1113,6 +1195,9 @@ ExitAction SppEngine::on_exit(Vcpu &vcpu, Exit &exit)
 		}
 	}
 	if (blocked == ~0ull && !w.overflow) {
+		if (w.count == 1 && !rmw && !vmm_piece)
+			if (auto r = continue_rep_string(vcpu, post, first.gpa, first.len))
+				regs = r;
 		set_regs();
 		return done();
 	}

@@ -99,6 +99,12 @@ private:
 	 * here (64-bit IDT), the frame written through the maps.
 	 */
 	ExitAction complete_delivery(Vcpu &vcpu, Exit &exit);
+	/*
+	 * After an allowed element of rep stos/movs at gpa: the registers with
+	 * the following elements done here, as far as they are allowed.
+	 */
+	std::optional<kvm_regs> continue_rep_string(Vcpu &vcpu, const kvm_regs &post,
+						    std::uint64_t gpa, std::uint32_t len);
 	/* A vCPU that stayed in the guest: complete what KVM cannot (on its thread). */
 	std::optional<Exit> complete_stalled(Vcpu &vcpu);
 	void count_protected(std::span<const std::uint32_t> old_maps,

@@ -148,6 +148,27 @@ std::optional<StoreInsn> decode_store(std::span<const std::uint8_t> code, bool l
 	return s;
 }
 
+std::optional<RepString> decode_rep_string(std::span<const std::uint8_t> code, bool long64)
+{
+	const Prefixes p = decode_prefixes(code, long64);
+	bool rep = false;
+	for (std::size_t k = 0; k < p.length; k++)
+		rep |= code[k] == 0xf3 || code[k] == 0xf2; /* f2 is rep too for stos/movs */
+	if (!rep || p.length >= code.size() || (p.seg >= 0 && p.seg != 3 && long64))
+		return std::nullopt; /* a segment override moves movs' source: not modelled */
+	const std::uint8_t op = code[p.length];
+	if (op != 0xaa && op != 0xab && op != 0xa4 && op != 0xa5)
+		return std::nullopt;
+	RepString r{};
+	r.movs = op == 0xa4 || op == 0xa5;
+	r.size = (op & 1) ? (p.rex & 8 ? 8 : p.opsize ? 2 : 4) : 1;
+	r.length = static_cast<std::uint8_t>(p.length + 1);
+	r.addr_bytes = long64 && !p.addrsize ? 8 : 4;
+	if (!long64 && p.addrsize)
+		return std::nullopt;
+	return r;
+}
+
 __u64 &gpr(kvm_regs &r, unsigned n)
 {
 	__u64 *v[16] = {&r.rax, &r.rcx, &r.rdx, &r.rbx, &r.rsp, &r.rbp, &r.rsi, &r.rdi,

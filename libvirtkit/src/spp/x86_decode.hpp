@@ -60,6 +60,16 @@ struct StoreInsn {
 /* The instruction at the start of code, if it is such a store (not VEX-encoded). */
 std::optional<StoreInsn> decode_store(std::span<const std::uint8_t> code, bool long64);
 
+/* rep stos / rep movs: element size, direction of the source (movs). */
+struct RepString {
+	bool movs;		/* else stos */
+	std::uint8_t size;	/* element bytes */
+	std::uint8_t length;	/* instruction bytes */
+	std::uint8_t addr_bytes;	/* 8, or 4 */
+};
+/* The instruction at the start of code, if it is rep stos or rep movs (f3, or f2). */
+std::optional<RepString> decode_rep_string(std::span<const std::uint8_t> code, bool long64);
+
 /* Its linear address with the registers before the instruction and rip after it. */
 std::uint64_t linear_address(const MemOperand &mem, const kvm_regs &regs, const kvm_sregs &sregs,
 			     bool long64, std::uint64_t rip_after);
