@@ -262,7 +262,7 @@ void internal_kick_locked(VcpuState &s)
 	type Vcpu::name() const                                              \
 	{                                                                    \
 		auto &s = *state_;                                           \
-		if (s.regs_synced.load() && pthread_equal(s.synced_thread, pthread_self())) \
+		if (s.regs_synced.load() && pthread_equal(s.synced_thread.load(), pthread_self())) \
 			return s.run.as<kvm_run>()->s.regs.field;            \
 		type v{};                                                    \
 		if (detail::typed_ioctl<req>(fd(), &v) < 0)                  \

@@ -79,7 +79,7 @@ struct VcpuState {
 	 * the thread that ran the vCPU until any setter changes the vCPU.
 	 */
 	std::atomic<bool> regs_synced{false};
-	pthread_t synced_thread{};
+	std::atomic<pthread_t> synced_thread{};
 
 	/*
 	 * What page walks take from the vCPU's CPUID (vcpu_paging.cpp), read
