@@ -192,7 +192,37 @@ Probe probe_delivery(const System &sys)
 	return no(what + ": " + describe(e) + " (KVM does not report the event it failed to deliver)");
 }
 
+Probe probe_queued_delivery(const System &sys)
+{
+	/* mov %eax,%ds with a selector past the GDT: #GP(0xfff8), which KVM can emulate. */
+	static const std::uint8_t code[] = {0x8e, 0xd8};
+	Tiny t(sys, code);
+	t.g.memory().add(probe_gpa, 4096, {.readonly = true, .name = "delivery probe"});
+	t.g.map(probe_gva, probe_gpa, 4096);
+	auto r = t.v->regs();
+	r.rsp = probe_gva + 4096;
+	r.rax = 0xfff8;
+	t.v->set_regs(r);
+	Exit e = run_bounded(*t.v);
+	const std::string what = "a #GP (from an instruction KVM emulates) whose frame lands on a "
+				 "read-only memslot";
+	if (auto *ie = std::get_if<InternalErrorExit>(&e); ie && ie->suberror == KVM_INTERNAL_ERROR_DELIVERY_EV)
+		return yes(what + " ends in KVM_INTERNAL_ERROR_DELIVERY_EV");
+	const kvm_vcpu_events ev = t.v->events();
+	if (std::holds_alternative<InterruptedExit>(e) && (ev.exception.injected || ev.exception.pending) &&
+	    ev.exception.nr == 13)
+		return yes(what + " stays queued while KVM re-runs the instruction (a kick finds it)");
+	return no(what + ": " + describe(e) + ", exception " +
+		  (ev.exception.injected || ev.exception.pending ? "queued" : "not queued") +
+		  " (KVM keeps no trace of the event)");
+}
+
 } // namespace
+
+const Probe &failed_delivery_queued(const System &sys)
+{
+	return once<probe_queued_delivery>("queued event delivery", sys);
+}
 
 const Probe &failed_delivery_reported(const System &sys)
 {

@@ -90,6 +90,47 @@ VK_TEST(spp_exception_frame_on_writable_sub_pages_is_delivered)
 	t.g.run_to_done(*t.v);
 }
 
+static std::uint64_t gp_error_code;
+
+static void gp_skip(virtkit_ex_frame *f)
+{
+	gp_error_code = f->error_code;
+	f->rip += 2; /* mov %eax,%ds */
+}
+
+static void guest_gp_on_stack(std::uint64_t top)
+{
+	std::uint64_t saved;
+	asm volatile("mov %%rsp, %0\n\t"
+		     "mov %1, %%rsp\n\t"
+		     "mov $0xfff8, %%eax\n\t"
+		     "mov %%eax, %%ds\n\t"
+		     "mov %0, %%rsp"
+		     : "=&r"(saved)
+		     : "r"(top)
+		     : "rax", "memory");
+	GUEST_SYNC(gp_error_code);
+}
+
+VK_TEST(spp_emulatable_fault_frame_is_delivered)
+{
+	const Probe &p = platform::failed_delivery_queued(vkt::kvm());
+	TEST_REQUIRE(static_cast<bool>(p), "KVM to keep or name an exception it cannot deliver "
+					   "from an instruction it emulates: " + p.describe());
+	vkt::diag("%s", p.describe().c_str());
+	GuestVm g(vkt::kvm());
+	g.memory().add(base, 3 * page, {.name = "spp-stack"});
+	g.identity_map(base, 3 * page);
+	auto &spp = SubpageProtection::enable(g.vm());
+	spp.set_access(prot / page, {half_map});
+	g.install_exception_handler(GP_VECTOR, gp_skip);
+	Vcpu &v = g.add_vcpu(guest_gp_on_stack, prot + 2048);
+	Ucall uc = g.run(v);
+	TEST_ASSERT(uc.kind == Ucall::Kind::sync && uc.args.at(0) == 0xfff8,
+		    "the #GP handler did not get error code 0xfff8: %s", uc.describe().c_str());
+	g.run_to_done(v);
+}
+
 VK_TEST(spp_exception_frame_on_protected_sub_page_reaches_vmm)
 {
 	require_platform();

@@ -546,6 +546,20 @@ void SppEngine::watch_stalls(Vm &vm)
  */
 std::optional<Exit> SppEngine::complete_stalled(Vcpu &vcpu)
 {
+	/*
+	 * An exception KVM keeps queued while it re-runs the instruction that
+	 * raised it (kernels before 6.14, when the frame lands on a trapping
+	 * page and the instruction can be emulated): deliver it here.
+	 */
+	if (kvm_vcpu_events ev = vcpu.events(); ev.exception.injected || ev.exception.pending) {
+		Exit out = InternalErrorExit{};
+		const auto ec = ev.exception.has_error_code ? std::optional(ev.exception.error_code)
+							    : std::nullopt;
+		if (deliver_event(vcpu, ev.exception.nr, 3, ec, ev, out) == ExitAction::resume)
+			return std::nullopt;
+		if (std::holds_alternative<SppViolationExit>(out))
+			return out;
+	}
 	kvm_regs regs = vcpu.regs();
 	const kvm_sregs sregs = vcpu.sregs();
 	bool advance = false;
@@ -875,6 +889,17 @@ ExitAction SppEngine::complete_delivery(Vcpu &vcpu, Exit &exit)
 	auto ev = failed_delivery(ie, events);
 	if (!ev || ev->type > 3)
 		return ExitAction::pass;
+	return deliver_event(vcpu, ev->vector, ev->type,
+			     ev->has_error_code ? std::optional(ev->error_code) : std::nullopt, events,
+			     exit);
+}
+
+ExitAction SppEngine::deliver_event(Vcpu &vcpu, std::uint8_t vector, std::uint8_t type,
+				    std::optional<std::uint32_t> error_code,
+				    kvm_vcpu_events events, Exit &exit)
+{
+	const Vectoring stored{vector, type, error_code.has_value(), error_code.value_or(0)};
+	const Vectoring *ev = &stored;
 
 	kvm_regs regs = vcpu.regs();
 	kvm_sregs sregs = vcpu.sregs();

@@ -100,6 +100,15 @@ private:
 	 */
 	ExitAction complete_delivery(Vcpu &vcpu, Exit &exit);
 	/*
+	 * Deliver event `vector` (type 0 interrupt, 2 NMI, 3 exception) with
+	 * the vCPU's events as they are: resume when delivered, pass when it
+	 * does not concern sub-page protection (exit unchanged) or when its
+	 * frame is blocked (exit becomes the violation).
+	 */
+	ExitAction deliver_event(Vcpu &vcpu, std::uint8_t vector, std::uint8_t type,
+				 std::optional<std::uint32_t> error_code, kvm_vcpu_events events,
+				 Exit &exit);
+	/*
 	 * After an allowed element of rep stos/movs at gpa: the registers with
 	 * the following elements done here, as far as they are allowed.
 	 */

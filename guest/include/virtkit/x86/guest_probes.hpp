@@ -53,4 +53,13 @@ const Probe &guest_cmpxchg16b(const System &sys);
  */
 const Probe &failed_delivery_reported(const System &sys);
 
+/*
+ * The same for an exception raised by an instruction KVM's emulator can
+ * run (a #GP from mov to a segment register): KVM before 6.14 re-runs the
+ * instruction for ever; where it keeps the exception queued meanwhile (a
+ * kick finds it in KVM_GET_VCPU_EVENTS), sub-page protection's stall watch
+ * delivers it. Linux 6.1 keeps no trace of it.
+ */
+const Probe &failed_delivery_queued(const System &sys);
+
 } // namespace virtkit::platform
