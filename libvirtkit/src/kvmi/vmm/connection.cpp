@@ -12,6 +12,7 @@
 #include <algorithm>
 #include <cerrno>
 #include <cstring>
+#include <mutex>
 #include <string>
 #include <thread>
 
@@ -102,12 +103,25 @@ std::unique_ptr<Connection> Connection::open(const Address &address,
 	 * request signals it, and every wait below polls it.
 	 */
 	FileDesc efd = FileDesc::eventfd(0, EFD_NONBLOCK);
-	/* The callback's own descriptor: it outlives the callback, whatever throws. */
-	FileDesc stop_fd = FileDesc::adopt(::fcntl(efd.get(), F_DUPFD_CLOEXEC, 0), op,
-					   "dup of the cancel eventfd");
-	std::stop_callback on_stop(stop, [fd = stop_fd.get()] {
+	/*
+	 * The callback's own descriptor, closed under its lock once the
+	 * callback can no longer run (the stop_callback is gone first).
+	 */
+	struct StopSignal {
+		std::mutex mu;
+		FileDesc fd;
+		~StopSignal()
+		{
+			std::lock_guard lock(mu);
+			fd = FileDesc();
+		}
+	} signal;
+	signal.fd = FileDesc::adopt(::fcntl(efd.get(), F_DUPFD_CLOEXEC, 0), op,
+				    "dup of the cancel eventfd");
+	std::stop_callback on_stop(stop, [&signal] {
+		std::lock_guard lock(signal.mu);
 		std::uint64_t one = 1;
-		(void)!::write(fd, &one, sizeof(one));
+		(void)!::write(signal.fd.get(), &one, sizeof(one));
 	});
 	auto cancelled = [&] {
 		if (stop.stop_requested())
