@@ -44,6 +44,16 @@ struct Tiny {
 		g.write_gva(at, code.data(), code.size());
 		v = &g.add_vcpu_raw(at, {});
 	}
+
+	/* Move the stack onto a read-only page: KVM cannot push a frame there. */
+	void stack_on_readonly_page()
+	{
+		g.memory().add(probe_gpa, 4096, {.readonly = true, .name = "delivery probe"});
+		g.map(probe_gva, probe_gpa, 4096);
+		auto r = v->regs();
+		r.rsp = probe_gva + 4096;
+		v->set_regs(r);
+	}
 };
 
 Probe probe_int3(const System &sys)
@@ -168,11 +178,7 @@ Probe probe_delivery(const System &sys)
 	/* ud2, with the stack on a read-only page: KVM cannot push the #UD frame. */
 	static const std::uint8_t code[] = {0x0f, 0x0b};
 	Tiny t(sys, code);
-	t.g.memory().add(probe_gpa, 4096, {.readonly = true, .name = "delivery probe"});
-	t.g.map(probe_gva, probe_gpa, 4096);
-	auto r = t.v->regs();
-	r.rsp = probe_gva + 4096;
-	t.v->set_regs(r);
+	t.stack_on_readonly_page();
 	Exit e = run_bounded(*t.v);
 	const std::string what = "a #UD whose frame lands on a read-only memslot";
 	if (auto *ie = std::get_if<InternalErrorExit>(&e)) {
@@ -197,10 +203,8 @@ Probe probe_queued_delivery(const System &sys)
 	/* mov %eax,%ds with a selector past the GDT: #GP(0xfff8), which KVM can emulate. */
 	static const std::uint8_t code[] = {0x8e, 0xd8};
 	Tiny t(sys, code);
-	t.g.memory().add(probe_gpa, 4096, {.readonly = true, .name = "delivery probe"});
-	t.g.map(probe_gva, probe_gpa, 4096);
+	t.stack_on_readonly_page();
 	auto r = t.v->regs();
-	r.rsp = probe_gva + 4096;
 	r.rax = 0xfff8;
 	t.v->set_regs(r);
 	Exit e = run_bounded(*t.v);

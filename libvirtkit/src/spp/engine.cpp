@@ -382,6 +382,17 @@ std::optional<std::uint64_t> SppEngine::first_blocked(const MapWindow &maps, std
 }
 
 /*
+ * Whether a decision ends Vcpu::run() with the violation: stop does; so does
+ * drop for a write the guest cannot go on without (a descriptor's accessed
+ * or busy bit, an exception frame), which would otherwise be retried for
+ * ever. The VMM then decides (the instruction or event is still pending).
+ */
+static bool ends_run(SppDecision d, bool guest_needs_write)
+{
+	return d == SppDecision::stop || (d == SppDecision::drop && guest_needs_write);
+}
+
+/*
  * The protection may change while a blocked write waits for its decision:
  * lifted (an introspection tool that disconnected takes its restrictions and
  * its handler away; the handler may answer drop for a page it no longer
@@ -648,9 +659,8 @@ std::optional<Exit> SppEngine::complete_stalled(Vcpu &vcpu)
 			perform_locked();
 			continue;
 		}
-		if (d == SppDecision::drop && w.kind == SystemWrite::Kind::store)
+		if (!ends_run(d, w.kind == SystemWrite::Kind::descriptor))
 			continue;
-		/* stop, or a descriptor that must change for the guest to go on. */
 		if (advance) {
 			regs.rip += length;
 			vcpu.set_regs(regs);
@@ -674,21 +684,21 @@ std::optional<Exit> SppEngine::complete_stalled(Vcpu &vcpu)
  * instruction for the rest, and KVM reports the next element that traps:
  * a protected one is reported as before, element by element.
  */
-std::optional<kvm_regs> SppEngine::continue_rep_string(Vcpu &vcpu, const kvm_regs &post,
-						      std::uint64_t gpa, std::uint32_t len)
+std::optional<kvm_regs> SppEngine::continue_rep_string(Vcpu &vcpu, const PrecedingCode &code,
+						      const kvm_regs &post, std::uint64_t gpa,
+						      std::uint32_t len)
 {
-	const kvm_sregs s = vcpu.sregs();
-	const auto long64 = code_is_64bit(s);
-	if (!long64)
-		return std::nullopt;
+	const kvm_sregs &s = code.sregs;
+	const bool long64 = code.long64;
+	/* RIP stays at a rep instruction until its count runs out: decode forward. */
 	std::array<std::uint8_t, 15> buf{};
 	const std::size_t have = read_guest_virtual(vcpu, post.rip, buf);
-	const auto rep = decode_rep_string(std::span(buf.data(), have), *long64);
+	const auto rep = decode_rep_string(std::span(buf.data(), have), long64);
 	if (!rep || rep->size != len)
 		return std::nullopt;
 	const std::uint64_t amask = rep->addr_bytes == 8 ? ~0ull : 0xffffffffull;
 	const std::int64_t step = post.rflags & (1u << 10) ? -std::int64_t{len} : len; /* DF */
-	const std::uint64_t es = *long64 ? 0 : s.es.base, ds = *long64 ? 0 : s.ds.base;
+	const std::uint64_t es = long64 ? 0 : s.es.base, ds = long64 ? 0 : s.ds.base;
 	std::uint64_t count = post.rcx & amask, rdi = post.rdi & amask, rsi = post.rsi & amask;
 	auto lin = [&](std::uint64_t base, std::uint64_t off) { return (base + off) & amask; };
 	/* The element just written is the one before RDI. */
@@ -762,13 +772,10 @@ struct SplitStore {
  * RSP) or a plain or read-modify-write store through a memory operand - whose
  * operand straddles into gpa with exactly `bytes` bytes.
  */
-std::optional<SplitStore> find_split_store(Vcpu &vcpu, const kvm_regs &post, std::uint64_t gpa,
-					   std::uint32_t bytes)
+std::optional<SplitStore> find_split_store(Vcpu &vcpu, const PrecedingCode &code,
+					   const kvm_regs &post, std::uint64_t gpa, std::uint32_t bytes)
 {
-	const kvm_sregs s = vcpu.sregs();
-	const auto long64 = code_is_64bit(s);
-	if (!long64)
-		return std::nullopt;
+	const kvm_sregs &s = code.sregs;
 	auto fits = [&](std::uint64_t gva, std::uint32_t size) -> std::optional<SplitStore> {
 		const std::uint32_t k = static_cast<std::uint32_t>(page - gva % page);
 		if (k >= size || size - k != bytes)
@@ -782,13 +789,12 @@ std::optional<SplitStore> find_split_store(Vcpu &vcpu, const kvm_regs &post, std
 	};
 	/* push and call store at the new RSP. */
 	for (std::uint32_t size : {8u, 4u, 2u})
-		if (auto f = fits(*long64 ? post.rsp : s.ss.base + (post.rsp & 0xffffffff), size))
+		if (auto f = fits(code.long64 ? post.rsp : s.ss.base + (post.rsp & 0xffffffff), size))
 			return f;
-	std::array<std::uint8_t, 15> buf{};
-	const std::size_t have = read_guest_virtual(vcpu, post.rip - buf.size(), buf);
-	for (const StoreCandidate &c : stores_ending_here(std::span(buf.data(), have), *long64))
-		if (auto f = fits(linear_address(c.mem, post, s, *long64, post.rip), c.size))
-			return f;
+	for (const StoreCandidate &c : stores_ending_here(code.bytes(), code.long64))
+		if (c.kind != StoreCandidate::Kind::rmw_elsewhere)
+			if (auto f = fits(linear_address(c.mem, post, s, code.long64, post.rip), c.size))
+				return f;
 	return std::nullopt;
 }
 
@@ -859,12 +865,6 @@ std::optional<Vectoring> failed_delivery(const InternalErrorExit &ie, const kvm_
 	return ev;
 }
 
-/* Guest-virtual bytes as the vCPU maps them; false if any page is unmapped. */
-bool read_gva(Vcpu &vcpu, std::uint64_t va, void *out, std::size_t n)
-{
-	return read_guest_virtual(vcpu, va, std::span(static_cast<std::uint8_t *>(out), n)) == n;
-}
-
 } // namespace
 
 /*
@@ -910,23 +910,26 @@ ExitAction SppEngine::deliver_event(Vcpu &vcpu, std::uint8_t vector, std::uint8_
 	/* The gate. */
 	if (ev->vector * 16ull + 15 > sregs.idt.limit)
 		return ExitAction::pass;
-	std::uint64_t gate[2];
-	if (!read_gva(vcpu, sregs.idt.base + ev->vector * 16ull, gate, sizeof(gate)))
+	const auto gate = read_guest_object<std::array<std::uint64_t, 2>>(
+		vcpu, sregs.idt.base + ev->vector * 16ull);
+	if (!gate)
 		return ExitAction::pass;
-	const unsigned gtype = gate[0] >> 40 & 0xf;
-	if (!(gate[0] >> 47 & 1) || (gtype != 0xe && gtype != 0xf))
+	const std::uint64_t lo = (*gate)[0], hi = (*gate)[1];
+	const unsigned gtype = lo >> 40 & 0xf;
+	if (!(lo >> 47 & 1) || (gtype != 0xe && gtype != 0xf))
 		return ExitAction::pass;
-	const std::uint16_t sel = gate[0] >> 16 & 0xffff;
-	const unsigned ist = gate[0] >> 32 & 7;
-	const std::uint64_t target = (gate[0] & 0xffff) | (gate[0] >> 48 & 0xffff) << 16 |
-				     (gate[1] & 0xffffffffull) << 32;
+	const std::uint16_t sel = lo >> 16 & 0xffff;
+	const unsigned ist = lo >> 32 & 7;
+	const std::uint64_t target = (lo & 0xffff) | (lo >> 48 & 0xffff) << 16 |
+				     (hi & 0xffffffffull) << 32;
 
 	/* The code segment. */
 	if ((sel & 4) || (sel | 7) > sregs.gdt.limit || !(sel & ~7))
 		return ExitAction::pass;
-	std::uint64_t desc;
-	if (!read_gva(vcpu, sregs.gdt.base + (sel & ~7), &desc, sizeof(desc)))
+	const auto descriptor = read_guest_object<std::uint64_t>(vcpu, sregs.gdt.base + (sel & ~7));
+	if (!descriptor)
 		return ExitAction::pass;
+	const std::uint64_t desc = *descriptor;
 	const bool code = (desc >> 43 & 3) == 3, present = desc >> 47 & 1, longmode = desc >> 53 & 1;
 	if (!code || !present || !longmode)
 		return ExitAction::pass;
@@ -936,15 +939,14 @@ ExitAction SppEngine::deliver_event(Vcpu &vcpu, std::uint8_t vector, std::uint8_
 		return ExitAction::pass;
 
 	/* The stack. */
-	std::uint64_t rsp = regs.rsp;
-	if (ist) {
-		if (!read_gva(vcpu, sregs.tr.base + 0x24 + 8 * (ist - 1), &rsp, 8))
-			return ExitAction::pass;
-	} else if (new_cpl < cpl) {
-		if (!read_gva(vcpu, sregs.tr.base + 4 + 8 * new_cpl, &rsp, 8))
-			return ExitAction::pass;
-	}
-	rsp &= ~0xfull;
+	std::optional<std::uint64_t> stack = regs.rsp;
+	if (ist)
+		stack = read_guest_object<std::uint64_t>(vcpu, sregs.tr.base + 0x24 + 8 * (ist - 1));
+	else if (new_cpl < cpl)
+		stack = read_guest_object<std::uint64_t>(vcpu, sregs.tr.base + 4 + 8 * new_cpl);
+	if (!stack)
+		return ExitAction::pass;
+	const std::uint64_t rsp = *stack & ~0xfull;
 
 	/* The frame, lowest address first. */
 	std::array<std::uint64_t, 6> frame{};
@@ -1012,7 +1014,8 @@ ExitAction SppEngine::deliver_event(Vcpu &vcpu, std::uint8_t vector, std::uint8_
 			auto lock = mem_.lock_shared();
 			return blocked_locked();
 		};
-		if (report(vcpu, v, blocked_now) != SppDecision::allow_once) {
+		const SppDecision d = report(vcpu, v, blocked_now);
+		if (ends_run(d, true)) {
 			/* Undelivered: queued again as KVM had it, for a later run to retry. */
 			events.exception.injected = ev->type == 3;
 			events.exception.pending = 0;
@@ -1049,30 +1052,18 @@ ExitAction SppEngine::deliver_event(Vcpu &vcpu, std::uint8_t vector, std::uint8_
 
 	const std::uint16_t new_cs = (sel & ~3) | new_cpl;
 	if (new_cs != sregs.cs.selector || new_cpl != cpl) {
-		kvm_segment &cs = sregs.cs;
-		cs.base = 0;
-		cs.limit = 0xffffffff;
-		cs.selector = new_cs;
-		cs.type = desc >> 40 & 0xf;
-		cs.s = 1;
-		cs.dpl = new_cpl;
-		cs.present = 1;
-		cs.l = 1;
-		cs.db = 0;
-		cs.g = 1;
-		cs.unusable = 0;
+		sregs.cs = segment_from_descriptor(new_cs, desc);
 		if (new_cpl != cpl) {
-			/* SS becomes the null selector with RPL = the new CPL. */
-			kvm_segment &ss = sregs.ss;
-			ss = {};
-			ss.selector = new_cpl;
-			ss.limit = 0xffffffff;
-			ss.type = 3;
-			ss.s = 1;
-			ss.dpl = new_cpl;
-			ss.present = 1;
-			ss.db = 1;
-			ss.g = 1;
+			/* SS becomes the null selector with RPL = the new CPL (SDM 6.14.4). */
+			sregs.ss = {};
+			sregs.ss.selector = new_cpl;
+			sregs.ss.limit = 0xffffffff;
+			sregs.ss.type = 3;
+			sregs.ss.s = 1;
+			sregs.ss.dpl = new_cpl;
+			sregs.ss.present = 1;
+			sregs.ss.db = 1;
+			sregs.ss.g = 1;
 		}
 		vcpu.set_sregs(sregs);
 	}
@@ -1130,13 +1121,18 @@ ExitAction SppEngine::on_exit(Vcpu &vcpu, Exit &exit)
 	}
 
 	const kvm_regs post = vcpu.regs();
+	/* The instruction that ended at RIP, for the decoders below. */
+	const std::optional<PrecedingCode> code = preceding_code(vcpu, post.rip);
 	/*
 	 * KVM reports the pieces of one write one exit after another; the
 	 * next is known only after completing this one without entering the
 	 * guest (a KVM_RUN). When the instruction is known to store just this
 	 * piece, that is saved.
 	 */
-	const bool one_piece = !vmm_piece && store_is_one_piece(vcpu, post, first.gpa, first.len);
+	const StoreShape shape = code && !vmm_piece
+					 ? store_shape(vcpu, *code, post, first.gpa, first.len)
+					 : StoreShape{};
+	const bool one_piece = shape.one_piece;
 	PendingWrite w;
 	w.add(first);
 	while (!one_piece) {
@@ -1200,8 +1196,8 @@ ExitAction SppEngine::on_exit(Vcpu &vcpu, Exit &exit)
 	 */
 	std::optional<RmwPlan> rmw;
 	std::array<std::uint8_t, SppViolation::max_write> bytes;
-	if (!w.overflow)
-		rmw = find_locked_rmw(vcpu, post, first.gpa, w.data(bytes));
+	if (!w.overflow && code && shape.may_be_rmw)
+		rmw = find_locked_rmw(vcpu, *code, post, first.gpa, w.data(bytes));
 	std::optional<kvm_regs> regs;
 	auto set_regs = [&] {
 		if (regs && std::memcmp(&*regs, &post, sizeof(post)))
@@ -1220,8 +1216,8 @@ ExitAction SppEngine::on_exit(Vcpu &vcpu, Exit &exit)
 		}
 	}
 	if (blocked == ~0ull && !w.overflow) {
-		if (w.count == 1 && !rmw && !vmm_piece)
-			if (auto r = continue_rep_string(vcpu, post, first.gpa, first.len))
+		if (w.count == 1 && !rmw && !vmm_piece && code)
+			if (auto r = continue_rep_string(vcpu, *code, post, first.gpa, first.len))
 				regs = r;
 		set_regs();
 		return done();
@@ -1231,8 +1227,8 @@ ExitAction SppEngine::on_exit(Vcpu &vcpu, Exit &exit)
 	v.gpa = blocked != ~0ull ? blocked : first.gpa;
 	v.write_gpa = first.gpa;
 	v.rip = post.rip;
-	if (first.gpa % page == 0 && !vmm_piece)
-		if (auto s = find_split_store(vcpu, post, first.gpa, w.bytes)) {
+	if (first.gpa % page == 0 && !vmm_piece && code)
+		if (auto s = find_split_store(vcpu, *code, post, first.gpa, w.bytes)) {
 			/* KVM stored the first part already: report the whole store. */
 			v.gva = s->gva;
 			v.write_gpa = s->first_gpa;

@@ -37,6 +37,7 @@
 #include "core/memory_map.hpp"
 #include "core/run_control.hpp"
 #include "spp/store.hpp"
+#include "spp/x86_decode.hpp"
 
 namespace virtkit::detail {
 
@@ -112,8 +113,9 @@ private:
 	 * After an allowed element of rep stos/movs at gpa: the registers with
 	 * the following elements done here, as far as they are allowed.
 	 */
-	std::optional<kvm_regs> continue_rep_string(Vcpu &vcpu, const kvm_regs &post,
-						    std::uint64_t gpa, std::uint32_t len);
+	std::optional<kvm_regs> continue_rep_string(Vcpu &vcpu, const PrecedingCode &code,
+						    const kvm_regs &post, std::uint64_t gpa,
+						    std::uint32_t len);
 	/* A vCPU that stayed in the guest: complete what KVM cannot (on its thread). */
 	std::optional<Exit> complete_stalled(Vcpu &vcpu);
 	void count_protected(std::span<const std::uint32_t> old_maps,

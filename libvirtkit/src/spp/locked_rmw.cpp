@@ -452,22 +452,34 @@ static std::optional<RmwPlan> explain(const RmwInsn &d, const kvm_regs &post, st
 
 /*
  * The registers before the instruction, as far as its address depends on
- * them: xadd and xchg changed their source register; nullopt when that one
- * is also in the address and its old value cannot be worked out.
+ * them: xadd and xchg changed their source register, a failed
+ * compare-exchange rax (and rdx); nullopt when the address uses one whose
+ * old value cannot be worked out.
  */
 static std::optional<kvm_regs> regs_before(const RmwPlan &p, const kvm_regs &post)
 {
 	const RmwInsn &d = p.insn;
-	if (d.op != RmwOp::xadd && d.op != RmwOp::xchg)
+	auto in_address = [&](int r) { return d.mem.base == r || d.mem.index == r; };
+	switch (d.op) {
+	case RmwOp::xadd:
+	case RmwOp::xchg: {
+		if (!in_address(d.src_reg))
+			return post;
+		if (d.size == 4)
+			return std::nullopt; /* its upper half was cleared */
+		kvm_regs pre = post;
+		write_reg(pre, d.src_reg, d.high8, d.size, p.src);
+		return pre;
+	}
+	case RmwOp::cmpxchg:
+	case RmwOp::cmpxchg8b:
+		/* A failed one loaded memory into them: the old values are gone. */
+		if (!p.store && (in_address(0) || (d.op == RmwOp::cmpxchg8b && in_address(2))))
+			return std::nullopt;
 		return post;
-	const bool in_address = !d.high8 && (d.mem.base == d.src_reg || d.mem.index == d.src_reg);
-	if (!in_address)
+	default:
 		return post;
-	if (d.size == 4)
-		return std::nullopt; /* its upper half was cleared */
-	kvm_regs pre = post;
-	write_reg(pre, d.src_reg, false, d.size, p.src);
-	return pre;
+	}
 }
 
 static std::uint64_t operand_gva(const RmwPlan &p, const kvm_regs &pre, const kvm_sregs &s,
@@ -484,74 +496,89 @@ static std::uint64_t operand_gva(const RmwPlan &p, const kvm_regs &pre, const kv
 	return linear_address(mem, pre, s, long64, pre.rip);
 }
 
+/*
+ * Whether the registers after the instruction do not give its operand's
+ * address: a bit offset in a register moves the operand; xadd, xchg and a
+ * failed compare-exchange change a register the address may use.
+ */
+static bool address_needs_pre_regs(const RmwInsn &d)
+{
+	auto in_address = [&](int r) { return d.mem.base == r || d.mem.index == r; };
+	switch (d.op) {
+	case RmwOp::bts:
+	case RmwOp::btr:
+	case RmwOp::btc:
+		return !d.src_imm;
+	case RmwOp::xadd:
+	case RmwOp::xchg:
+		return in_address(d.src_reg);
+	case RmwOp::cmpxchg:
+		return in_address(0);
+	case RmwOp::cmpxchg8b:
+		return in_address(0) || in_address(2);
+	default:
+		return false;
+	}
+}
+
 std::vector<StoreCandidate> stores_ending_here(std::span<const std::uint8_t> code, bool long64)
 {
 	std::vector<StoreCandidate> out;
 	for (std::size_t n = 2; n <= code.size() && n <= 15; n++) {
 		const auto tail = code.last(n);
-		if (auto st = decode_store(tail, long64); st && st->length == n)
-			out.push_back({st->mem, st->size, n});
-		else if (auto rmw = decode_rmw(tail, long64);
-			 rmw && rmw->length == n &&
-			 !(rmw->op >= RmwOp::bts && rmw->op <= RmwOp::btc && !rmw->src_imm))
-			out.push_back({rmw->mem, rmw->size, n});
+		if (auto st = decode_store(tail, long64); st && st->length == n) {
+			out.push_back({st->mem, st->size, n, StoreCandidate::Kind::store});
+		} else if (auto rmw = decode_rmw(tail, long64); rmw && rmw->length == n) {
+			out.push_back({rmw->mem, rmw->size, n,
+				       address_needs_pre_regs(*rmw) ? StoreCandidate::Kind::rmw_elsewhere
+								    : StoreCandidate::Kind::rmw});
+		}
 	}
 	return out;
 }
 
-bool store_is_one_piece(Vcpu &vcpu, const kvm_regs &post, std::uint64_t gpa, std::uint32_t len)
+StoreShape store_shape(Vcpu &vcpu, const PrecedingCode &code, const kvm_regs &post,
+		       std::uint64_t gpa, std::uint32_t len)
 {
-	if (len != 1 && len != 2 && len != 4 && len != 8)
-		return false;
-	const kvm_sregs s = vcpu.sregs();
-	const auto long64 = code_is_64bit(s);
-	if (!long64)
-		return false;
-	std::array<std::uint8_t, 15> buf{};
-	if (read_guest_virtual(vcpu, post.rip - buf.size(), buf) != buf.size())
-		return false;
 	/*
-	 * Every candidate that ends at rip and stores at gpa must say: len
-	 * bytes, inside the page. A prefix left out (REX.W, 66) changes the
-	 * size; a byte in front read as one may too - any disagreement, and
-	 * the pieces are collected as usual.
+	 * The instruction KVM ran is one of the candidates that end at rip,
+	 * store at gpa and would have made a first piece of len bytes (KVM
+	 * reports up to 8 bytes of a page per exit). Others - a prefix left
+	 * out (REX.W, 66) or a byte in front read as one - cannot be it. Every
+	 * one that can must store just len bytes inside the page for a single
+	 * piece; any disagreement, and the pieces are collected as usual.
+	 * Bytes on an unmapped page before rip's cannot start it
+	 * (preceding_code()). An RMW whose address the registers after it do not
+	 * give may be it too: then nothing is known.
 	 */
-	bool any = false;
-	for (const StoreCandidate &c : stores_ending_here(buf, *long64)) {
-		const std::uint64_t gva = linear_address(c.mem, post, s, *long64, post.rip);
+	bool consistent = false, one_piece = true, rmw = false;
+	for (const StoreCandidate &c : stores_ending_here(code.bytes(), code.long64)) {
+		if (c.kind == StoreCandidate::Kind::rmw_elsewhere)
+			return {};
+		const std::uint64_t gva = linear_address(c.mem, post, code.sregs, code.long64, post.rip);
 		if (RunControl::guest_physical(vcpu, gva) != gpa)
 			continue;
-		if (c.size != len || gva % 4096 + len > 4096)
-			return false;
-		any = true;
+		if (std::min<std::uint64_t>({8, c.size, 4096 - gva % 4096}) != len)
+			continue;
+		consistent = true;
+		one_piece &= c.size == len;
+		rmw |= c.kind == StoreCandidate::Kind::rmw;
 	}
-	return any;
+	if (!consistent)
+		return {};
+	return {one_piece, rmw};
 }
 
-std::optional<RmwPlan> find_locked_rmw(Vcpu &vcpu, const kvm_regs &post, std::uint64_t gpa,
-				       std::span<const std::uint8_t> data)
+std::optional<RmwPlan> find_locked_rmw(Vcpu &vcpu, const PrecedingCode &pc, const kvm_regs &post,
+				       std::uint64_t gpa, std::span<const std::uint8_t> data)
 {
 	const std::size_t size = data.size();
 	if (size != 1 && size != 2 && size != 4 && size != 8)
 		return std::nullopt;
-	const kvm_sregs s = vcpu.sregs();
-	const auto long64 = code_is_64bit(s);
-	if (!long64)
-		return std::nullopt; /* 16-bit code: see spp.rst */
-
-	/* The up to 15 bytes before rip (the instruction ended there). */
-	std::array<std::uint8_t, 15> buf{};
-	std::size_t have = read_guest_virtual(vcpu, post.rip - buf.size(), buf);
-	std::span<const std::uint8_t> code(buf.data(), have);
-	if (have < buf.size()) {
-		/* The page before rip's is not mapped: only rip's own page. */
-		const std::uint64_t start = (post.rip - 1) & ~4095ull;
-		have = read_guest_virtual(vcpu, start, std::span(buf).first(
-								     std::min<std::uint64_t>(post.rip - start, buf.size())));
-		code = std::span<const std::uint8_t>(buf.data(), have);
-		if (have != post.rip - start)
-			return std::nullopt;
-	}
+	const kvm_sregs &s = pc.sregs;
+	const bool long64 = pc.long64;
+	const std::span<const std::uint8_t> code = pc.bytes();
+	const std::size_t have = code.size();
 
 	std::uint64_t value = 0;
 	std::memcpy(&value, data.data(), size);
@@ -570,7 +597,7 @@ std::optional<RmwPlan> find_locked_rmw(Vcpu &vcpu, const kvm_regs &post, std::ui
 	};
 	std::vector<Candidate> found;
 	for (std::size_t len = 2; len <= have; len++) {
-		auto d = decode_rmw(code.last(len), *long64);
+		auto d = decode_rmw(code.last(len), long64);
 		if (!d || d->length != len || d->size != size)
 			continue;
 		auto p = explain(*d, post, value);
@@ -579,7 +606,7 @@ std::optional<RmwPlan> find_locked_rmw(Vcpu &vcpu, const kvm_regs &post, std::ui
 		auto pre = regs_before(*p, post);
 		if (!pre)
 			continue;
-		const std::uint64_t gva = operand_gva(*p, *pre, s, *long64);
+		const std::uint64_t gva = operand_gva(*p, *pre, s, long64);
 		if (RunControl::guest_physical(vcpu, gva) != gpa)
 			continue;
 		p->gva = gva;

@@ -41,7 +41,7 @@ struct RmwInsn {
 	std::uint8_t size;	/* operand bytes: 1, 2, 4 or 8 */
 	std::uint8_t length;	/* instruction bytes */
 	bool src_imm;		/* the source is imm; else register src_reg, if any */
-	bool high8;		/* src_reg 4..7 name AH, CH, DH, BH */
+	bool high8;		/* the source is AH, CH, DH or BH: bits 8-15 of src_reg 0..3 */
 	std::uint8_t src_reg;	/* 0..15: rax, rcx, rdx, rbx, rsp, rbp, rsi, rdi, r8.. */
 	std::uint64_t imm;	/* sign-extended to size, masked to it */
 	MemOperand mem;		/* the destination */
@@ -76,29 +76,37 @@ struct RmwPlan {
  * at post.rip, if it was one. Reads the vCPU's registers, translations and
  * guest memory; does not change anything.
  */
-std::optional<RmwPlan> find_locked_rmw(Vcpu &vcpu, const kvm_regs &post, std::uint64_t gpa,
-				       std::span<const std::uint8_t> data);
+std::optional<RmwPlan> find_locked_rmw(Vcpu &vcpu, const PrecedingCode &code, const kvm_regs &post,
+				       std::uint64_t gpa, std::span<const std::uint8_t> data);
 
 /*
  * The stores - plain (decode_store()) or one of the above - that end
  * exactly where code ends, one per possible start: what the instruction
- * that ended at RIP may have been. A bit-string instruction with the bit
- * offset in a register (its operand moves with it) is left out.
+ * that ended at RIP may have been. rmw_elsewhere: an RMW whose operand
+ * the registers after it do not locate (a bit offset in a register moves
+ * it; xadd, xchg, cmpxchg may change a register of its address).
  */
 struct StoreCandidate {
 	MemOperand mem;
 	std::uint32_t size;
 	std::size_t length;
+	enum class Kind { store, rmw, rmw_elsewhere } kind;
 };
 std::vector<StoreCandidate> stores_ending_here(std::span<const std::uint8_t> code, bool long64);
 
 /*
- * Whether the instruction that ended at post.rip stores exactly len bytes
- * at gpa and nothing else: a plain store (decode_store()) or one of the
- * above, whose operand maps to gpa and stays in its page. Then KVM has no
- * further piece of the write to report.
+ * What the instruction that ended at post.rip may be, given KVM's first
+ * piece of its write (len bytes at gpa); the defaults when it cannot be
+ * told.
  */
-bool store_is_one_piece(Vcpu &vcpu, const kvm_regs &post, std::uint64_t gpa, std::uint32_t len);
+struct StoreShape {
+	/* It stores just this piece: KVM has no further piece to report. */
+	bool one_piece = false;
+	/* It may be a lockable read-modify-write (see find_locked_rmw()). */
+	bool may_be_rmw = true;
+};
+StoreShape store_shape(Vcpu &vcpu, const PrecedingCode &code, const kvm_regs &post,
+		       std::uint64_t gpa, std::uint32_t len);
 
 /*
  * Perform plan atomically on the host bytes of its destination, host (its

@@ -10,26 +10,12 @@ namespace virtkit::detail {
 
 namespace {
 
-struct Reader {
-	Vcpu &vcpu;
-
-	template <class T> std::optional<T> at(std::uint64_t gva)
-	{
-		T v{};
-		std::array<std::uint8_t, sizeof(T)> b;
-		if (read_guest_virtual(vcpu, gva, b) != b.size())
-			return std::nullopt;
-		std::memcpy(&v, b.data(), sizeof(T));
-		return v;
-	}
-};
-
 /*
  * The descriptor a segment load of `selector` reads, if the CPU must set
  * bits in its type byte (the accessed bit of a code or data segment; for
  * ltr, the busy bit of an available TSS).
  */
-std::optional<SystemWrite> descriptor_update(Reader &r, const kvm_sregs &s, std::uint16_t selector,
+std::optional<SystemWrite> descriptor_update(Vcpu &vcpu, const kvm_sregs &s, std::uint16_t selector,
 					     bool tss, std::uint8_t length)
 {
 	const bool ldt = selector & 4;
@@ -40,7 +26,7 @@ std::optional<SystemWrite> descriptor_update(Reader &r, const kvm_sregs &s, std:
 	const std::uint32_t off = selector & ~7u;
 	if (off + 7 > limit)
 		return std::nullopt;
-	auto type = r.at<std::uint8_t>(base + off + 5);
+	auto type = read_guest_object<std::uint8_t>(vcpu, base + off + 5);
 	if (!type || !(*type & 0x80))
 		return std::nullopt; /* not present: the load faults instead */
 	std::uint8_t bits;
@@ -79,12 +65,11 @@ std::vector<SystemWrite> find_system_writes(Vcpu &vcpu, const kvm_regs &regs,
 	std::size_t i = p.length;
 	if (i >= have)
 		return out;
-	Reader r{vcpu};
 	const unsigned opsize = p.rex & 8 ? 8 : p.opsize ? 2 : 4;
 	const std::uint64_t sp = *long64 ? regs.rsp : s.ss.base + (regs.rsp & 0xffffffff);
 	auto load = [&](std::optional<std::uint16_t> sel, std::size_t len, bool tss = false) {
 		if (sel)
-			if (auto w = descriptor_update(r, s, *sel, tss, static_cast<std::uint8_t>(len)))
+			if (auto w = descriptor_update(vcpu, s, *sel, tss, static_cast<std::uint8_t>(len)))
 				out.push_back(*w);
 	};
 	/* The memory operand at code[at] (the ModRM byte): its address and the bytes after it. */
@@ -120,14 +105,14 @@ std::vector<SystemWrite> find_system_writes(Vcpu &vcpu, const kvm_regs &regs,
 				load(static_cast<std::uint16_t>(gpr(regs, (code[i] & 7) | (p.rex & 1) << 3)),
 				     i + 1, true);
 			else if (auto m = mem_at(i, reg))
-				load(r.at<std::uint16_t>(m->first), m->second, true);
+				load(read_guest_object<std::uint16_t>(vcpu, m->first), m->second, true);
 		} else if (op2 == 0xa1 || op2 == 0xa9) {
 			/* pop fs, pop gs */
-			load(r.at<std::uint16_t>(sp), i);
+			load(read_guest_object<std::uint16_t>(vcpu, sp), i);
 		} else if (op2 == 0xb2 || op2 == 0xb4 || op2 == 0xb5) {
 			/* lss, lfs, lgs m16:xx: the selector after the offset */
 			if (auto m = mem_at(i, reg))
-				load(r.at<std::uint16_t>(m->first + opsize), m->second);
+				load(read_guest_object<std::uint16_t>(vcpu, m->first + opsize), m->second);
 		}
 		return out;
 	}
@@ -139,24 +124,24 @@ std::vector<SystemWrite> find_system_writes(Vcpu &vcpu, const kvm_regs &regs,
 		if (code[i] >> 6 == 3)
 			load(static_cast<std::uint16_t>(gpr(regs, (code[i] & 7) | (p.rex & 1) << 3)), i + 1);
 		else if (auto m = mem_at(i, reg))
-			load(r.at<std::uint16_t>(m->first), m->second);
+			load(read_guest_object<std::uint16_t>(vcpu, m->first), m->second);
 		break;
 	case 0xff: /* far call, far jmp m16:xx */
 		if (i < have && ((code[i] >> 3 & 7) == 3 || (code[i] >> 3 & 7) == 5))
 			if (auto m = mem_at(i, reg))
-				load(r.at<std::uint16_t>(m->first + opsize), m->second);
+				load(read_guest_object<std::uint16_t>(vcpu, m->first + opsize), m->second);
 		break;
 	case 0xca: case 0xcb: /* far ret: cs above the return address */
-		load(r.at<std::uint16_t>(sp + opsize), i);
+		load(read_guest_object<std::uint16_t>(vcpu, sp + opsize), i);
 		break;
 	case 0xcf: /* iret: cs, and ss in 64-bit mode */
-		load(r.at<std::uint16_t>(sp + opsize), i);
+		load(read_guest_object<std::uint16_t>(vcpu, sp + opsize), i);
 		if (*long64)
-			load(r.at<std::uint16_t>(sp + 4 * opsize), i);
+			load(read_guest_object<std::uint16_t>(vcpu, sp + 4 * opsize), i);
 		break;
 	case 0x07: case 0x17: case 0x1f: /* pop es, ss, ds (32-bit code) */
 		if (!*long64)
-			load(r.at<std::uint16_t>(sp), i);
+			load(read_guest_object<std::uint16_t>(vcpu, sp), i);
 		break;
 	}
 	return out;

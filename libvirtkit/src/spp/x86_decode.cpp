@@ -232,4 +232,43 @@ std::size_t read_guest_virtual(Vcpu &vcpu, std::uint64_t gva, std::span<std::uin
 	return got;
 }
 
+std::optional<PrecedingCode> preceding_code(Vcpu &vcpu, std::uint64_t rip)
+{
+	PrecedingCode c;
+	c.sregs = vcpu.sregs();
+	const auto long64 = code_is_64bit(c.sregs);
+	if (!long64)
+		return std::nullopt;
+	c.long64 = *long64;
+	c.size = read_guest_virtual(vcpu, rip - c.buf.size(), c.buf);
+	if (c.size < c.buf.size()) {
+		/* The page before rip's is not mapped: only rip's own page. */
+		const std::uint64_t start = (rip - 1) & ~4095ull;
+		const std::size_t want = std::min<std::uint64_t>(rip - start, c.buf.size());
+		c.size = read_guest_virtual(vcpu, rip - want, std::span(c.buf).first(want));
+		if (c.size != want)
+			c.size = 0;
+	}
+	return c;
+}
+
+kvm_segment segment_from_descriptor(std::uint16_t selector, std::uint64_t desc)
+{
+	kvm_segment s{};
+	s.selector = selector;
+	s.base = (desc >> 16 & 0xffffff) | (desc >> 56 & 0xff) << 24;
+	s.limit = static_cast<std::uint32_t>((desc & 0xffff) | (desc >> 32 & 0xf0000));
+	s.type = desc >> 40 & 0xf;
+	s.s = desc >> 44 & 1;
+	s.dpl = desc >> 45 & 3;
+	s.present = desc >> 47 & 1;
+	s.avl = desc >> 52 & 1;
+	s.l = desc >> 53 & 1;
+	s.db = desc >> 54 & 1;
+	s.g = desc >> 55 & 1;
+	if (s.g)
+		s.limit = s.limit << 12 | 0xfff;
+	return s;
+}
+
 } // namespace virtkit::detail

@@ -10,8 +10,10 @@
 
 #include <virtkit/kvm.h>
 
+#include <array>
 #include <cstddef>
 #include <cstdint>
+#include <cstring>
 #include <optional>
 #include <span>
 
@@ -86,5 +88,36 @@ std::optional<bool> code_is_64bit(const kvm_sregs &sregs);
  * as far as they are mapped guest RAM: returns how many were read.
  */
 std::size_t read_guest_virtual(Vcpu &vcpu, std::uint64_t gva, std::span<std::uint8_t> out);
+
+/* A T at gva as the vCPU translates it; nullopt if any byte is not mapped RAM. */
+template <class T> std::optional<T> read_guest_object(Vcpu &vcpu, std::uint64_t gva)
+{
+	std::array<std::uint8_t, sizeof(T)> b;
+	if (read_guest_virtual(vcpu, gva, b) != b.size())
+		return std::nullopt;
+	T v;
+	std::memcpy(&v, b.data(), sizeof(T));
+	return v;
+}
+
+/*
+ * What the instruction that ended at RIP (KVM reports a trapped write
+ * after it) is decoded from: the vCPU's mode and the up to 15 bytes before
+ * RIP, as far as they are mapped (those in RIP's own page at least, when
+ * the page before is not). Read once per exit, shared by every decoder.
+ */
+struct PrecedingCode {
+	kvm_sregs sregs;
+	bool long64;
+	std::array<std::uint8_t, 15> buf{};
+	std::size_t size = 0;
+
+	std::span<const std::uint8_t> bytes() const noexcept { return {buf.data(), size}; }
+};
+/* nullopt for 16-bit code (not decoded). */
+std::optional<PrecedingCode> preceding_code(Vcpu &vcpu, std::uint64_t rip);
+
+/* The segment register a descriptor loads (a code or data segment in the GDT). */
+kvm_segment segment_from_descriptor(std::uint16_t selector, std::uint64_t desc);
 
 } // namespace virtkit::detail
