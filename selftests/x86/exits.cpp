@@ -4,6 +4,7 @@
  * rep string), HLT, user-space MSR exits, KVM_EXIT_MEMORY_FAULT, and the
  * exit-handler chain.
  */
+#include "exit_util.hpp"
 #include "test.hpp"
 
 #include <virtkit/x86/guest_vm.hpp>
@@ -20,25 +21,6 @@ using namespace virtkit::x86;
 static constexpr std::uint16_t test_port = 0x80;
 /* A guest-physical address no region backs: accesses exit as MMIO. */
 static constexpr std::uint64_t mmio_gpa = 0xd0000000;
-
-/* Run until the next exit that is not a ucall PRINT; fail on ucall failures. */
-static Exit next_exit(GuestVm &g, Vcpu &v)
-{
-	Exit e = v.run();
-	if (auto uc = g.ucall(v, e);
-	    uc && (uc->kind == Ucall::Kind::assert_failed ||
-		   uc->kind == Ucall::Kind::unhandled_exception))
-		throw GuestFailure(uc->describe(), uc);
-	return e;
-}
-
-template <class T> static T &expect(Exit &e)
-{
-	auto *p = std::get_if<T>(&e);
-	if (!p)
-		vkt::fail(__FILE__, __LINE__, "unexpected exit: " + describe(e));
-	return *p;
-}
 
 static void guest_pio_out(void)
 {

@@ -9,9 +9,13 @@
  */
 #pragma once
 
+#include <chrono>
 #include <cstddef>
+#include <cstdint>
+#include <optional>
 #include <span>
 #include <sys/types.h>
+#include <utility>
 
 /* What this header declares is libvirtkit's API (built with -fvisibility=hidden). */
 #pragma GCC visibility push(default)
@@ -51,6 +55,37 @@ private:
 	void reset() noexcept;
 
 	int fd_ = -1;
+};
+
+/*
+ * An eventfd(2) counter, the signal KVM's irqfd and ioeventfd use (see
+ * Vm::add_irqfd(), Vm::add_ioeventfd()). Always EFD_CLOEXEC | EFD_NONBLOCK,
+ * so consume() never blocks; wait for it with wait() or poll(2) on fd().
+ */
+class EventFd {
+public:
+	/* eventfd(2); flags may only be EFD_SEMAPHORE (else EINVAL). */
+	static EventFd create(unsigned int initval = 0, int flags = 0);
+
+	EventFd() noexcept = default;
+	EventFd(EventFd &&) noexcept = default;
+	EventFd &operator=(EventFd &&) noexcept = default;
+
+	int fd() const noexcept { return fd_.get(); }
+	explicit operator bool() const noexcept { return bool(fd_); }
+	/* Add n to the counter (write(2)); throws Error("eventfd write", errno). */
+	void notify(std::uint64_t n = 1);
+	/*
+	 * Read and reset the counter (read(2); with EFD_SEMAPHORE: take 1).
+	 * Empty when it is 0.
+	 */
+	std::optional<std::uint64_t> consume();
+	/* consume(), waiting up to timeout for the counter to become non-zero. */
+	std::optional<std::uint64_t> wait(std::chrono::milliseconds timeout);
+
+private:
+	explicit EventFd(FileDesc fd) noexcept : fd_(std::move(fd)) {}
+	FileDesc fd_;
 };
 
 class Mapping {

@@ -24,6 +24,8 @@
 #include <type_traits>
 #include <vector>
 
+#include <virtkit/fd.hpp>
+
 /* What this header declares is libvirtkit's API (built with -fvisibility=hidden). */
 #pragma GCC visibility push(default)
 
@@ -67,6 +69,19 @@ struct RegionInfo {
 	RegionOptions options;
 	std::byte *host; /* the VMM's mapping of the region */
 };
+
+/*
+ * A region's RAM as a file, to share with a device back-end (another thread
+ * or process maps it, or passes it on with SCM_RIGHTS): bytes [offset,
+ * offset + size) of fd are the region, the same pages the guest sees.
+ */
+struct RegionFile {
+	FileDesc fd;
+	std::uint64_t offset;
+	std::uint64_t size;
+};
+
+enum class FileAccess { read_write, read_only };
 
 /* One bit per 4 KiB page of a region; bit i = page i was written. */
 struct DirtyBitmap {
@@ -127,6 +142,18 @@ public:
 		static_assert(std::is_trivially_copyable_v<T>);
 		write(gpa, std::as_bytes(std::span(&v, 1)));
 	}
+
+	/*
+	 * The memfd behind a region (see RegionFile). read_write: a duplicate
+	 * of the library's descriptor. read_only: a new open file description
+	 * with O_RDONLY (reopened through /proc/self/fd), so its holder cannot
+	 * write(2) it or map it writable and shared (EACCES), and the memfd is
+	 * made mode 0600 so that another user cannot reopen it read-write
+	 * through /proc either; a holder running as the VMM's own user can
+	 * (fchmod), so confine back-ends that must not write. Writes of the
+	 * guest through a read-write holder bypass SPP and dirty tracking.
+	 */
+	RegionFile region_fd(RegionId id, FileAccess access = FileAccess::read_write) const;
 
 	/* Turn dirty logging of a region on or off. */
 	void set_dirty_log(RegionId id, bool enable);

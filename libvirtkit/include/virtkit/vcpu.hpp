@@ -101,8 +101,24 @@ public:
 	bool try_set_msr(std::uint32_t index, std::uint64_t value);
 	std::size_t try_get_msrs(std::span<kvm_msr_entry> entries) const;
 
+	/*
+	 * KVM_GET_CPUID2 / KVM_SET_CPUID2. A VMM's CPUID is usually
+	 * System::supported_cpuid() with its own changes (virtkit/cpuid.hpp).
+	 * Set it before the first run(): KVM refuses a different CPUID
+	 * once the vCPU has run (EINVAL).
+	 */
 	std::vector<kvm_cpuid_entry2> cpuid() const;
 	void set_cpuid(std::span<const kvm_cpuid_entry2> entries);
+
+	/* KVM_GET_TSC_KHZ: the guest TSC's frequency (KVM_CAP_GET_TSC_KHZ). */
+	std::uint32_t tsc_khz() const;
+	/*
+	 * KVM_SET_TSC_KHZ. Without KVM_CAP_TSC_CONTROL the guest TSC runs at
+	 * the host's rate: setting that rate succeeds, another fails with
+	 * ENOTSUP naming both (KVM itself would emulate a faster TSC only by
+	 * catching up at exits, and refuse a slower one).
+	 */
+	void set_tsc_khz(std::uint32_t khz);
 
 	/* KVM_TRANSLATE of a guest-virtual address with the vCPU's paging. */
 	kvm_translation translate(std::uint64_t gva) const;

@@ -4,11 +4,13 @@
 #include <sys/eventfd.h>
 #include <sys/mman.h>
 #include <fcntl.h>
+#include <poll.h>
 #include <unistd.h>
 
 #include <cerrno>
 #include <cstdio>
 #include <cstdlib>
+#include <string>
 #include <utility>
 
 #include <virtkit/error.hpp>
@@ -35,6 +37,50 @@ FileDesc FileDesc::memfd(const char *name, unsigned int flags)
 FileDesc FileDesc::eventfd(unsigned int initval, int flags)
 {
 	return adopt(::eventfd(initval, flags | EFD_CLOEXEC), "eventfd");
+}
+
+EventFd EventFd::create(unsigned int initval, int flags)
+{
+	if (flags & ~EFD_SEMAPHORE)
+		throw Error("eventfd", EINVAL,
+			    "flags=" + std::to_string(flags) + " (only EFD_SEMAPHORE)");
+	return EventFd(FileDesc::eventfd(initval, flags | EFD_NONBLOCK));
+}
+
+void EventFd::notify(std::uint64_t n)
+{
+	/* Always 8 bytes or an error: an eventfd write is not partial. */
+	if (::write(fd_.get(), &n, sizeof(n)) < 0)
+		throw Error("eventfd write", errno, "fd " + std::to_string(fd_.get()));
+}
+
+std::optional<std::uint64_t> EventFd::consume()
+{
+	std::uint64_t v;
+	if (::read(fd_.get(), &v, sizeof(v)) == sizeof(v))
+		return v;
+	if (errno == EAGAIN)
+		return std::nullopt;
+	throw Error("eventfd read", errno, "fd " + std::to_string(fd_.get()));
+}
+
+std::optional<std::uint64_t> EventFd::wait(std::chrono::milliseconds timeout)
+{
+	pollfd p{.fd = fd_.get(), .events = POLLIN, .revents = 0};
+	auto end = std::chrono::steady_clock::now() + timeout;
+	for (;;) {
+		auto left = std::chrono::duration_cast<std::chrono::milliseconds>(
+			end - std::chrono::steady_clock::now());
+		int r = ::poll(&p, 1, left.count() > 0 ? int(left.count()) : 0);
+		if (r < 0 && errno != EINTR)
+			throw Error("poll", errno, "eventfd " + std::to_string(fd_.get()));
+		/* Another reader may take it between poll and read: poll again. */
+		if (r > 0)
+			if (auto v = consume())
+				return v;
+		if (left.count() <= 0)
+			return std::nullopt;
+	}
 }
 
 FileDesc::FileDesc(FileDesc &&other) noexcept : fd_(std::exchange(other.fd_, -1)) {}

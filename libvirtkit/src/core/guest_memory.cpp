@@ -7,7 +7,9 @@
 #include <virtkit/memory.hpp>
 
 #include <linux/memfd.h>
+#include <fcntl.h>
 #include <sys/mman.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -160,6 +162,24 @@ static RegionInfo info_of(const RegionId id, std::uint64_t gpa, std::uint64_t si
 			  const RegionOptions &o, std::byte *host)
 {
 	return RegionInfo{id, gpa, size, o, host};
+}
+
+RegionFile GuestMemory::region_fd(RegionId id, FileAccess access) const
+{
+	std::shared_lock lock(map_.mu_);
+	MemoryMap::Region &r = map_.find(id, "GuestMemory::region_fd");
+	int fd = r.memfd.get();
+	std::string what = "region " + std::to_string(id);
+	if (access == FileAccess::read_write)
+		return {FileDesc::adopt(::fcntl(fd, F_DUPFD_CLOEXEC, 0), "fcntl(F_DUPFD_CLOEXEC)",
+					what.c_str()),
+			0, r.size};
+	/* memfds are created 0777: keep other users from reopening it read-write. */
+	if (::fchmod(fd, 0600) < 0)
+		throw Error("fchmod", errno, what);
+	/* A dup would share the library's O_RDWR open file description. */
+	std::string path = "/proc/self/fd/" + std::to_string(fd);
+	return {FileDesc::open(path.c_str(), O_RDONLY), 0, r.size};
 }
 
 RegionInfo GuestMemory::info(RegionId id) const

@@ -7,6 +7,7 @@
 #include <algorithm>
 #include <cerrno>
 
+#include <virtkit/cpuid.hpp>
 #include <virtkit/error.hpp>
 #include <virtkit/platform.hpp>
 #include <virtkit/vm.hpp>
@@ -92,9 +93,9 @@ static bool lists_pkrs(const System &sys)
 PksSupport System::pks_support() const
 {
 	PksSupport p;
-	for (auto &e : supported_cpuid())
-		if (e.function == 7 && e.index == 0)
-			p.cpuid = e.ecx >> 31 & 1;
+	const auto cpuid = supported_cpuid();
+	if (auto *e = cpuid_find(cpuid, 7, 0))
+		p.cpuid = e->ecx >> 31 & 1;
 	p.msr = lists_pkrs(*this);
 	return p;
 }

@@ -45,6 +45,14 @@ void Vm::enable_cap(std::uint32_t cap, std::array<std::uint64_t, 4> args, std::u
 	c.cap = cap;
 	c.flags = flags;
 	std::copy(args.begin(), args.end(), c.args);
+	/* Through create_split_irqchip(), so the VM knows which irqchip it has. */
+	if (cap == KVM_CAP_SPLIT_IRQCHIP) {
+		if (flags || args[0] > UINT32_MAX || args[1] || args[2] || args[3])
+			throw Error("KVM_ENABLE_CAP", EINVAL,
+				    "KVM_CAP_SPLIT_IRQCHIP takes args[0] (routes) only, flags 0");
+		create_split_irqchip(static_cast<std::uint32_t>(args[0]));
+		return;
+	}
 	VK_IOCTL(fd(), KVM_ENABLE_CAP, &c,
 		 "cap=" + std::to_string(cap) + " args[0]=" + hex(args[0]), fd());
 }
@@ -75,6 +83,7 @@ Vcpu Vm::create_vcpu(std::uint32_t id)
 				       "dirty ring");
 		s->ring_entries = state_->dirty_ring_bytes / sizeof(kvm_dirty_gfn);
 	}
+	state_->vcpus_created++;
 	state_->gate.add(s.get());
 	s->gated = true;
 	{

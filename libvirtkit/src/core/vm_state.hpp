@@ -89,6 +89,20 @@ struct VmState {
 	/* The live vCPUs, by id. */
 	std::vector<std::shared_ptr<VcpuState>> live_vcpus();
 
+	/* How many vCPUs KVM_CREATE_VCPU made (the irqchip must come before). */
+	std::atomic<std::uint32_t> vcpus_created{0};
+
+	/*
+	 * The in-kernel interrupt controllers (vmm-primitives.rst): what was
+	 * created and the GSI routing as last set. Under irq_mu, which also
+	 * serializes the ioctls that change them.
+	 */
+	enum class IrqchipKind { none, full, split };
+	mutable std::mutex irq_mu;
+	IrqchipKind irqchip = IrqchipKind::none;
+	bool pit = false;
+	std::vector<GsiRoute> gsi_routes;
+
 	/* The VcpuWork of the VM (one feature at a time), or nullptr. */
 	std::mutex work_mu;
 	std::shared_ptr<VcpuWork> work;

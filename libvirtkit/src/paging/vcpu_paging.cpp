@@ -10,6 +10,7 @@
 #include <cstring>
 #include <mutex>
 
+#include <virtkit/cpuid.hpp>
 #include <virtkit/memory.hpp>
 #include <virtkit/system.hpp>
 
@@ -31,16 +32,6 @@ constexpr std::size_t xsave_header_end = 576;
 /* KVM's MAXPHYADDR without CPUID leaf 0x80000008 (cpuid_query_maxphyaddr()). */
 constexpr std::uint32_t default_maxphyaddr = 36;
 
-const kvm_cpuid_entry2 *find(const std::vector<kvm_cpuid_entry2> &cpuid, std::uint32_t fn,
-			     std::uint32_t index)
-{
-	for (auto &e : cpuid)
-		if (e.function == fn &&
-		    (e.index == index || !(e.flags & KVM_CPUID_FLAG_SIGNIFCANT_INDEX)))
-			return &e;
-	return nullptr;
-}
-
 /*
  * The offset of PKRU in the standard-format XSAVE area that KVM_GET_XSAVE
  * returns: CPUID.(0xd,9).EBX of the vCPU; a vCPU without that leaf gets the
@@ -49,7 +40,7 @@ const kvm_cpuid_entry2 *find(const std::vector<kvm_cpuid_entry2> &cpuid, std::ui
  */
 std::uint32_t pkru_offset(const std::vector<kvm_cpuid_entry2> &cpuid)
 {
-	if (auto *e = find(cpuid, 0xd, xfeature_pkru))
+	if (auto *e = cpuid_find(cpuid, 0xd, xfeature_pkru))
 		return e->ebx;
 	unsigned int eax, ebx, ecx, edx;
 	/* EAX: the component's size, 8 bytes (PKRU and 4 reserved). */
@@ -61,10 +52,10 @@ std::uint32_t pkru_offset(const std::vector<kvm_cpuid_entry2> &cpuid)
 /* As KVM's cpuid_query_maxphyaddr(). */
 std::uint32_t maxphyaddr(const std::vector<kvm_cpuid_entry2> &cpuid)
 {
-	auto *max = find(cpuid, 0x80000000, 0);
+	auto *max = cpuid_find(cpuid, 0x80000000, 0);
 	if (!max || max->eax < 0x80000008)
 		return default_maxphyaddr;
-	auto *e = find(cpuid, 0x80000008, 0);
+	auto *e = cpuid_find(cpuid, 0x80000008, 0);
 	return e ? e->eax & 0xff : default_maxphyaddr;
 }
 
@@ -155,10 +146,10 @@ PagingState read_state(const Vcpu &vcpu, detail::VcpuState &st, Want want)
 /* The paging features of a CPUID (paging_feature::*): the leaves KVM reads. */
 std::uint32_t detail::paging_features(const std::vector<kvm_cpuid_entry2> &cpuid)
 {
-	enum Reg { eax, ebx, ecx, edx };
+	using enum CpuidReg;
 	static const struct {
 		std::uint32_t fn;
-		Reg reg;
+		CpuidReg reg;
 		int bit;
 		std::uint32_t feature;
 	} bits[] = {
@@ -169,11 +160,9 @@ std::uint32_t detail::paging_features(const std::vector<kvm_cpuid_entry2> &cpuid
 	};
 	std::uint32_t f = 0;
 	for (const auto &b : bits)
-		if (const kvm_cpuid_entry2 *e = find(cpuid, b.fn, 0)) {
-			const std::uint32_t regs[] = {e->eax, e->ebx, e->ecx, e->edx};
-			if (regs[b.reg] >> b.bit & 1)
+		if (const kvm_cpuid_entry2 *e = cpuid_find(cpuid, b.fn, 0))
+			if (cpuid_reg(*e, b.reg) >> b.bit & 1)
 				f |= b.feature;
-		}
 	return f;
 }
 

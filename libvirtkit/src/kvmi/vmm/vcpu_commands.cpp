@@ -10,6 +10,7 @@
 #include <algorithm>
 #include <cstring>
 
+#include <virtkit/cpuid.hpp>
 #include <virtkit/error.hpp>
 
 #include "core/ioctl.hpp"
@@ -226,10 +227,9 @@ int IntrospectionServer::get_mtrr_type(Vcpu &vcpu, std::span<const std::byte> p,
 	/* An MSR KVM refuses reads as 0: no MTRRs means disabled. */
 	auto read = [&](std::uint32_t index) { return vcpu.try_msr(index).value_or(0); };
 	kvmi::MtrrState m;
-	m.cpuid_mtrr = false;
-	for (const auto &e : vcpu.cpuid())
-		if (e.function == 1 && e.index == 0)
-			m.cpuid_mtrr = e.edx >> 12 & 1;
+	const auto cpuid = vcpu.cpuid();
+	auto *leaf1 = cpuid_find(cpuid, 1, 0);
+	m.cpuid_mtrr = leaf1 && leaf1->edx >> 12 & 1;
 	m.def_type = read(kvmi::msr_mtrr_def_type);
 	if (m.def_type & (1u << 11)) {
 		m.cap = read(kvmi::msr_mtrr_cap);
