@@ -690,10 +690,8 @@ std::optional<kvm_regs> SppEngine::continue_rep_string(Vcpu &vcpu, const Precedi
 {
 	const kvm_sregs &s = code.sregs;
 	const bool long64 = code.long64;
-	/* RIP stays at a rep instruction until its count runs out: decode forward. */
-	std::array<std::uint8_t, 15> buf{};
-	const std::size_t have = read_guest_virtual(vcpu, post.rip, buf);
-	const auto rep = decode_rep_string(std::span(buf.data(), have), long64);
+	/* RIP stays at a rep instruction until its count runs out. */
+	const auto rep = decode_rep_string(code.at_rip(), long64);
 	if (!rep || rep->size != len)
 		return std::nullopt;
 	const std::uint64_t amask = rep->addr_bytes == 8 ? ~0ull : 0xffffffffull;

@@ -523,6 +523,20 @@ static bool address_needs_pre_regs(const RmwInsn &d)
 
 std::vector<StoreCandidate> stores_ending_here(std::span<const std::uint8_t> code, bool long64)
 {
+	/*
+	 * A pure function of the bytes, asked again each time a guest loop
+	 * stores through the same instruction: the last answer is kept per
+	 * thread (each vCPU runs on its own).
+	 */
+	thread_local struct {
+		std::array<std::uint8_t, 15> bytes;
+		std::size_t size = ~std::size_t{0};
+		bool long64;
+		std::vector<StoreCandidate> out;
+	} last;
+	if (code.size() <= last.bytes.size() && code.size() == last.size && long64 == last.long64 &&
+	    std::equal(code.begin(), code.end(), last.bytes.begin()))
+		return last.out;
 	std::vector<StoreCandidate> out;
 	for (std::size_t n = 2; n <= code.size() && n <= 15; n++) {
 		const auto tail = code.last(n);
@@ -533,6 +547,12 @@ std::vector<StoreCandidate> stores_ending_here(std::span<const std::uint8_t> cod
 				       address_needs_pre_regs(*rmw) ? StoreCandidate::Kind::rmw_elsewhere
 								    : StoreCandidate::Kind::rmw});
 		}
+	}
+	if (code.size() <= last.bytes.size()) {
+		std::copy(code.begin(), code.end(), last.bytes.begin());
+		last.size = code.size();
+		last.long64 = long64;
+		last.out = out;
 	}
 	return out;
 }
@@ -551,22 +571,44 @@ StoreShape store_shape(Vcpu &vcpu, const PrecedingCode &code, const kvm_regs &po
 	 * (preceding_code()). An RMW whose address the registers after it do not
 	 * give may be it too: then nothing is known.
 	 */
-	bool consistent = false, one_piece = true, rmw = false;
-	for (const StoreCandidate &c : stores_ending_here(code.bytes(), code.long64)) {
-		if (c.kind == StoreCandidate::Kind::rmw_elsewhere)
+	const auto candidates = stores_ending_here(code.bytes(), code.long64);
+	auto shape = [&](bool walk) -> StoreShape {
+		bool consistent = false, one_piece = true, rmw = false;
+		std::optional<std::uint64_t> last_gva; /* candidates often share an operand */
+		bool last_maps = false;
+		for (const StoreCandidate &c : candidates) {
+			if (c.kind == StoreCandidate::Kind::rmw_elsewhere)
+				return {};
+			const std::uint64_t gva =
+				linear_address(c.mem, post, code.sregs, code.long64, post.rip);
+			if (gva % 4096 != gpa % 4096)
+				continue;
+			if (walk && gva != last_gva) {
+				last_gva = gva;
+				last_maps = RunControl::guest_physical(vcpu, gva) == gpa;
+			}
+			if (walk && !last_maps)
+				continue;
+			if (std::min<std::uint64_t>({8, c.size, 4096 - gva % 4096}) != len)
+				continue;
+			consistent = true;
+			one_piece &= c.size == len;
+			rmw |= c.kind == StoreCandidate::Kind::rmw;
+		}
+		if (!consistent)
 			return {};
-		const std::uint64_t gva = linear_address(c.mem, post, code.sregs, code.long64, post.rip);
-		if (RunControl::guest_physical(vcpu, gva) != gpa)
-			continue;
-		if (std::min<std::uint64_t>({8, c.size, 4096 - gva % 4096}) != len)
-			continue;
-		consistent = true;
-		one_piece &= c.size == len;
-		rmw |= c.kind == StoreCandidate::Kind::rmw;
-	}
-	if (!consistent)
-		return {};
-	return {one_piece, rmw};
+		return {one_piece, rmw};
+	};
+	/*
+	 * The page offset alone rules out nearly every candidate that does not
+	 * store at gpa. When those left agree on a single plain store, the
+	 * page walks that would rule out more cannot change the answer (they
+	 * would only find that none maps to gpa, if the real instruction is
+	 * one not decoded here); else they narrow it down.
+	 */
+	if (const StoreShape quick = shape(false); quick.one_piece && !quick.may_be_rmw)
+		return quick;
+	return shape(true);
 }
 
 std::optional<RmwPlan> find_locked_rmw(Vcpu &vcpu, const PrecedingCode &pc, const kvm_regs &post,

@@ -101,18 +101,24 @@ template <class T> std::optional<T> read_guest_object(Vcpu &vcpu, std::uint64_t 
 }
 
 /*
- * What the instruction that ended at RIP (KVM reports a trapped write
- * after it) is decoded from: the vCPU's mode and the up to 15 bytes before
- * RIP, as far as they are mapped (those in RIP's own page at least, when
- * the page before is not). Read once per exit, shared by every decoder.
+ * The code around RIP, read once per exit and shared by every decoder, with
+ * the vCPU's mode: the up to 15 bytes before RIP, from which the
+ * instruction that ended there is decoded (KVM reports a trapped write
+ * after it), as far as they are mapped (those in RIP's own page at least,
+ * when the page before is not); and the up to 15 bytes at RIP (a rep string
+ * instruction stays at RIP until its count runs out).
  */
 struct PrecedingCode {
 	kvm_sregs sregs;
 	bool long64;
-	std::array<std::uint8_t, 15> buf{};
-	std::size_t size = 0;
+	std::array<std::uint8_t, 30> buf{}; /* RIP is at buf[15] */
+	std::size_t before = 0, after = 0;
 
-	std::span<const std::uint8_t> bytes() const noexcept { return {buf.data(), size}; }
+	std::span<const std::uint8_t> bytes() const noexcept
+	{
+		return {buf.data() + 15 - before, before};
+	}
+	std::span<const std::uint8_t> at_rip() const noexcept { return {buf.data() + 15, after}; }
 };
 /* nullopt for 16-bit code (not decoded). */
 std::optional<PrecedingCode> preceding_code(Vcpu &vcpu, std::uint64_t rip);
