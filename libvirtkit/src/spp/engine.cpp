@@ -677,16 +677,19 @@ std::optional<Exit> SppEngine::complete_stalled(Vcpu &vcpu)
 /*
  * rep stos and rep movs: on a page that traps, KVM emulates one element per
  * exit, RIP staying at the instruction until RCX reaches 0. After an
- * allowed element, go on with the following ones here, each decided as the
- * exit for it would be - until the count runs out, an element would touch a
- * protected sub-page, leave guest RAM, read a hidden page, straddle a page,
- * or the batch (4096 elements) is full. The guest then re-runs the
- * instruction for the rest, and KVM reports the next element that traps:
- * a protected one is reported as before, element by element.
+ * element is decided (performed or dropped), go on with the following ones here, each decided as the
+ * exit for it would be: an allowed element is performed; a run of
+ * protected elements on one page (up to SppViolation::max_write bytes) is
+ * reported as one violation and, unless allowed, not written - the guest
+ * goes on after it, as after a dropped element - or, on stop, ends the
+ * continuation at its first element with the violation. This goes on until
+ * the count runs out, an element would leave guest RAM, read a hidden
+ * page, straddle a page, or the batch (4096 elements) is full; the guest
+ * then re-runs the instruction for the rest.
  */
-std::optional<kvm_regs> SppEngine::continue_rep_string(Vcpu &vcpu, const PrecedingCode &code,
-						      const kvm_regs &post, std::uint64_t gpa,
-						      std::uint32_t len)
+std::optional<SppEngine::RepContinuation>
+SppEngine::continue_rep_string(Vcpu &vcpu, const PrecedingCode &code, const kvm_regs &post,
+			       std::uint64_t gpa, std::uint32_t len)
 {
 	const kvm_sregs &s = code.sregs;
 	const bool long64 = code.long64;
@@ -703,6 +706,24 @@ std::optional<kvm_regs> SppEngine::continue_rep_string(Vcpu &vcpu, const Precedi
 	if (!count || RunControl::guest_physical(vcpu, lin(es, rdi - step)) != gpa)
 		return std::nullopt;
 
+	RepContinuation out{post, std::nullopt};
+	auto regs_now = [&] {
+		kvm_regs r = post;
+		r.rcx = (post.rcx & ~amask) | count;
+		r.rdi = (post.rdi & ~amask) | (rdi & amask);
+		if (rep->movs)
+			r.rsi = (post.rsi & ~amask) | (rsi & amask);
+		if (!count)
+			r.rip += rep->length; /* retired, as the guest would on re-entry */
+		return r;
+	};
+	/* The element's data: the source element (movs) or the low bytes of rax. */
+	auto element = [&](std::uint64_t src_gpa, std::byte *data) {
+		if (rep->movs)
+			mem_.guest_read_locked(src_gpa, data, len);
+		else
+			std::memcpy(data, &post.rax, len);
+	};
 	std::uint64_t done = 0;
 	for (bool more = true; more && count && done < 4096;) {
 		/* The pages the next elements are on: translated outside the lock. */
@@ -712,46 +733,105 @@ std::optional<kvm_regs> SppEngine::continue_rep_string(Vcpu &vcpu, const Precedi
 					     : std::optional<std::uint64_t>(0);
 		if (!dpage || !spage)
 			break;
-		auto lock = mem_.lock_shared();
-		MapWindow maps(*store_, "SubpageProtection (rep string)", *dpage / page,
-			       *dpage / page + 1);
-		while (count && done < 4096) {
-			const std::uint64_t d = lin(es, rdi), sv = lin(ds, rsi);
-			if (d / page != dva / page || d % page + len > page ||
-			    (rep->movs && (sv / page != sva / page || sv % page + len > page))) {
-				more = d % page + len <= page && (!rep->movs || sv % page + len <= page);
-				break;
+		/* Whether the next element stays on these pages. */
+		auto on_pages = [&](std::uint64_t d, std::uint64_t sv) {
+			return d / page == dva / page && d % page + len <= page &&
+			       (!rep->movs || (sv / page == sva / page && sv % page + len <= page));
+		};
+		/* A run of protected elements: how many, and its first protected byte. */
+		std::uint64_t run = 0, first_protected = 0;
+		{
+			auto lock = mem_.lock_shared();
+			MapWindow maps(*store_, "SubpageProtection (rep string)", *dpage / page,
+				       *dpage / page + 1);
+			while (count && done < 4096) {
+				const std::uint64_t d = lin(es, rdi), sv = lin(ds, rsi);
+				if (!on_pages(d, sv)) {
+					more = d % page + len <= page && (!rep->movs || sv % page + len <= page);
+					break;
+				}
+				const std::uint64_t dg = *dpage + d % page, sg = *spage + sv % page;
+				if (!mem_.writable_ram_locked(dg, len) ||
+				    (rep->movs && (!mem_.host_ptr_locked(sg, len) || mem_.hidden_locked(sg)))) {
+					more = false;
+					break;
+				}
+				if (auto b = first_blocked(maps, dg, len)) {
+					/* This and the protected elements after it on the page. */
+					first_protected = *b;
+					for (std::uint64_t d2 = d, s2 = sv;
+					     run < count && done + run < 4096 &&
+					     (run + 1) * len <= SppViolation::max_write && on_pages(d2, s2) &&
+					     first_blocked(maps, *dpage + d2 % page, len);
+					     run++, d2 = lin(0, d2 + step), s2 = lin(0, s2 + step)) {
+					}
+					break;
+				}
+				std::array<std::byte, 8> data{};
+				element(sg, data.data());
+				mem_.guest_write_locked(dg, data.data(), len);
+				checked_++;
+				allowed_++;
+				rdi += step;
+				rsi += step;
+				count--;
+				done++;
 			}
-			const std::uint64_t dg = *dpage + d % page, sg = *spage + sv % page;
-			if (!mem_.writable_ram_locked(dg, len) || first_blocked(maps, dg, len) ||
-			    (rep->movs && (!mem_.host_ptr_locked(sg, len) || mem_.hidden_locked(sg)))) {
-				more = false;
-				break;
-			}
-			std::array<std::byte, 8> data{};
-			if (rep->movs)
-				mem_.guest_read_locked(sg, data.data(), len);
-			else
-				std::memcpy(data.data(), &post.rax, len);
-			mem_.guest_write_locked(dg, data.data(), len);
-			checked_++;
-			allowed_++;
-			rdi += step;
-			rsi += step;
-			count--;
-			done++;
 		}
+		if (!run)
+			continue;
+
+		/* Report the run as one write, its bytes in address order. */
+		const std::uint64_t d0 = *dpage + lin(es, rdi) % page, s0 = *spage + lin(ds, rsi) % page;
+		const std::uint64_t lo = step > 0 ? d0 : d0 - (run - 1) * len;
+		SppViolation v{};
+		v.vcpu = vcpu.id();
+		v.gpa = first_protected;
+		v.write_gpa = lo;
+		v.size = static_cast<std::uint32_t>(run * len);
+		v.rip = post.rip;
+		auto run_elements = [&](auto &&fn) {
+			for (std::uint64_t k = 0; k < run; k++) {
+				const std::int64_t off = static_cast<std::int64_t>(k) * step;
+				fn(d0 + off, s0 + off);
+			}
+		};
+		{
+			auto lock = mem_.lock_shared();
+			run_elements([&](std::uint64_t dg, std::uint64_t sg) {
+				element(sg, v.bytes.data() + (dg - lo));
+			});
+		}
+		checked_ += run;
+		auto blocked_now = [&]() -> std::optional<std::uint64_t> {
+			auto lock = mem_.lock_shared();
+			MapWindow maps(*store_, "SubpageProtection (rep string)", *dpage / page,
+				       *dpage / page + 1);
+			return first_blocked(maps, lo, v.size);
+		};
+		const SppDecision decision = report(vcpu, v, blocked_now);
+		if (decision == SppDecision::stop) {
+			out.stop = v;
+			break;
+		}
+		if (decision == SppDecision::allow_once) {
+			/* Element by element: a source may be an earlier element's destination. */
+			auto lock = mem_.lock_shared();
+			run_elements([&](std::uint64_t dg, std::uint64_t sg) {
+				std::array<std::byte, 8> data{};
+				element(sg, data.data());
+				mem_.guest_write_locked(dg, data.data(), len);
+			});
+		}
+		rdi += run * step;
+		rsi += run * step;
+		count -= run;
+		done += run;
 	}
-	if (!done)
+	if (!done && !out.stop)
 		return std::nullopt;
-	kvm_regs r = post;
-	r.rcx = (post.rcx & ~amask) | count;
-	r.rdi = (post.rdi & ~amask) | (rdi & amask);
-	if (rep->movs)
-		r.rsi = (post.rsi & ~amask) | (rsi & amask);
-	if (!count)
-		r.rip += rep->length; /* retired, as the guest would on re-entry */
-	return r;
+	out.regs = regs_now();
+	return out;
 }
 
 namespace {
@@ -1213,13 +1293,25 @@ ExitAction SppEngine::on_exit(Vcpu &vcpu, Exit &exit)
 			allowed_++;
 		}
 	}
-	if (blocked == ~0ull && !w.overflow) {
+	/*
+	 * The write is decided (performed or dropped): when it was an element
+	 * of rep stos/movs, decide the following elements here too.
+	 */
+	auto finish = [&](bool performed) {
 		if (w.count == 1 && !rmw && !vmm_piece && code)
-			if (auto r = continue_rep_string(vcpu, *code, post, first.gpa, first.len))
-				regs = r;
+			if (auto r = continue_rep_string(vcpu, *code, post, first.gpa, first.len)) {
+				regs = r->regs;
+				if (r->stop) {
+					set_regs();
+					exit = SppViolationExit{*r->stop};
+					return ExitAction::pass;
+				}
+			}
 		set_regs();
-		return done();
-	}
+		return performed ? done() : ExitAction::resume;
+	};
+	if (blocked == ~0ull && !w.overflow)
+		return finish(true);
 	SppViolation v{};
 	v.vcpu = vcpu.id();
 	v.gpa = blocked != ~0ull ? blocked : first.gpa;
@@ -1252,14 +1344,13 @@ ExitAction SppEngine::on_exit(Vcpu &vcpu, Exit &exit)
 	switch (report(vcpu, v, blocked_now)) {
 	case SppDecision::drop:
 		drain();
-		return ExitAction::resume;
+		return finish(false);
 	case SppDecision::allow_once:
 		{
 			auto lock = mem_.lock_shared();
 			perform_write_locked(mem_, w, rmw, post, regs);
 		}
-		set_regs();
-		return done();
+		return finish(true);
 	case SppDecision::stop:
 		break;
 	}

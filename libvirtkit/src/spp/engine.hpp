@@ -111,11 +111,16 @@ private:
 				 Exit &exit);
 	/*
 	 * After an allowed element of rep stos/movs at gpa: the registers with
-	 * the following elements done here, as far as they are allowed.
+	 * the following elements decided here, and the violation that stopped
+	 * them, if its handler said stop.
 	 */
-	std::optional<kvm_regs> continue_rep_string(Vcpu &vcpu, const PrecedingCode &code,
-						    const kvm_regs &post, std::uint64_t gpa,
-						    std::uint32_t len);
+	struct RepContinuation {
+		kvm_regs regs;
+		std::optional<SppViolation> stop;
+	};
+	std::optional<RepContinuation> continue_rep_string(Vcpu &vcpu, const PrecedingCode &code,
+							   const kvm_regs &post, std::uint64_t gpa,
+							   std::uint32_t len);
 	/* A vCPU that stayed in the guest: complete what KVM cannot (on its thread). */
 	std::optional<Exit> complete_stalled(Vcpu &vcpu);
 	void count_protected(std::span<const std::uint32_t> old_maps,
