@@ -12,6 +12,7 @@
 #include "core/memslot_layout.hpp"
 
 using virtkit::detail::SlotSpec;
+using virtkit::detail::PageBitmap;
 using virtkit::detail::TrappedPages;
 
 namespace {
@@ -24,7 +25,7 @@ std::vector<SlotSpec> plan_slots(std::uint64_t gpa, std::uint64_t size, bool rea
 				 std::set<std::uint64_t> wp, std::set<std::uint64_t> hidden = {})
 {
 	return virtkit::detail::plan_slots(gpa, size, readonly,
-					   TrappedPages{std::move(wp), std::move(hidden)});
+					   TrappedPages{PageBitmap::of(wp), PageBitmap::of(hidden)});
 }
 
 std::string show(const std::vector<SlotSpec> &v)
@@ -220,7 +221,7 @@ TEST_CASE("plan_span between slot boundaries equals the full plan there", "[slot
 		std::uint64_t first = full[a].offset / page;
 		std::uint64_t end = (full[b].offset + full[b].size) / page;
 		INFO("iter " << iter << " pages=" << pages << " span " << first << ".." << end);
-		auto span = plan_span(gpa, first, end, TrappedPages{wp, {}});
+		auto span = plan_span(gpa, first, end, TrappedPages{PageBitmap::of(wp), {}});
 		CHECK(span == std::vector<SlotSpec>(full.begin() + a, full.begin() + b + 1));
 	}
 }
@@ -274,7 +275,7 @@ TEST_CASE("plan: write and full traps (random sets)", "[slot_plan]")
 		std::size_t b = a + rng() % (full.size() - a);
 		std::uint64_t first = full[a].offset / page;
 		std::uint64_t end = (full[b].offset + full[b].size) / page;
-		auto span = plan_span(gpa, first, end, TrappedPages{wp, hidden});
+		auto span = plan_span(gpa, first, end, TrappedPages{PageBitmap::of(wp), PageBitmap::of(hidden)});
 		CHECK(span == std::vector<SlotSpec>(full.begin() + a, full.begin() + b + 1));
 	}
 }

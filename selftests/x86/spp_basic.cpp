@@ -114,17 +114,29 @@ VK_TEST(spp_explicit_backends)
 	spp.set_access(spp_gfn + 1, {0x0000ffffu});
 	TEST_ASSERT(spp.get_access(spp_gfn + 1, 1) == std::vector<std::uint32_t>{0x0000ffffu});
 
-	/* One SET larger than the module takes is refused whole (E2BIG). */
+	/*
+	 * One SET larger than the module takes in one call is set in pieces:
+	 * its first and last page (in different pieces) are protected after
+	 * it, and a range that is not all RAM still changes nothing.
+	 */
 	int dev = ::open("/dev/virtkit", O_RDWR | O_CLOEXEC);
 	TEST_ASSERT(dev >= 0);
 	long max = ::ioctl(dev, VIRTKIT_CHECK_EXTENSION, VIRTKIT_CAP_SPP_MAX_PAGES);
 	::close(dev);
 	TEST_ASSERT(max > 0);
+	const std::uint64_t big_gpa = 1ull << 36, big_pages = max + 1;
+	k.g.memory().add(big_gpa, big_pages * 4096, {.name = "beyond one module call"});
+	std::vector<std::uint32_t> big(big_pages, SubpageProtection::all_writable);
+	big.front() = big.back() = 0x0000ffffu;
+	spp.set_access(big_gpa / 4096, big);
+	TEST_ASSERT(spp.get_access(big_gpa / 4096, 1)[0] == 0x0000ffffu);
+	TEST_ASSERT(spp.get_access(big_gpa / 4096 + big_pages - 1, 1)[0] == 0x0000ffffu);
+	TEST_ASSERT_EQ(spp.stats().protected_pages, 3u);
 	std::size_t slots = k.g.memory().slot_count();
-	std::vector<std::uint32_t> big(max + 1, 0u);
-	TEST_EXPECT_ERROR(spp.set_access(spp_gfn, big), E2BIG);
+	big.push_back(0u); /* one page past the region */
+	TEST_EXPECT_ERROR(spp.set_access(big_gpa / 4096, big), EFAULT);
 	TEST_ASSERT_EQ(k.g.memory().slot_count(), slots);
-	TEST_ASSERT_EQ(spp.stats().protected_pages, 1u);
+	TEST_ASSERT_EQ(spp.stats().protected_pages, 3u);
 }
 
 /* Sets an environment variable for a scope. */

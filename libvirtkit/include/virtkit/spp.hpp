@@ -111,10 +111,10 @@ public:
 	/*
 	 * Set the access maps of pages gfn .. gfn + maps.size() - 1. All or
 	 * nothing: every page must be writable guest RAM (EFAULT otherwise),
-	 * the range must not wrap (EINVAL), flags must be 0 (EINVAL), and with
-	 * the kmod backend it must fit one call of the module (E2BIG, see
-	 * Documentation/spp.rst); on any error nothing changed. An empty span
-	 * does nothing.
+	 * the range must not wrap (EINVAL), flags must be 0 (EINVAL); on any
+	 * error nothing changed. There is no limit on the number of pages (the
+	 * kmod backend sets large ranges in pieces, see Documentation/spp.rst).
+	 * An empty span does nothing.
 	 */
 	void set_access(std::uint64_t gfn, std::span<const std::uint32_t> maps,
 			std::uint32_t flags = 0);

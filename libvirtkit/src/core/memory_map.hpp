@@ -170,7 +170,7 @@ private:
 		      void *host, std::uint32_t flags);
 	std::uint32_t slot_flags(const Region &r, const SlotSpec &s) const;
 	void apply_plan(Region &r, const std::vector<SlotSpec> &plan);
-	void retrap_locked(std::set<std::uint64_t> TrappedPages::*which, std::uint64_t gfn,
+	void retrap_locked(PageBitmap TrappedPages::*which, std::uint64_t gfn,
 			   std::uint64_t n, const std::function<bool(std::uint64_t)> &want);
 	void apply_span(Region &r, std::uint64_t first, std::uint64_t end,
 			const std::vector<SlotSpec> &plan);

@@ -25,29 +25,26 @@ static_assert(page == GuestMemory::page_size);
 std::vector<SlotSpec> plan_span(std::uint64_t gpa, std::uint64_t first, std::uint64_t end,
 				const TrappedPages &traps)
 {
-	/* The trapped pages of the range, in order (few: the sets are sparse). */
-	std::vector<std::uint64_t> special;
-	for (auto *set : {&traps.write, &traps.all})
-		for (auto it = set->lower_bound(first); it != set->end() && *it < end; ++it)
-			special.push_back(*it);
-	std::sort(special.begin(), special.end());
-	special.erase(std::unique(special.begin(), special.end()), special.end());
-	auto hidden = [&](std::uint64_t p) { return traps.all.count(p) != 0; };
-
 	std::vector<SlotSpec> out;
 	std::uint64_t next = first; /* first page not yet planned */
-	for (std::size_t i = 0; i < special.size();) {
-		std::uint64_t run_first = special[i], last = run_first;
-		bool gap = hidden(run_first);
-		while (++i < special.size() && special[i] == last + 1 && hidden(special[i]) == gap)
-			last = special[i];
+	while (next < end) {
+		/* The next run of trapped pages: hidden ones (no slot), or write-trapped. */
+		const std::uint64_t run_first =
+			std::min(traps.write.next_set(next, end), traps.all.next_set(next, end));
+		if (run_first == end)
+			break;
+		const bool gap = traps.all.test(run_first);
+		const std::uint64_t run_end =
+			gap ? traps.all.next_clear(run_first, end)
+			    : std::min(traps.write.next_clear(run_first, end),
+				       traps.all.next_set(run_first, end));
 		if (run_first > next)
 			out.push_back({gpa + next * page, (run_first - next) * page,
 				       next * page, false});
 		if (!gap)
-			out.push_back({gpa + run_first * page, (last - run_first + 1) * page,
+			out.push_back({gpa + run_first * page, (run_end - run_first) * page,
 				       run_first * page, true});
-		next = last + 1;
+		next = run_end;
 	}
 	if (next < end)
 		out.push_back({gpa + next * page, (end - next) * page, next * page, false});
@@ -211,14 +208,14 @@ void MemoryMap::set_hidden_locked(std::uint64_t gfn, std::uint64_t n,
 	retrap_locked(&TrappedPages::all, gfn, n, hidden);
 }
 
-void MemoryMap::retrap_locked(std::set<std::uint64_t> TrappedPages::*which, std::uint64_t gfn,
+void MemoryMap::retrap_locked(PageBitmap TrappedPages::*which, std::uint64_t gfn,
 			      std::uint64_t n, const std::function<bool(std::uint64_t)> &want)
 {
 	struct Change {
 		Region *r;
 		std::uint64_t lo, hi;		/* pages of r whose trap may change */
 		std::uint64_t first, end;	/* the slots re-planned */
-		std::vector<bool> old;		/* trap state of pages lo..hi-1 */
+		std::vector<bool> old, now;	/* trap state of pages lo..hi-1 */
 	};
 	std::vector<Change> changes;
 	std::uint64_t end_gfn = gfn + n;
@@ -236,12 +233,15 @@ void MemoryMap::retrap_locked(std::set<std::uint64_t> TrappedPages::*which, std:
 		g = base + hi;
 		if (r->opts.readonly)
 			continue;
-		auto &set = r->traps.*which;
-		Change c{r, lo, hi, 0, 0, {}};
+		const PageBitmap &set = r->traps.*which;
+		Change c{r, lo, hi, 0, 0, {}, {}};
+		c.old.resize(hi - lo);
+		c.now.resize(hi - lo);
 		bool differs = false;
 		for (std::uint64_t p = lo; p < hi; p++) {
-			bool was = set.count(p), on = want(base + p);
-			c.old.push_back(was);
+			const bool was = set.test(p), on = want(base + p);
+			c.old[p - lo] = was;
+			c.now[p - lo] = on;
 			differs |= was != on;
 		}
 		if (!differs)
@@ -272,20 +272,14 @@ void MemoryMap::retrap_locked(std::set<std::uint64_t> TrappedPages::*which, std:
 	if (changes.empty())
 		return;
 
-	auto set_trap = [which](Region &r, std::uint64_t p, bool on) {
-		if (on)
-			(r.traps.*which).insert(p);
-		else
-			(r.traps.*which).erase(p);
-	};
+	auto set_trap = [which](Region &r, std::uint64_t p, bool on) { (r.traps.*which).assign(p, on); };
 	RunGate::Pause pause(gate_);
 	std::size_t done = 0;
 	try {
 		for (; done < changes.size(); done++) {
 			Change &c = changes[done];
-			std::uint64_t base = c.r->gpa / page;
 			for (std::uint64_t p = c.lo; p < c.hi; p++)
-				set_trap(*c.r, p, want(base + p));
+				set_trap(*c.r, p, c.now[p - c.lo]);
 			try {
 				apply_span(*c.r, c.first, c.end,
 					   plan_span(c.r->gpa, c.first, c.end, c.r->traps));
@@ -310,7 +304,7 @@ void MemoryMap::retrap_locked(std::set<std::uint64_t> TrappedPages::*which, std:
 bool MemoryMap::hidden_locked(std::uint64_t gpa) const
 {
 	const Region *r = find_gpa(gpa);
-	return r && r->traps.all.count((gpa - r->gpa) / page);
+	return r && r->traps.all.test((gpa - r->gpa) / page);
 }
 
 std::optional<std::uint64_t> MemoryMap::ring_entry_gpa(std::uint32_t slot,

@@ -15,8 +15,9 @@
 #pragma once
 
 #include <cstdint>
-#include <set>
 #include <vector>
+
+#include "core/page_bitmap.hpp"
 
 namespace virtkit::detail {
 
@@ -35,8 +36,8 @@ struct SlotSpec {
  * is in no slot).
  */
 struct TrappedPages {
-	std::set<std::uint64_t> write;
-	std::set<std::uint64_t> all;
+	PageBitmap write;
+	PageBitmap all;
 };
 
 /*
@@ -50,8 +51,9 @@ std::vector<SlotSpec> plan_slots(std::uint64_t gpa, std::uint64_t size,
 /*
  * The slots of a writable region at gpa for its pages [first, end) alone:
  * what plan_slots() gives for that range when first and end are slot
- * boundaries of the whole plan. Costs O(trapped pages in the range), so
- * that re-planning around one page of a large layout stays cheap.
+ * boundaries of the whole plan. Costs O(runs of trapped pages in the range), so
+ * that re-planning around one page of a large layout stays cheap (runs of
+ * trapped pages are found a word of the bitmaps at a time).
  */
 std::vector<SlotSpec> plan_span(std::uint64_t gpa, std::uint64_t first, std::uint64_t end,
 				const TrappedPages &traps);

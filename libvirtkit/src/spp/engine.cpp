@@ -152,11 +152,6 @@ void SppEngine::set_access(std::uint64_t gfn, std::span<const std::uint32_t> map
 	const std::uint64_t n = maps.size();
 	if (gfn >= VK_SPPT_GFN_LIMIT || n > VK_SPPT_GFN_LIMIT - gfn)
 		throw Error(op, EFAULT, pages(gfn, n) + ": beyond the 48-bit guest-physical space");
-	if (n > store_->max_set_pages())
-		throw Error(op, E2BIG,
-			    pages(gfn, n) + ": virtkit.ko sets at most " +
-				    std::to_string(store_->max_set_pages()) +
-				    " pages per call (VIRTKIT_CAP_SPP_MAX_PAGES); split the range");
 
 	auto lock = mem_.lock();
 	if (!mem_.writable_ram_locked(gfn * page, n * page))
@@ -169,7 +164,7 @@ void SppEngine::set_access(std::uint64_t gfn, std::span<const std::uint32_t> map
 	set_traps_locked(gfn, n, [&](std::uint64_t g) {
 		return g - gfn < n ? maps[g - gfn] : old.at(g);
 	});
-	if (int r = store_->set(gfn, maps)) {
+	if (int r = set_pieces_locked(gfn, maps)) {
 		/* Back to the layout of the maps the store kept. */
 		set_traps_locked(gfn, n, [&](std::uint64_t g) { return old.at(g); });
 		store_error(*store_, op, r, pages(gfn, n), true);
