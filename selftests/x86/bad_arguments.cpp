@@ -358,10 +358,10 @@ VK_TEST(memory_access_out_of_bounds)
 		/* Starting in the gap, running into a. */
 		EXPECT_ERROR_NAMING(mem.write(a - 32, buf), EFAULT, "GuestMemory::write");
 		EXPECT_ERROR_NAMING(mem.fill(a + size - 8, std::byte(0), 16), EFAULT,
-				    "GuestMemory::write");
+				    "GuestMemory::fill");
 		/* copy: valid source, destination past the end, and the reverse. */
-		EXPECT_ERROR_NAMING(mem.copy(a + size - 8, a, 16), EFAULT, "GuestMemory::write");
-		EXPECT_ERROR_NAMING(mem.copy(a, a + size - 8, 16), EFAULT, "GuestMemory::read");
+		EXPECT_ERROR_NAMING(mem.copy(a + size - 8, a, 16), EFAULT, "GuestMemory::copy");
+		EXPECT_ERROR_NAMING(mem.copy(a, a + size - 8, 16), EFAULT, "GuestMemory::copy");
 		EXPECT_ERROR_NAMING(mem.read_obj<std::uint64_t>(a + size - 4), EFAULT,
 				    "GuestMemory::read");
 		EXPECT_ERROR_NAMING(mem.write_obj<std::uint64_t>(a + size - 4, 0), EFAULT,

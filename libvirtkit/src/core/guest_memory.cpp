@@ -289,17 +289,83 @@ void GuestMemory::write(std::uint64_t gpa, std::span<const std::byte> in)
 	}
 }
 
+namespace {
+
+/*
+ * gpa in the VMM's mapping (MemoryMap::host_extent_locked), or EFAULT naming
+ * op and [first, first + size) when it is no guest memory. The caller holds
+ * the map's lock.
+ */
+MemoryMap::HostExtent host_at(const MemoryMap &map, const char *op, std::uint64_t gpa,
+			      std::uint64_t first, std::uint64_t size)
+{
+	const MemoryMap::HostExtent e = map.host_extent_locked(gpa);
+	if (!e.host)
+		throw Error(op, EFAULT, gpa_range(first, size) + ": no guest memory at " + hex(gpa));
+	return e;
+}
+
+/* EFAULT naming op unless [gpa, gpa + size) is all guest memory. */
+void check_guest_range(const MemoryMap &map, const char *op, std::uint64_t gpa, std::uint64_t size)
+{
+	if (range_wraps(gpa, size))
+		throw Error(op, EFAULT, gpa_range(gpa, size));
+	for (std::uint64_t a = gpa, left = size; left;) {
+		const std::uint64_t n = std::min(left, host_at(map, op, a, gpa, size).after);
+		a += n;
+		left -= n;
+	}
+}
+
+} // namespace
+
+/* Region by region, in the VMM's mapping: no buffer the size of the copy. */
 void GuestMemory::copy(std::uint64_t dst, std::uint64_t src, std::uint64_t size)
 {
-	std::vector<std::byte> buf(size);
-	read(src, buf);
-	write(dst, buf);
+	const char *op = "GuestMemory::copy";
+	std::shared_lock lock(map_.mu_);
+	check_guest_range(map_, op, src, size);
+	check_guest_range(map_, op, dst, size);
+	/*
+	 * As memmove: front to back when the destination is below the source,
+	 * else back to front, one piece within one source and one destination
+	 * region at a time.
+	 */
+	const bool forward = dst <= src;
+	for (std::uint64_t done = 0; done < size;) {
+		const std::uint64_t left = size - done;
+		std::uint64_t n, d, s;
+		if (forward) {
+			d = dst + done;
+			s = src + done;
+			n = std::min({left, host_at(map_, op, d, dst, size).after,
+				      host_at(map_, op, s, src, size).after});
+		} else {
+			/* The last byte not copied yet, and the piece of its regions before it. */
+			const std::uint64_t dl = dst + left - 1, sl = src + left - 1;
+			n = std::min({left, host_at(map_, op, dl, dst, size).before + 1,
+				      host_at(map_, op, sl, src, size).before + 1});
+			d = dl + 1 - n;
+			s = sl + 1 - n;
+		}
+		std::memmove(host_at(map_, op, d, dst, size).host, host_at(map_, op, s, src, size).host,
+			     n);
+		done += n;
+	}
 }
 
 void GuestMemory::fill(std::uint64_t gpa, std::byte value, std::uint64_t size)
 {
-	std::vector<std::byte> buf(size, value);
-	write(gpa, buf);
+	const char *op = "GuestMemory::fill";
+	std::shared_lock lock(map_.mu_);
+	check_guest_range(map_, op, gpa, size);
+	for (std::uint64_t a = gpa, left = size; left;) {
+		const MemoryMap::HostExtent e = host_at(map_, op, a, gpa, size);
+		const std::uint64_t n = std::min(left, e.after);
+		std::memset(e.host, static_cast<int>(value), n);
+		a += n;
+		left -= n;
+	}
 }
 
 void GuestMemory::set_dirty_log(RegionId id, bool enable)

@@ -78,6 +78,14 @@ const std::byte *MemoryMap::host_ptr_locked(std::uint64_t gpa, std::uint64_t siz
 	return r->map.data() + (gpa - r->gpa);
 }
 
+MemoryMap::HostExtent MemoryMap::host_extent_locked(std::uint64_t gpa) const noexcept
+{
+	const Region *r = find_gpa(gpa);
+	if (!r)
+		return {nullptr, 0, 0};
+	return {r->map.data() + (gpa - r->gpa), gpa - r->gpa, r->gpa + r->size - gpa};
+}
+
 bool MemoryMap::writable_ram_locked(std::uint64_t gpa, std::uint64_t size) const
 {
 	if (range_wraps(gpa, size))

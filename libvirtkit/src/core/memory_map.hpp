@@ -72,6 +72,17 @@ public:
 	const std::byte *host_ptr_locked(std::uint64_t gpa, std::uint64_t size) const noexcept;
 
 	/*
+	 * gpa in the VMM's mapping, with the bytes of its region before it and
+	 * from it on, for copies that walk region by region; host is nullptr
+	 * when gpa is no guest memory.
+	 */
+	struct HostExtent {
+		std::byte *host;
+		std::uint64_t before, after;
+	};
+	HostExtent host_extent_locked(std::uint64_t gpa) const noexcept;
+
+	/*
 	 * For features that decide about guest writes (sub-page protection):
 	 * they hold the map's lock while they read their own state and complete
 	 * writes, so that a decision and the layout always agree.
