@@ -38,38 +38,49 @@ static_assert(sizeof(kvmi_event_arch::msrs) == sizeof(event_msrs) * 2);
 /* PAUSE_VCPU events one vCPU may have queued (a flood gets -KVMI_EBUSY). */
 constexpr unsigned max_queued_pauses = 64;
 
-void read_event_msrs(Vcpu &vcpu, kvmi_event_arch &arch)
+} // namespace
+
+kvmi_event_arch IntrospectionServer::event_arch(Vcpu &vcpu, std::span<kvm_msr_entry> extra)
 {
-	kvm_msr_entry e[std::size(event_msrs)]{};
-	for (std::size_t i = 0; i < std::size(e); i++)
+	kvmi_event_arch arch{};
+	arch.regs = vcpu.regs();
+	arch.sregs = vcpu.sregs();
+	arch.mode = kvmi::cpu_mode(arch.sregs);
+	/* The event's MSRs and the caller's in one KVM_GET_MSRS. */
+	constexpr std::size_t own = std::size(event_msrs), most = own + 4;
+	kvm_msr_entry e[most]{};
+	const std::size_t n = own + std::min(extra.size(), most - own);
+	for (std::size_t i = 0; i < own; i++)
 		e[i].index = event_msrs[i];
+	for (std::size_t i = own; i < n; i++)
+		e[i].index = extra[i - own].index;
 	/* One the vCPU lacks (no SYSCALL, say) reads as 0; the rest as they are. */
-	for (std::size_t i = vcpu.try_get_msrs(e); i < std::size(e); i++)
+	for (std::size_t i = vcpu.try_get_msrs(std::span(e, n)); i < n; i++)
 		e[i].data = vcpu.try_msr(e[i].index).value_or(0);
-	__u64 vals[std::size(event_msrs)];
-	for (std::size_t i = 0; i < std::size(e); i++)
+	__u64 vals[own];
+	for (std::size_t i = 0; i < own; i++)
 		vals[i] = e[i].data;
 	std::memcpy(&arch.msrs, vals, sizeof(arch.msrs));
+	for (std::size_t i = own; i < n; i++)
+		extra[i - own].data = e[i].data;
+	return arch;
 }
-
-} // namespace
 
 IntrospectionServer::Outcome IntrospectionServer::raise(std::uint16_t id, Vcpu *vcpu,
 							std::uint8_t event,
 							std::span<const std::byte> data,
-							std::optional<kvmi::Clock::time_point> deadline)
+							std::optional<kvmi::Clock::time_point> deadline,
+							const kvmi_event_arch *arch)
 {
 	Outcome out;
 	kvmi_event ev{};
 	ev.size = sizeof(ev);
 	ev.vcpu = id;
 	ev.event = event;
-	if (vcpu) {
-		ev.arch.regs = vcpu->regs();
-		ev.arch.sregs = vcpu->sregs();
-		ev.arch.mode = kvmi::cpu_mode(ev.arch.sregs);
-		read_event_msrs(*vcpu, ev.arch);
-	}
+	if (arch)
+		ev.arch = *arch;
+	else if (vcpu)
+		ev.arch = event_arch(*vcpu);
 
 	KvmiWaiter w;
 	w.vcpu = id;

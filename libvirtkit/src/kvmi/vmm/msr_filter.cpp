@@ -283,8 +283,12 @@ ExitAction IntrospectionServer::on_msr_exit(Vcpu &vcpu, MsrExit &m)
 	kvmi_event_msr e{};
 	e.msr = m.index;
 	e.new_value = value;
-	e.old_value = vcpu.try_msr(m.index).value_or(0);
-	auto out = raise(id, &vcpu, KVMI_EVENT_MSR, std::as_bytes(std::span(&e, 1)));
+	kvm_msr_entry old{};
+	old.index = m.index;
+	const kvmi_event_arch arch = event_arch(vcpu, std::span(&old, 1));
+	e.old_value = old.data;
+	auto out = raise(id, &vcpu, KVMI_EVENT_MSR, std::as_bytes(std::span(&e, 1)), std::nullopt,
+			 &arch);
 	switch (out.action) {
 	case KVMI_EVENT_ACTION_RETRY:
 		retry_instruction(vcpu);

@@ -182,7 +182,14 @@ private:
 	 */
 	Outcome raise(std::uint16_t vcpu_id, Vcpu *vcpu, std::uint8_t event,
 		      std::span<const std::byte> data,
-		      std::optional<kvmi::Clock::time_point> deadline = std::nullopt);
+		      std::optional<kvmi::Clock::time_point> deadline = std::nullopt,
+		      const kvmi_event_arch *arch = nullptr);
+	/*
+	 * The vCPU state every event carries (registers, segments, the nine
+	 * MSRs), reading the MSRs of `extra` (up to 4) in the same
+	 * KVM_GET_MSRS; one the vCPU lacks reads as 0.
+	 */
+	static kvmi_event_arch event_arch(Vcpu &vcpu, std::span<kvm_msr_entry> extra = {});
 	/* An event reply from the tool; false: malformed, close the connection. */
 	bool complete_event(const kvmi_msg_hdr &hdr, std::span<const std::byte> p);
 	/* Whether vcpu has `event` enabled and the connection is up. */
