@@ -98,19 +98,60 @@ void Session::control_vm_events(EventId id, bool enable)
 	});
 }
 
+/*
+ * One command per page, as the protocol asks, but pipelined: a window of
+ * requests goes out in one write, then their replies are read in order
+ * (the VMM answers VM commands one after another). Every reply of a window
+ * is read before a refusal is thrown, so the stream stays in step.
+ */
 void Session::read_physical(std::uint64_t gpa, std::span<std::byte> out)
 {
+	constexpr std::size_t window = 16; /* 64 KiB of replies in flight */
 	auto &s = state();
+	const char *op = command_cstr(KVMI_READ_PHYSICAL);
+	struct Piece {
+		std::uint64_t at;
+		std::size_t done, n;
+		std::uint32_t seq;
+	};
+	std::vector<Piece> pieces;
 	for_each_page(gpa, out.size(), [&](std::uint64_t at, std::size_t done, std::size_t n) {
-		auto data = command(s, request::read_physical(at, n), [&] {
-			return "gpa=" + hex(at) + " size=" + std::to_string(n);
-		});
-		if (data.size() != n)
-			s.fail(Error("KVMI_READ_PHYSICAL", EPROTO,
-				     std::to_string(data.size()) + " bytes for a read of " +
-					     std::to_string(n)));
-		std::memcpy(out.data() + done, data.data(), n);
+		pieces.push_back({at, done, n, 0});
 	});
+	for (std::size_t first = 0; first < pieces.size(); first += window) {
+		const std::size_t end = std::min(pieces.size(), first + window);
+		std::vector<std::byte> wire;
+		for (std::size_t i = first; i < end; i++) {
+			const Request r = request::read_physical(pieces[i].at, pieces[i].n);
+			/* A head only: kvmi_read_physical. */
+			kvmi_msg_hdr h{};
+			h.id = r.id();
+			h.size = static_cast<std::uint16_t>(r.head().size());
+			h.seq = pieces[i].seq = s.next_seq();
+			append(wire, bytes_of(h));
+			append(wire, r.head());
+		}
+		const iovec iov{wire.data(), wire.size()};
+		s.send_raw_bytes(std::span(&iov, 1), op);
+		std::optional<CommandError> refused;
+		for (std::size_t i = first; i < end; i++) {
+			const Piece &p = pieces[i];
+			auto r = s.wait_reply(KVMI_READ_PHYSICAL, p.seq, op);
+			if (r.err) {
+				if (!refused)
+					refused.emplace(KVMI_READ_PHYSICAL, r.err,
+							"gpa=" + hex(p.at) + " size=" + std::to_string(p.n));
+				continue;
+			}
+			if (r.data.size() != p.n)
+				s.fail(Error(op, EPROTO,
+					     std::to_string(r.data.size()) + " bytes for a read of " +
+						     std::to_string(p.n)));
+			std::memcpy(out.data() + p.done, r.data.data(), p.n);
+		}
+		if (refused)
+			throw *refused;
+	}
 }
 
 std::vector<std::byte> Session::read_physical(std::uint64_t gpa, std::size_t size)
