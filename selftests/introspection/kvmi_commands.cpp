@@ -407,6 +407,19 @@ VK_TEST(read_write_physical_error_paths)
 		fail(__FILE__, __LINE__, "read_physical of a hole succeeded");
 	} catch (const intro::CommandError &) {
 	}
+	/*
+	 * A read running off the end of RAM: its page commands go out
+	 * together; the refusal of the last one is thrown once every reply is
+	 * read, and the session goes on in step.
+	 */
+	try {
+		(void)s.read_physical(data_gpa + data_size - 3 * 4096 - 8, 4 * 4096);
+		fail(__FILE__, __LINE__, "read_physical past the end of RAM succeeded");
+	} catch (const intro::CommandError &e) {
+		TEST_ASSERT(e.kvmi_error() == KVMI_ENOENT, "%s", e.what());
+	}
+	TEST_ASSERT(s.connected());
+	TEST_ASSERT_EQ(s.read_physical(data_gpa, 8).size(), 8u);
 
 	/* WRITE_PHYSICAL: size must match the data, one page at most. */
 	t.poke(data_gpa + 4096 - 8, 0);
