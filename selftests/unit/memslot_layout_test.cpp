@@ -12,6 +12,7 @@
 #include "core/memslot_layout.hpp"
 
 using virtkit::detail::SlotSpec;
+using virtkit::detail::slot_span;
 using virtkit::detail::PageBitmap;
 using virtkit::detail::TrappedPages;
 
@@ -62,9 +63,10 @@ void check_covers(std::uint64_t gpa, std::uint64_t size, bool readonly,
 				break;
 			}
 		}
-		/* Maximal: touching neighbours differ. */
+		/* Within one slot_span; maximal: touching neighbours differ, or a span ends. */
+		CHECK(s.gpa / slot_span == (s.gpa + s.size - 1) / slot_span);
 		if (i > 0 && slots[i - 1].offset + slots[i - 1].size == s.offset)
-			CHECK(slots[i - 1].readonly != s.readonly);
+			CHECK((slots[i - 1].readonly != s.readonly || s.gpa % slot_span == 0));
 		next = s.offset + s.size;
 		sum += s.size;
 	}
@@ -224,6 +226,33 @@ TEST_CASE("plan_span between slot boundaries equals the full plan there", "[slot
 		auto span = plan_span(gpa, first, end, TrappedPages{PageBitmap::of(wp), {}});
 		CHECK(span == std::vector<SlotSpec>(full.begin() + a, full.begin() + b + 1));
 	}
+}
+
+TEST_CASE("plan: slots are cut at slot_span boundaries", "[slot_plan]")
+{
+	/* 2.5 GiB from 0.75 GiB, one page protected right before the 2 GiB line. */
+	const std::uint64_t gpa = 3 * slot_span / 4, size = 5 * slot_span / 2;
+	const std::uint64_t p = (2 * slot_span - gpa) / page - 1;
+	auto v = plan_slots(gpa, size, false, {p});
+	INFO(show(v));
+	check_covers(gpa, size, false, {p}, {}, v);
+	REQUIRE(v.size() == 5);
+	CHECK(v[0] == SlotSpec{gpa, slot_span / 4, 0, false});
+	CHECK(v[1] == SlotSpec{slot_span, slot_span - page, slot_span / 4, false});
+	CHECK(v[2] == SlotSpec{2 * slot_span - page, page, p * page, true});
+	CHECK(v[3] == SlotSpec{2 * slot_span, slot_span, (p + 1) * page, false});
+	CHECK(v[4] == SlotSpec{3 * slot_span, slot_span / 4, (p + 1) * page + slot_span, false});
+
+	/* Re-planning around the page re-cuts only its span. */
+	auto span = virtkit::detail::plan_span(gpa, v[1].offset / page,
+					       (v[2].offset + v[2].size) / page,
+					       TrappedPages{PageBitmap::of(std::set<std::uint64_t>{p}), {}});
+	CHECK(span == std::vector<SlotSpec>(v.begin() + 1, v.begin() + 3));
+
+	/* A read-only region is cut the same way. */
+	auto ro = plan_slots(gpa, size, true, {});
+	CHECK(ro.size() == 4);
+	check_covers(gpa, size, true, {}, {}, ro);
 }
 
 TEST_CASE("plan: fully trapped pages get no slot", "[slot_plan]")

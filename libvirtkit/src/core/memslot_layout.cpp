@@ -22,6 +22,25 @@ namespace virtkit::detail {
 static constexpr std::uint64_t page = 4096;
 static_assert(page == GuestMemory::page_size);
 
+/*
+ * Slots for pages [first, end) of a region at gpa, cut at every
+ * slot_span boundary of guest-physical addresses: KVM allocates a slot's
+ * metadata (rmaps, large-page info) when the slot is created, so re-cutting
+ * around one page re-creates at most slot_span of it, not a whole large
+ * region; aligned boundaries keep large mappings possible.
+ */
+static void add_slots(std::vector<SlotSpec> &out, std::uint64_t gpa, std::uint64_t first,
+		      std::uint64_t end, bool readonly)
+{
+	while (first < end) {
+		const std::uint64_t at = gpa + first * page;
+		const std::uint64_t to_boundary = (slot_span - at % slot_span) / page;
+		const std::uint64_t n = std::min(end - first, to_boundary);
+		out.push_back({at, n * page, first * page, readonly});
+		first += n;
+	}
+}
+
 std::vector<SlotSpec> plan_span(std::uint64_t gpa, std::uint64_t first, std::uint64_t end,
 				const TrappedPages &traps)
 {
@@ -38,24 +57,23 @@ std::vector<SlotSpec> plan_span(std::uint64_t gpa, std::uint64_t first, std::uin
 			gap ? traps.all.next_clear(run_first, end)
 			    : std::min(traps.write.next_clear(run_first, end),
 				       traps.all.next_set(run_first, end));
-		if (run_first > next)
-			out.push_back({gpa + next * page, (run_first - next) * page,
-				       next * page, false});
+		add_slots(out, gpa, next, run_first, false);
 		if (!gap)
-			out.push_back({gpa + run_first * page, (run_end - run_first) * page,
-				       run_first * page, true});
+			add_slots(out, gpa, run_first, run_end, true);
 		next = run_end;
 	}
-	if (next < end)
-		out.push_back({gpa + next * page, (end - next) * page, next * page, false});
+	add_slots(out, gpa, next, end, false);
 	return out;
 }
 
 std::vector<SlotSpec> plan_slots(std::uint64_t gpa, std::uint64_t size,
 				 bool readonly, const TrappedPages &traps)
 {
-	if (readonly)
-		return {{gpa, size, 0, true}};
+	if (readonly) {
+		std::vector<SlotSpec> out;
+		add_slots(out, gpa, 0, size / page, true);
+		return out;
+	}
 	return plan_span(gpa, 0, size / page, traps);
 }
 

@@ -40,10 +40,14 @@ struct TrappedPages {
 	PageBitmap all;
 };
 
+/* No slot spans a multiple of this in guest-physical addresses. */
+constexpr std::uint64_t slot_span = 1ull << 30;
+
 /*
  * Slots for the region [gpa, gpa + size) with the given trapped pages.
  * Slots are returned in address order and cover the region except the
- * `all` pages.
+ * `all` pages; each lies within one slot_span-aligned span of
+ * guest-physical addresses.
  */
 std::vector<SlotSpec> plan_slots(std::uint64_t gpa, std::uint64_t size,
 				 bool readonly, const TrappedPages &traps);
