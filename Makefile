@@ -286,7 +286,7 @@ deps:
 
 # The busybox initramfs `virtkit run` boots in its selftest and docs
 # (Documentation/virtkit-run.rst).
-RUN_INITRAMFS := $(BUILD)/virtkit-run/initramfs.cpio.gz
+RUN_INITRAMFS := $(BUILD)/virtkit-run/initramfs.cpio
 run-initramfs: $(RUN_INITRAMFS)
 $(RUN_INITRAMFS): scripts/run-initramfs scripts/lib/initramfs.sh scripts/lib/run-init
 	scripts/run-initramfs $@

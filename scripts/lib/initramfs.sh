@@ -20,10 +20,12 @@ initramfs_skeleton() {
 	cp "$initramfs_busybox" "$dir/bin/busybox"
 }
 
-# initramfs_pack DIR OUT: a gzip-compressed newc cpio of DIR (what the
-# kernel's initramfs unpacker takes), written atomically to OUT.
+# initramfs_pack DIR OUT [gzip|none]: a newc cpio of DIR (what the kernel's
+# initramfs unpacker takes), gzip-compressed unless told none, written
+# atomically to OUT.
 initramfs_pack() {
-	local dir=$1 out=$2
-	(cd "$dir" && find . | LC_ALL=C sort | cpio -o -H newc --quiet -R 0:0 | gzip -1) >"$out.tmp"
+	local dir=$1 out=$2 compress=${3:-gzip} filter=(gzip -1)
+	[ "$compress" = none ] && filter=(cat)
+	(cd "$dir" && find . | LC_ALL=C sort | cpio -o -H newc --quiet -R 0:0 | "${filter[@]}") >"$out.tmp"
 	mv -f "$out.tmp" "$out"
 }
