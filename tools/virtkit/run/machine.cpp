@@ -65,12 +65,10 @@ std::vector<std::byte> read_file(const std::string &path, const char *option)
 }
 
 /*
- * Leave the PICs as a BIOS does, initialized with every IRQ masked, until
- * the guest programs them. KVM resets them unmasked, so the PIT's first
- * IRQ 0 reaches the BSP through LINT0 (ExtINT) while the decompressor runs
- * with interrupts off; the pending interrupt makes KVM wait for an
- * interrupt window, which on kvm_pvm slows the guest to about one
- * instruction per exit (the decompressor did not finish in minutes).
+ * Leave the PICs as firmware does, every IRQ masked until the guest
+ * programs them. KVM resets them unmasked with the BSP's LINT0 in ExtINT
+ * mode, so the PIT's first IRQ 0 would wait at the BSP, vector 0x08, for
+ * the moment the guest enables interrupts.
  */
 void mask_pic(Vm &vm)
 {
