@@ -154,7 +154,7 @@ std::string cmdline()
 	if (on_kvm_pvm())
 		c += " noxsave clearcpuid=cx16,popcnt,rdrand,rdseed,movbe,bmi1,bmi2,abm,avx,avx2,aes,"
 		     "pclmulqdq,sha_ni,fsgsbase,smap,pku,invpcid,f16c,fma,avx512f,ssse3,sse4_1,sse4_2"
-		     " nowatchdog cryptomgr.notests initcall_blacklist=init_kprobe_trace,"
+		     " nowatchdog rodata=off cryptomgr.notests initcall_blacklist=init_kprobe_trace,"
 		     "load_system_certificate_list,crypto_kdf108_init,trace_eval_init,slab_sysfs_init";
 	return c;
 }
@@ -201,6 +201,7 @@ void boot(unsigned cpus)
 		     "CPL 3, INT n is #UD, and the emulated kernel boots in ~7 min; "
 		     "VIRTKIT_RUN_ON_KVM_PVM=1 checks the kernel's side only)");
 	int timeout = int(vkt::env_u64("VIRTKIT_RUN_TIMEOUT", kernel_only ? 1200 : 600));
+	vkt::set_timeout(unsigned(timeout) + 60);
 	Run r = run({virtkit, "run", "--kernel", kernel, "--initrd", initrd, "--cmdline", cmdline(),
 		     "--memory", "128M", "--cpus", std::to_string(cpus)},
 		    timeout);
