@@ -1,6 +1,7 @@
 # virtkit front door.
 #
 #   make            build everything userspace (library, tool, selftests, unit tests)
+#   make run-initramfs  the busybox initramfs `virtkit run` boots (tests, docs)
 #   make run        install missing Debian packages, build, run `virtkit info`,
 #                   `virtkit demo` and the example introspection tool against a
 #                   second demo (in a QEMU guest with virtkit.ko loaded when
@@ -129,7 +130,7 @@ UNIT_BIN   := $(BUILD)/selftests/unit/virtkit-unit
 BENCH_SRCS := $(wildcard bench/*.cpp)
 BENCH_BINS := $(BENCH_SRCS:bench/%.cpp=$(BUILD)/bench/%)
 
-TOOL_SRCS  := $(wildcard tools/virtkit/*.cpp)
+TOOL_SRCS  := $(wildcard tools/virtkit/*.cpp tools/virtkit/run/*.cpp)
 TOOL_OBJS  := $(TOOL_SRCS:%.cpp=$(BUILD)/%.o)
 TOOL_BIN   := $(BUILD)/bin/virtkit
 
@@ -143,7 +144,7 @@ INTROSPECT_BIN  := $(BUILD)/bin/virtkit-introspect
 # code is loaded at the binary's own addresses.
 GUEST_LINK := $(GUEST_A) $(INTROSPECT_A) $(LIB_A) $(URING_LIBS) -lpthread
 
-.PHONY: all lib guest tool selftests unit run check check-unit check-selftests check-selftests-nested \
+.PHONY: all lib guest tool selftests unit run run-initramfs check check-unit check-selftests check-selftests-nested \
         check-install deps install uninstall clean bench run-bench
 
 all: lib guest tool selftests unit bench
@@ -265,9 +266,10 @@ $(BUILD)/tools/virtkit/%.o: tools/virtkit/%.cpp
 
 $(BUILD)/tools/virtkit/demo_guest.o: GUEST_CXXFLAGS += $(FREESTANDING)
 
+# virtkit run decompresses xz kernels with liblzma (static, like liburing).
 $(TOOL_BIN): $(TOOL_OBJS) $(GUEST_A) $(INTROSPECT_A) $(LIB_A)
 	@mkdir -p $(@D)
-	$(CXX) -no-pie -o $@ $(TOOL_OBJS) $(GUEST_LINK)
+	$(CXX) -no-pie -o $@ $(TOOL_OBJS) $(GUEST_LINK) -l:liblzma.a
 
 # virtkit-introspect runs no guest: a hardened PIE like any host program.
 $(BUILD)/tools/virtkit-introspect/%.o: tools/virtkit-introspect/%.cpp
@@ -281,6 +283,13 @@ $(INTROSPECT_BIN): $(INTROSPECT_OBJS) $(INTROSPECT_A) $(LIB_A)
 
 deps:
 	scripts/install-deps
+
+# The busybox initramfs `virtkit run` boots in its selftest and docs
+# (Documentation/virtkit-run.rst).
+RUN_INITRAMFS := $(BUILD)/virtkit-run/initramfs.cpio
+run-initramfs: $(RUN_INITRAMFS)
+$(RUN_INITRAMFS): scripts/run-initramfs scripts/lib/initramfs.sh scripts/lib/run-init
+	scripts/run-initramfs $@
 
 # What `make run` runs, with the tools in PATH: virtkit info and virtkit
 # demo, then the example introspection tool against a second demo: the tool

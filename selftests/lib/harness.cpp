@@ -46,6 +46,15 @@ std::string vformat(const char *fmt, va_list ap)
 	return s;
 }
 
+} // namespace
+
+void set_timeout(unsigned seconds)
+{
+	alarm(seconds);
+}
+
+namespace {
+
 /* Child side: run one test; the exit code and a line on the pipe report it. */
 [[noreturn]] void run_child(const Test &t, int report_fd)
 {

@@ -91,6 +91,12 @@ bool same_region(const virtkit::RegionInfo &a, const virtkit::RegionInfo &b);
 bool same_layout(const std::vector<virtkit::RegionInfo> &a,
 		 const std::vector<virtkit::RegionInfo> &b);
 
+/*
+ * Give the running test seconds from now instead of the harness's 300 s
+ * limit (for tests that boot a real kernel, say).
+ */
+void set_timeout(unsigned seconds);
+
 /* A KTAP diagnostic line ("# ..."). */
 void diag(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
 

@@ -87,6 +87,32 @@ VK_TEST(irqchip_after_vcpu_fails_clearly)
 	TEST_ASSERT(::ioctl(vm.fd(), KVM_IRQ_LINE_STATUS, &l) < 0 && errno == ENXIO);
 }
 
+/*
+ * With the irqchip, vCPU 0 starts runnable and the others wait for INIT and
+ * SIPI; set_mp_state() changes that, and without the irqchip KVM takes
+ * RUNNABLE only.
+ */
+VK_TEST(mp_state_bsp_runnable_aps_wait_for_sipi)
+{
+	require_cap(KVM_CAP_IRQCHIP, "KVM_CAP_IRQCHIP");
+	TEST_REQUIRE(vkt::kvm().has(KVM_CAP_MP_STATE), "KVM_CAP_MP_STATE");
+	Vm vm = vkt::kvm().create_vm();
+	vm.create_irqchip();
+	Vcpu bsp = vm.create_vcpu(0), ap = vm.create_vcpu(1);
+	TEST_ASSERT_EQ(bsp.mp_state().mp_state, KVM_MP_STATE_RUNNABLE);
+	TEST_ASSERT_EQ(ap.mp_state().mp_state, KVM_MP_STATE_UNINITIALIZED);
+	ap.set_mp_state({KVM_MP_STATE_RUNNABLE});
+	TEST_ASSERT_EQ(ap.mp_state().mp_state, KVM_MP_STATE_RUNNABLE);
+	ap.set_mp_state({KVM_MP_STATE_UNINITIALIZED});
+	TEST_ASSERT_EQ(ap.mp_state().mp_state, KVM_MP_STATE_UNINITIALIZED);
+
+	Vm plain = vkt::kvm().create_vm();
+	Vcpu v = plain.create_vcpu(0);
+	TEST_ASSERT_EQ(v.mp_state().mp_state, KVM_MP_STATE_RUNNABLE);
+	auto m = TEST_EXPECT_ERROR(v.set_mp_state({KVM_MP_STATE_UNINITIALIZED}), EINVAL);
+	TEST_ASSERT(m.find("KVM_SET_MP_STATE") != std::string::npos, "%s", m.c_str());
+}
+
 VK_TEST(split_irqchip_takes_msi_routes_only)
 {
 	require_cap(KVM_CAP_SPLIT_IRQCHIP, "KVM_CAP_SPLIT_IRQCHIP");

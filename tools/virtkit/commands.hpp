@@ -27,6 +27,10 @@ extern const char info_help[];
 int demo_main(Args args);
 extern const char demo_help[];
 
+/* `virtkit run`: boot a Linux kernel, the terminal as its console (run.cpp). */
+int run_main(Args args);
+extern const char run_help[];
+
 /*
  * Print "virtkit COMMAND: message" and the command's help on stderr;
  * returns exit_usage (main.cpp).

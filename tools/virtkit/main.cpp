@@ -4,6 +4,7 @@
  *
  *   virtkit info    what this host's KVM offers virtkit
  *   virtkit demo    run a small guest and explain what it shows
+ *   virtkit run     boot a Linux kernel, the terminal as its serial console
  *
  * This file only dispatches: it finds the command, hands it the remaining
  * arguments, and turns exceptions that escape it into one line on stderr
@@ -34,6 +35,8 @@ const Command commands[] = {
 	{"info", "show what this host's KVM offers virtkit", info_help, info_main},
 	{"demo", "run a small guest end to end and explain what it shows", demo_help,
 	 demo_main},
+	{"run", "boot a Linux kernel with the terminal as its serial console", run_help,
+	 run_main},
 };
 
 const Command *find(std::string_view name)

@@ -79,6 +79,15 @@ public:
 	kvm_debugregs debugregs() const;
 	void set_debugregs(const kvm_debugregs &regs);
 	void set_guest_debug(const kvm_guest_debug &debug);
+	/*
+	 * KVM_GET_MP_STATE / KVM_SET_MP_STATE: whether the vCPU runs
+	 * (KVM_MP_STATE_RUNNABLE), halts, or waits for INIT and SIPI
+	 * (KVM_MP_STATE_UNINITIALIZED: an application processor the guest
+	 * starts through its in-kernel LAPIC). Other states than RUNNABLE
+	 * need the in-kernel irqchip (KVM: EINVAL).
+	 */
+	kvm_mp_state mp_state() const;
+	void set_mp_state(const kvm_mp_state &state);
 
 	/* One MSR; throws Error with EINVAL if KVM does not handle it. */
 	std::uint64_t msr(std::uint32_t index) const;

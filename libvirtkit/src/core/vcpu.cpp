@@ -281,6 +281,8 @@ SETTER(kvm_vcpu_events, set_events, KVM_SET_VCPU_EVENTS)
 GETTER(kvm_debugregs, debugregs, KVM_GET_DEBUGREGS)
 SETTER(kvm_debugregs, set_debugregs, KVM_SET_DEBUGREGS)
 SETTER(kvm_guest_debug, set_guest_debug, KVM_SET_GUEST_DEBUG)
+GETTER(kvm_mp_state, mp_state, KVM_GET_MP_STATE)
+SETTER(kvm_mp_state, set_mp_state, KVM_SET_MP_STATE)
 
 #undef SYNCED
 #undef GETTER

@@ -1,0 +1,296 @@
+// SPDX-License-Identifier: MIT
+/*
+ * `virtkit run` boots a real Linux kernel (Documentation/virtkit-run.rst):
+ * the tool is run as a user would run it, with the initramfs that
+ * scripts/run-initramfs builds, whose /init prints a report (the marker,
+ * the CPUs online, timer interrupts and uptime read three times) and
+ * reboots with `reboot -f` (virtkit.exit on the command line).
+ *
+ * What it needs, found through the environment or next to this binary:
+ *   VIRTKIT_RUN_TOOL    the virtkit binary (default BUILD/bin/virtkit)
+ *   VIRTKIT_RUN_KERNEL  a bzImage (default the newest 6.1 kernel in
+ *                       BUILD/vmtest/cache, which scripts/vmtest fetches)
+ *   VIRTKIT_RUN_INITRD  the initramfs (default BUILD/virtkit-run/initramfs.cpio:
+ *                       make run-initramfs)
+ *   VIRTKIT_RUN_TIMEOUT seconds one boot may take (default 600)
+ * A test that lacks one skips, naming it and where it was looked for.
+ */
+#include "test.hpp"
+
+#include <fcntl.h>
+#include <poll.h>
+#include <signal.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cstdlib>
+#include <cstring>
+#include <filesystem>
+#include <sstream>
+#include <string>
+#include <vector>
+
+namespace fs = std::filesystem;
+
+namespace {
+
+/* BUILD: this binary is BUILD/selftests/x86/linux_boot. */
+fs::path build_dir()
+{
+	return fs::read_symlink("/proc/self/exe").parent_path().parent_path().parent_path();
+}
+
+std::string from_env_or(const char *var, const fs::path &dflt)
+{
+	const char *v = std::getenv(var);
+	return v && *v ? v : dflt.string();
+}
+
+fs::path newest_vmtest_kernel()
+{
+	fs::path cache = build_dir() / "vmtest" / "cache";
+	std::vector<fs::path> found;
+	std::error_code ec;
+	for (auto &d : fs::directory_iterator(cache, ec)) {
+		std::string name = d.path().filename().string();
+		if (name.starts_with("6.1.") && fs::exists(d.path() / "boot" / ("vmlinuz-" + name)))
+			found.push_back(d.path() / "boot" / ("vmlinuz-" + name));
+	}
+	std::sort(found.begin(), found.end());
+	return found.empty() ? cache / "6.1.*" / "boot" / "vmlinuz-*" : found.back();
+}
+
+std::string require_file(const char *var, const fs::path &dflt, const char *what)
+{
+	std::string p = from_env_or(var, dflt);
+	TEST_REQUIRE(fs::exists(p), std::string(what) + " at " + p + " (set " + var + ")");
+	return p;
+}
+
+std::string tool()
+{
+	return require_file("VIRTKIT_RUN_TOOL", build_dir() / "bin" / "virtkit",
+			    "the virtkit tool (make tool)");
+}
+
+struct Run {
+	int status = -1;	/* exit status, or 128 + signal */
+	std::string output;	/* stdout and stderr */
+	long long ms = 0;	/* how long it ran */
+};
+
+/* Run argv with stdin /dev/null, collecting its output; killed after timeout_s. */
+Run run(const std::vector<std::string> &argv, int timeout_s)
+{
+	int pipefd[2];
+	TEST_ASSERT(pipe2(pipefd, O_CLOEXEC) == 0);
+	auto start = std::chrono::steady_clock::now();
+	pid_t pid = fork();
+	TEST_ASSERT(pid >= 0);
+	if (pid == 0) {
+		int null = open("/dev/null", O_RDONLY);
+		dup2(null, 0);
+		dup2(pipefd[1], 1);
+		dup2(pipefd[1], 2);
+		std::vector<char *> args;
+		for (auto &a : argv)
+			args.push_back(const_cast<char *>(a.c_str()));
+		args.push_back(nullptr);
+		execv(args[0], args.data());
+		_exit(127);
+	}
+	close(pipefd[1]);
+	Run r;
+	auto deadline = start + std::chrono::seconds(timeout_s);
+	bool killed = false;
+	for (;;) {
+		auto left = std::chrono::duration_cast<std::chrono::milliseconds>(
+			deadline - std::chrono::steady_clock::now());
+		if (left.count() <= 0 && !killed) {
+			kill(pid, SIGTERM);
+			killed = true;
+			deadline += std::chrono::seconds(10);
+			continue;
+		}
+		pollfd p{pipefd[0], POLLIN, 0};
+		int n = poll(&p, 1, int(std::max<long long>(left.count(), 0)));
+		if (n <= 0)
+			continue;
+		char buf[4096];
+		ssize_t got = read(pipefd[0], buf, sizeof(buf));
+		if (got <= 0)
+			break;
+		r.output.append(buf, std::size_t(got));
+	}
+	close(pipefd[0]);
+	int st = 0;
+	waitpid(pid, &st, 0);
+	r.status = WIFEXITED(st) ? WEXITSTATUS(st) : 128 + WTERMSIG(st);
+	r.ms = std::chrono::duration_cast<std::chrono::milliseconds>(std::chrono::steady_clock::now() - start)
+		       .count();
+	if (killed)
+		vkt::fail(__FILE__, __LINE__,
+			  vkt::format("no end after %d s (VIRTKIT_RUN_TIMEOUT); output:\n%s", timeout_s,
+				      r.output.c_str()));
+	return r;
+}
+
+/*
+ * The command line. On kvm_pvm, whose instruction emulator runs the guest
+ * kernel and lacks instructions behind these CPUID features (and which
+ * gives the guest the host's leaf 1 whatever the VMM sets), the kernel is
+ * told not to use them (Documentation/virtkit-run.rst, "On kvm_pvm").
+ */
+bool on_kvm_pvm()
+{
+	return fs::exists("/sys/module/kvm_pvm");
+}
+
+std::string cmdline()
+{
+	std::string c = "console=ttyS0 reboot=t panic=-1 pci=off tsc=reliable rdinit=/init virtkit.exit";
+	if (on_kvm_pvm())
+		c += " noxsave clearcpuid=cx16,popcnt,rdrand,rdseed,movbe,bmi1,bmi2,abm,avx,avx2,aes,"
+		     "pclmulqdq,sha_ni,fsgsbase,smap,pku,invpcid,f16c,fma,avx512f,ssse3,sse4_1,sse4_2"
+		     " nowatchdog rodata=off cryptomgr.notests initcall_blacklist=init_kprobe_trace,"
+		     "load_system_certificate_list,crypto_kdf108_init,trace_eval_init,slab_sysfs_init";
+	return c;
+}
+
+/*
+ * The numbers after "virtkit-run: KEY" in the guest's report, decimal
+ * points dropped (uptime has two decimals: hundredths; this code may not
+ * use floating point, -mgeneral-regs-only).
+ */
+std::vector<unsigned long long> report(const std::string &out, const std::string &key)
+{
+	std::vector<unsigned long long> v;
+	auto at = out.find("virtkit-run: " + key + " ");
+	if (at == out.npos)
+		return v;
+	std::istringstream line(out.substr(at + key.size() + 14, out.find('\n', at) - at));
+	std::string word;
+	while (line >> word) {
+		std::erase(word, '.');
+		v.push_back(std::strtoull(word.c_str(), nullptr, 10));
+	}
+	return v;
+}
+
+void boot(unsigned cpus)
+{
+	std::string virtkit = tool();
+	std::string kernel = require_file("VIRTKIT_RUN_KERNEL", newest_vmtest_kernel(),
+					  "a Debian 6.1 kernel (scripts/vmtest fetches it)");
+	std::string initrd = require_file("VIRTKIT_RUN_INITRD",
+					  build_dir() / "virtkit-run" / "initramfs.cpio",
+					  "the initramfs (make run-initramfs)");
+	TEST_REQUIRE(access("/dev/kvm", R_OK | W_OK) == 0, "/dev/kvm");
+	/*
+	 * kvm_pvm emulates the guest kernel (a boot takes about 7 minutes)
+	 * and cannot run its user space: SYSCALL from CPL 3 reaches LSTAR
+	 * still at CPL 3 and INT n is #UD, so /init dies at its first system
+	 * call. There, on request, only the kernel's side is checked: it
+	 * starts N CPUs, reaches init, and its panic reboot stops the VM.
+	 */
+	bool kernel_only = on_kvm_pvm();
+	TEST_REQUIRE(!kernel_only || vkt::env_u64("VIRTKIT_RUN_ON_KVM_PVM", 0),
+		     "a KVM that runs guest user space (kvm_pvm: SYSCALL from CPL 3 stays at "
+		     "CPL 3, INT n is #UD, and the emulated kernel boots in ~7 min; "
+		     "VIRTKIT_RUN_ON_KVM_PVM=1 checks the kernel's side only)");
+	int timeout = int(vkt::env_u64("VIRTKIT_RUN_TIMEOUT", kernel_only ? 1200 : 600));
+	vkt::set_timeout(unsigned(timeout) + 60);
+	Run r = run({virtkit, "run", "--kernel", kernel, "--initrd", initrd, "--cmdline", cmdline(),
+		     "--memory", "128M", "--cpus", std::to_string(cpus)},
+		    timeout);
+	vkt::diag("%u vCPU(s): booted and stopped in %lld.%03lld s", cpus, r.ms / 1000, r.ms % 1000);
+	const char *out = r.output.c_str();
+	if (kernel_only) {
+		std::string smp = "smp: Brought up 1 node, " + std::to_string(cpus) + " CPU";
+		TEST_ASSERT(r.output.find(smp) != r.output.npos, "no \"%s\"; output:\n%s",
+			    smp.c_str(), out);
+		TEST_ASSERT(r.output.find("Run /init as init process") != r.output.npos,
+			    "the kernel did not reach init; output:\n%s", out);
+		TEST_ASSERT(r.output.find("virtkit run: the guest stopped") != r.output.npos,
+			    "the VMM did not see the guest stop; output:\n%s", out);
+		TEST_ASSERT_EQ(r.status, 0);
+		return;
+	}
+	TEST_ASSERT(r.output.find("virtkit-run: init ok") != r.output.npos,
+		    "no marker from the guest's /init; output:\n%s", out);
+	auto count = r.output.find("virtkit-run: cpus online");
+	TEST_ASSERT(count != r.output.npos, "no CPU report; output:\n%s", out);
+	std::string expect = "count " + std::to_string(cpus) + "\r";
+	TEST_ASSERT(r.output.compare(r.output.find("count ", count), expect.size(), expect) == 0,
+		    "the guest does not see %u CPUs: %s", cpus,
+		    r.output.substr(count, r.output.find('\n', count) - count).c_str());
+	for (const char *key : {"ticks", "uptime"}) {
+		auto v = report(r.output, key);
+		TEST_ASSERT(v.size() == 3, "no %s report; output:\n%s", key, out);
+		TEST_ASSERT(v[0] < v[1] && v[1] < v[2], "%s do not advance: %llu %llu %llu", key,
+			    v[0], v[1], v[2]);
+	}
+	TEST_ASSERT(r.output.find("virtkit run: the guest stopped") != r.output.npos ||
+			    r.output.find("virtkit run: the guest rebooted") != r.output.npos,
+		    "the VMM did not see the guest stop; output:\n%s", out);
+	TEST_ASSERT_EQ(r.status, 0);
+}
+
+} // namespace
+
+VK_TEST(boots_linux_to_marker_1_vcpu)
+{
+	boot(1);
+}
+
+VK_TEST(boots_linux_to_marker_2_vcpus)
+{
+	boot(2);
+}
+
+/* Bad options and images end with a clear message and status 2 or 1, before any VM runs. */
+VK_TEST(run_rejects_bad_options_and_images)
+{
+	std::string virtkit = tool();
+	char dir[] = "/tmp/virtkit-linux-boot.XXXXXX";
+	TEST_ASSERT(mkdtemp(dir));
+	std::string junk = std::string(dir) + "/junk";
+	{
+		int fd = open(junk.c_str(), O_WRONLY | O_CREAT, 0600);
+		std::vector<char> zeros(8192);
+		TEST_ASSERT(write(fd, zeros.data(), zeros.size()) == ssize_t(zeros.size()));
+		close(fd);
+	}
+	struct Case {
+		std::vector<std::string> args;
+		int status;
+		const char *message;
+	} cases[] = {
+		{{"run"}, 2, "--kernel BZIMAGE is required"},
+		{{"run", "--kernel", junk, "--memory", "12Q"}, 2, "not a size"},
+		{{"run", "--kernel", junk, "--memory", "8M"}, 2, "at least 16M"},
+		{{"run", "--kernel", junk, "--cpus", "0"}, 2, "give 1 to 254"},
+		{{"run", "--kernel", junk, "--cpus", "255"}, 2, "give 1 to 254"},
+		{{"run", "--kernel", junk, "--decompress", "cpu"}, 2, "give vmm or guest"},
+		{{"run", "--kernel", junk, "--bogus"}, 2, "unknown option '--bogus'"},
+		{{"run", "--kernel", std::string(dir) + "/none"}, 1, "ENOENT"},
+		{{"run", "--kernel", junk}, 1, "not a bzImage"},
+	};
+	for (auto &c : cases) {
+		std::vector<std::string> argv = {virtkit};
+		argv.insert(argv.end(), c.args.begin(), c.args.end());
+		Run r = run(argv, 30);
+		TEST_ASSERT(r.status == c.status && r.output.find(c.message) != r.output.npos,
+			    "virtkit %s: status %d (want %d), output lacks \"%s\":\n%s",
+			    c.args.back().c_str(), r.status, c.status, c.message, r.output.c_str());
+	}
+	std::string kernel = from_env_or("VIRTKIT_RUN_KERNEL", newest_vmtest_kernel());
+	if (fs::exists(kernel) && access("/dev/kvm", R_OK | W_OK) == 0) {
+		Run r = run({virtkit, "run", "--kernel", kernel, "--memory", "32M"}, 30);
+		TEST_ASSERT(r.status == 1 && r.output.find("too little memory") != r.output.npos,
+			    "32M: status %d, output:\n%s", r.status, r.output.c_str());
+	}
+	fs::remove_all(dir);
+}
