@@ -69,6 +69,12 @@ std::optional<std::uint64_t> RunControl::guest_physical(Vcpu &vcpu, std::uint64_
 	return detail::guest_physical(vcpu, *vcpu.state_, gva);
 }
 
+bool RunControl::guest_debug_single_steps(Vcpu &vcpu) noexcept
+{
+	const std::uint32_t c = vcpu.state_->guest_debug_control.load();
+	return (c & KVM_GUESTDBG_ENABLE) && (c & KVM_GUESTDBG_SINGLESTEP);
+}
+
 void RunControl::sync_regs(Vm &vm)
 {
 	constexpr int want = KVM_SYNC_X86_REGS | KVM_SYNC_X86_SREGS;

@@ -191,6 +191,11 @@ public:
 	/* Where gva maps in the vCPU's paging (a software walk, rights unchecked). */
 	static std::optional<std::uint64_t> guest_physical(Vcpu &vcpu, std::uint64_t gva);
 	/*
+	 * Whether the VMM or a tool single-steps the vCPU with
+	 * KVM_GUESTDBG_SINGLESTEP (the last KVM_SET_GUEST_DEBUG that succeeded).
+	 */
+	static bool guest_debug_single_steps(Vcpu &vcpu) noexcept;
+	/*
 	 * The MMIO exit the VMM gets for fragment f of an access the feature
 	 * decided: f is put in kvm_run as KVM reports MMIO (so the exit reads
 	 * as any other), whether KVM still waits for its completion (the

@@ -280,7 +280,15 @@ GETTER(kvm_vcpu_events, events, KVM_GET_VCPU_EVENTS)
 SETTER(kvm_vcpu_events, set_events, KVM_SET_VCPU_EVENTS)
 GETTER(kvm_debugregs, debugregs, KVM_GET_DEBUGREGS)
 SETTER(kvm_debugregs, set_debugregs, KVM_SET_DEBUGREGS)
-SETTER(kvm_guest_debug, set_guest_debug, KVM_SET_GUEST_DEBUG)
+
+void Vcpu::set_guest_debug(const kvm_guest_debug &v)
+{
+	state_->regs_synced.store(false);
+	if (detail::typed_ioctl<KVM_SET_GUEST_DEBUG>(fd(), const_cast<kvm_guest_debug *>(&v)) < 0)
+		detail::throw_ioctl_error("KVM_SET_GUEST_DEBUG", who(*state_), state_->vm->fd.get());
+	state_->guest_debug_control.store(v.control);
+}
+
 GETTER(kvm_mp_state, mp_state, KVM_GET_MP_STATE)
 SETTER(kvm_mp_state, set_mp_state, KVM_SET_MP_STATE)
 

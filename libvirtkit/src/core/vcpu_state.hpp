@@ -79,6 +79,13 @@ struct VcpuState {
 	 * the thread that ran the vCPU until any setter changes the vCPU.
 	 */
 	std::atomic<bool> regs_synced{false};
+	/*
+	 * The control word of the last KVM_SET_GUEST_DEBUG that succeeded:
+	 * features that complete guest instructions in the library (SPP's
+	 * rep-string continuation) do one instruction step at most while the
+	 * VMM or an introspection tool single-steps the vCPU.
+	 */
+	std::atomic<std::uint32_t> guest_debug_control{0};
 	std::atomic<pthread_t> synced_thread{};
 
 	/*

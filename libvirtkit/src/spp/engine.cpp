@@ -688,6 +688,12 @@ SppEngine::continue_rep_string(Vcpu &vcpu, const PrecedingCode &code, const kvm_
 {
 	const kvm_sregs &s = code.sregs;
 	const bool long64 = code.long64;
+	/*
+	 * Single-stepping (TF, or the VMM's or a tool's KVM_GUESTDBG_SINGLESTEP)
+	 * traps after every element: leave each to KVM.
+	 */
+	if ((post.rflags & (1u << 8)) || RunControl::guest_debug_single_steps(vcpu))
+		return std::nullopt;
 	/* RIP stays at a rep instruction until its count runs out. */
 	const auto rep = decode_rep_string(code.at_rip(), long64);
 	if (!rep || rep->size != len)
