@@ -290,6 +290,9 @@ void MemoryMap::retrap_locked(PageBitmap TrappedPages::*which, std::uint64_t gfn
 	if (changes.empty())
 		return;
 
+	/* Room for every page first: marking and unmarking them below cannot fail. */
+	for (Change &c : changes)
+		(c.r->traps.*which).reserve(c.hi);
 	auto set_trap = [which](Region &r, std::uint64_t p, bool on) { (r.traps.*which).assign(p, on); };
 	RunGate::Pause pause(gate_);
 	std::size_t done = 0;

@@ -27,6 +27,13 @@ public:
 		return b;
 	}
 
+	/* Room for pages [0, pages): assign() below that cannot throw afterwards. */
+	void reserve(std::uint64_t pages)
+	{
+		if ((pages + 63) / 64 > words_.size())
+			words_.resize((pages + 63) / 64);
+	}
+
 	bool test(std::uint64_t p) const noexcept
 	{
 		return p / 64 < words_.size() && (words_[p / 64] >> (p % 64) & 1);
