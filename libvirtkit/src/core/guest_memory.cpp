@@ -240,55 +240,6 @@ std::byte *GuestMemory::host_ptr(std::uint64_t gpa, std::uint64_t size) const
 		    gpa_range(gpa, size) + " is not inside one region");
 }
 
-void GuestMemory::read(std::uint64_t gpa, std::span<std::byte> out) const
-{
-	std::shared_lock lock(map_.mu_);
-	if (range_wraps(gpa, out.size()))
-		throw Error("GuestMemory::read", EFAULT, gpa_range(gpa, out.size()));
-	/* Check the whole range first: all or nothing. */
-	for (std::uint64_t a = gpa, left = out.size(); left;) {
-		const MemoryMap::Region *r = map_.find_gpa(a);
-		if (!r)
-			throw Error("GuestMemory::read", EFAULT,
-				    gpa_range(gpa, out.size()) + ": no guest memory at " + hex(a));
-		std::uint64_t n = std::min(left, r->gpa + r->size - a);
-		a += n;
-		left -= n;
-	}
-	std::size_t done = 0;
-	while (done < out.size()) {
-		const MemoryMap::Region *r = map_.find_gpa(gpa + done);
-		std::uint64_t off = gpa + done - r->gpa;
-		std::size_t n = std::min<std::uint64_t>(out.size() - done, r->size - off);
-		std::memcpy(out.data() + done, r->map.data() + off, n);
-		done += n;
-	}
-}
-
-void GuestMemory::write(std::uint64_t gpa, std::span<const std::byte> in)
-{
-	std::shared_lock lock(map_.mu_);
-	if (range_wraps(gpa, in.size()))
-		throw Error("GuestMemory::write", EFAULT, gpa_range(gpa, in.size()));
-	for (std::uint64_t a = gpa, left = in.size(); left;) {
-		const MemoryMap::Region *r = map_.find_gpa(a);
-		if (!r)
-			throw Error("GuestMemory::write", EFAULT,
-				    gpa_range(gpa, in.size()) + ": no guest memory at " + hex(a));
-		std::uint64_t n = std::min(left, r->gpa + r->size - a);
-		a += n;
-		left -= n;
-	}
-	std::size_t done = 0;
-	while (done < in.size()) {
-		const MemoryMap::Region *r = map_.find_gpa(gpa + done);
-		std::uint64_t off = gpa + done - r->gpa;
-		std::size_t n = std::min<std::uint64_t>(in.size() - done, r->size - off);
-		std::memcpy(r->map.data() + off, in.data() + done, n);
-		done += n;
-	}
-}
-
 namespace {
 
 /*
@@ -317,7 +268,42 @@ void check_guest_range(const MemoryMap &map, const char *op, std::uint64_t gpa, 
 	}
 }
 
+/*
+ * fn(host, offset, n) for each region's piece of [gpa, gpa + size) in the
+ * VMM's mapping, after checking the whole range: all or nothing.
+ */
+template <class Fn>
+void for_each_host_piece(const MemoryMap &map, const char *op, std::uint64_t gpa,
+			 std::uint64_t size, Fn &&fn)
+{
+	check_guest_range(map, op, gpa, size);
+	for (std::uint64_t done = 0; done < size;) {
+		const MemoryMap::HostExtent e = host_at(map, op, gpa + done, gpa, size);
+		const std::uint64_t n = std::min(size - done, e.after);
+		fn(e.host, done, n);
+		done += n;
+	}
+}
+
 } // namespace
+
+void GuestMemory::read(std::uint64_t gpa, std::span<std::byte> out) const
+{
+	std::shared_lock lock(map_.mu_);
+	for_each_host_piece(map_, "GuestMemory::read", gpa, out.size(),
+			    [&](std::byte *host, std::uint64_t done, std::uint64_t n) {
+				    std::memcpy(out.data() + done, host, n);
+			    });
+}
+
+void GuestMemory::write(std::uint64_t gpa, std::span<const std::byte> in)
+{
+	std::shared_lock lock(map_.mu_);
+	for_each_host_piece(map_, "GuestMemory::write", gpa, in.size(),
+			    [&](std::byte *host, std::uint64_t done, std::uint64_t n) {
+				    std::memcpy(host, in.data() + done, n);
+			    });
+}
 
 /* Region by region, in the VMM's mapping: no buffer the size of the copy. */
 void GuestMemory::copy(std::uint64_t dst, std::uint64_t src, std::uint64_t size)
@@ -356,16 +342,11 @@ void GuestMemory::copy(std::uint64_t dst, std::uint64_t src, std::uint64_t size)
 
 void GuestMemory::fill(std::uint64_t gpa, std::byte value, std::uint64_t size)
 {
-	const char *op = "GuestMemory::fill";
 	std::shared_lock lock(map_.mu_);
-	check_guest_range(map_, op, gpa, size);
-	for (std::uint64_t a = gpa, left = size; left;) {
-		const MemoryMap::HostExtent e = host_at(map_, op, a, gpa, size);
-		const std::uint64_t n = std::min(left, e.after);
-		std::memset(e.host, static_cast<int>(value), n);
-		a += n;
-		left -= n;
-	}
+	for_each_host_piece(map_, "GuestMemory::fill", gpa, size,
+			    [&](std::byte *host, std::uint64_t, std::uint64_t n) {
+				    std::memset(host, static_cast<int>(value), n);
+			    });
 }
 
 void GuestMemory::set_dirty_log(RegionId id, bool enable)

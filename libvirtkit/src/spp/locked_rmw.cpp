@@ -521,7 +521,8 @@ static bool address_needs_pre_regs(const RmwInsn &d)
 	}
 }
 
-std::vector<StoreCandidate> stores_ending_here(std::span<const std::uint8_t> code, bool long64)
+const std::vector<StoreCandidate> &stores_ending_here(std::span<const std::uint8_t> code,
+						      bool long64)
 {
 	/*
 	 * A pure function of the bytes, asked again each time a guest loop
@@ -537,7 +538,9 @@ std::vector<StoreCandidate> stores_ending_here(std::span<const std::uint8_t> cod
 	if (code.size() <= last.bytes.size() && code.size() == last.size && long64 == last.long64 &&
 	    std::equal(code.begin(), code.end(), last.bytes.begin()))
 		return last.out;
-	std::vector<StoreCandidate> out;
+	std::vector<StoreCandidate> &out = last.out;
+	out.clear();
+	last.size = ~std::size_t{0}; /* until out is complete */
 	for (std::size_t n = 2; n <= code.size() && n <= 15; n++) {
 		const auto tail = code.last(n);
 		if (auto st = decode_store(tail, long64); st && st->length == n) {
@@ -552,7 +555,6 @@ std::vector<StoreCandidate> stores_ending_here(std::span<const std::uint8_t> cod
 		std::copy(code.begin(), code.end(), last.bytes.begin());
 		last.size = code.size();
 		last.long64 = long64;
-		last.out = out;
 	}
 	return out;
 }
@@ -571,7 +573,7 @@ StoreShape store_shape(Vcpu &vcpu, const PrecedingCode &code, const kvm_regs &po
 	 * (preceding_code()). An RMW whose address the registers after it do not
 	 * give may be it too: then nothing is known.
 	 */
-	const auto candidates = stores_ending_here(code.bytes(), code.long64);
+	const auto &candidates = stores_ending_here(code.bytes(), code.long64);
 	auto shape = [&](bool walk) -> StoreShape {
 		bool consistent = false, one_piece = true, rmw = false;
 		std::optional<std::uint64_t> last_gva; /* candidates often share an operand */

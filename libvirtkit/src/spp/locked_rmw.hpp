@@ -92,7 +92,9 @@ struct StoreCandidate {
 	std::size_t length;
 	enum class Kind { store, rmw, rmw_elsewhere } kind;
 };
-std::vector<StoreCandidate> stores_ending_here(std::span<const std::uint8_t> code, bool long64);
+/* Valid until the next call on the same thread (the answer is kept per thread). */
+const std::vector<StoreCandidate> &stores_ending_here(std::span<const std::uint8_t> code,
+						      bool long64);
 
 /*
  * What the instruction that ended at post.rip may be, given KVM's first
