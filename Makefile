@@ -130,12 +130,16 @@ UNIT_BIN   := $(BUILD)/selftests/unit/virtkit-unit
 BENCH_SRCS := $(wildcard bench/*.cpp)
 BENCH_BINS := $(BENCH_SRCS:bench/%.cpp=$(BUILD)/bench/%)
 
+# tools/common: what both tools share (the kernel image reader).
+TOOL_COMMON_SRCS := $(wildcard tools/common/*.cpp)
+TOOL_COMMON_OBJS := $(TOOL_COMMON_SRCS:%.cpp=$(BUILD)/%.o)
+
 TOOL_SRCS  := $(wildcard tools/virtkit/*.cpp tools/virtkit/run/*.cpp)
-TOOL_OBJS  := $(TOOL_SRCS:%.cpp=$(BUILD)/%.o)
+TOOL_OBJS  := $(TOOL_SRCS:%.cpp=$(BUILD)/%.o) $(TOOL_COMMON_OBJS)
 TOOL_BIN   := $(BUILD)/bin/virtkit
 
 INTROSPECT_SRCS := $(wildcard tools/virtkit-introspect/*.cpp)
-INTROSPECT_OBJS := $(INTROSPECT_SRCS:%.cpp=$(BUILD)/%.o)
+INTROSPECT_OBJS := $(INTROSPECT_SRCS:%.cpp=$(BUILD)/%.o) $(TOOL_COMMON_OBJS)
 INTROSPECT_BIN  := $(BUILD)/bin/virtkit-introspect
 
 # Programs with guest code inside (selftests, benchmarks, the virtkit tool)
@@ -271,15 +275,21 @@ $(TOOL_BIN): $(TOOL_OBJS) $(GUEST_A) $(INTROSPECT_A) $(LIB_A)
 	@mkdir -p $(@D)
 	$(CXX) -no-pie -o $@ $(TOOL_OBJS) $(GUEST_LINK) -l:liblzma.a
 
-# virtkit-introspect runs no guest: a hardened PIE like any host program.
+# virtkit-introspect runs no guest: a hardened PIE like any host program,
+# and so is what the tools share. It reads kernel images (--processes):
+# liblzma for xz, static like liburing.
+HOST_TOOL_CXX = $(CXX) $(CPPFLAGS) $(DEPFLAGS) $(CXXFLAGS) $(HARDEN) -fPIE -c $< -o $@
 $(BUILD)/tools/virtkit-introspect/%.o: tools/virtkit-introspect/%.cpp
 	@mkdir -p $(@D)
-	$(CXX) $(CPPFLAGS) $(DEPFLAGS) $(CXXFLAGS) $(HARDEN) -fPIE -c $< -o $@
+	$(HOST_TOOL_CXX)
+$(BUILD)/tools/common/%.o: tools/common/%.cpp
+	@mkdir -p $(@D)
+	$(HOST_TOOL_CXX)
 
 $(INTROSPECT_BIN): $(INTROSPECT_OBJS) $(INTROSPECT_A) $(LIB_A)
 	@mkdir -p $(@D)
 	$(CXX) -pie $(HARDEN_LDFLAGS) -o $@ $(INTROSPECT_OBJS) $(INTROSPECT_A) $(LIB_A) \
-		$(URING_LIBS) -lpthread
+		$(URING_LIBS) -l:liblzma.a -lpthread
 
 deps:
 	scripts/install-deps
@@ -362,7 +372,7 @@ check-unit: $(UNIT_BIN)
 # The x86 and introspection suites on this host's /dev/kvm where it is
 # usable, else on nested KVM under QEMU -cpu max (scripts/run-selftests
 # decides); both run even when the first fails.
-check-selftests: $(ST_BINS) $(KMOD_ST_BINS) $(INTRO_ST_BINS)
+check-selftests: $(ST_BINS) $(KMOD_ST_BINS) $(INTRO_ST_BINS) $(TOOL_BIN) $(INTROSPECT_BIN) $(RUN_INITRAMFS)
 	@rc=0; \
 	echo "scripts/run-selftests $(BUILD)/selftests/x86"; \
 	scripts/run-selftests $(BUILD)/selftests/x86 || rc=1; \
@@ -375,7 +385,7 @@ check-selftests: $(ST_BINS) $(KMOD_ST_BINS) $(INTRO_ST_BINS)
 # Page1GB, LA57, PKU, PKS, SMEP, SMAP nor NPT (nested KVM shadows the guest's
 # page tables). NESTED_CPU picks another model (scripts/vmtest adds +svm).
 NESTED_CPU ?= Opteron_G3
-check-selftests-nested: $(ST_BINS) $(INTRO_ST_BINS)
+check-selftests-nested: $(ST_BINS) $(INTRO_ST_BINS) $(TOOL_BIN) $(INTROSPECT_BIN) $(RUN_INITRAMFS)
 	@rc=0; \
 	echo "scripts/run-selftests --nested $(BUILD)/selftests/x86 (VIRTKIT_VMTEST_CPU=$(NESTED_CPU))"; \
 	VIRTKIT_VMTEST_CPU=$(NESTED_CPU) scripts/run-selftests --nested $(BUILD)/selftests/x86 || rc=1; \

@@ -36,18 +36,29 @@
 
 #include <linux/virtkit_kvmi.h> /* command ids */
 
+#include "../common/kernel_image.hpp"
 #include "../common/secret.hpp"
+#include "linux_kernel.hpp"
+#include "processes.hpp"
 
 namespace {
 
 using namespace std::chrono_literals;
 using namespace virtkit::introspect;
 using virtkit::Error;
+using virtkit::tool::GuestProcesses;
+using virtkit::tool::KernelImageError;
+using virtkit::tool::LinuxKernelLayout;
+using virtkit::tool::linux_kernel_layout;
+using virtkit::tool::list_processes;
 
 const char usage_text[] =
 	"usage: virtkit-introspect --listen ADDRESS [--secret-file PATH | --secret-fd N |\n"
 	"                          --secret SECRET] [--msr INDEX] [--breakpoint GPA]\n"
 	"                          [--count N] [--timeout SECONDS]\n"
+	"       virtkit-introspect --listen ADDRESS [--secret-file PATH | ...]\n"
+	"                          --processes --kernel IMAGE [--system-map FILE]\n"
+	"                          [--timeout SECONDS]\n"
 	"\n"
 	"Waits for a VM to connect over KVMI, then:\n"
 	"  shows the VM's name, uuid, vCPUs and the protocol version,\n"
@@ -73,6 +84,16 @@ const char usage_text[] =
 	"  --count N          events to report before detaching (default 10)\n"
 	"  --timeout SECONDS  give up waiting (for the VM, then for the events)\n"
 	"\n"
+	"With --processes, the tool instead pauses the vCPUs, prints the Linux\n"
+	"guest's banner and its process list (pid, thread group, command) read\n"
+	"from guest memory, starting at init_task, resumes the vCPUs and detaches:\n"
+	"  --kernel IMAGE     the guest's kernel: a bzImage (xz) or an ELF vmlinux;\n"
+	"                     structure offsets come from its BTF, symbols from its\n"
+	"                     exported-symbol table\n"
+	"  --system-map FILE  symbols from the kernel's System.map (or its\n"
+	"                     /proc/kallsyms) instead; it adds linux_banner\n"
+	"The guest must run that kernel without KASLR (as `virtkit run` boots it).\n"
+	"\n"
 	"Ctrl-C detaches as well. Exit status: 0 success, 1 failure (the message\n"
 	"names the operation and errno).\n";
 
@@ -83,6 +104,8 @@ struct Options {
 	std::optional<std::uint64_t> breakpoint;
 	unsigned count = 10;
 	std::optional<std::chrono::seconds> timeout;
+	bool processes = false;
+	std::string kernel, system_map;
 };
 
 [[noreturn]] void usage_error(const std::string &msg)
@@ -112,6 +135,16 @@ Options parse(int argc, char **argv)
 			std::fputs(usage_text, stdout);
 			std::exit(0);
 		}
+		if (a == "--processes") {
+			o.processes = true;
+			continue;
+		}
+		if (!a.starts_with("--"))
+			usage_error("unexpected argument '" + std::string(a) + "'");
+		if (a != "--listen" && a != "--secret" && a != "--secret-file" && a != "--secret-fd" &&
+		    a != "--msr" && a != "--breakpoint" && a != "--count" && a != "--timeout" &&
+		    a != "--kernel" && a != "--system-map")
+			usage_error("unknown option " + std::string(a));
 		if (i + 1 >= argc)
 			usage_error(std::string(a) + " needs a value");
 		const char *v = argv[++i];
@@ -139,11 +172,21 @@ Options parse(int argc, char **argv)
 			o.count = unsigned(parse_number(a, v, 1000000));
 		else if (a == "--timeout")
 			o.timeout = std::chrono::seconds(parse_number(a, v, 1000000));
+		else if (a == "--kernel")
+			o.kernel = v;
+		else if (a == "--system-map")
+			o.system_map = v;
 		else
 			usage_error("unknown option " + std::string(a));
 	}
 	if (o.listen.empty())
 		usage_error("--listen is required");
+	if (o.processes && o.kernel.empty())
+		usage_error("--processes needs --kernel IMAGE");
+	if (!o.processes && (!o.kernel.empty() || !o.system_map.empty()))
+		usage_error("--kernel and --system-map go with --processes");
+	if (o.processes && (o.msr || o.breakpoint))
+		usage_error("--processes excludes --msr and --breakpoint");
 	return o;
 }
 
@@ -170,7 +213,7 @@ constexpr std::byte int3{0xcc};
 
 class Tool {
 public:
-	explicit Tool(const Options &o) : opt_(o) {}
+	Tool(const Options &o, std::optional<LinuxKernelLayout> kernel) : opt_(o), kernel_(std::move(kernel)) {}
 
 	/* The first VM: everything up to resuming its vCPUs. */
 	void attach(Session &s);
@@ -180,7 +223,7 @@ public:
 
 	unsigned reported() const { return reported_; }
 	bool unhooked() const { return unhooked_; }
-	bool finished() const { return reported_ >= opt_.count || unhooked_; }
+	bool finished() const { return reported_ >= opt_.count || unhooked_ || listed_; }
 
 private:
 	/* pause_all_vcpus and wait until every vCPU waits for a reply: its
@@ -189,6 +232,8 @@ private:
 	/* Answer held_ and paused_: the vCPUs run again. */
 	void resume(Session &s);
 	void dump(Session &s, std::uint16_t vcpu);
+	/* --processes: the guest's process list, read on a paused vCPU. */
+	void print_processes(Session &s);
 	void arm_breakpoint(Session &s);
 	/* BREAKPOINT (and SINGLESTEP) events on every vCPU; false if the VMM
 	 * cannot raise them (printed). */
@@ -198,6 +243,8 @@ private:
 	void control_step_events(Session &s, std::uint16_t vcpu, bool enable);
 
 	Options opt_;
+	std::optional<LinuxKernelLayout> kernel_;
+	bool listed_ = false;
 	std::uint32_t vcpus_ = 0;
 	bool msr_hooked_ = false;
 	bool bp_events_ = false;
@@ -266,6 +313,26 @@ void Tool::dump(Session &s, std::uint16_t vcpu)
 		    (unsigned long long)r.sregs.cr0, (unsigned long long)r.sregs.cr3,
 		    (unsigned long long)r.sregs.cr4, unsigned(r.sregs.cs.selector),
 		    (unsigned long long)r.msrs[0].value, (unsigned long long)r.msrs[1].value);
+}
+
+void Tool::print_processes(Session &s)
+{
+	if (paused_.empty() && held_.empty())
+		throw Error("--processes", EAGAIN, "no vCPU paused");
+	std::uint16_t vcpu = paused_.empty() ? held_.front().vcpu : paused_.front().vcpu;
+	GuestProcesses p = list_processes(s, vcpu, *kernel_);
+	if (!p.banner.empty())
+		std::printf("%s: %s\n", kernel_->linux_banner ? "linux_banner" : "init_uts_ns",
+			    p.banner.c_str());
+	std::printf("processes (init_task's list, symbols from %s, read on vCPU %u):\n",
+		    kernel_->symbols_from.c_str(), unsigned(vcpu));
+	std::printf("%8s %8s  %s\n", "PID", "TGID", "COMM");
+	for (auto &t : p.tasks)
+		std::printf("%8d %8d  %s\n", t.pid, t.tgid, t.comm.c_str());
+	std::printf("%zu processes%s%s\n", p.tasks.size(), p.incomplete.empty() ? "" : "; incomplete: ",
+		    p.incomplete.c_str());
+	std::fflush(stdout);
+	listed_ = true;
 }
 
 void Tool::arm_breakpoint(Session &s)
@@ -340,6 +407,10 @@ void Tool::attach(Session &s)
 
 	pause(s);
 	std::printf("paused %zu vCPUs\n", paused_.size() + held_.size());
+	if (kernel_) {
+		print_processes(s);
+		return; /* finished(): detach() resumes the vCPUs */
+	}
 	for (auto &ev : paused_)
 		dump(s, ev.vcpu);
 
@@ -452,7 +523,24 @@ void Tool::detach(Session &s)
 
 int run(const Options &opt)
 {
-	Tool tool(opt);
+	/* The kernel image first: a bad one fails before any VM waits on us. */
+	std::optional<LinuxKernelLayout> kernel;
+	if (opt.processes) {
+		try {
+			auto vmlinux = virtkit::tool::vmlinux_of(
+				virtkit::tool::read_whole_file(opt.kernel, "--kernel"));
+			std::optional<std::string> map;
+			if (!opt.system_map.empty()) {
+				auto bytes = virtkit::tool::read_whole_file(opt.system_map, "--system-map");
+				map.emplace(reinterpret_cast<const char *>(bytes.data()), bytes.size());
+			}
+			kernel = linux_kernel_layout(vmlinux, map);
+		} catch (const KernelImageError &e) {
+			std::fprintf(stderr, "virtkit-introspect: %s: %s\n", opt.kernel.c_str(), e.what());
+			return 1;
+		}
+	}
+	Tool tool(opt, std::move(kernel));
 	/* The VM's Session: the loop hands every callback the same object. */
 	Session *session = nullptr;
 	std::optional<std::string> failure;
@@ -475,6 +563,9 @@ int run(const Options &opt)
 			failure = e.what();
 			if (e.err() == ECONNRESET)
 				*failure += " (a VMM closes the connection when the secret does not match)";
+			loop_ptr->stop();
+		} catch (const KernelImageError &e) {
+			failure = opt.kernel + ": " + e.what();
 			loop_ptr->stop();
 		}
 	};

@@ -10,6 +10,7 @@
 #include <cstdlib>
 #include <string>
 
+#include "../common/secret.hpp"
 #include "commands.hpp"
 #include "run/boot_loader.hpp"
 #include "run/machine.hpp"
@@ -19,6 +20,7 @@ namespace virtkit::tool {
 const char run_help[] =
 	"usage: virtkit run --kernel BZIMAGE [--initrd FILE] [--cmdline STRING]\n"
 	"                   [--memory SIZE] [--cpus N] [--decompress vmm|guest]\n"
+	"                   [--introspect ADDRESS [--secret-file PATH]]\n"
 	"                   [--verbose] [--device PATH]\n"
 	"\n"
 	"Boot a Linux kernel (an x86-64 bzImage, Linux x86 boot protocol 2.12 or\n"
@@ -43,6 +45,12 @@ const char run_help[] =
 	"  --decompress guest  load the bzImage as it is and enter its startup_64 at\n"
 	"                    code32_start + 0x200: the kernel decompresses itself\n"
 	"                    (minutes where KVM emulates the guest kernel: kvm_pvm)\n"
+	"  --introspect ADDRESS  serve the VM to a KVMI introspection tool listening\n"
+	"                    at ADDRESS (unix:/path or vsock:CID:PORT) from boot on:\n"
+	"                    the VM connects when the tool listens, and again after\n"
+	"                    it disconnects (virtkit-introspect --processes lists\n"
+	"                    the guest's processes)\n"
+	"  --secret-file PATH  the secret the tool was given (with --introspect)\n"
 	"  --verbose         print where the kernel went and, at the end, how many\n"
 	"                    exits the VMM handled and which ports and MMIO pages the\n"
 	"                    guest touched where there is no device\n"
@@ -91,7 +99,7 @@ bool parse_u32(std::string_view s, std::uint32_t &out)
 int run_main(Args args)
 {
 	run::RunOptions o;
-	std::string memory, cpus, decompress;
+	std::string memory, cpus, decompress, secret_file;
 	for (std::size_t i = 0; i < args.size(); i++) {
 		std::string_view a = args[i];
 		if (a == "-h" || a == "--help") {
@@ -116,6 +124,8 @@ int run_main(Args args)
 				      name == "--cpus"	  ? &cpus :
 				      name == "--device"  ? &o.device :
 				      name == "--decompress" ? &decompress :
+				      name == "--introspect" ? &o.introspect :
+				      name == "--secret-file" ? &secret_file :
 							    nullptr;
 		if (!target)
 			return usage_error("run", "unknown option '" + std::string(a) + "'");
@@ -140,6 +150,16 @@ int run_main(Args args)
 	}
 	if (!cpus.empty() && (!parse_u32(cpus, o.cpus) || o.cpus < 1 || o.cpus > 254))
 		return usage_error("run", "--cpus '" + cpus + "': give 1 to 254");
+	if (!secret_file.empty() && o.introspect.empty())
+		return usage_error("run", "--secret-file goes with --introspect");
+	if (!secret_file.empty()) {
+		try {
+			o.secret = read_secret_file(secret_file);
+		} catch (const Error &e) {
+			std::fprintf(stderr, "virtkit run: %s\n", e.what());
+			return 1;
+		}
+	}
 	if (decompress == "guest")
 		o.decompress = run::Decompress::guest;
 	else if (!decompress.empty() && decompress != "vmm")

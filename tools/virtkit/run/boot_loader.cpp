@@ -124,7 +124,7 @@ LoadedKernel load_linux(GuestMemory &mem, std::uint64_t ram_bytes,
 	std::vector<std::byte> vmlinux;
 	if (decompress == Decompress::vmm) {
 		/* The decompressor's job done here: vmlinux at its physical addresses. */
-		vmlinux = extract_vmlinux(kernel);
+		vmlinux = vmlinux_for_boot(kernel);
 		VmlinuxImage img = vmlinux_layout(vmlinux);
 		if (img.start < layout::kernel)
 			throw BootError("vmlinux loads at " + hex(img.start) + ", below 1 MiB");

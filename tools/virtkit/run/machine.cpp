@@ -19,11 +19,14 @@
 #include <cstring>
 #include <map>
 #include <mutex>
+#include <stop_token>
 #include <thread>
 #include <vector>
 
+#include <virtkit/introspection.hpp>
 #include <virtkit/virtkit.hpp>
 
+#include "../../common/kernel_image.hpp"
 #include "boot_loader.hpp"
 #include "cmos.hpp"
 #include "console.hpp"
@@ -39,30 +42,6 @@ constexpr std::uint16_t i8042_data = 0x60, i8042_command = 0x64;
 constexpr std::uint8_t i8042_reset = 0xfe;
 /* The PCI reset control register: bit 2 resets (Linux's reboot=p). */
 constexpr std::uint16_t reset_control = 0xcf9;
-
-std::vector<std::byte> read_file(const std::string &path, const char *option)
-{
-	std::string what = std::string(option) + " " + path;
-	FileDesc f = FileDesc::open(path.c_str(), O_RDONLY | O_CLOEXEC);
-	struct stat st;
-	if (fstat(f.get(), &st) != 0)
-		throw Error("fstat", errno, what);
-	if (!S_ISREG(st.st_mode))
-		throw Error("open", EINVAL, what + ": not a regular file");
-	std::vector<std::byte> data(std::size_t(st.st_size));
-	std::size_t done = 0;
-	while (done < data.size()) {
-		ssize_t n = ::read(f.get(), data.data() + done, data.size() - done);
-		if (n < 0 && errno == EINTR)
-			continue;
-		if (n < 0)
-			throw Error("read", errno, what);
-		if (n == 0)
-			throw Error("read", EIO, what + ": file shrank while read");
-		done += std::size_t(n);
-	}
-	return data;
-}
 
 /*
  * Leave the PICs as firmware does, every IRQ masked until the guest
@@ -90,6 +69,8 @@ private:
 	void mmio(const MmioExit &m);
 	void stop(int status, std::string why);
 	void summary() const;
+	/* --introspect: connect to the tool whenever it listens, until stop. */
+	void serve_introspection(std::stop_token stop);
 
 	const RunOptions &o_;
 	std::mutex lock_;
@@ -260,6 +241,48 @@ void Machine::vcpu_thread(Vcpu &vcpu)
 	}
 }
 
+void Machine::serve_introspection(std::stop_token stop)
+{
+	IntrospectionOptions o;
+	o.address = o_.introspect;
+	o.secret = o_.secret;
+	o.name = "virtkit-run";
+	o.stop = stop;
+	std::string last_error;
+	auto pause = [&](std::chrono::milliseconds d) {
+		std::mutex m;
+		std::condition_variable_any cv;
+		std::unique_lock g(m);
+		cv.wait_for(g, stop, d, [] { return false; });
+	};
+	while (!stop.stop_requested()) {
+		Introspection intro;
+		try {
+			intro = Introspection::connect(*vm_, o);
+		} catch (const Error &e) {
+			/* Nobody listens (yet): try again; say other failures once. */
+			bool absent = e.err() == ENOENT || e.err() == ECONNREFUSED ||
+				      e.err() == ECONNRESET || e.err() == ECANCELED;
+			if (!absent && e.what() != last_error)
+				std::fprintf(stderr, "\r\nvirtkit run: introspection: %s\r\n", e.what());
+			last_error = absent ? "" : e.what();
+			pause(std::chrono::milliseconds(absent ? 200 : 1000));
+			continue;
+		}
+		last_error.clear();
+		std::fprintf(stderr, "\r\nvirtkit run: an introspection tool connected on %s\r\n",
+			     o_.introspect.c_str());
+		while (!stop.stop_requested() && !intro.wait_disconnected(std::chrono::milliseconds(100)))
+			;
+		if (stop.stop_requested()) {
+			/* Shutting down: ask the tool to let go, as before a migration. */
+			intro.unhook(std::chrono::milliseconds(500));
+			return;
+		}
+		std::fprintf(stderr, "\r\nvirtkit run: the introspection tool disconnected\r\n");
+	}
+}
+
 void Machine::summary() const
 {
 	std::fprintf(stderr, "virtkit run: %llu exits to the VMM\n",
@@ -280,10 +303,10 @@ void Machine::summary() const
 int Machine::run()
 {
 	auto start = std::chrono::steady_clock::now();
-	auto kernel = read_file(o_.kernel, "--kernel");
+	auto kernel = read_whole_file(o_.kernel, "--kernel");
 	std::vector<std::byte> initrd;
 	if (!o_.initrd.empty())
-		initrd = read_file(o_.initrd, "--initrd");
+		initrd = read_whole_file(o_.initrd, "--initrd");
 
 	System kvm = System::open(o_.device.c_str());
 	vm_.emplace(kvm.create_vm());
@@ -336,15 +359,23 @@ int Machine::run()
 			stop(128 + sig, std::string("stopped by signal ") + strsignal(sig));
 	});
 	std::vector<std::thread> threads;
+	std::jthread introspection;
 	try {
 		for (auto &v : vcpus)
 			threads.emplace_back([this, &v] { vcpu_thread(v); });
+		if (!o_.introspect.empty())
+			introspection = std::jthread([this](std::stop_token st) { serve_introspection(st); });
 	} catch (const std::exception &e) {
 		stop(exit_error, std::string("starting the vCPU threads: ") + e.what());
 	}
 	{
 		std::unique_lock g(lock_);
 		stopped_cv_.wait(g, [this] { return stopped_; });
+	}
+	/* First the tool lets go: a vCPU waiting for its reply resumes. */
+	if (introspection.joinable()) {
+		introspection.request_stop();
+		introspection.join();
 	}
 	for (auto &v : vcpus)
 		v.kick();

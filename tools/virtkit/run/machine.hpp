@@ -24,6 +24,9 @@ struct RunOptions {
 	std::uint32_t cpus = 1;
 	Decompress decompress = Decompress::vmm;
 	bool verbose = false;
+	/* --introspect: the introspection tool's address (empty: none), and its secret. */
+	std::string introspect;
+	std::string secret;
 };
 
 /* The exit statuses of `virtkit run` (Documentation/virtkit-run.rst). */

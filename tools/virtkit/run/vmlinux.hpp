@@ -18,8 +18,9 @@
 
 namespace virtkit::tool::run {
 
-/* The decompressed payload (an ELF vmlinux). Throws BootError: no payload, or a compression other than xz. */
-std::vector<std::byte> extract_vmlinux(std::span<const std::byte> bzimage);
+/* The decompressed payload (an ELF vmlinux, tools/common/kernel_image.hpp).
+ * Throws BootError: no payload, or a compression other than xz. */
+std::vector<std::byte> vmlinux_for_boot(std::span<const std::byte> bzimage);
 
 /* A loaded ELF vmlinux. */
 struct VmlinuxImage {
