@@ -20,7 +20,7 @@ class VirtualReader {
 public:
 	VirtualReader(introspect::Session &s, std::uint16_t vcpu) : s_(s), vcpu_(vcpu) {}
 
-	/* false if a page of [gva, gva + out.size()) is not mapped. */
+	/* false if a page of [gva, gva + out.size()) is not mapped to guest RAM. */
 	bool read(std::uint64_t gva, std::span<std::byte> out)
 	{
 		while (!out.empty()) {
@@ -31,7 +31,11 @@ public:
 			if (it->second == unmapped)
 				return false;
 			std::size_t n = std::min<std::uint64_t>(out.size(), page + page_size - gva);
-			s_.read_physical(it->second + (gva - page), out.first(n));
+			try {
+				s_.read_physical(it->second + (gva - page), out.first(n));
+			} catch (const introspect::CommandError &) {
+				return false; /* mapped outside guest RAM: as good as unmapped */
+			}
 			out = out.subspan(n);
 			gva += n;
 		}

@@ -7,8 +7,6 @@
  */
 #include "machine.hpp"
 
-#include <fcntl.h>
-#include <sys/stat.h>
 #include <unistd.h>
 
 #include <atomic>
@@ -70,7 +68,7 @@ private:
 	void stop(int status, std::string why);
 	void summary() const;
 	/* --introspect: connect to the tool whenever it listens, until stop. */
-	void serve_introspection(std::stop_token stop);
+	void serve_introspection(std::stop_token token);
 
 	const RunOptions &o_;
 	std::mutex lock_;
@@ -241,25 +239,31 @@ void Machine::vcpu_thread(Vcpu &vcpu)
 	}
 }
 
-void Machine::serve_introspection(std::stop_token stop)
+void Machine::serve_introspection(std::stop_token token)
 {
 	IntrospectionOptions o;
 	o.address = o_.introspect;
 	o.secret = o_.secret;
 	o.name = "virtkit-run";
-	o.stop = stop;
+	o.stop = token;
 	std::string last_error;
 	auto pause = [&](std::chrono::milliseconds d) {
 		std::mutex m;
 		std::condition_variable_any cv;
 		std::unique_lock g(m);
-		cv.wait_for(g, stop, d, [] { return false; });
+		cv.wait_for(g, token, d, [] { return false; });
 	};
-	while (!stop.stop_requested()) {
+	std::fprintf(stderr, "virtkit run: serving introspection: the VM connects to %s whenever a tool listens there\r\n",
+		     o_.introspect.c_str());
+	while (!token.stop_requested()) {
 		Introspection intro;
 		try {
 			intro = Introspection::connect(*vm_, o);
 		} catch (const Error &e) {
+			if (e.err() == EINVAL) { /* a malformed address: no retry helps */
+				stop(exit_error, std::string("--introspect: ") + e.what());
+				return;
+			}
 			/* Nobody listens (yet): try again; say other failures once. */
 			bool absent = e.err() == ENOENT || e.err() == ECONNREFUSED ||
 				      e.err() == ECONNRESET || e.err() == ECANCELED;
@@ -272,9 +276,9 @@ void Machine::serve_introspection(std::stop_token stop)
 		last_error.clear();
 		std::fprintf(stderr, "\r\nvirtkit run: an introspection tool connected on %s\r\n",
 			     o_.introspect.c_str());
-		while (!stop.stop_requested() && !intro.wait_disconnected(std::chrono::milliseconds(100)))
+		while (!token.stop_requested() && !intro.wait_disconnected(std::chrono::milliseconds(100)))
 			;
-		if (stop.stop_requested()) {
+		if (token.stop_requested()) {
 			/* Shutting down: ask the tool to let go, as before a migration. */
 			intro.unhook(std::chrono::milliseconds(500));
 			return;
@@ -364,7 +368,13 @@ int Machine::run()
 		for (auto &v : vcpus)
 			threads.emplace_back([this, &v] { vcpu_thread(v); });
 		if (!o_.introspect.empty())
-			introspection = std::jthread([this](std::stop_token st) { serve_introspection(st); });
+			introspection = std::jthread([this](std::stop_token st) {
+				try {
+					serve_introspection(st);
+				} catch (const std::exception &e) {
+					stop(exit_error, std::string("introspection: ") + e.what());
+				}
+			});
 	} catch (const std::exception &e) {
 		stop(exit_error, std::string("starting the vCPU threads: ") + e.what());
 	}
