@@ -165,16 +165,6 @@ public:
 
 	const std::string &output() const { return output_; }
 
-	/* Read until the output holds text; false at the deadline or its end. */
-	bool wait_for(const std::string &text, Clock::time_point deadline)
-	{
-		last_output_ = Clock::now();
-		while (output_.find(text) == output_.npos)
-			if (!read_some(deadline))
-				return false;
-		return true;
-	}
-
 	/* The rest of the first line that starts with prefix, once it is whole; nullopt at the deadline. */
 	std::optional<std::string> line_after(const std::string &prefix, Clock::time_point deadline)
 	{
@@ -224,37 +214,44 @@ public:
 	}
 
 private:
-	/* Append what comes before deadline; false at the deadline or the end. */
+	/*
+	 * Append what comes before deadline; false at the deadline or the end.
+	 * With VIRTKIT_RUN_STALL_RETRIES, throws Stalled once the output has
+	 * been silent for stall_limit().
+	 */
 	bool read_some(Clock::time_point deadline)
 	{
-		if (eof_)
-			return false;
-		auto now = Clock::now();
-		if (stall_retries() && now - last_output_ > stall_limit()) {
-			auto tail = output_.size() > 300 ? output_.substr(output_.size() - 300) : output_;
-			throw Stalled(vkt::format("the guest stalled: no console output for %lld s; "
-						  "it ended with: %s",
-						  static_cast<long long>(stall_limit().count()), tail.c_str()));
+		using std::chrono::milliseconds;
+		for (;;) {
+			if (eof_)
+				return false;
+			auto now = Clock::now();
+			if (stall_retries() && now - last_output_ > stall_limit()) {
+				auto tail = output_.size() > 300 ? output_.substr(output_.size() - 300) : output_;
+				throw Stalled(vkt::format("the guest stalled: no console output for %lld s; "
+							  "it ended with: %s",
+							  static_cast<long long>(stall_limit().count()),
+							  tail.c_str()));
+			}
+			if (now >= deadline)
+				return false;
+			auto wake = deadline;
+			if (stall_retries())
+				wake = std::min(wake, last_output_ + stall_limit() + milliseconds(1));
+			pollfd p{out_, POLLIN, 0};
+			auto ms = std::chrono::ceil<milliseconds>(wake - now).count();
+			if (poll(&p, 1, int(ms)) <= 0)
+				continue; /* the deadline or the stall limit is checked above */
+			char buf[4096];
+			ssize_t got = read(out_, buf, sizeof(buf));
+			if (got <= 0) {
+				eof_ = true;
+				return false;
+			}
+			output_.append(buf, std::size_t(got));
+			last_output_ = Clock::now();
+			return true;
 		}
-		auto left = std::chrono::duration_cast<std::chrono::milliseconds>(deadline - now);
-		if (stall_retries())
-			left = std::min(left, std::chrono::duration_cast<std::chrono::milliseconds>(
-						      last_output_ + stall_limit() - now) +
-						      std::chrono::milliseconds(1));
-		if (left.count() <= 0)
-			return false;
-		pollfd p{out_, POLLIN, 0};
-		if (poll(&p, 1, int(left.count())) <= 0)
-			return Clock::now() < deadline && stall_retries() ? read_some(deadline) : false;
-		char buf[4096];
-		ssize_t got = read(out_, buf, sizeof(buf));
-		if (got <= 0) {
-			eof_ = true;
-			return false;
-		}
-		output_.append(buf, std::size_t(got));
-		last_output_ = Clock::now();
-		return true;
 	}
 
 	Clock::time_point start_;
@@ -346,9 +343,6 @@ const char no_user_space[] = "a KVM that runs guest user space (kvm_pvm: SYSCALL
 
 void boot(unsigned cpus)
 {
-	std::string virtkit = tool();
-	std::string kernel = kernel_image();
-	std::string initrd = initramfs();
 	TEST_REQUIRE(access("/dev/kvm", R_OK | W_OK) == 0, "/dev/kvm");
 	/*
 	 * kvm_pvm emulates the guest kernel (a boot takes about 7 minutes)
@@ -360,6 +354,9 @@ void boot(unsigned cpus)
 	bool kernel_only = on_kvm_pvm();
 	TEST_REQUIRE(!kernel_only || vkt::env_u64("VIRTKIT_RUN_ON_KVM_PVM", 0),
 		     std::string(no_user_space) + "; VIRTKIT_RUN_ON_KVM_PVM=1 checks the kernel's side only)");
+	std::string virtkit = tool();
+	std::string kernel = kernel_image();
+	std::string initrd = initramfs();
 	int timeout = int(vkt::env_u64("VIRTKIT_RUN_TIMEOUT", kernel_only ? 1200 : 600));
 	vkt::set_timeout(unsigned(timeout) + 60);
 	Run r;
@@ -439,14 +436,14 @@ bool lists_process(const std::string &out, long pid, const std::string &comm)
  */
 VK_TEST(introspection_lists_guest_processes)
 {
+	TEST_REQUIRE(access("/dev/kvm", R_OK | W_OK) == 0, "/dev/kvm");
+	TEST_REQUIRE(!on_kvm_pvm(), std::string(no_user_space) + ")");
 	std::string virtkit = tool();
 	std::string introspect = require_file("VIRTKIT_INTROSPECT_TOOL",
 					      build_dir() / "bin" / "virtkit-introspect",
 					      "the introspection tool (make tool)");
 	std::string kernel = kernel_image();
 	std::string initrd = initramfs();
-	TEST_REQUIRE(access("/dev/kvm", R_OK | W_OK) == 0, "/dev/kvm");
-	TEST_REQUIRE(!on_kvm_pvm(), std::string(no_user_space) + ")");
 	int timeout = int(vkt::env_u64("VIRTKIT_RUN_TIMEOUT", 600));
 	vkt::set_timeout(unsigned(timeout) + 120);
 

@@ -7,6 +7,7 @@
 #include <sstream>
 #include <vector>
 
+#include "../common/hex.hpp"
 #include "../common/kernel_image.hpp"
 
 namespace virtkit::tool {
@@ -21,12 +22,6 @@ template <class T> T load(std::span<const std::byte> b, std::size_t off, const c
 	return v;
 }
 
-std::string hex(std::uint64_t v)
-{
-	char buf[24];
-	std::snprintf(buf, sizeof(buf), "%#llx", static_cast<unsigned long long>(v));
-	return buf;
-}
 
 /*
  * The exported-symbol table: struct kernel_symbol as x86-64 lays it out

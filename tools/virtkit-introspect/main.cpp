@@ -18,6 +18,7 @@
  * cannot raise BREAKPOINT events (an INT3 does not reach it, as under
  * nested KVM on QEMU's TCG), the tool says so and does the rest.
  */
+#include <algorithm>
 #include <cerrno>
 #include <csignal>
 #include <cstdio>
@@ -139,12 +140,13 @@ Options parse(int argc, char **argv)
 			o.processes = true;
 			continue;
 		}
-		if (!a.starts_with("--"))
-			usage_error("unexpected argument '" + std::string(a) + "'");
-		if (a != "--listen" && a != "--secret" && a != "--secret-file" && a != "--secret-fd" &&
-		    a != "--msr" && a != "--breakpoint" && a != "--count" && a != "--timeout" &&
-		    a != "--kernel" && a != "--system-map")
-			usage_error("unknown option " + std::string(a));
+		/* Every other option takes a value: an unknown one is named as such first. */
+		static constexpr std::string_view with_value[] = {
+			"--listen", "--secret", "--secret-file", "--secret-fd", "--msr",
+			"--breakpoint", "--count", "--timeout", "--kernel", "--system-map"};
+		if (std::find(std::begin(with_value), std::end(with_value), a) == std::end(with_value))
+			usage_error(a.starts_with("--") ? "unknown option " + std::string(a) :
+							  "unexpected argument '" + std::string(a) + "'");
 		if (i + 1 >= argc)
 			usage_error(std::string(a) + " needs a value");
 		const char *v = argv[++i];
@@ -174,10 +176,8 @@ Options parse(int argc, char **argv)
 			o.timeout = std::chrono::seconds(parse_number(a, v, 1000000));
 		else if (a == "--kernel")
 			o.kernel = v;
-		else if (a == "--system-map")
+		else /* --system-map */
 			o.system_map = v;
-		else
-			usage_error("unknown option " + std::string(a));
 	}
 	if (o.listen.empty())
 		usage_error("--listen is required");
@@ -536,7 +536,8 @@ int run(const Options &opt)
 			}
 			kernel = linux_kernel_layout(vmlinux, map);
 		} catch (const KernelImageError &e) {
-			std::fprintf(stderr, "virtkit-introspect: %s: %s\n", opt.kernel.c_str(), e.what());
+			std::fprintf(stderr, "virtkit-introspect: %s%s%s: %s\n", opt.kernel.c_str(),
+				     opt.system_map.empty() ? "" : " with ", opt.system_map.c_str(), e.what());
 			return 1;
 		}
 	}

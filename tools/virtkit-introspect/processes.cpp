@@ -8,6 +8,7 @@
 #include <optional>
 #include <set>
 
+#include "../common/hex.hpp"
 #include "../common/kernel_image.hpp"
 
 namespace virtkit::tool {
@@ -58,12 +59,6 @@ private:
 	std::map<std::uint64_t, std::uint64_t> pages_;
 };
 
-std::string hex(std::uint64_t v)
-{
-	char buf[24];
-	std::snprintf(buf, sizeof(buf), "%#llx", static_cast<unsigned long long>(v));
-	return buf;
-}
 
 std::string banner(VirtualReader &r, const LinuxKernelLayout &k)
 {

@@ -39,6 +39,7 @@
 #include "commands.hpp"
 #include "demo_guest.hpp"
 #include "demo_tool.hpp"
+#include "../common/hex.hpp"
 #include "../common/secret.hpp"
 
 namespace virtkit::tool {
@@ -119,12 +120,6 @@ template <class... F> struct overloaded : F... {
 	using F::operator()...;
 };
 
-std::string hex(std::uint64_t v)
-{
-	char buf[24];
-	std::snprintf(buf, sizeof(buf), "0x%llx", (unsigned long long)v);
-	return buf;
-}
 
 /* Explanations: word-wrapped, indented paragraphs. */
 void explain(const std::string &text)

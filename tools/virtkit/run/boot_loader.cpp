@@ -6,6 +6,8 @@
  * from kernel headers, which a host need not have.
  */
 #include "boot_loader.hpp"
+
+#include "../../common/hex.hpp"
 #include "vmlinux.hpp"
 
 #include <algorithm>
@@ -62,12 +64,6 @@ template <class T> void put(std::span<std::byte> b, std::size_t off, T v)
 	std::memcpy(b.data() + off, &v, sizeof(T));
 }
 
-std::string hex(std::uint64_t v)
-{
-	char buf[24];
-	std::snprintf(buf, sizeof(buf), "%#llx", static_cast<unsigned long long>(v));
-	return buf;
-}
 
 std::string mib(std::uint64_t bytes)
 {
