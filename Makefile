@@ -322,15 +322,37 @@ RUN_DEMO = echo "virtkit info && virtkit demo"; virtkit info && virtkit demo || 
 # `virtkit info` decides whether this host's /dev/kvm is usable (it opens and
 # a VM can be created); without it, everything runs on nested KVM in a
 # Debian kernel booted under QEMU TCG, in one boot.
+#
+# Then Linux on libvirtkit (scripts/run-linux-demo: virtkit run boots
+# Debian's 6.1 kernel with --protect and --introspect, virtkit-introspect
+# lists its processes): on this host's /dev/kvm when its KVM runs guest user
+# space; else (no /dev/kvm, or kvm_pvm, which cannot) in a Debian 6.1 guest
+# under QEMU -cpu $(NESTED_CPU) with virtkit.ko loaded, so that the
+# protection uses the module's SPP backend.
 run: deps
-	$(MAKE) tool
+	$(MAKE) tool run-initramfs
 	@if $(TOOL_BIN) info >/dev/null 2>&1; then \
-		PATH=$(abspath $(BUILD))/bin:$$PATH sh -c '$(RUN_DEMO)'; \
+		PATH=$(abspath $(BUILD))/bin:$$PATH sh -c '$(RUN_DEMO)' || exit 1; \
 	else \
 		echo "this host has no usable /dev/kvm: running the demo on nested KVM in a Debian guest under QEMU, with virtkit.ko loaded"; \
 		ko=$$(scripts/build-kmod --kernel 6.1 --out $(KMOD_OUT)) || exit 1; \
 		echo "scripts/vmtest --module $$ko --copy $(TOOL_BIN) --copy $(INTROSPECT_BIN) -- sh -c '...'"; \
-		scripts/vmtest --module $$ko --copy $(TOOL_BIN) --copy $(INTROSPECT_BIN) -- sh -c '$(RUN_DEMO)'; \
+		scripts/vmtest --module $$ko --copy $(TOOL_BIN) --copy $(INTROSPECT_BIN) -- sh -c '$(RUN_DEMO)' || exit 1; \
+	fi; \
+	echo; \
+	if $(TOOL_BIN) info >/dev/null 2>&1 && [ ! -d /sys/module/kvm_pvm ]; then \
+		echo "Linux on libvirtkit, on this host's /dev/kvm:"; \
+		kernel=$$(scripts/vmtest --kernel 6.1 --print-kernel) || exit 1; \
+		echo "scripts/run-linux-demo $(TOOL_BIN) $(INTROSPECT_BIN) $$kernel $(RUN_INITRAMFS)"; \
+		scripts/run-linux-demo $(TOOL_BIN) $(INTROSPECT_BIN) $$kernel $(RUN_INITRAMFS); \
+	else \
+		echo "Linux on libvirtkit, on nested KVM in a Debian 6.1 guest under QEMU -cpu $(NESTED_CPU), with virtkit.ko loaded" \
+		     "(this host has no /dev/kvm, or one whose KVM cannot run guest user space: kvm_pvm)"; \
+		ko=$$(scripts/build-kmod --kernel 6.1 --out $(KMOD_OUT)) || exit 1; \
+		set -- --kernel 6.1 --cpu $(NESTED_CPU) --module $$ko --copy-kernel --copy $(TOOL_BIN) \
+			--copy $(INTROSPECT_BIN) --copy $(RUN_INITRAMFS) --copy scripts/run-linux-demo; \
+		echo "scripts/vmtest $$* -- ./run-linux-demo ./virtkit ./virtkit-introspect ./vmlinuz ./initramfs.cpio"; \
+		scripts/vmtest "$$@" -- ./run-linux-demo ./virtkit ./virtkit-introspect ./vmlinuz ./initramfs.cpio; \
 	fi
 
 # Without a usable /dev/kvm (the test scripts/run-selftests makes), each
@@ -384,6 +406,9 @@ check-selftests: $(ST_BINS) $(KMOD_ST_BINS) $(INTRO_ST_BINS) $(TOOL_BIN) $(INTRO
 # run sees two platforms even without a usable /dev/kvm: Opteron_G3 has no
 # Page1GB, LA57, PKU, PKS, SMEP, SMAP nor NPT (nested KVM shadows the guest's
 # page tables). NESTED_CPU picks another model (scripts/vmtest adds +svm).
+# Then the Linux guest once more with virtkit.ko loaded, so that `virtkit
+# run --protect` uses the module's SPP backend (check-kmod's guests, under
+# -cpu max, do not boot Linux).
 NESTED_CPU ?= Opteron_G3
 check-selftests-nested: $(ST_BINS) $(INTRO_ST_BINS) $(TOOL_BIN) $(INTROSPECT_BIN) $(RUN_INITRAMFS)
 	@rc=0; \
@@ -391,6 +416,12 @@ check-selftests-nested: $(ST_BINS) $(INTRO_ST_BINS) $(TOOL_BIN) $(INTROSPECT_BIN
 	VIRTKIT_VMTEST_CPU=$(NESTED_CPU) scripts/run-selftests --nested $(BUILD)/selftests/x86 || rc=1; \
 	echo "scripts/run-selftests --nested $(BUILD)/selftests/introspection (VIRTKIT_VMTEST_CPU=$(NESTED_CPU))"; \
 	VIRTKIT_VMTEST_CPU=$(NESTED_CPU) scripts/run-selftests --nested $(BUILD)/selftests/introspection || rc=1; \
+	if ko=$$(scripts/build-kmod --kernel 6.1 --out $(KMOD_OUT)); then \
+		echo "scripts/run-selftests --nested --module $$ko $(BUILD)/selftests/x86 linux_boot" \
+		     "(VIRTKIT_VMTEST_CPU=$(NESTED_CPU) VIRTKIT_SPP_BACKEND=kmod VIRTKIT_SELFTESTS_SUITE=linux_boot-kmod)"; \
+		VIRTKIT_VMTEST_CPU=$(NESTED_CPU) VIRTKIT_SPP_BACKEND=kmod VIRTKIT_SELFTESTS_SUITE=linux_boot-kmod \
+			scripts/run-selftests --nested --module $$ko $(BUILD)/selftests/x86 linux_boot || rc=1; \
+	else rc=1; fi; \
 	exit $$rc
 
 check-install: lib

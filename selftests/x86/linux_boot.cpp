@@ -493,6 +493,87 @@ VK_TEST(introspection_lists_guest_processes)
 	fs::remove_all(dir);
 }
 
+/* The lines of out that contain what. */
+std::vector<std::string> lines_with(const std::string &out, const std::string &what)
+{
+	std::vector<std::string> found;
+	std::istringstream in(out);
+	std::string line;
+	while (std::getline(in, line))
+		if (line.find(what) != line.npos) {
+			std::erase(line, '\r');
+			found.push_back(line);
+		}
+	return found;
+}
+
+/* "virtkit-run: sysctl NAME was A wrote B status S reads C": {A, B, S, C}. */
+std::vector<unsigned long long> sysctl_report(const std::string &out, const std::string &name)
+{
+	auto l = lines_with(out, "virtkit-run: sysctl " + name + " was ");
+	TEST_ASSERT(l.size() == 1, "no report of sysctl %s from the guest; output:\n%s", name.c_str(),
+		    out.c_str());
+	unsigned long long was, wrote, status, reads;
+	TEST_ASSERT(std::sscanf(l[0].c_str(), "virtkit-run: sysctl %*s was %llu wrote %llu status %llu reads %llu",
+				&was, &wrote, &status, &reads) == 4,
+		    "malformed report: %s", l[0].c_str());
+	return {was, wrote, status, reads};
+}
+
+/*
+ * A protected kernel variable keeps its value when the guest writes it:
+ * virtkit run --protect overflowuid:4 (an exported variable in .data,
+ * written by nothing but its sysctl), and the guest's /init writes it
+ * through /proc/sys/kernel/overflowuid, then an unprotected one
+ * (kernel.panic). The write to the protected one is reported exactly once
+ * with its bytes, is not performed, and the guest runs on; the other
+ * write lands. Under the SPP backend VIRTKIT_SPP_BACKEND chooses.
+ */
+VK_TEST(protected_kernel_variable_is_unchanged)
+{
+	TEST_REQUIRE(access("/dev/kvm", R_OK | W_OK) == 0, "/dev/kvm");
+	TEST_REQUIRE(!on_kvm_pvm(), std::string(no_user_space) + ")");
+	std::string virtkit = tool();
+	std::string kernel = kernel_image();
+	std::string initrd = initramfs();
+	int timeout = int(vkt::env_u64("VIRTKIT_RUN_TIMEOUT", 600));
+	vkt::set_timeout(unsigned(timeout) + 60);
+	Run r;
+	retry_stalls([&] {
+		r = run({virtkit, "run", "--kernel", kernel, "--initrd", initrd, "--cmdline",
+			 cmdline() + " virtkit.sysctl=kernel.overflowuid=4242 virtkit.sysctl=kernel.panic=7",
+			 "--memory", "128M", "--protect", "overflowuid:4"},
+			timeout);
+	});
+	const char *out = r.output.c_str();
+	auto prot = lines_with(r.output, "virtkit run: protecting overflowuid:");
+	TEST_ASSERT(prot.size() == 1, "the VMM did not report the protection; output:\n%s", out);
+	vkt::diag("%s", prot[0].c_str());
+
+	auto uid = sysctl_report(r.output, "kernel.overflowuid");
+	TEST_ASSERT(uid[0] != 4242 && uid[3] == uid[0],
+		    "the protected variable changed: was %llu, wrote 4242, reads %llu", uid[0], uid[3]);
+	auto panic = sysctl_report(r.output, "kernel.panic");
+	TEST_ASSERT(panic[3] == 7, "an unprotected variable was not written: was %llu, wrote 7, reads %llu",
+		    panic[0], panic[3]);
+
+	/* 4242 = 0x1092, little-endian. */
+	auto blocked = lines_with(r.output, "virtkit run: blocked a guest write:");
+	for (auto &b : blocked)
+		vkt::diag("%s", b.c_str());
+	TEST_ASSERT(blocked.size() == 1, "%zu blocked writes reported, expected the sysctl's one; output:\n%s",
+		    blocked.size(), out);
+	TEST_ASSERT(blocked[0].find(", 4 bytes at ") != blocked[0].npos &&
+			    blocked[0].find(" (overflowuid+0x0), ") != blocked[0].npos &&
+			    blocked[0].ends_with(": 92 10 00 00"),
+		    "not the write of 4242 to overflowuid: %s", blocked[0].c_str());
+	TEST_ASSERT(r.output.find("virtkit run: 1 guest write to protected memory blocked") != r.output.npos,
+		    "no count of blocked writes at the end; output:\n%s", out);
+	TEST_ASSERT(r.output.find("virtkit-run: rebooting") != r.output.npos,
+		    "the guest did not run on to its end; output:\n%s", out);
+	TEST_ASSERT_EQ(r.status, 0);
+}
+
 /* Bad options and images end with a clear message and status 2 or 1, before any VM runs. */
 VK_TEST(run_rejects_bad_options_and_images)
 {
@@ -520,6 +601,16 @@ VK_TEST(run_rejects_bad_options_and_images)
 		{{"run", "--kernel", junk, "--bogus"}, 2, "unknown option '--bogus'"},
 		{{"run", "--kernel", std::string(dir) + "/none"}, 1, "ENOENT"},
 		{{"run", "--kernel", junk}, 1, "not a bzImage"},
+		{{"run", "--kernel", junk, "--protect", "overflowuid"}, 2, "give SYMBOL[+OFF]:LEN"},
+		{{"run", "--kernel", junk, "--protect", "overflowuid:0"}, 2, "LEN at least 1"},
+		{{"run", "--kernel", junk, "--protect", "+4:4"}, 2, "give SYMBOL[+OFF]:LEN"},
+		{{"run", "--kernel", junk, "--protect", "x+y:4"}, 2, "give SYMBOL[+OFF]:LEN"},
+		{{"run", "--kernel", junk, "--protect-gpa", "0x1000"}, 2, "give GPA:LEN"},
+		{{"run", "--kernel", junk, "--protect-gpa", "-1:8"}, 2, "give GPA:LEN"},
+		{{"run", "--kernel", junk, "--protect-gpa", "0xfffffffffffffff8:9"}, 2, "give GPA:LEN"},
+		{{"run", "--kernel", junk, "--system-map", junk}, 2, "--system-map goes with --protect"},
+		{{"run", "--kernel", junk, "--protect", "a:1", "--system-map", std::string(dir) + "/none"},
+		 1, "ENOENT"},
 	};
 	for (auto &c : cases) {
 		std::vector<std::string> argv = {virtkit};
@@ -534,6 +625,27 @@ VK_TEST(run_rejects_bad_options_and_images)
 		Run r = run({virtkit, "run", "--kernel", kernel, "--memory", "32M"}, 30);
 		TEST_ASSERT(r.status == 1 && r.output.find("too little memory") != r.output.npos,
 			    "32M: status %d, output:\n%s", r.status, r.output.c_str());
+		/* Symbols the image cannot place, before any vCPU runs. */
+		struct Case {
+			std::vector<std::string> args;
+			const char *message;
+		} bad[] = {
+			{{"--protect", "no_such_symbol:4"}, "no symbol no_such_symbol in the image's exported symbols"},
+			{{"--protect", "current_task:8"}, "is a per-CPU variable"},
+			{{"--protect", "overflowuid+0x40000000:4"}, "is not inside one segment"},
+			{{"--protect", "overflowuid:4", "--decompress", "guest"}, "need --decompress vmm"},
+			{{"--protect", "overflowuid:4", "--system-map", junk}, "the System.map has no init_task"},
+			{{"--protect-gpa", "0xf0000000:4"}, "0xf0000000-0xf0000fff of gpa 0xf0000000: not guest RAM"},
+			{{"--protect", "overflowuid+0xffffffffffff0000:4"}, "runs past the end of the address space"},
+		};
+		for (auto &c : bad) {
+			std::vector<std::string> argv = {virtkit, "run", "--kernel", kernel, "--memory", "128M"};
+			argv.insert(argv.end(), c.args.begin(), c.args.end());
+			r = run(argv, 30);
+			TEST_ASSERT(r.status == 1 && r.output.find(c.message) != r.output.npos,
+				    "virtkit run %s: status %d (want 1), output lacks \"%s\":\n%s",
+				    c.args[1].c_str(), r.status, c.message, r.output.c_str());
+		}
 	}
 	fs::remove_all(dir);
 }

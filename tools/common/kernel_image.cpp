@@ -144,6 +144,24 @@ ElfLayout elf_layout(std::span<const std::byte> elf)
 	return {eh.e_entry, eh.e_phoff, eh.e_shoff, eh.e_phnum, eh.e_shnum, eh.e_shstrndx};
 }
 
+std::vector<ElfSegment> elf_load_segments(std::span<const std::byte> elf)
+{
+	ElfLayout l = elf_layout(elf);
+	std::vector<ElfSegment> segments;
+	for (unsigned i = 0; i < l.phnum; i++) {
+		Elf64_Phdr ph;
+		std::memcpy(&ph, elf.data() + l.phoff + i * sizeof(ph), sizeof(ph));
+		if (ph.p_type != PT_LOAD)
+			continue;
+		if (ph.p_offset > elf.size() || ph.p_filesz > elf.size() - ph.p_offset ||
+		    ph.p_filesz > ph.p_memsz)
+			throw KernelImageError("vmlinux: segment " + std::to_string(i) +
+					       " lies outside the file");
+		segments.push_back({ph.p_offset, ph.p_filesz, ph.p_vaddr, ph.p_paddr, ph.p_memsz});
+	}
+	return segments;
+}
+
 std::optional<ElfSection> elf_section(std::span<const std::byte> elf, std::string_view name)
 {
 	ElfLayout l = elf_layout(elf);

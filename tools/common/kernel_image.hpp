@@ -45,6 +45,14 @@ struct ElfLayout {
 };
 ElfLayout elf_layout(std::span<const std::byte> elf);
 
+/* A PT_LOAD segment, checked: its file bytes lie inside the file, filesz <= memsz. */
+struct ElfSegment {
+	std::uint64_t offset, filesz;	/* its bytes in the file */
+	std::uint64_t vaddr, paddr, memsz;
+};
+/* The PT_LOAD segments. Throws KernelImageError for one outside the file. */
+std::vector<ElfSegment> elf_load_segments(std::span<const std::byte> elf);
+
 /* A section of the file (SHT_NOBITS sections have no bytes and are not found). */
 struct ElfSection {
 	std::uint64_t addr;		/* its virtual address */

@@ -3,12 +3,10 @@
 #include "linux_kernel.hpp"
 
 #include <cstring>
-#include <map>
-#include <sstream>
 #include <vector>
 
-#include "../common/hex.hpp"
 #include "../common/kernel_image.hpp"
+#include "../common/kernel_symbols.hpp"
 
 namespace virtkit::tool {
 namespace {
@@ -22,59 +20,6 @@ template <class T> T load(std::span<const std::byte> b, std::size_t off, const c
 	return v;
 }
 
-
-/*
- * The exported-symbol table: struct kernel_symbol as x86-64 lays it out
- * (CONFIG_HAVE_ARCH_PREL32_RELOCATIONS): three 32-bit offsets, each
- * relative to its own field - value, name, namespace.
- */
-std::map<std::string, std::uint64_t> exported_symbols(std::span<const std::byte> vmlinux)
-{
-	std::map<std::string, std::uint64_t> syms;
-	auto strings = elf_section(vmlinux, "__ksymtab_strings");
-	if (!strings)
-		return syms;
-	for (const char *name : {"__ksymtab", "__ksymtab_gpl"}) {
-		auto tab = elf_section(vmlinux, name);
-		if (!tab)
-			continue;
-		for (std::size_t off = 0; off + 12 <= tab->bytes.size(); off += 12) {
-			std::uint64_t at = tab->addr + off;
-			auto value = load<std::int32_t>(tab->bytes, off, name);
-			auto name_rel = load<std::int32_t>(tab->bytes, off + 4, name);
-			std::uint64_t s = at + 4 + std::uint64_t(std::int64_t(name_rel));
-			if (s < strings->addr || s - strings->addr >= strings->bytes.size())
-				throw KernelImageError(std::string(name) +
-						       ": a name lies outside __ksymtab_strings "
-						       "(not an x86-64 kernel with relative symbol entries?)");
-			auto *p = reinterpret_cast<const char *>(strings->bytes.data()) + (s - strings->addr);
-			std::size_t max = strings->bytes.size() - (s - strings->addr);
-			syms.emplace(std::string(p, strnlen(p, max)),
-				     at + std::uint64_t(std::int64_t(value)));
-		}
-	}
-	return syms;
-}
-
-/* "ADDRESS TYPE NAME" lines: System.map, /proc/kallsyms (module symbols ignored). */
-std::map<std::string, std::uint64_t> system_map_symbols(const std::string &text)
-{
-	std::map<std::string, std::uint64_t> syms;
-	std::istringstream in(text);
-	std::string line;
-	while (std::getline(in, line)) {
-		std::istringstream l(line);
-		std::string addr, type, name, module;
-		if (!(l >> addr >> type >> name) || (l >> module))
-			continue;
-		char *end = nullptr;
-		unsigned long long v = std::strtoull(addr.c_str(), &end, 16);
-		if (*end || addr.empty())
-			continue;
-		syms.emplace(name, v);
-	}
-	return syms;
-}
 
 /* The parts of BTF (include/uapi/linux/btf.h) a member offset needs. */
 class Btf {
@@ -209,23 +154,9 @@ LinuxKernelLayout linux_kernel_layout(std::span<const std::byte> vmlinux,
 				      const std::optional<std::string> &system_map)
 {
 	LinuxKernelLayout k;
-	auto exported = exported_symbols(vmlinux);
-	std::map<std::string, std::uint64_t> syms = exported;
-	k.symbols_from = "the image's exported symbols";
-	if (system_map) {
-		syms = system_map_symbols(*system_map);
-		k.symbols_from = "System.map";
-		if (!syms.count("init_task"))
-			throw KernelImageError(
-				"the System.map has no init_task (Debian's /boot/System.map-* is a "
-				"placeholder: the real one is in the linux-image-*-dbg package; "
-				"without --system-map the image's exported symbols are used)");
-		auto e = exported.find("init_task");
-		if (e != exported.end() && e->second != syms["init_task"])
-			throw KernelImageError("the System.map puts init_task at " +
-					       hex(syms["init_task"]) + ", the image's symbol table at " +
-					       hex(e->second) + ": they belong to different builds");
-	}
+	KernelSymbols symbols = kernel_symbols(vmlinux, system_map);
+	const auto &syms = symbols.address;
+	k.symbols_from = symbols.from;
 	auto it = syms.find("init_task");
 	if (it == syms.end())
 		throw KernelImageError("no init_task among the image's exported symbols "

@@ -5,12 +5,8 @@
  * structures are laid out (member offsets). Both come from the kernel the
  * guest booted:
  *
- *   symbols  from its System.map (or /proc/kallsyms with KASLR off), else
- *            from the image's exported-symbol table (__ksymtab,
- *            __ksymtab_gpl: init_task and init_uts_ns are exported,
- *            linux_banner is not). Debian's System.map is a placeholder
- *            (the real one is in linux-image-*-dbg), so the image is what a
- *            Debian user has.
+ *   symbols  from its System.map, else from the image's exported-symbol
+ *            table (tools/common/kernel_symbols.hpp).
  *   offsets  from the image's BTF (.BTF, CONFIG_DEBUG_INFO_BTF, which
  *            distribution kernels enable for BPF CO-RE).
  *

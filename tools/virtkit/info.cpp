@@ -142,6 +142,8 @@ struct HostFacts {
 	std::string spp_automatic;
 	/* Paging features of KVM_GET_SUPPORTED_CPUID (a guest gets at most these). */
 	bool smep = false, smap = false, page1gb = false, la57 = false;
+	/* A new vCPU's TSC rate (KVM_GET_TSC_KHZ), 0 if unknown. */
+	std::uint32_t tsc_khz = 0;
 	/* The platform probes (virtkit/platform.hpp), with a VM only. */
 	std::vector<std::pair<std::string, Probe>> probes;
 };
@@ -210,6 +212,13 @@ void probe_kvm(HostFacts &f)
 	f.msrs = sys->msr_index_list().size();
 	f.pks = sys->pks_support();
 	f.feature_msrs = sys->feature_msr_index_list().size();
+
+	if (vm) {
+		try {
+			f.tsc_khz = vm->create_vcpu(0).tsc_khz();
+		} catch (const Error &) {
+		}
+	}
 
 	/* SPP backends: ask the library, each on a VM of its own. */
 	if (!vm) {
@@ -445,6 +454,8 @@ void print(const HostFacts &f)
 		field("cpuid smap (7,0):EBX[20]", yes_no(f.smap));
 		field("cpuid la57 (7,0):ECX[16]", yes_no(f.la57));
 		field("cpuid page1gb 0x80000001:EDX[26]", yes_no(f.page1gb));
+		field("guest tsc rate", f.tsc_khz ? std::to_string(f.tsc_khz) + " kHz (KVM_GET_TSC_KHZ)"
+						  : "unknown");
 	}
 
 	if (!f.probes.empty()) {

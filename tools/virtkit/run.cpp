@@ -9,7 +9,9 @@
 #include <cstdint>
 #include <cstdlib>
 #include <string>
+#include <vector>
 
+#include "../common/kernel_image.hpp"
 #include "../common/secret.hpp"
 #include "commands.hpp"
 #include "run/boot_loader.hpp"
@@ -21,6 +23,8 @@ const char run_help[] =
 	"usage: virtkit run --kernel BZIMAGE [--initrd FILE] [--cmdline STRING]\n"
 	"                   [--memory SIZE] [--cpus N] [--decompress vmm|guest]\n"
 	"                   [--introspect ADDRESS [--secret-file PATH]]\n"
+	"                   [--protect SYMBOL[+OFF]:LEN]... [--protect-gpa GPA:LEN]...\n"
+	"                   [--system-map FILE]\n"
 	"                   [--verbose] [--device PATH]\n"
 	"\n"
 	"Boot a Linux kernel (an x86-64 bzImage, Linux x86 boot protocol 2.12 or\n"
@@ -51,6 +55,17 @@ const char run_help[] =
 	"                    it disconnects (virtkit-introspect --processes lists\n"
 	"                    the guest's processes)\n"
 	"  --secret-file PATH  the secret the tool was given (with --introspect)\n"
+	"  --protect SYMBOL[+OFF]:LEN  write-protect LEN bytes of guest kernel data at\n"
+	"                    SYMBOL+OFF with sub-page protection (SPP), from the first\n"
+	"                    instruction on: a guest write there is not performed, is\n"
+	"                    reported here, and the guest runs on. Protection covers\n"
+	"                    the whole 128-byte sub-pages the range touches. SYMBOL is\n"
+	"                    one the kernel exports (such as panic_timeout) or, with\n"
+	"                    --system-map, any. The SPP backend is virtkit.ko's when\n"
+	"                    /dev/virtkit exists (VIRTKIT_SPP_BACKEND=user|kmod chooses)\n"
+	"  --protect-gpa GPA:LEN  the same for a guest-physical range\n"
+	"  --system-map FILE  the kernel's System.map, for --protect symbols it does\n"
+	"                    not export (Debian's /boot/System.map-* is a placeholder)\n"
 	"  --verbose         print where the kernel went and, at the end, how many\n"
 	"                    exits the VMM handled and which ports and MMIO pages the\n"
 	"                    guest touched where there is no device\n"
@@ -99,7 +114,8 @@ bool parse_u32(std::string_view s, std::uint32_t &out)
 int run_main(Args args)
 {
 	run::RunOptions o;
-	std::string memory, cpus, decompress, secret_file;
+	std::string memory, cpus, decompress, secret_file, system_map;
+	std::vector<std::string> protect, protect_gpa;
 	for (std::size_t i = 0; i < args.size(); i++) {
 		std::string_view a = args[i];
 		if (a == "-h" || a == "--help") {
@@ -126,15 +142,23 @@ int run_main(Args args)
 				      name == "--decompress" ? &decompress :
 				      name == "--introspect" ? &o.introspect :
 				      name == "--secret-file" ? &secret_file :
+				      name == "--system-map" ? &system_map :
 							    nullptr;
-		if (!target)
+		/* Options that may be given more than once. */
+		std::vector<std::string> *list = name == "--protect"	 ? &protect :
+						 name == "--protect-gpa" ? &protect_gpa :
+									   nullptr;
+		if (!target && !list)
 			return usage_error("run", "unknown option '" + std::string(a) + "'");
 		if (!inline_value) {
 			if (i + 1 >= args.size())
 				return usage_error("run", "option " + std::string(name) + " needs a value");
 			value = args[++i];
 		}
-		*target = std::string(value);
+		if (list)
+			list->emplace_back(value);
+		else
+			*target = std::string(value);
 	}
 	if (o.kernel.empty())
 		return usage_error("run", "--kernel BZIMAGE is required");
@@ -155,6 +179,27 @@ int run_main(Args args)
 	if (!secret_file.empty()) {
 		try {
 			o.secret = read_secret_file(secret_file);
+		} catch (const Error &e) {
+			std::fprintf(stderr, "virtkit run: %s\n", e.what());
+			return 1;
+		}
+	}
+	for (bool gpa : {false, true})
+		for (const std::string &spec : gpa ? protect_gpa : protect) {
+			auto r = run::parse_protect(spec, gpa);
+			if (!r)
+				return usage_error("run", std::string(gpa ? "--protect-gpa '" : "--protect '") +
+								  spec + "': give " +
+								  (gpa ? "GPA:LEN" : "SYMBOL[+OFF]:LEN") +
+								  " (numbers decimal or 0x hex, LEN at least 1)");
+			o.protect.push_back(*r);
+		}
+	if (!system_map.empty() && protect.empty())
+		return usage_error("run", "--system-map goes with --protect");
+	if (!system_map.empty()) {
+		try {
+			auto text = read_whole_file(system_map, "--system-map");
+			o.system_map = std::string(reinterpret_cast<const char *>(text.data()), text.size());
 		} catch (const Error &e) {
 			std::fprintf(stderr, "virtkit run: %s\n", e.what());
 			return 1;

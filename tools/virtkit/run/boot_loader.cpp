@@ -117,11 +117,10 @@ LoadedKernel load_linux(GuestMemory &mem, std::uint64_t ram_bytes,
 				std::to_string(kernel.size()) + " bytes");
 	k.kernel_size = kernel.size() - setup_bytes;
 	std::uint64_t low_end = std::min(ram_bytes, layout::pci_hole);
-	std::vector<std::byte> vmlinux;
 	if (decompress == Decompress::vmm) {
 		/* The decompressor's job done here: vmlinux at its physical addresses. */
-		vmlinux = vmlinux_for_boot(kernel);
-		VmlinuxImage img = vmlinux_layout(vmlinux);
+		k.vmlinux = vmlinux_for_boot(kernel);
+		VmlinuxImage img = vmlinux_layout(k.vmlinux);
 		if (img.start < layout::kernel)
 			throw BootError("vmlinux loads at " + hex(img.start) + ", below 1 MiB");
 		k.entry = img.entry;
@@ -205,7 +204,7 @@ LoadedKernel load_linux(GuestMemory &mem, std::uint64_t ram_bytes,
 	std::memcpy(line.data(), cmdline.data(), cmdline.size());
 	mem.write(layout::cmdline, line);
 	if (decompress == Decompress::vmm)
-		load_vmlinux(mem, vmlinux);
+		load_vmlinux(mem, k.vmlinux);
 	else
 		mem.write(layout::kernel, kernel.subspan(setup_bytes));
 	return k;

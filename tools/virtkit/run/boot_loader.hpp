@@ -54,6 +54,8 @@ struct LoadedKernel {
 	std::uint64_t initrd_gpa = 0;
 	std::uint64_t initrd_size = 0;
 	std::uint64_t needed_ram;	/* where the kernel ends (decompressed, with its bss) */
+	/* The ELF vmlinux the VMM decompressed and loaded; empty if the guest decompresses. */
+	std::vector<std::byte> vmlinux;
 };
 
 /*

@@ -84,6 +84,8 @@ private:
 	std::atomic<std::uint64_t> exits_{0};
 	std::atomic<std::uint64_t> completed_{0};
 
+	/* Before vm_: the VM's SPP calls into it until the VM is gone. */
+	std::optional<KernelDataProtection> protection_;
 	std::optional<Vm> vm_;
 	std::optional<Uart> uart_;
 	Cmos cmos_;
@@ -327,6 +329,8 @@ int Machine::run()
 	LoadedKernel k = load_linux(vm.memory(), o_.memory, kernel, initrd, o_.cmdline, o_.decompress);
 	write_boot_page_tables(vm.memory());
 	write_mptable(vm.memory(), layout::ebda, o_.cpus);
+	if (!o_.protect.empty())
+		protection_.emplace(vm, resolve_protection(o_.protect, k, o_.system_map));
 	if (o_.verbose)
 		std::fprintf(stderr,
 			     "virtkit run: boot protocol %u.%02u, %s, %llu KiB of kernel, "
@@ -395,6 +399,14 @@ int Machine::run()
 
 	double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
 	std::fprintf(stderr, "\nvirtkit run: %s after %.2f s\n", why_.c_str(), secs);
+	if (protection_) {
+		std::uint64_t n = protection_->blocked();
+		std::fprintf(stderr,
+			     "virtkit run: %llu guest write%s to protected memory blocked; "
+			     "%llu beside it in the same sub-pages performed\n",
+			     static_cast<unsigned long long>(n), n == 1 ? "" : "s",
+			     static_cast<unsigned long long>(protection_->beside()));
+	}
 	if (o_.verbose) {
 		summary();
 		/* Where each vCPU stopped: what a hang or a crash needs first. */

@@ -11,7 +11,11 @@
 #include <cstdint>
 #include <string>
 
+#include <optional>
+#include <vector>
+
 #include "boot_loader.hpp"
+#include "protect.hpp"
 
 namespace virtkit::tool::run {
 
@@ -27,6 +31,9 @@ struct RunOptions {
 	/* --introspect: the introspection tool's address (empty: none), and its secret. */
 	std::string introspect;
 	std::string secret;
+	/* --protect, --protect-gpa, and --system-map's text (for symbols). */
+	std::vector<ProtectRequest> protect;
+	std::optional<std::string> system_map;
 };
 
 /* The exit statuses of `virtkit run` (Documentation/virtkit-run.rst). */

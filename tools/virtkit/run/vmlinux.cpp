@@ -2,8 +2,6 @@
 /* The bzImage's payload, decompressed and loaded (vmlinux.hpp). */
 #include "vmlinux.hpp"
 
-#include <elf.h>
-
 #include <cstring>
 #include <string>
 
@@ -13,18 +11,13 @@
 namespace virtkit::tool::run {
 namespace {
 
-template <class F> void for_each_load(std::span<const std::byte> elf, F f)
+/* The PT_LOAD segments; BootError for a malformed ELF file. */
+std::vector<ElfSegment> load_segments(std::span<const std::byte> elf)
 {
-	ElfLayout l = elf_layout(elf);
-	for (unsigned i = 0; i < l.phnum; i++) {
-		Elf64_Phdr ph;
-		std::memcpy(&ph, elf.data() + l.phoff + i * sizeof(ph), sizeof(ph));
-		if (ph.p_type != PT_LOAD)
-			continue;
-		if (ph.p_offset > elf.size() || ph.p_filesz > elf.size() - ph.p_offset ||
-		    ph.p_filesz > ph.p_memsz)
-			throw BootError("vmlinux: segment " + std::to_string(i) + " lies outside the file");
-		f(ph);
+	try {
+		return elf_load_segments(elf);
+	} catch (const KernelImageError &e) {
+		throw BootError("the bzImage's payload: " + std::string(e.what()));
 	}
 }
 
@@ -47,10 +40,10 @@ VmlinuxImage vmlinux_layout(std::span<const std::byte> elf)
 	} catch (const KernelImageError &e) {
 		throw BootError("the bzImage's payload: " + std::string(e.what()));
 	}
-	for_each_load(elf, [&](const Elf64_Phdr &ph) {
-		img.start = std::min(img.start, ph.p_paddr);
-		img.end = std::max(img.end, ph.p_paddr + ph.p_memsz);
-	});
+	for (const ElfSegment &seg : load_segments(elf)) {
+		img.start = std::min(img.start, seg.paddr);
+		img.end = std::max(img.end, seg.paddr + seg.memsz);
+	}
 	if (img.start == UINT64_MAX || img.entry < img.start || img.entry >= img.end)
 		throw BootError("vmlinux: no loadable segment holds the entry point");
 	return img;
@@ -58,10 +51,10 @@ VmlinuxImage vmlinux_layout(std::span<const std::byte> elf)
 
 void load_vmlinux(GuestMemory &mem, std::span<const std::byte> elf)
 {
-	for_each_load(elf, [&](const Elf64_Phdr &ph) {
-		mem.write(ph.p_paddr, elf.subspan(ph.p_offset, ph.p_filesz));
-		mem.fill(ph.p_paddr + ph.p_filesz, std::byte{0}, ph.p_memsz - ph.p_filesz);
-	});
+	for (const ElfSegment &seg : load_segments(elf)) {
+		mem.write(seg.paddr, elf.subspan(seg.offset, seg.filesz));
+		mem.fill(seg.paddr + seg.filesz, std::byte{0}, seg.memsz - seg.filesz);
+	}
 }
 
 } // namespace virtkit::tool::run
