@@ -1239,7 +1239,7 @@ static void msr_continue_as_without_introspection(const MsrCase &c)
 		const std::uint64_t v =
 			c.value == same_value ? probe.try_msr(c.msr).value_or(0) : c.value;
 		if (!probe.try_set_msr(c.msr, v))
-			no_difference = format("KVM_SET_MSRS accepts MSR 0x%x = 0x%llx on the case's vCPU",
+			no_difference = format("KVM_SET_MSRS accepts MSR 0x%x = 0x%llx",
 					       c.msr, (unsigned long long)v);
 	}
 	/* Without introspection. */
@@ -1356,7 +1356,7 @@ VK_TEST(msr_continue_efer_bit_without_feature_faults)
 VK_TEST(msr_continue_apic_base_transition_faults)
 {
 	constexpr std::uint64_t enable = 1ull << 11, extd = 1ull << 10;
-	/* The default base, disabled (and not the BSP, on both vCPUs); the write enables x2APIC. */
+	/* The default base, disabled (not the BSP on either vCPU); the write enables x2APIC. */
 	constexpr std::uint64_t base = 0xfee00000;
 	msr_continue_as_without_introspection(
 		{msr_apic_base, base | enable | extd,
@@ -1411,7 +1411,9 @@ static void tsc_write_as_without_introspection(std::uint32_t msr)
 {
 	/* Slack for the time between the reads and the write: 2^36 cycles (> 10 s). */
 	constexpr std::uint64_t slack = 1ull << 36;
-	auto near = [](std::uint64_t v, std::uint64_t want) { return v - want + slack < 2 * slack; };
+	auto near = [](std::uint64_t v, std::uint64_t want) {
+		return v - want + slack < 2 * slack;
+	};
 	KvmiTest t;
 	auto &r = t.add_vcpu(guest_tsc_write, msr);
 	auto &ref = t.add_vcpu(guest_tsc_write, msr);

@@ -56,7 +56,7 @@ struct Feature {
 
 namespace feature {
 using enum CpuidReg;
-constexpr Feature tsc_adjust{7, 0, ebx, 1}, mpx{7, 0, ebx, 14},
+constexpr Feature tsc_adjust{7, 0, ebx, 1}, rtm{7, 0, ebx, 11}, mpx{7, 0, ebx, 14},
 	waitpkg{7, 0, ecx, 5}, shstk{7, 0, ecx, 7}, rdpid{7, 0, ecx, 22},
 	bus_lock_detect{7, 0, ecx, 24}, sgx_lc{7, 0, ecx, 30}, ibt{7, 0, edx, 20},
 	spec_ctrl{7, 0, edx, 26}, flush_l1d{7, 0, edx, 28}, arch_capabilities{7, 0, edx, 29},
@@ -206,9 +206,9 @@ bool has_spec_ctrl(GuestCpuid &cpuid)
 /* Rules of vmx_set_msr(), with kvm_intel only. */
 Decision vmx_write(Vcpu &vcpu, GuestCpuid &cpuid, std::uint32_t index, std::uint64_t value)
 {
-	constexpr std::uint64_t bus_lock_detect = bit(2), feat_ctl_locked = bit(0),
-				feat_ctl_sgx_lc = bit(17), feat_ctl_lmce = bit(20),
-				arch_cap_tsx_ctrl = bit(7);
+	constexpr std::uint64_t bus_lock_detect = bit(2), rtm_debug = bit(15),
+				feat_ctl_locked = bit(0), feat_ctl_sgx_lc = bit(17),
+				feat_ctl_lmce = bit(20), arch_cap_tsx_ctrl = bit(7);
 	const Decision perform{Action::perform, value}, fault{Action::fault, value};
 	auto unless = [&](bool allowed) { return allowed ? perform : fault; };
 	switch (index) {
@@ -219,7 +219,7 @@ Decision vmx_write(Vcpu &vcpu, GuestCpuid &cpuid, std::uint32_t index, std::uint
 	case msr::umwait_control: /* vmx_has_waitpkg() */
 		return unless(cpuid.has(feature::waitpkg));
 	case msr::tsx_ctrl: /* the vCPU's ARCH_CAPABILITIES.TSX_CTRL_MSR */
-		/* Newer kernels read ARCH_CAPABILITIES as 0 for the host without the CPUID bit. */
+		/* Newer kernels read it as 0 for the host without the CPUID bit. */
 		if (!cpuid.has(feature::arch_capabilities))
 			return perform;
 		return unless(vcpu.try_msr(msr::arch_capabilities).value_or(0) & arch_cap_tsx_ctrl);
@@ -230,8 +230,9 @@ Decision vmx_write(Vcpu &vcpu, GuestCpuid &cpuid, std::uint32_t index, std::uint
 		return unless(cpuid.has(feature::sgx_lc) &&
 			      (!(fc & feat_ctl_locked) || (fc & feat_ctl_sgx_lc)));
 	}
-	case msr::debugctl: /* vmx_get_supported_debugctl() */
-		return unless(!(value & bus_lock_detect) || cpuid.has(feature::bus_lock_detect));
+	case msr::debugctl: /* vmx_get_supported_debugctl(): bits of a CPUID feature */
+		return unless((!(value & bus_lock_detect) || cpuid.has(feature::bus_lock_detect)) &&
+			      (!(value & rtm_debug) || cpuid.has(feature::rtm)));
 	case msr::perfctr0 ... msr::perfctr7:
 		/* intel_pmu_set_msr(): a legacy-width counter write is sign-extended. */
 		return {Action::perform, static_cast<std::uint64_t>(static_cast<std::int64_t>(
@@ -257,7 +258,8 @@ Decision svm_write(GuestCpuid &cpuid, std::uint32_t index, std::uint64_t value)
 Decision guest_rules(Vcpu &vcpu, GuestCpuid &cpuid, std::uint32_t index, std::uint64_t value)
 {
 	constexpr std::uint64_t feat_ctl_locked = bit(0), misc_emon = bit(7),
-				misc_pmu_ro = bit(11) | bit(12), efer_lme = bit(8), cr0_pg = bit(31);
+				misc_pmu_ro = bit(11) | bit(12), efer_lme = bit(8),
+				cr0_pg = bit(31);
 	const Decision perform{Action::perform, value}, fault{Action::fault, value};
 	auto unless = [&](bool allowed) { return allowed ? perform : fault; };
 	switch (index) {
