@@ -1,8 +1,9 @@
 // SPDX-License-Identifier: MIT
 /*
  * KVMI events on real KVM: PAUSE_VCPU with one and several vCPUs, MSR
- * writes (continue, deny, replace, crash), PF on write- and read-restricted
- * pages and on SPP-protected sub-pages, TRAP after INJECT_EXCEPTION,
+ * writes (continue, deny, replace, crash; CONTINUE keeps the guest's WRMSR
+ * semantics, compared with a vCPU without introspection), PF on write- and
+ * read-restricted pages and on SPP-protected sub-pages, TRAP after INJECT_EXCEPTION,
  * CREATE_VCPU, UNHOOK, and the events that need INT3 interception or
  * single-stepping (probed: skipped where the host cannot provide them).
  */

@@ -5,10 +5,10 @@
  * any vCPU controls, and KVM_CAP_X86_USER_SPACE_MSR(FILTER) turns a denied
  * write into KVM_EXIT_X86_WRMSR instead of a #GP. On that exit the vCPU
  * thread raises the MSR event if this vCPU has MSR events enabled and
- * controls the MSR, and writes the tool's new_val with KVM_SET_MSRS (a
- * value KVM refuses becomes the guest's #GP, and so does a write KVM
- * accepts only from the host: perform_guest_wrmsr()); otherwise it writes the
- * guest's value itself, so the filter is invisible to the guest.
+ * controls the MSR, and writes the tool's new_val as the guest's WRMSR
+ * (perform_guest_wrmsr(): KVM_SET_MSRS after KVM's guest-only rules, so
+ * the guest gets #GP where it would without introspection); otherwise it
+ * writes the guest's value itself, so the filter is invisible to the guest.
  *
  * KVM_CAP_X86_USER_SPACE_MSR cannot be switched back off; after the
  * disconnect the filter allows everything again, so no new filter exit
