@@ -11,6 +11,7 @@
 #include <virtkit/error.hpp>
 #include <virtkit/vcpu.hpp>
 
+#include "core/cpu_vendor.hpp"
 #include "core/ioctl.hpp"
 #include "core/run_control.hpp"
 #include "spp/cmpxchg16b.hpp"
@@ -891,8 +892,7 @@ bool host_is_amd()
 	if (!__get_cpuid(0, &a, &b, &c, &d))
 		return false;
 	/* AuthenticAMD, HygonGenuine: SVM's exit information */
-	return (b == 0x68747541 && c == 0x444d4163 && d == 0x69746e65) ||
-	       (b == 0x6f677948 && c == 0x656e6975 && d == 0x6e65476e);
+	return vendor_is_amd_compatible(b, c, d);
 }
 
 /*

@@ -5,10 +5,10 @@
  * any vCPU controls, and KVM_CAP_X86_USER_SPACE_MSR(FILTER) turns a denied
  * write into KVM_EXIT_X86_WRMSR instead of a #GP. On that exit the vCPU
  * thread raises the MSR event if this vCPU has MSR events enabled and
- * controls the MSR, and writes the tool's new_val with KVM_SET_MSRS (a
- * value KVM refuses becomes the guest's #GP, and so does a write KVM
- * accepts only from the host: guest_write()); otherwise it writes the
- * guest's value itself, so the filter is invisible to the guest.
+ * controls the MSR, and writes the tool's new_val as the guest's WRMSR
+ * (perform_guest_wrmsr(): KVM_SET_MSRS after KVM's guest-only rules, so
+ * the guest gets #GP where it would without introspection); otherwise it
+ * writes the guest's value itself, so the filter is invisible to the guest.
  *
  * KVM_CAP_X86_USER_SPACE_MSR cannot be switched back off; after the
  * disconnect the filter allows everything again, so no new filter exit
@@ -28,6 +28,7 @@
 
 #include "core/feature_slots.hpp"
 #include "core/ioctl.hpp"
+#include "kvmi/vmm/guest_wrmsr.hpp"
 
 namespace virtkit::detail {
 
@@ -67,62 +68,10 @@ void set_filter(int vm_fd, const std::set<std::uint32_t> &deny)
 		 std::to_string(deny.size()) + " write-denied MSRs", vm_fd);
 }
 
-enum class GuestWrite { perform, ignore, fault };
-
-/*
- * KVM_SET_MSRS is a host-initiated write, and KVM accepts there what it
- * refuses from the guest: a filter exit completed without the write leaves
- * it to us. What KVM does with a guest WRMSR that it does not do with
- * KVM_SET_MSRS, for the MSRs where that is known (arch/x86/kvm/x86.c,
- * vmx.c): read-only MSRs #GP, a microcode-revision write is dropped, a
- * locked IA32_FEATURE_CONTROL #GPs, EFER.LME cannot change with paging on.
- * Everything else KVM refuses for both (Vcpu::try_set_msr() says so).
- * Documentation/introspection.rst lists what still differs.
- */
-GuestWrite guest_write(Vcpu &vcpu, std::uint32_t msr, std::uint64_t value)
-{
-	constexpr std::uint32_t ucode_rev = 0x8b, platform_info = 0xce, feat_ctl = 0x3a,
-				arch_capabilities = 0x10a, perf_capabilities = 0x345,
-				vmx_first = 0x480, vmx_last = 0x491, efer = 0xc0000080;
-	constexpr std::uint64_t feat_ctl_locked = 1, efer_lme = 1u << 8, cr0_pg = 1u << 31;
-	switch (msr) {
-	case arch_capabilities:
-	case perf_capabilities:
-	case platform_info:
-		return GuestWrite::fault;
-	case ucode_rev:
-		return GuestWrite::ignore;
-	case feat_ctl:
-		if (vcpu.try_msr(feat_ctl).value_or(0) & feat_ctl_locked)
-			return GuestWrite::fault;
-		break;
-	case efer: {
-		kvm_sregs s = vcpu.sregs();
-		if ((s.cr0 & cr0_pg) && ((s.efer ^ value) & efer_lme))
-			return GuestWrite::fault;
-		break;
-	}
-	default:
-		if (msr >= vmx_first && msr <= vmx_last)
-			return GuestWrite::fault; /* the VMX capability MSRs */
-		break;
-	}
-	return GuestWrite::perform;
-}
-
 /* Perform a guest WRMSR from the VMM, with the guest's semantics (#GP as the guest gets it). */
 void complete_write(Vcpu &vcpu, MsrExit &m, std::uint64_t value)
 {
-	switch (guest_write(vcpu, m.index, value)) {
-	case GuestWrite::fault:
-		m.fail();
-		return;
-	case GuestWrite::ignore:
-		return;
-	case GuestWrite::perform:
-		break;
-	}
-	if (!vcpu.try_set_msr(m.index, value))
+	if (!perform_guest_wrmsr(vcpu, m.index, value))
 		m.fail();
 }
 
