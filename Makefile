@@ -270,14 +270,15 @@ $(BUILD)/tools/virtkit/%.o: tools/virtkit/%.cpp
 
 $(BUILD)/tools/virtkit/demo_guest.o: GUEST_CXXFLAGS += $(FREESTANDING)
 
-# virtkit run decompresses xz kernels with liblzma (static, like liburing).
+# virtkit run decompresses xz and zstd kernels with liblzma and libzstd
+# (static, like liburing).
 $(TOOL_BIN): $(TOOL_OBJS) $(GUEST_A) $(INTROSPECT_A) $(LIB_A)
 	@mkdir -p $(@D)
-	$(CXX) -no-pie -o $@ $(TOOL_OBJS) $(GUEST_LINK) -l:liblzma.a
+	$(CXX) -no-pie -o $@ $(TOOL_OBJS) $(GUEST_LINK) -l:liblzma.a -l:libzstd.a
 
 # virtkit-introspect runs no guest: a hardened PIE like any host program,
 # and so is what the tools share. It reads kernel images (--processes):
-# liblzma for xz, static like liburing.
+# liblzma and libzstd for the kernel image, static like liburing.
 HOST_TOOL_CXX = $(CXX) $(CPPFLAGS) $(DEPFLAGS) $(CXXFLAGS) $(HARDEN) -fPIE -c $< -o $@
 $(BUILD)/tools/virtkit-introspect/%.o: tools/virtkit-introspect/%.cpp
 	@mkdir -p $(@D)
@@ -289,7 +290,7 @@ $(BUILD)/tools/common/%.o: tools/common/%.cpp
 $(INTROSPECT_BIN): $(INTROSPECT_OBJS) $(INTROSPECT_A) $(LIB_A)
 	@mkdir -p $(@D)
 	$(CXX) -pie $(HARDEN_LDFLAGS) -o $@ $(INTROSPECT_OBJS) $(INTROSPECT_A) $(LIB_A) \
-		$(URING_LIBS) -l:liblzma.a -lpthread
+		$(URING_LIBS) -l:liblzma.a -l:libzstd.a -lpthread
 
 deps:
 	scripts/install-deps
@@ -406,8 +407,9 @@ check-selftests: $(ST_BINS) $(KMOD_ST_BINS) $(INTRO_ST_BINS) $(TOOL_BIN) $(INTRO
 # run sees two platforms even without a usable /dev/kvm: Opteron_G3 has no
 # Page1GB, LA57, PKU, PKS, SMEP, SMAP nor NPT (nested KVM shadows the guest's
 # page tables). NESTED_CPU picks another model (scripts/vmtest adds +svm).
-# Then the Linux guest once more with virtkit.ko loaded, so that `virtkit
-# run --protect` uses the module's SPP backend (check-kmod's guests, under
+# Then the Linux guest once more in a Debian 6.12 guest with virtkit.ko
+# loaded: Debian's 6.12 kernel as L1 and L2 (zstd-compressed), and `virtkit
+# run --protect` on the module's SPP backend (check-kmod's guests, under
 # -cpu max, do not boot Linux).
 NESTED_CPU ?= Opteron_G3
 check-selftests-nested: $(ST_BINS) $(INTRO_ST_BINS) $(TOOL_BIN) $(INTROSPECT_BIN) $(RUN_INITRAMFS)
@@ -416,15 +418,17 @@ check-selftests-nested: $(ST_BINS) $(INTRO_ST_BINS) $(TOOL_BIN) $(INTROSPECT_BIN
 	VIRTKIT_VMTEST_CPU=$(NESTED_CPU) scripts/run-selftests --nested $(BUILD)/selftests/x86 || rc=1; \
 	echo "scripts/run-selftests --nested $(BUILD)/selftests/introspection (VIRTKIT_VMTEST_CPU=$(NESTED_CPU))"; \
 	VIRTKIT_VMTEST_CPU=$(NESTED_CPU) scripts/run-selftests --nested $(BUILD)/selftests/introspection || rc=1; \
-	if ko=$$(scripts/build-kmod --kernel 6.1 --out $(KMOD_OUT)); then \
+	if ko=$$(scripts/build-kmod --kernel 6.12 --out $(KMOD_OUT)); then \
 		echo "scripts/run-selftests --nested --module $$ko $(BUILD)/selftests/x86 linux_boot" \
-		     "(VIRTKIT_VMTEST_CPU=$(NESTED_CPU) VIRTKIT_SPP_BACKEND=kmod VIRTKIT_SELFTESTS_SUITE=linux_boot-kmod)"; \
-		VIRTKIT_VMTEST_CPU=$(NESTED_CPU) VIRTKIT_SPP_BACKEND=kmod VIRTKIT_SELFTESTS_SUITE=linux_boot-kmod \
+		     "(VIRTKIT_VMTEST_KERNEL=6.12 VIRTKIT_VMTEST_CPU=$(NESTED_CPU) VIRTKIT_SPP_BACKEND=kmod" \
+		     "VIRTKIT_SELFTESTS_SUITE=linux_boot-kmod)"; \
+		VIRTKIT_VMTEST_KERNEL=6.12 VIRTKIT_VMTEST_CPU=$(NESTED_CPU) VIRTKIT_SPP_BACKEND=kmod \
+			VIRTKIT_SELFTESTS_SUITE=linux_boot-kmod \
 			scripts/run-selftests --nested --module $$ko $(BUILD)/selftests/x86 linux_boot || rc=1; \
 	else rc=1; fi; \
 	exit $$rc
 
-check-install: lib
+check-install: lib $(RUN_INITRAMFS)
 	scripts/check-install $(BUILD)
 
 include mk/install.mk

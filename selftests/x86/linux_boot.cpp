@@ -631,7 +631,7 @@ VK_TEST(run_rejects_bad_options_and_images)
 			const char *message;
 		} bad[] = {
 			{{"--protect", "no_such_symbol:4"}, "no symbol no_such_symbol in the image's exported symbols"},
-			{{"--protect", "current_task:8"}, "is a per-CPU variable"},
+			{{"--protect", "this_cpu_off:8"}, "is a per-CPU variable"},
 			{{"--protect", "overflowuid+0x40000000:4"}, "is not inside one segment"},
 			{{"--protect", "overflowuid:4", "--decompress", "guest"}, "need --decompress vmm"},
 			{{"--protect", "overflowuid:4", "--system-map", junk}, "the System.map has no init_task"},

@@ -5,12 +5,14 @@
 #include <elf.h>
 #include <fcntl.h>
 #include <lzma.h>
+#include <zstd.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
 #include <cerrno>
 #include <cstring>
 #include <initializer_list>
+#include <memory>
 
 #include <virtkit/error.hpp>
 #include <virtkit/fd.hpp>
@@ -40,7 +42,8 @@ std::string magic_name(std::span<const std::byte> p)
 				return false;
 		return true;
 	};
-	return m({0x1f, 0x8b}) ? "gzip" : m({0x28, 0xb5, 0x2f, 0xfd}) ? "zstd" :
+	return m({0xfd, '7', 'z', 'X', 'Z', 0}) ? "xz" :
+	       m({0x1f, 0x8b}) ? "gzip" : m({0x28, 0xb5, 0x2f, 0xfd}) ? "zstd" :
 	       m({0x42, 0x5a, 0x68}) ? "bzip2" : m({0x89, 0x4c, 0x5a, 0x4f}) ? "lzo" :
 	       m({0x02, 0x21, 0x4c, 0x18}) ? "lz4" : m({0x5d, 0x00}) ? "lzma" : "unknown";
 }
@@ -66,6 +69,35 @@ std::vector<std::byte> unxz(std::span<const std::byte> in)
 	if (r != LZMA_STREAM_END)
 		throw KernelImageError("the kernel's xz payload is corrupt (liblzma error " +
 				       std::to_string(int(r)) + ")");
+	return out;
+}
+
+/* One zstd frame; what follows it (the kernel's 4-byte size) is ignored. */
+std::vector<std::byte> unzstd(std::span<const std::byte> in)
+{
+	std::unique_ptr<ZSTD_DStream, decltype(&ZSTD_freeDStream)> s(ZSTD_createDStream(),
+								     ZSTD_freeDStream);
+	if (!s)
+		throw KernelImageError("cannot start the zstd decoder");
+	std::vector<std::byte> out(in.size() * 4);
+	ZSTD_inBuffer src{in.data(), in.size(), 0};
+	ZSTD_outBuffer dst{out.data(), out.size(), 0};
+	for (;;) {
+		std::size_t r = ZSTD_decompressStream(s.get(), &dst, &src);
+		if (ZSTD_isError(r))
+			throw KernelImageError(std::string("the kernel's zstd payload is corrupt (") +
+					       ZSTD_getErrorName(r) + ")");
+		if (r == 0)
+			break; /* the frame is complete */
+		if (dst.pos == dst.size) {
+			out.resize(out.size() * 2);
+			dst.dst = out.data();
+			dst.size = out.size();
+		} else if (src.pos == src.size) {
+			throw KernelImageError("the kernel's zstd payload is truncated");
+		}
+	}
+	out.resize(dst.pos);
 	return out;
 }
 
@@ -109,11 +141,13 @@ std::vector<std::byte> extract_vmlinux(std::span<const std::byte> bzimage)
 	if (start > bzimage.size() || len > bzimage.size() - start)
 		throw KernelImageError("the setup header's payload lies outside the file");
 	auto payload = bzimage.subspan(start, len);
-	static const unsigned char xz_magic[] = {0xfd, '7', 'z', 'X', 'Z', 0};
-	if (len < sizeof(xz_magic) || std::memcmp(payload.data(), xz_magic, sizeof(xz_magic)) != 0)
-		throw KernelImageError("the kernel is compressed with " + magic_name(payload) +
-				       "; only xz is decompressed");
-	return unxz(payload);
+	std::string compression = magic_name(payload);
+	if (compression == "xz")
+		return unxz(payload);
+	if (compression == "zstd")
+		return unzstd(payload);
+	throw KernelImageError("the kernel is compressed with " + compression +
+			       "; only xz and zstd are decompressed");
 }
 
 bool is_elf(std::span<const std::byte> data)

@@ -2,7 +2,8 @@
 /*
  * A Linux kernel image on disk, for the tools: the ELF vmlinux inside a
  * bzImage (its setup header's payload_offset/payload_length, boot protocol
- * 2.08+, compressed as the kernel was configured; xz, as Debian builds it)
+ * 2.08+, compressed as the kernel was configured: xz or zstd, as Debian
+ * builds its kernels)
  * and the ELF sections a tool reads from it. `virtkit run` loads the
  * vmlinux into its guest; `virtkit-introspect --processes` reads the
  * kernel's exported-symbol table and BTF from it.
@@ -27,7 +28,7 @@ struct KernelImageError : std::runtime_error {
 std::vector<std::byte> read_whole_file(const std::string &path, const std::string &option);
 
 /* The bzImage's decompressed payload (an ELF vmlinux). Throws KernelImageError:
- * no payload, a compression other than xz, corrupt data. */
+ * no payload, a compression other than xz or zstd, corrupt data. */
 std::vector<std::byte> extract_vmlinux(std::span<const std::byte> bzimage);
 
 /* Whether data starts like an x86-64 ELF file. */

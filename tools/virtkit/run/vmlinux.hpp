@@ -19,7 +19,7 @@
 namespace virtkit::tool::run {
 
 /* The decompressed payload (an ELF vmlinux, tools/common/kernel_image.hpp).
- * Throws BootError: no payload, or a compression other than xz. */
+ * Throws BootError: no payload, or a compression other than xz or zstd. */
 std::vector<std::byte> vmlinux_for_boot(std::span<const std::byte> bzimage);
 
 /* A loaded ELF vmlinux. */
