@@ -5,9 +5,9 @@
 #include <elf.h>
 #include <fcntl.h>
 #include <lzma.h>
-#include <zstd.h>
 #include <sys/stat.h>
 #include <unistd.h>
+#include <zstd.h>
 
 #include <cerrno>
 #include <cstring>

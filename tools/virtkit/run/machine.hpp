@@ -9,9 +9,8 @@
 #pragma once
 
 #include <cstdint>
-#include <string>
-
 #include <optional>
+#include <string>
 #include <vector>
 
 #include "boot_loader.hpp"
