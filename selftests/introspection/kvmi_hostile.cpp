@@ -640,6 +640,29 @@ private:
 	FileDesc file_, saved_;
 };
 
+/*
+ * A VMM that retries until a tool listens (virtkit run --introspect) must
+ * not repeat the warning at every attempt: it comes with a connection.
+ */
+VK_TEST(no_secret_warning_without_a_connection)
+{
+	KvmiTest t;
+	auto o = t.default_options();
+	o.secret.clear();
+	o.address = "unix:" + t.dir.path() + "/nobody-listens.sock";
+	StderrCapture err;
+	for (int i = 0; i < 3; i++) {
+		try {
+			Introspection::connect(t.g.vm(), o);
+			TEST_ASSERT(false, "connected to a socket nobody listens on");
+		} catch (const virtkit::Error &e) {
+			TEST_ASSERT_EQ(e.err(), ENOENT);
+		}
+	}
+	std::string out = err.restore();
+	TEST_ASSERT(out.find("without a secret") == std::string::npos, "stderr: '%s'", out.c_str());
+}
+
 VK_TEST(handshake_without_secret_accepts_any_tool)
 {
 	/*

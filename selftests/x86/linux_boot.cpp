@@ -574,6 +574,34 @@ VK_TEST(protected_kernel_variable_is_unchanged)
 	TEST_ASSERT_EQ(r.status, 0);
 }
 
+/* virtkit-introspect: usage errors exit 2 naming the option, --version answers. */
+VK_TEST(introspect_tool_usage)
+{
+	std::string introspect = require_file("VIRTKIT_INTROSPECT_TOOL",
+					      build_dir() / "bin" / "virtkit-introspect",
+					      "the introspection tool (make tool)");
+	struct Case {
+		std::vector<std::string> args;
+		int status;
+		const char *message;
+	} cases[] = {
+		{{"--version"}, 0, "virtkit-introspect "},
+		{{"--bogus"}, 2, "unknown option --bogus"},
+		{{"--listen"}, 2, "--listen needs a value"},
+		{{"--processes"}, 2, "--listen is required"},
+		{{"--listen", "unix:/nonexistent/x", "--processes"}, 2, "--processes needs --kernel IMAGE"},
+		{{"--listen", "unix:/nonexistent/x", "--count", "-1"}, 2, "is not a number"},
+	};
+	for (auto &c : cases) {
+		std::vector<std::string> argv = {introspect};
+		argv.insert(argv.end(), c.args.begin(), c.args.end());
+		Run r = run(argv, 30);
+		TEST_ASSERT(r.status == c.status && r.output.find(c.message) != r.output.npos,
+			    "virtkit-introspect %s: status %d (want %d), output lacks \"%s\":\n%s",
+			    c.args.back().c_str(), r.status, c.status, c.message, r.output.c_str());
+	}
+}
+
 /* Bad options and images end with a clear message and status 2 or 1, before any VM runs. */
 VK_TEST(run_rejects_bad_options_and_images)
 {
@@ -609,6 +637,12 @@ VK_TEST(run_rejects_bad_options_and_images)
 		{{"run", "--kernel", junk, "--protect-gpa", "-1:8"}, 2, "give GPA:LEN"},
 		{{"run", "--kernel", junk, "--protect-gpa", "0xfffffffffffffff8:9"}, 2, "give GPA:LEN"},
 		{{"run", "--kernel", junk, "--system-map", junk}, 2, "--system-map goes with --protect"},
+		{{"run", "--kernel", junk, "--secret-fd", "0"}, 2, "go with --introspect"},
+		{{"run", "--kernel", junk, "--introspect", "unix:/x", "--secret-fd", "0", "--secret-file", junk},
+		 2, "exclude each other"},
+		{{"run", "--kernel", junk, "--introspect", "unix:/x", "--secret-fd", "97"}, 1, "EBADF"},
+		{{"run", "--kernel", junk, "--introspect", "unix:/nonexistent/dir/tool.sock"}, 1,
+		 "no directory /nonexistent/dir for the socket"},
 		{{"run", "--kernel", junk, "--protect", "a:1", "--system-map", std::string(dir) + "/none"},
 		 1, "ENOENT"},
 	};

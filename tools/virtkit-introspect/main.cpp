@@ -34,6 +34,7 @@
 #include <vector>
 
 #include <virtkit/introspect.hpp>
+#include <virtkit/version.hpp>
 
 #include <linux/virtkit_kvmi.h> /* command ids */
 
@@ -88,15 +89,17 @@ const char usage_text[] =
 	"With --processes, the tool instead pauses the vCPUs, prints the Linux\n"
 	"guest's banner and its process list (pid, thread group, command) read\n"
 	"from guest memory, starting at init_task, resumes the vCPUs and detaches:\n"
-	"  --kernel IMAGE     the guest's kernel: a bzImage (xz) or an ELF vmlinux;\n"
-	"                     structure offsets come from its BTF, symbols from its\n"
-	"                     exported-symbol table\n"
+	"  --kernel IMAGE     the guest's kernel: a bzImage (xz or zstd) or an ELF\n"
+	"                     vmlinux; structure offsets come from its BTF, symbols\n"
+	"                     from its exported-symbol table\n"
 	"  --system-map FILE  symbols from the kernel's System.map (or its\n"
 	"                     /proc/kallsyms) instead; it adds linux_banner\n"
 	"The guest must run that kernel without KASLR (as `virtkit run` boots it).\n"
 	"\n"
+	"  --version          print the version and exit\n"
+	"\n"
 	"Ctrl-C detaches as well. Exit status: 0 success, 1 failure (the message\n"
-	"names the operation and errno).\n";
+	"names the operation and errno), 2 usage error.\n";
 
 struct Options {
 	std::string listen;
@@ -112,7 +115,7 @@ struct Options {
 [[noreturn]] void usage_error(const std::string &msg)
 {
 	std::fprintf(stderr, "virtkit-introspect: %s\n\n%s", msg.c_str(), usage_text);
-	std::exit(1);
+	std::exit(2);
 }
 
 std::uint64_t parse_number(std::string_view option, const char *text, std::uint64_t max)
@@ -134,6 +137,10 @@ Options parse(int argc, char **argv)
 		std::string_view a = argv[i];
 		if (a == "--help" || a == "-h") {
 			std::fputs(usage_text, stdout);
+			std::exit(0);
+		}
+		if (a == "--version") {
+			std::printf("virtkit-introspect %s\n", VIRTKIT_VERSION_STRING);
 			std::exit(0);
 		}
 		if (a == "--processes") {

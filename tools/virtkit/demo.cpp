@@ -40,6 +40,7 @@
 #include "demo_guest.hpp"
 #include "demo_tool.hpp"
 #include "../common/hex.hpp"
+#include "../common/listen_address.hpp"
 #include "../common/secret.hpp"
 
 namespace virtkit::tool {
@@ -1296,6 +1297,11 @@ int demo_main(Args args)
 	    !tool.address.starts_with("vsock:"))
 		return usage_error("demo", "--introspect: '" + tool.address +
 						   "' is not unix:/path or vsock:CID:PORT");
+	if (std::string why = unusable_listen_address(tool.address); !why.empty()) {
+		std::fprintf(stderr, "virtkit demo: --introspect %s: %s\n", tool.address.c_str(),
+			     why.c_str());
+		return 1;
+	}
 	return run_demo(device, tool);
 }
 

@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "../common/kernel_image.hpp"
+#include "../common/listen_address.hpp"
 #include "../common/secret.hpp"
 #include "commands.hpp"
 #include "run/boot_loader.hpp"
@@ -22,7 +23,7 @@ namespace virtkit::tool {
 const char run_help[] =
 	"usage: virtkit run --kernel BZIMAGE [--initrd FILE] [--cmdline STRING]\n"
 	"                   [--memory SIZE] [--cpus N] [--decompress vmm|guest]\n"
-	"                   [--introspect ADDRESS [--secret-file PATH]]\n"
+	"                   [--introspect ADDRESS [--secret-file PATH | --secret-fd N]]\n"
 	"                   [--protect SYMBOL[+OFF]:LEN]... [--protect-gpa GPA:LEN]...\n"
 	"                   [--system-map FILE]\n"
 	"                   [--verbose] [--device PATH]\n"
@@ -55,6 +56,7 @@ const char run_help[] =
 	"                    it disconnects (virtkit-introspect --processes lists\n"
 	"                    the guest's processes)\n"
 	"  --secret-file PATH  the secret the tool was given (with --introspect)\n"
+	"  --secret-fd N     the same, read from descriptor N (then closed)\n"
 	"  --protect SYMBOL[+OFF]:LEN  write-protect LEN bytes of guest kernel data at\n"
 	"                    SYMBOL+OFF with sub-page protection (SPP), from the first\n"
 	"                    instruction on: a guest write there is not performed, is\n"
@@ -115,7 +117,7 @@ bool parse_u32(std::string_view s, std::uint32_t &out)
 int run_main(Args args)
 {
 	run::RunOptions o;
-	std::string memory, cpus, decompress, secret_file, system_map;
+	std::string memory, cpus, decompress, secret_file, secret_fd, system_map;
 	std::vector<std::string> protect, protect_gpa;
 	for (std::size_t i = 0; i < args.size(); i++) {
 		std::string_view a = args[i];
@@ -143,6 +145,7 @@ int run_main(Args args)
 				      name == "--decompress" ? &decompress :
 				      name == "--introspect" ? &o.introspect :
 				      name == "--secret-file" ? &secret_file :
+				      name == "--secret-fd" ? &secret_fd :
 				      name == "--system-map" ? &system_map :
 							    nullptr;
 		/* Options that may be given more than once. */
@@ -175,15 +178,23 @@ int run_main(Args args)
 	}
 	if (!cpus.empty() && (!parse_u32(cpus, o.cpus) || o.cpus < 1 || o.cpus > 254))
 		return usage_error("run", "--cpus '" + cpus + "': give 1 to 254");
-	if (!secret_file.empty() && o.introspect.empty())
-		return usage_error("run", "--secret-file goes with --introspect");
-	if (!secret_file.empty()) {
-		try {
+	if (!secret_file.empty() && !secret_fd.empty())
+		return usage_error("run", "--secret-file and --secret-fd exclude each other");
+	if ((!secret_file.empty() || !secret_fd.empty()) && o.introspect.empty())
+		return usage_error("run", "--secret-file and --secret-fd go with --introspect");
+	try {
+		if (!secret_file.empty())
 			o.secret = read_secret_file(secret_file);
-		} catch (const Error &e) {
-			std::fprintf(stderr, "virtkit run: %s\n", e.what());
-			return 1;
-		}
+		else if (!secret_fd.empty())
+			o.secret = read_secret_fd_arg(secret_fd);
+	} catch (const Error &e) {
+		std::fprintf(stderr, "virtkit run: %s\n", e.what());
+		return 1;
+	}
+	if (std::string why = unusable_listen_address(o.introspect); !why.empty()) {
+		std::fprintf(stderr, "virtkit run: --introspect %s: %s\n", o.introspect.c_str(),
+			     why.c_str());
+		return 1;
 	}
 	for (bool gpa : {false, true})
 		for (const std::string &spec : gpa ? protect_gpa : protect) {

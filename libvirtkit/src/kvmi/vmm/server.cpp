@@ -369,19 +369,20 @@ Introspection Introspection::connect(Vm &vm, const IntrospectionOptions &o)
 		std::optional<detail::kvmi::CookieHash> hash;
 		if (!o.secret.empty())
 			hash = detail::kvmi::cookie_hash(o.secret);
-		else
+		auto conn = detail::kvmi::Connection::open(*address, hello,
+							   hash ? &*hash : nullptr, deadline, o.stop);
+		if (!hash)
 			/*
 			 * As QEMU's kvmi without a key: any tool is accepted
 			 * (libkvmi's examples leave cookie_hash zero). Say so
-			 * once per connect - the library has no logging hook.
+			 * once per connection (not per attempt of a VMM that
+			 * retries) - the library has no logging hook.
 			 */
 			std::fprintf(stderr,
 				     "virtkit: warning: introspection of this VM without a secret: "
 				     "whoever listens on %s gets full control of the guest's "
 				     "memory and vCPUs\n",
 				     o.address.c_str());
-		auto conn = detail::kvmi::Connection::open(*address, hello,
-							   hash ? &*hash : nullptr, deadline, o.stop);
 		server->start(std::move(conn));
 	} catch (...) {
 		server->release_vm();
