@@ -14,6 +14,10 @@
  */
 #pragma once
 
+#if __cplusplus < 202002L
+#error "libvirtkit's headers need C++20: compile with -std=c++20 (or later)"
+#endif
+
 #include <cstdint>
 #include <span>
 #include <string>

@@ -9,6 +9,10 @@
  */
 #pragma once
 
+#if __cplusplus < 202002L
+#error "libvirtkit's headers need C++20: compile with -std=c++20 (or later)"
+#endif
+
 #include <virtkit/kvm.h>
 
 #include <cstdint>

@@ -2,6 +2,10 @@
 /* libvirtkit: everything a VMM needs, in one include. */
 #pragma once
 
+#if __cplusplus < 202002L
+#error "libvirtkit's headers need C++20: compile with -std=c++20 (or later)"
+#endif
+
 #include <virtkit/cpuid.hpp>
 #include <virtkit/error.hpp>
 #include <virtkit/exit.hpp>
