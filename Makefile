@@ -5,7 +5,10 @@
 #   make run        install missing Debian packages, build, run `virtkit info`,
 #                   `virtkit demo` and the example introspection tool against a
 #                   second demo (in a QEMU guest with virtkit.ko loaded when
-#                   /dev/kvm is not usable)
+#                   /dev/kvm is not usable), then boot Linux with virtkit run
+#   make test       the offline tests: no network, root, KVM nor packages to
+#                   install (the unit tests, as KTAP) - what a package build
+#                   (dh_auto_test) can run
 #   make check      install missing Debian packages, build, run every test suite
 #                   (each one, also after one failed; one table at the end):
 #                   unit tests, selftests (on this host's /dev/kvm where usable,
@@ -148,7 +151,7 @@ INTROSPECT_BIN  := $(BUILD)/bin/virtkit-introspect
 # code is loaded at the binary's own addresses.
 GUEST_LINK := $(GUEST_A) $(INTROSPECT_A) $(LIB_A) $(URING_LIBS) -lpthread
 
-.PHONY: all lib guest tool selftests unit run run-initramfs check check-unit check-selftests check-selftests-nested \
+.PHONY: all lib guest tool selftests unit run run-initramfs test check check-unit check-selftests check-selftests-nested \
         check-install deps install uninstall clean bench run-bench
 
 all: lib guest tool selftests unit bench
@@ -391,6 +394,10 @@ check: deps
 
 check-unit: $(UNIT_BIN)
 	$(UNIT_BIN)
+
+# Needs nothing check's `deps` installs beyond the build's own packages.
+test: $(UNIT_BIN)
+	$(UNIT_BIN) -r ktap
 
 # The x86 and introspection suites on this host's /dev/kvm where it is
 # usable, else on nested KVM under QEMU -cpu max (scripts/run-selftests
