@@ -1,6 +1,8 @@
 // SPDX-License-Identifier: MIT
 /*
- * `virtkit run` boots a real Linux kernel (Documentation/virtkit-run.rst):
+ * The tools as a user runs them: their command lines (virtkit info --json,
+ * virtkit-introspect's usage), and above all `virtkit run` booting a real
+ * Linux kernel (Documentation/virtkit-run.rst):
  * the tool is run as a user would run it, with the initramfs that
  * scripts/run-initramfs builds, whose /init prints a report (the marker,
  * the CPUs online, timer interrupts and uptime read three times) and
@@ -411,7 +413,7 @@ VK_TEST(boots_linux_to_marker_2_vcpus)
 }
 
 /* The "PID TGID COMM" lines virtkit-introspect --processes printed. */
-bool lists_process(const std::string &out, long pid, const std::string &comm)
+static bool lists_process(const std::string &out, long pid, const std::string &comm)
 {
 	std::istringstream in(out);
 	std::string line;
@@ -494,7 +496,7 @@ VK_TEST(introspection_lists_guest_processes)
 }
 
 /* The lines of out that contain what. */
-std::vector<std::string> lines_with(const std::string &out, const std::string &what)
+static std::vector<std::string> lines_with(const std::string &out, const std::string &what)
 {
 	std::vector<std::string> found;
 	std::istringstream in(out);
@@ -508,7 +510,7 @@ std::vector<std::string> lines_with(const std::string &out, const std::string &w
 }
 
 /* "virtkit-run: sysctl NAME was A wrote B status S reads C": {A, B, S, C}. */
-std::vector<unsigned long long> sysctl_report(const std::string &out, const std::string &name)
+static std::vector<unsigned long long> sysctl_report(const std::string &out, const std::string &name)
 {
 	auto l = lines_with(out, "virtkit-run: sysctl " + name + " was ");
 	TEST_ASSERT(l.size() == 1, "no report of sysctl %s from the guest; output:\n%s", name.c_str(),
@@ -600,6 +602,79 @@ VK_TEST(introspect_tool_usage)
 			    "virtkit-introspect %s: status %d (want %d), output lacks \"%s\":\n%s",
 			    c.args.back().c_str(), r.status, c.status, c.message, r.output.c_str());
 	}
+}
+
+/*
+ * The JSON subset `virtkit info --json` prints: objects whose members are
+ * strings or objects. Advances p past one value; false if malformed.
+ */
+static bool json_value(const std::string &s, std::size_t &p);
+
+static void json_space(const std::string &s, std::size_t &p)
+{
+	while (p < s.size() && (s[p] == ' ' || s[p] == '\n'))
+		p++;
+}
+
+static bool json_string(const std::string &s, std::size_t &p)
+{
+	if (p >= s.size() || s[p] != '"')
+		return false;
+	for (p++; p < s.size(); p++) {
+		if (s[p] == '\\')
+			p++;
+		else if (s[p] == '"')
+			return ++p, true;
+		else if (static_cast<unsigned char>(s[p]) < 0x20)
+			return false;
+	}
+	return false;
+}
+
+static bool json_value(const std::string &s, std::size_t &p)
+{
+	json_space(s, p);
+	if (p < s.size() && s[p] == '"')
+		return json_string(s, p);
+	if (p >= s.size() || s[p++] != '{')
+		return false;
+	json_space(s, p);
+	if (p < s.size() && s[p] == '}')
+		return ++p, true;
+	for (;;) {
+		json_space(s, p);
+		if (!json_string(s, p))
+			return false;
+		json_space(s, p);
+		if (p >= s.size() || s[p++] != ':' || !json_value(s, p))
+			return false;
+		json_space(s, p);
+		if (p < s.size() && s[p] == ',') {
+			p++;
+			continue;
+		}
+		return p < s.size() && s[p++] == '}';
+	}
+}
+
+/* virtkit info --json: one JSON object with the sections the text shows. */
+VK_TEST(info_json)
+{
+	std::string virtkit = tool();
+	Run r = run({virtkit, "info", "--json"}, 60);
+	std::size_t p = 0;
+	TEST_ASSERT(json_value(r.output, p), "not JSON (at byte %zu):\n%s", p, r.output.c_str());
+	json_space(r.output, p);
+	TEST_ASSERT(p == r.output.size(), "more after the object: %s", r.output.substr(p).c_str());
+	for (const char *member : {"\"Host\": {", "\"virtkit\": \"" VIRTKIT_VERSION_STRING "\"",
+				   "\"KVM device\": {", "\"virtkit kernel module\": {"})
+		TEST_ASSERT(r.output.find(member) != r.output.npos, "no %s in:\n%s", member,
+			    r.output.c_str());
+	/* Unusable device: still JSON, and the status says so. */
+	r = run({virtkit, "info", "--json", "--device", "/nonexistent"}, 60);
+	TEST_ASSERT_EQ(r.status, 1);
+	TEST_ASSERT(r.output.find("\"usable\": \"no: open (/nonexistent): ENOENT") != r.output.npos,
+		    "output:\n%s", r.output.c_str());
 }
 
 /* Bad options and images end with a clear message and status 2 or 1, before any VM runs. */

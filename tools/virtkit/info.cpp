@@ -47,7 +47,7 @@
 namespace virtkit::tool {
 
 const char info_help[] =
-	"usage: virtkit info [--device PATH]\n"
+	"usage: virtkit info [--json] [--device PATH]\n"
 	"\n"
 	"Show what this host offers virtkit: the KVM device and API version, the\n"
 	"KVM capabilities virtkit's features rely on (asked on /dev/kvm, or on a\n"
@@ -57,6 +57,8 @@ const char info_help[] =
 	"host could run and why not, and which one SubpageProtection::enable() picks.\n"
 	"\n"
 	"Options:\n"
+	"  --json          the same as one JSON object: a member per section, each\n"
+	"                  an object of the section's fields (strings, as shown)\n"
 	"  --device PATH   KVM device to probe (default /dev/kvm)\n"
 	"  -h, --help      show this help\n"
 	"\n"
@@ -300,16 +302,55 @@ HostFacts probe(const std::string &device)
 
 constexpr int key_width = 32;
 
+/* Text (sections of "key: value" lines) or, with --json, one JSON object. */
+struct Output {
+	bool json = false;
+	bool any_section = false, any_field = false;
+} out;
+
+std::string json_string(const std::string &s)
+{
+	std::string j = "\"";
+	for (unsigned char c : s) {
+		if (c == '"' || c == '\\') {
+			j += '\\';
+			j += char(c);
+		} else if (c < 0x20) {
+			char buf[8];
+			std::snprintf(buf, sizeof(buf), "\\u%04x", c);
+			j += buf;
+		} else {
+			j += char(c);
+		}
+	}
+	return j + "\"";
+}
+
 void section(const char *title)
 {
-	static bool first = true;
-	std::printf("%s%s\n", first ? "" : "\n", title);
-	first = false;
+	if (out.json)
+		std::printf("%s\n  %s: {", out.any_section ? "\n  }," : "{", json_string(title).c_str());
+	else
+		std::printf("%s%s\n", out.any_section ? "\n" : "", title);
+	out.any_section = true;
+	out.any_field = false;
 }
 
 void field(const std::string &key, const std::string &value)
 {
-	std::printf("  %-*s %s\n", key_width, (key + ":").c_str(), value.c_str());
+	if (out.json)
+		std::printf("%s\n    %s: %s", out.any_field ? "," : "", json_string(key).c_str(),
+			    json_string(value).c_str());
+	else
+		std::printf("  %-*s %s\n", key_width, (key + ":").c_str(), value.c_str());
+	out.any_field = true;
+}
+
+/* Ends the JSON object (nothing for text). */
+void finish()
+{
+	if (out.json)
+		std::printf("%s\n", out.any_section ? "\n  }\n}" : "{}");
 }
 
 std::string yes_no(bool b) { return b ? "yes" : "no"; }
@@ -519,11 +560,19 @@ std::string kvm_advice(int err)
 int info_main(Args args)
 {
 	std::string device = "/dev/kvm";
-	if (auto stop = parse_device_options("info", info_help, args, device))
+	std::vector<std::string_view> rest;
+	for (std::string_view a : args) {
+		if (a == "--json")
+			out.json = true;
+		else
+			rest.push_back(a);
+	}
+	if (auto stop = parse_device_options("info", info_help, rest, device))
 		return *stop;
 
 	HostFacts f = probe(device);
 	print(f);
+	finish();
 	std::fflush(stdout);
 
 	const auto &err = f.kvm_error ? f.kvm_error : f.vm_error;
