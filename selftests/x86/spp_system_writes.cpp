@@ -16,6 +16,7 @@
 #include <atomic>
 #include <chrono>
 #include <cstring>
+#include <optional>
 #include <thread>
 #include <vector>
 
@@ -233,7 +234,7 @@ static void guest_fxsave(std::uint64_t r, std::uint64_t a, std::uint64_t d1, std
 	asm volatile("fxsave (%0)\n\tfxsave64 512(%0)\n\t"
 		     "fxsave (%1)\n\tfxsave64 512(%1)\n\t"
 		     "fxsave (%2)\n\tfxsave64 (%3)"
-		     : : "r"(r), "r"(a), "r"(d1), "r"(d2) : "memory");
+		     : : "D"(r), "S"(a), "d"(d1), "c"(d2) : "memory"); /* fxsave64 (%rcx): 4 bytes */
 	GUEST_SYNC(0);
 }
 
@@ -261,24 +262,49 @@ static void set_fx_state(Vcpu &v)
 static constexpr std::size_t fx_stored = 416;
 
 /*
- * Bytes [from, from + n) of a and b differ, apart from FCS and FDS. Bytes
- * 416..511 are not compared: reserved and software's (464..511), some
- * processors write them, the library (like KVM's em_fxsave) does not.
+ * The fxsave stored at a[at] differs from the reference b[at]. Not compared:
+ * bytes 416..511 (reserved and software's: some processors write them, the
+ * library, like KVM's em_fxsave, does not), and the x87 last-instruction
+ * pointers FOP, FIP, FCS, FDP, FDS (bytes 6..23), which implementations
+ * save differently (QEMU's TCG stores none of them, AMD processors without
+ * XSAVEERPTR only with an exception pending): fx_pointers checks those.
  */
 static bool fx_differ(const std::vector<std::uint8_t> &a, const std::vector<std::uint8_t> &b,
-		      bool rex_w, std::size_t from = 0, std::size_t n = fx_stored)
+		      std::size_t at)
 {
-	for (std::size_t k = from; k < from + n; k++) {
-		/* FCS and FDS of plain fxsave: see spp.rst (stored as 0). */
-		if (!rex_w && ((k >= 12 && k < 14) || (k >= 20 && k < 22)))
+	bool differ = false;
+	for (std::size_t k = 0; k < fx_stored; k++) {
+		if (k >= 6 && k < 24)
 			continue;
-		if (a[k] != b[k]) {
-			vkt::diag("fxsave%s byte %zu: 0x%02x, reference 0x%02x\n", rex_w ? "64" : "", k,
-				a[k], b[k]);
-			return true;
+		if (a[at + k] != b[at + k]) {
+			vkt::diag("byte %zu: 0x%02x, reference 0x%02x", k, a[at + k], b[at + k]);
+			differ = true;
 		}
 	}
-	return false;
+	return differ;
+}
+
+/*
+ * The pointers in the fxsave at a[at] are KVM's (the legacy region of
+ * KVM_GET_XSAVE, 64-bit layout) in the instruction's layout: fxsave64 as
+ * they are; fxsave FIP[31:0] and FDP[31:0] with FCS and FDS 0.
+ */
+static bool fx_pointers(const std::vector<std::uint8_t> &a, std::size_t at, bool rex_w,
+			const Xsave &xs)
+{
+	std::array<std::uint8_t, 24> want;
+	std::memcpy(want.data(), xs.region.data(), want.size());
+	if (!rex_w) {
+		std::memset(want.data() + 12, 0, 4);
+		std::memset(want.data() + 20, 0, 4);
+	}
+	for (std::size_t k = 6; k < want.size(); k++)
+		if (a[at + k] != want[k]) {
+			vkt::diag("fxsave%s byte %zu: 0x%02x, KVM's state 0x%02x", rex_w ? "64" : "",
+				  k, a[at + k], want[k]);
+			return false;
+		}
+	return true;
 }
 
 static void fxsave_test(SppDecision decision)
@@ -295,15 +321,30 @@ static void fxsave_test(SppDecision decision)
 	Vcpu &v = t.g.add_vcpu(guest_fxsave, ref, allowed, d1, d2);
 	set_fx_state(v);
 	const SppStats before = t.spp.stats();
-	Ucall uc = t.run_bounded(v);
-	TEST_ASSERT(uc.kind == Ucall::Kind::sync, "%s", uc.describe().c_str());
+	/* stop: each blocked fxsave ends the run (the guest is after it); run again. */
+	std::optional<Ucall> uc;
+	int stops = 0;
+	while (!uc) {
+		try {
+			uc = t.run_bounded(v);
+		} catch (const GuestFailure &e) {
+			TEST_ASSERT(decision == SppDecision::stop && stops++ < 2 &&
+					    (std::strstr(e.what(), "SPP") || std::strstr(e.what(), "sub-page")),
+				    "run ended with: %s", e.what());
+		}
+	}
+	TEST_ASSERT(uc->kind == Ucall::Kind::sync, "%s", uc->describe().c_str());
+	TEST_ASSERT_EQ(stops, decision == SppDecision::stop ? 2 : 0);
 
 	auto r = t.read(ref, 1024), a = t.read(allowed, 1024);
 	/* kvm_pvm's guest does not see KVM_SET_FPU: it compares the reset state only. */
 	if (r[160] != 1 || r[512 + 400] != 16 || r[24] != 0xa1)
 		vkt::diag("the guest's x87/SSE state is not the one KVM_SET_FPU set");
-	TEST_ASSERT(!fx_differ(a, r, false), "fxsave on writable sub-pages differs from the reference");
-	TEST_ASSERT(!fx_differ(a, r, true, 512), "fxsave64 on writable sub-pages differs from the reference");
+	const Xsave xs = v.xsave();
+	TEST_ASSERT(!fx_differ(a, r, 0), "fxsave on writable sub-pages differs from the reference");
+	TEST_ASSERT(!fx_differ(a, r, 512), "fxsave64 on writable sub-pages differs from the reference");
+	TEST_ASSERT(fx_pointers(a, 0, false, xs) && fx_pointers(a, 512, true, xs),
+		    "the x87 pointers on writable sub-pages are not KVM's in the instruction's layout");
 
 	auto x1 = t.read(d1, 512), x2 = t.read(d2, 512);
 	TEST_ASSERT_EQ(t.seen.size(), 2u);
@@ -314,17 +355,22 @@ static void fxsave_test(SppDecision decision)
 				    x.size == SppViolation::max_write,
 			    "violation %d: gpa 0x%llx write_gpa 0x%llx size %u", k,
 			    (unsigned long long)x.gpa, (unsigned long long)x.write_gpa, x.size);
-		TEST_ASSERT(!std::memcmp(x.data().data(), &r[512 * k], 8),
+		TEST_ASSERT(!std::memcmp(x.data().data(), &r[512 * k], 6) &&
+				    !std::memcmp(x.data().data() + 24, &r[512 * k + 24], 40),
 			    "violation %d: the data differ from what the reference stored", k);
+		TEST_ASSERT(x.rip == t.seen[0].rip + 4 * k, "violation %d: rip 0x%llx", k,
+			    (unsigned long long)x.rip);
 	}
-	if (decision == SppDecision::drop) {
+	if (decision != SppDecision::allow_once) {
 		TEST_ASSERT(x1 == std::vector<std::uint8_t>(512, 0xee) &&
 				    x2 == std::vector<std::uint8_t>(512, 0xee),
 			    "a blocked fxsave wrote (all or nothing)");
 	} else {
-		TEST_ASSERT(!fx_differ(x1, r, false), "fxsave allowed once differs from the reference");
 		std::vector<std::uint8_t> r64(r.begin() + 512, r.end());
-		TEST_ASSERT(!fx_differ(x2, r64, true), "fxsave64 allowed once differs from the reference");
+		TEST_ASSERT(!fx_differ(x1, r, 0) && fx_pointers(x1, 0, false, xs),
+			    "fxsave allowed once differs from the reference");
+		TEST_ASSERT(!fx_differ(x2, r64, 0) && fx_pointers(x2, 0, true, xs),
+			    "fxsave64 allowed once differs from the reference");
 	}
 	TEST_ASSERT_EQ(t.spp.stats().violations - before.violations, 2u);
 	t.g.run_to_done(v);
@@ -338,4 +384,9 @@ VK_TEST(spp_fxsave_completes_on_a_trapping_page)
 VK_TEST(spp_fxsave_allowed_once_on_a_protected_sub_page)
 {
 	fxsave_test(SppDecision::allow_once);
+}
+
+VK_TEST(spp_fxsave_stop_on_a_protected_sub_page_reaches_vmm)
+{
+	fxsave_test(SppDecision::stop);
 }

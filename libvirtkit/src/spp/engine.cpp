@@ -544,12 +544,12 @@ void SppEngine::watch_stalls(Vm &vm)
 /*
  * The vCPU made no progress for a StallWatch period: if the instruction at
  * its RIP makes a write KVM cannot complete on a trapping page, decide it
- * here, as for any other write. A store (sgdt, sidt) is then done or
- * dropped and the guest continues after the instruction. A descriptor's
- * accessed or busy bit is set, and the guest runs the instruction again;
- * dropping that write would leave it stuck, so a drop ends Vcpu::run() with
- * the violation for the VMM to decide (SppViolationExit, rip at the
- * instruction).
+ * here, as for any other write. A store (sgdt, sidt, fxsave in 32-bit
+ * code) is then done or dropped and the guest continues after the
+ * instruction. A descriptor's accessed or busy bit is set, and the guest
+ * runs the instruction again; dropping that write would leave it stuck, so
+ * a drop ends Vcpu::run() with the violation for the VMM to decide
+ * (SppViolationExit, rip at the instruction).
  */
 std::optional<Exit> SppEngine::complete_stalled(Vcpu &vcpu)
 {
