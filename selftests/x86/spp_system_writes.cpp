@@ -1,10 +1,11 @@
 // SPDX-License-Identifier: MIT
 /*
  * Writes KVM cannot complete on a page whose writes trap: the store of
- * sgdt/sidt and the accessed bit a segment load sets in its descriptor.
- * KVM's emulator performs them as system accesses that fail on a read-only
- * memslot and restarts the instruction, so without help the vCPU spins
- * inside KVM_RUN for ever. Sub-page protection must decide them like any
+ * sgdt/sidt and of fxsave in 32-bit code, and the accessed bit a segment
+ * load sets in its descriptor. KVM's emulator performs them as system
+ * accesses that fail on a read-only memslot and restarts the instruction,
+ * so without help the vCPU spins inside KVM_RUN for ever. fxsave in 64-bit
+ * code it refuses outright (an emulation failure exit). Sub-page protection must decide them like any
  * other write: on a writable sub-page they land (and the guest goes on), on
  * a protected one they are reported, and every run ends within its bound.
  */
@@ -400,4 +401,67 @@ VK_TEST(spp_fxsave_allowed_once_on_a_protected_sub_page)
 VK_TEST(spp_fxsave_stop_on_a_protected_sub_page_reaches_vmm)
 {
 	fxsave_test(SppDecision::stop);
+}
+
+/*
+ * fxsave in 32-bit code (compatibility mode, through a copy of the GDT with
+ * a 32-bit code segment, selector 0x38): at r, a and d. KVM emulates it
+ * there (em_fxsave) and its store fails on a trapping page: the stall watch
+ * must complete or report it.
+ */
+static void guest_fxsave32(std::uint64_t r, std::uint64_t a, std::uint64_t d)
+{
+	alignas(8) static std::uint64_t gdt[8];
+	struct __attribute__((packed)) {
+		std::uint16_t limit;
+		std::uint64_t base;
+	} old, copy;
+	asm volatile("sgdt %0" : "=m"(old));
+	std::memcpy(gdt, reinterpret_cast<const void *>(old.base), 7 * 8);
+	gdt[7] = 0x00cf9b000000ffffull; /* code32: D = 1, L = 0 */
+	copy.limit = sizeof(gdt) - 1;
+	copy.base = reinterpret_cast<std::uint64_t>(gdt);
+	asm volatile("lgdt %[copy]\n\t"
+		     "pushq $0x38\n\t"
+		     "leaq 1f(%%rip), %%rax\n\t"
+		     "pushq %%rax\n\t"
+		     "lretq\n\t"
+		     ".code32\n"
+		     "1:\tfxsave (%%edi)\n\t"
+		     "fxsave (%%esi)\n\t"
+		     "fxsave (%%edx)\n\t"
+		     "ljmpl $0x08, $2f\n\t"
+		     ".code64\n"
+		     "2:\tlgdt %[old]"
+		     : : [copy] "m"(copy), [old] "m"(old), "D"(r), "S"(a), "d"(d)
+		     : "rax", "memory");
+	GUEST_SYNC(0);
+}
+
+VK_TEST(spp_fxsave_in_32bit_code_completes_on_a_trapping_page)
+{
+	SysGuest t;
+	const std::uint64_t d = prot + 2048 - 256;
+	std::vector<std::uint8_t> fill(512, 0xee);
+	for (std::uint64_t x : {ref, allowed, d})
+		t.g.memory().write(x, std::as_bytes(std::span(fill)));
+	Vcpu &v = t.g.add_vcpu(guest_fxsave32, ref, allowed, d);
+	set_fx_state(v);
+	Ucall uc = t.run_bounded(v);
+	TEST_ASSERT(uc.kind == Ucall::Kind::sync, "%s", uc.describe().c_str());
+
+	auto r = t.read(ref, 512), a = t.read(allowed, 512);
+	/* The 32-bit layout, XMM0-7: 288 bytes. */
+	TEST_ASSERT(r[160] == 1 && r[160 + 7 * 16] == 8 && r[24] == 0xa1,
+		    "the reference fxsave stored another state than the VMM set");
+	TEST_ASSERT(!fx_differ(a, r, 0), "fxsave on writable sub-pages differs from the reference");
+	TEST_ASSERT(fx_pointers(a, 0, false, v.xsave()),
+		    "the x87 pointers on writable sub-pages are not KVM's in the 32-bit layout");
+	TEST_ASSERT(t.read(d, 512) == fill, "a blocked fxsave wrote");
+	TEST_ASSERT_EQ(t.seen.size(), 1u);
+	TEST_ASSERT(t.seen[0].write_gpa == d && t.seen[0].gpa == prot + 2048 &&
+			    t.seen[0].size == SppViolation::max_write,
+		    "violation: gpa 0x%llx write_gpa 0x%llx size %u", (unsigned long long)t.seen[0].gpa,
+		    (unsigned long long)t.seen[0].write_gpa, t.seen[0].size);
+	t.g.run_to_done(v);
 }
