@@ -37,8 +37,8 @@
 #include "core/memory_map.hpp"
 #include "core/run_control.hpp"
 #include "spp/store.hpp"
-#include "spp/x86_decode.hpp"
 #include "spp/system_writes.hpp"
+#include "spp/x86_decode.hpp"
 
 namespace virtkit::detail {
 
