@@ -544,12 +544,12 @@ void SppEngine::watch_stalls(Vm &vm)
 /*
  * The vCPU made no progress for a StallWatch period: if the instruction at
  * its RIP makes a write KVM cannot complete on a trapping page, decide it
- * here, as for any other write. A store (sgdt, sidt) is then done or
- * dropped and the guest continues after the instruction. A descriptor's
- * accessed or busy bit is set, and the guest runs the instruction again;
- * dropping that write would leave it stuck, so a drop ends Vcpu::run() with
- * the violation for the VMM to decide (SppViolationExit, rip at the
- * instruction).
+ * here, as for any other write. A store (sgdt, sidt, fxsave in 32-bit
+ * code) is then done or dropped and the guest continues after the
+ * instruction. A descriptor's accessed or busy bit is set, and the guest
+ * runs the instruction again; dropping that write would leave it stuck, so
+ * a drop ends Vcpu::run() with the violation for the VMM to decide
+ * (SppViolationExit, rip at the instruction).
  */
 std::optional<Exit> SppEngine::complete_stalled(Vcpu &vcpu)
 {
@@ -567,11 +567,41 @@ std::optional<Exit> SppEngine::complete_stalled(Vcpu &vcpu)
 		if (std::holds_alternative<SppViolationExit>(out))
 			return out;
 	}
-	kvm_regs regs = vcpu.regs();
-	const kvm_sregs sregs = vcpu.sregs();
+	const kvm_regs regs = vcpu.regs();
+	return complete_system_writes(vcpu, regs, find_system_writes(vcpu, regs, vcpu.sregs()),
+				      nullptr);
+}
+
+/*
+ * fxsave/fxsave64 in 64-bit code on a trapping page: KVM's emulator refuses
+ * it (check_fxsr: X86EMUL_UNHANDLEABLE in 64-bit mode) and reports an
+ * emulation failure, with a #UD queued that setting the registers clears.
+ * Build the image from the vCPU's state and decide it whole, as the stall
+ * watch does for 32-bit code.
+ */
+ExitAction SppEngine::complete_fxsave(Vcpu &vcpu, Exit &exit)
+{
+	const kvm_regs regs = vcpu.regs();
+	auto w = find_fxsave(vcpu, regs, vcpu.sregs());
+	if (!w)
+		return ExitAction::pass;
+	bool decided = false;
+	auto out = complete_system_writes(vcpu, regs, {*w}, &decided);
+	if (!decided)
+		return ExitAction::pass;
+	if (!out)
+		return ExitAction::resume;
+	exit = std::move(*out);
+	return ExitAction::pass;
+}
+
+std::optional<Exit> SppEngine::complete_system_writes(Vcpu &vcpu, kvm_regs regs,
+						      const std::vector<SystemWrite> &writes,
+						      bool *decided)
+{
 	bool advance = false;
 	std::uint8_t length = 0;
-	for (const SystemWrite &w : find_system_writes(vcpu, regs, sregs)) {
+	for (const SystemWrite &w : writes) {
 		/* Its bytes by page: at most two pieces. */
 		struct Piece {
 			std::uint64_t gpa;
@@ -631,6 +661,8 @@ std::optional<Exit> SppEngine::complete_stalled(Vcpu &vcpu)
 				allowed_++;
 			}
 		}
+		if (decided)
+			*decided = true;
 		if (w.kind == SystemWrite::Kind::store) {
 			advance = true;
 			length = w.length;
@@ -642,9 +674,9 @@ std::optional<Exit> SppEngine::complete_stalled(Vcpu &vcpu)
 		v.vcpu = vcpu.id();
 		v.gpa = *blocked;
 		v.write_gpa = pieces[0].gpa;
-		v.size = w.size;
+		v.size = std::min(w.size, SppViolation::max_write);
 		v.rip = w.kind == SystemWrite::Kind::store ? regs.rip + w.length : regs.rip;
-		std::memcpy(v.bytes.data(), w.bytes.data(), w.size);
+		std::memcpy(v.bytes.data(), w.bytes.data(), v.size);
 		auto blocked_now = [&] {
 			auto lock = mem_.lock_shared();
 			return blocked_locked();
@@ -1158,9 +1190,12 @@ ExitAction SppEngine::on_exit(Vcpu &vcpu, Exit &exit)
 			if (a == ExitAction::resume || !std::holds_alternative<InternalErrorExit>(exit))
 				return a;
 		}
-		return ie->suberror == KVM_INTERNAL_ERROR_EMULATION
-			       ? complete_cmpxchg16b(vcpu, exit)
-			       : ExitAction::pass;
+		if (ie->suberror != KVM_INTERNAL_ERROR_EMULATION)
+			return ExitAction::pass;
+		ExitAction a = complete_cmpxchg16b(vcpu, exit);
+		if (a == ExitAction::resume || !std::holds_alternative<InternalErrorExit>(exit))
+			return a;
+		return complete_fxsave(vcpu, exit);
 	}
 	auto *m = std::get_if<MmioExit>(&exit);
 	if (!m || !m->is_write() || m->data.empty())

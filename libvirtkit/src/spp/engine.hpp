@@ -37,6 +37,7 @@
 #include "core/memory_map.hpp"
 #include "core/run_control.hpp"
 #include "spp/store.hpp"
+#include "spp/system_writes.hpp"
 #include "spp/x86_decode.hpp"
 
 namespace virtkit::detail {
@@ -94,6 +95,8 @@ private:
 			   const std::function<std::optional<std::uint64_t>()> &blocked_now);
 	/* A cmpxchg16b that KVM's emulator refused on a trapping page. */
 	ExitAction complete_cmpxchg16b(Vcpu &vcpu, Exit &exit);
+	/* An fxsave in 64-bit code that KVM's emulator refused on a trapping page. */
+	ExitAction complete_fxsave(Vcpu &vcpu, Exit &exit);
 	/*
 	 * An event (exception, NMI, interrupt) whose delivery KVM could not
 	 * complete because its frame lands on a trapping page: delivered
@@ -123,6 +126,13 @@ private:
 							   std::uint32_t len);
 	/* A vCPU that stayed in the guest: complete what KVM cannot (on its thread). */
 	std::optional<Exit> complete_stalled(Vcpu &vcpu);
+	/*
+	 * Decide the writes (find_system_writes) on trapping pages; *decided
+	 * says whether any was (performed or reported).
+	 */
+	std::optional<Exit> complete_system_writes(Vcpu &vcpu, kvm_regs regs,
+						   const std::vector<SystemWrite> &writes,
+						   bool *decided);
 	void count_protected(std::span<const std::uint32_t> old_maps,
 			     std::span<const std::uint32_t> new_maps);
 

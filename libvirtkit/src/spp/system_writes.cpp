@@ -1,6 +1,9 @@
 // SPDX-License-Identifier: MIT
 #include "spp/system_writes.hpp"
 
+#include <virtkit/error.hpp>
+#include <virtkit/vcpu.hpp>
+
 #include <cstring>
 #include <optional>
 
@@ -49,7 +52,90 @@ std::optional<SystemWrite> descriptor_update(Vcpu &vcpu, const kvm_sregs &s, std
 	return w;
 }
 
+/*
+ * The vCPU's x87/SSE state as fxsave64 stores it: the legacy region of
+ * KVM_GET_XSAVE (the host saved it with fxsave64/xsave64, and the kernel
+ * fills in components in their initial state), or, where KVM has no XSAVE
+ * ioctls, built from KVM_GET_FPU (which lacks MXCSR_MASK: the host's is
+ * the guest's, KVM does not change it).
+ */
+std::array<std::uint8_t, 512> fx_state(Vcpu &vcpu)
+{
+	std::array<std::uint8_t, 512> fx{};
+	try {
+		const Xsave x = vcpu.xsave();
+		if (x.region.size() * 4 >= fx.size()) {
+			std::memcpy(fx.data(), x.region.data(), fx.size());
+			return fx;
+		}
+	} catch (const Error &) {
+	}
+	const kvm_fpu f = vcpu.fpu();
+	alignas(16) std::array<std::uint8_t, 512> host{};
+	asm volatile("fxsave64 %0" : "=m"(host));
+	auto put = [&](std::size_t at, const auto &v) { std::memcpy(fx.data() + at, &v, sizeof(v)); };
+	put(0, f.fcw);
+	put(2, f.fsw);
+	put(4, f.ftwx);
+	put(6, f.last_opcode);
+	put(8, f.last_ip);
+	put(16, f.last_dp);
+	put(24, f.mxcsr);
+	std::memcpy(fx.data() + 28, host.data() + 28, 4);
+	put(32, f.fpr);
+	put(160, f.xmm);
+	return fx;
+}
+
 } // namespace
+
+std::optional<SystemWrite> find_fxsave(Vcpu &vcpu, const kvm_regs &regs, const kvm_sregs &s)
+{
+	const auto long64 = code_is_64bit(s);
+	if (!long64)
+		return std::nullopt;
+	std::array<std::uint8_t, 15> buf{};
+	const std::size_t have = read_guest_virtual(vcpu, regs.rip, buf);
+	const std::span<const std::uint8_t> code(buf.data(), have);
+	const Prefixes p = decode_prefixes(code, *long64);
+	const std::size_t i = p.length;
+	if (i + 2 >= have || code[i] != 0x0f || code[i + 1] != 0xae)
+		return std::nullopt;
+	MemOperand m;
+	unsigned reg = 0;
+	const auto end = decode_mem_operand(code, i + 2, p, *long64, m, reg);
+	if (!end || reg != 0)
+		return std::nullopt;
+	SystemWrite w{};
+	w.kind = SystemWrite::Kind::store;
+	w.gva = linear_address(m, regs, s, *long64, regs.rip + *end);
+	/* Misaligned: #GP before any access, so it never traps. */
+	if (w.gva % 16)
+		return std::nullopt;
+	w.length = static_cast<std::uint8_t>(*end);
+	w.bytes = fx_state(vcpu);
+	if (!(p.rex & 8)) {
+		/*
+		 * The 32-bit layout: FIP[31:0], FCS, FDP[31:0], FDS. KVM keeps
+		 * no FCS/FDS (its state has the 64-bit layout); they are
+		 * stored as 0, as processors that deprecate them
+		 * (CPUID.(7,0):EBX[13]) do, and as KVM's own em_fxsave does.
+		 */
+		std::memset(w.bytes.data() + 12, 0, 4);
+		std::memset(w.bytes.data() + 20, 0, 4);
+	}
+	/*
+	 * What the instruction stores: the header and ST0-7; XMM0-7 (XMM0-15
+	 * in 64-bit mode) only with CR4.OSFXSR, and not with AMD's fast
+	 * FXSAVE (EFER.FFXSR) at CPL 0 in 64-bit mode. Bytes 416..511 are
+	 * never written.
+	 */
+	const bool osfxsr = s.cr4 & (1u << 9);
+	const bool ffxsr = *long64 && (s.efer & (1u << 14)) && (s.cs.selector & 3) == 0;
+	w.size = !osfxsr || ffxsr ? 160 : *long64 ? 416 : 288;
+	std::memset(w.bytes.data() + w.size, 0, w.bytes.size() - w.size);
+	return w;
+}
 
 std::vector<SystemWrite> find_system_writes(Vcpu &vcpu, const kvm_regs &regs,
 					    const kvm_sregs &s)
@@ -99,6 +185,10 @@ std::vector<SystemWrite> find_system_writes(Vcpu &vcpu, const kvm_regs &regs,
 			std::memcpy(w.bytes.data() + 2, &t.base, w.size - 2);
 			w.length = static_cast<std::uint8_t>(m->second);
 			out.push_back(w);
+		} else if (op2 == 0xae) {
+			/* fxsave: in 32-bit code KVM emulates it and its store fails (em_fxsave) */
+			if (auto w = find_fxsave(vcpu, regs, s))
+				out.push_back(*w);
 		} else if (op2 == 0x00 && i < have && (code[i] >> 3 & 7) == 3) {
 			/* ltr r/m16 */
 			if (code[i] >> 6 == 3)
