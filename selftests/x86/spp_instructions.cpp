@@ -478,10 +478,12 @@ static void check_ops(std::span<const Op> ops)
 			    name);
 		const SppViolation &v = t.seen[vi++];
 		const std::uint64_t d = denied_target(j);
-		TEST_ASSERT(v.gpa == d && v.write_gpa == d && v.size == op.size,
-			    "%s: reported gpa=0x%llx write_gpa=0x%llx size=%u, want 0x%llx, %u",
+		TEST_ASSERT(v.gpa == d && v.write_gpa == d && v.size == op.size &&
+				    v.write_size == op.size,
+			    "%s: reported gpa=0x%llx write_gpa=0x%llx size=%u write_size=%u, "
+			    "want 0x%llx, %u",
 			    name, (unsigned long long)v.gpa, (unsigned long long)v.write_gpa,
-			    v.size, (unsigned long long)d, op.size);
+			    v.size, v.write_size, (unsigned long long)d, op.size);
 		TEST_ASSERT(std::memcmp(v.data().data(), &wr[16], op.size) == 0,
 			    "%s: reported data differ from what the reference wrote", name);
 		TEST_ASSERT(v.rip == (std::uint64_t)op.after,
@@ -683,7 +685,8 @@ VK_TEST(spp_insn_rep_string_per_element)
 			for (const SppViolation &v : t.seen) {
 				const std::uint64_t a = dst + at;
 				const std::uint64_t run = std::min(max, bytes - at);
-				const bool ok_size = v.size == run || (n == 0 && v.size == op.elem);
+				const bool ok_size = (v.size == run || (n == 0 && v.size == op.elem)) &&
+						     v.write_size == v.size;
 				TEST_ASSERT(v.gpa == a && v.write_gpa == a && ok_size,
 					    "%s, %llu bytes before: violation %llu at 0x%llx/0x%llx size "
 					    "%u, want 0x%llx size %llu",

@@ -25,7 +25,7 @@ struct SppViolation {
 	std::uint32_t vcpu;		/* id of the vCPU that wrote */
 	std::uint64_t gpa;		/* first protected byte the write touched */
 	std::uint64_t write_gpa;	/* first byte of the write */
-	std::uint32_t size;		/* bytes the write covers (1..max_write) */
+	std::uint32_t size;		/* bytes of the write data() holds (1..max_write) */
 	/*
 	 * The RIP the guest continues at: KVM retires an emulated store before
 	 * it reports it, so this is the next instruction (the target for a
@@ -45,6 +45,13 @@ struct SppViolation {
 	std::uint64_t gva;
 	std::uint32_t performed;
 	std::array<std::byte, 64> bytes; /* the first `size` are the data */
+	/*
+	 * Bytes the whole write covers from write_gpa: size, or more for the
+	 * one write longer than max_write the library decides whole (fxsave,
+	 * up to 416 bytes), whose first max_write bytes data() holds. A
+	 * handler that allows writes by address checks this extent.
+	 */
+	std::uint32_t write_size;
 
 	static constexpr std::uint32_t max_write = 64;
 	std::span<const std::byte> data() const noexcept { return {bytes.data(), size}; }

@@ -163,7 +163,7 @@ struct Describer {
 	{
 		const SppViolation &v = e.violation;
 		return "SPP violation vcpu " + std::to_string(v.vcpu) + " gpa=" + hexs(v.gpa) +
-		       " write gpa=" + hexs(v.write_gpa) + " len=" + std::to_string(v.size) +
+		       " write gpa=" + hexs(v.write_gpa) + " len=" + std::to_string(v.write_size) +
 		       " rip=" + hexs(v.rip);
 	}
 };

@@ -496,6 +496,7 @@ ExitAction SppEngine::complete_cmpxchg16b(Vcpu &vcpu, Exit &exit)
 	v.gpa = *blocked;
 	v.write_gpa = gpa;
 	v.size = 16;
+	v.write_size = 16;
 	v.rip = regs.rip + d->length;
 	const std::uint64_t *data = equal ? desired : expected;
 	std::memcpy(v.bytes.data(), data, 16);
@@ -675,6 +676,7 @@ std::optional<Exit> SppEngine::complete_system_writes(Vcpu &vcpu, kvm_regs regs,
 		v.gpa = *blocked;
 		v.write_gpa = pieces[0].gpa;
 		v.size = std::min(w.size, SppViolation::max_write);
+		v.write_size = w.size;
 		v.rip = w.kind == SystemWrite::Kind::store ? regs.rip + w.length : regs.rip;
 		std::memcpy(v.bytes.data(), w.bytes.data(), v.size);
 		auto blocked_now = [&] {
@@ -823,6 +825,7 @@ SppEngine::continue_rep_string(Vcpu &vcpu, const PrecedingCode &code, const kvm_
 		v.gpa = first_protected;
 		v.write_gpa = lo;
 		v.size = static_cast<std::uint32_t>(run * len);
+		v.write_size = v.size;
 		v.rip = post.rip;
 		auto run_elements = [&](auto &&fn) {
 			for (std::uint64_t k = 0; k < run; k++) {
@@ -1119,6 +1122,7 @@ ExitAction SppEngine::deliver_event(Vcpu &vcpu, std::uint8_t vector, std::uint8_
 		v.gpa = *first;
 		v.write_gpa = slot_gpa[0];
 		v.size = static_cast<std::uint32_t>(8 * n);
+		v.write_size = v.size;
 		v.rip = regs.rip;
 		std::memcpy(v.bytes.data(), frame.data(), 8 * n);
 		auto blocked_now = [&] {
@@ -1367,6 +1371,7 @@ ExitAction SppEngine::on_exit(Vcpu &vcpu, Exit &exit)
 		std::memcpy(v.bytes.data() + v.size, w.pieces[i].data.data(), w.pieces[i].len);
 		v.size += w.pieces[i].len;
 	}
+	v.write_size = v.size;
 
 	auto blocked_now = [&]() -> std::optional<std::uint64_t> {
 		auto lock = mem_.lock_shared();

@@ -174,7 +174,7 @@ bool KernelDataProtection::touches_ranges(const SppViolation &v) const
 	if (v.performed || v.gva)
 		return true;
 	for (const ProtectedRange &r : ranges_)
-		if (v.write_gpa < r.gpa + r.length && r.gpa < v.write_gpa + v.size)
+		if (v.write_gpa < r.gpa + r.length && r.gpa < v.write_gpa + v.write_size)
 			return true;
 	return false;
 }
@@ -205,12 +205,12 @@ SppDecision KernelDataProtection::on_violation(Vcpu &, const SppViolation &v)
 		std::snprintf(b, sizeof(b), " %02x", unsigned(v.bytes[i]));
 		bytes += b;
 	}
-	if (v.size > 16)
+	if (v.write_size > 16)
 		bytes += " ...";
 	std::fprintf(stderr,
 		     "\r\nvirtkit run: blocked a guest write: vcpu %u, %u bytes at %s (%s), "
 		     "next rip %s:%s\r\n",
-		     v.vcpu, v.size, hex(v.write_gpa).c_str(), at.c_str(), hex(v.rip).c_str(),
+		     v.vcpu, v.write_size, hex(v.write_gpa).c_str(), at.c_str(), hex(v.rip).c_str(),
 		     bytes.c_str());
 	if (n == max_reported)
 		std::fprintf(stderr, "virtkit run: more blocked writes are counted, not shown\r\n");

@@ -331,7 +331,7 @@ SppDecision IntrospectionServer::on_spp_violation(Vcpu &vcpu, const SppViolation
 	return pf_allows(vcpu, pf,
 			 [&] {
 				 std::lock_guard lock(restr_mu_);
-				 return write_allowed(v.write_gpa, v.size, map_of);
+				 return write_allowed(v.write_gpa, v.write_size, map_of);
 			 })
 		       ? SppDecision::allow_once
 		       : SppDecision::drop;
