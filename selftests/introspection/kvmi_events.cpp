@@ -1344,11 +1344,15 @@ VK_TEST(msr_continue_efer_bit_without_feature_faults)
 	constexpr std::uint64_t efer_nxe = 1ull << 11;
 	msr_continue_as_without_introspection(
 		{msr_efer, same_value, [](Vcpu &v) {
-			 without_cpuid({{.function = 0x80000001, .reg = CpuidReg::edx,
-					 .set = 1u << 20}})(v);
+			 /*
+			  * EFER first: from 6.12 on KVM_SET_SREGS checks EFER
+			  * against the CPUID too, which KVM_SET_CPUID2 does not.
+			  */
 			 auto s = v.sregs();
 			 s.efer |= efer_nxe;
 			 v.set_sregs(s);
+			 without_cpuid({{.function = 0x80000001, .reg = CpuidReg::edx,
+					 .set = 1u << 20}})(v);
 		 },
 		 true});
 }
