@@ -33,6 +33,7 @@
 #include <optional>
 #include <sstream>
 #include <string>
+#include <thread>
 #include <vector>
 
 namespace fs = std::filesystem;
@@ -180,6 +181,8 @@ public:
 				return std::nullopt;
 		}
 	}
+
+	void signal(int sig) { TEST_ASSERT(pid_ > 0 && kill(pid_, sig) == 0); }
 
 	void send(const std::string &text)
 	{
@@ -574,6 +577,31 @@ VK_TEST(protected_kernel_variable_is_unchanged)
 	TEST_ASSERT(r.output.find("virtkit-run: rebooting") != r.output.npos,
 		    "the guest did not run on to its end; output:\n%s", out);
 	TEST_ASSERT_EQ(r.status, 0);
+}
+
+/*
+ * SIGTERM stops `virtkit run` cleanly (status 128 + 15, the end reported)
+ * also when SPP runs threads of its own (--protect): they must not take
+ * the signal and die with the process. Needs no guest user space: the
+ * signal comes while the kernel boots.
+ */
+VK_TEST(run_stops_on_sigterm_with_protection)
+{
+	TEST_REQUIRE(access("/dev/kvm", R_OK | W_OK) == 0, "/dev/kvm");
+	std::string virtkit = tool();
+	std::string kernel = kernel_image();
+	Child vm({virtkit, "run", "--kernel", kernel, "--memory", "128M", "--cmdline",
+		  cmdline(), "--protect", "overflowuid:4"},
+		 false);
+	auto deadline = Clock::now() + std::chrono::seconds(60);
+	TEST_ASSERT(vm.line_after("virtkit run: protecting overflowuid", deadline),
+		    "no protection report; output:\n%s", vm.output().c_str());
+	std::this_thread::sleep_for(std::chrono::milliseconds(500));
+	vm.signal(SIGTERM);
+	Run r = vm.finish(60);
+	TEST_ASSERT(r.status == 128 + SIGTERM && r.output.find("stopped by signal") != r.output.npos &&
+			    r.output.find("guest writes to protected memory blocked") != r.output.npos,
+		    "status %d; output:\n%s", r.status, r.output.c_str());
 }
 
 /* virtkit-introspect: usage errors exit 2 naming the option, --version answers. */

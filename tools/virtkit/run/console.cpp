@@ -48,14 +48,27 @@ void write_all(int fd, const void *buf, std::size_t len)
 	}
 }
 
-} // namespace
-
-Console::Console()
+sigset_t stop_signal_set()
 {
 	sigset_t set;
 	sigemptyset(&set);
 	for (int s : stop_signals)
 		sigaddset(&set, s);
+	return set;
+}
+
+} // namespace
+
+void Console::block_stop_signals()
+{
+	sigset_t set = stop_signal_set();
+	if (pthread_sigmask(SIG_BLOCK, &set, nullptr))
+		throw Error("pthread_sigmask", errno);
+}
+
+Console::Console()
+{
+	sigset_t set = stop_signal_set();
 	if (pthread_sigmask(SIG_BLOCK, &set, &old_mask_))
 		throw Error("pthread_sigmask", errno);
 	signals_ = FileDesc::adopt(signalfd(-1, &set, SFD_CLOEXEC | SFD_NONBLOCK), "signalfd");
