@@ -20,6 +20,8 @@
 #include <virtkit/system.hpp>
 #include <virtkit/vcpu.hpp>
 
+#include "core/library_thread.hpp"
+
 namespace virtkit::platform::probe {
 
 inline Probe yes(std::string d)
@@ -44,7 +46,7 @@ inline Exit run_bounded(Vcpu &v)
 	std::mutex mu;
 	std::condition_variable cv;
 	bool done = false;
-	std::thread watchdog([&] {
+	std::thread watchdog = detail::start_library_thread<std::thread>([&] {
 		std::unique_lock lock(mu);
 		if (!cv.wait_for(lock, std::chrono::seconds(2), [&] { return done; }))
 			v.kick();

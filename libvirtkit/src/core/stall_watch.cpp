@@ -1,6 +1,7 @@
 // SPDX-License-Identifier: MIT
 #include "core/stall_watch.hpp"
 
+#include "core/library_thread.hpp"
 #include "core/run_control.hpp"
 #include "core/run_gate.hpp"
 #include "core/vcpu_state.hpp"
@@ -14,7 +15,8 @@ bool StallWatch::watch(std::shared_ptr<VcpuWork> check)
 		return false;
 	check_ = std::move(check);
 	if (!thread_.joinable())
-		thread_ = std::jthread([this](std::stop_token st) { loop(st); });
+		thread_ = start_library_thread<std::jthread>(
+			[this](std::stop_token st) { loop(st); });
 	return true;
 }
 

@@ -59,13 +59,6 @@ sigset_t stop_signal_set()
 
 } // namespace
 
-void Console::block_stop_signals()
-{
-	sigset_t set = stop_signal_set();
-	if (pthread_sigmask(SIG_BLOCK, &set, nullptr))
-		throw Error("pthread_sigmask", errno);
-}
-
 Console::Console()
 {
 	sigset_t set = stop_signal_set();

@@ -46,15 +46,6 @@ public:
 	Console(const Console &) = delete;
 	Console &operator=(const Console &) = delete;
 
-	/*
-	 * Block the terminating signals in the calling thread now, before the
-	 * library starts threads of its own (SPP's stall watch): a thread
-	 * without them blocked would take a SIGTERM and die with the process,
-	 * the terminal left raw. The console unblocks nothing: it takes them
-	 * from its signalfd.
-	 */
-	static void block_stop_signals();
-
 	/* Start passing keys to uart; stop(reason, signo) is called once, from the input thread. */
 	void start(Uart &uart, std::function<void(ConsoleStop, int)> stop);
 	/* Stop the input thread and restore the terminal (idempotent). */

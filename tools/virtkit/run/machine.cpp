@@ -309,7 +309,6 @@ void Machine::summary() const
 int Machine::run()
 {
 	auto start = std::chrono::steady_clock::now();
-	Console::block_stop_signals();
 	auto kernel = read_whole_file(o_.kernel, "--kernel");
 	std::vector<std::byte> initrd;
 	if (!o_.initrd.empty())

@@ -17,6 +17,8 @@
 #include <virtkit/error.hpp>
 #include <virtkit/memory.hpp>
 
+#include "core/library_thread.hpp"
+
 namespace virtkit {
 
 namespace detail {
@@ -74,7 +76,8 @@ void IntrospectionServer::start(std::unique_ptr<kvmi::Connection> conn)
 		std::lock_guard lock(mu_);
 		connected_ = true;
 	}
-	reader_ = std::thread([self = shared_from_this()] { self->reader_main(); });
+	reader_ = start_library_thread<std::thread>(
+		[self = shared_from_this()] { self->reader_main(); });
 }
 
 void IntrospectionServer::release_vm() noexcept
