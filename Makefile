@@ -151,7 +151,7 @@ INTROSPECT_BIN  := $(BUILD)/bin/virtkit-introspect
 # code is loaded at the binary's own addresses.
 GUEST_LINK := $(GUEST_A) $(INTROSPECT_A) $(LIB_A) $(URING_LIBS) -lpthread
 
-.PHONY: all lib guest tool selftests unit run run-initramfs test check check-unit check-selftests check-selftests-nested \
+.PHONY: all lib guest tool selftests unit run run-initramfs test check check-unit check-docs check-selftests check-selftests-nested \
         check-install deps install uninstall clean bench run-bench
 
 all: lib guest tool selftests unit bench
@@ -385,7 +385,7 @@ run-bench: $(BENCH_BINS)
 # Every suite runs, also after one failed; scripts/check-suites streams each
 # one's output, then prints one table (target, suite, platform, pass, fail,
 # skip) and every skip with its reason, and fails if anything failed.
-CHECK_SUITES := check-unit check-selftests check-selftests-nested check-page-walk \
+CHECK_SUITES := check-unit check-docs check-selftests check-selftests-nested check-page-walk \
                 check-kmod check-dkms check-install
 
 check: deps
@@ -394,6 +394,11 @@ check: deps
 
 check-unit: $(UNIT_BIN)
 	$(UNIT_BIN)
+
+# Every C and C++ code block of Documentation/ and README.md compiles (and
+# links, with main()).
+check-docs: lib
+	scripts/check-doc-examples $(BUILD)
 
 # Needs nothing check's `deps` installs beyond the build's own packages.
 test: $(UNIT_BIN)
