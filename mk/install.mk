@@ -136,6 +136,12 @@ uninstall:
 	rm -f $(DESTDIR)$(LIBDIR)/libvirtkit-introspect.a $(DESTDIR)$(LIBDIR)/libvirtkit-introspect.so \
 		$(DESTDIR)$(LIBDIR)/libvirtkit-introspect.so.$(SOVERSION) \
 		$(DESTDIR)$(LIBDIR)/libvirtkit-introspect.so.$(VERSION)
+	@# The SONAME link of 0.1.0's first installs (.so.0), when it is this version's.
+	@for l in libvirtkit libvirtkit-introspect; do \
+		if [ "$$(readlink $(DESTDIR)$(LIBDIR)/$$l.so.0 2>/dev/null)" = "$$l.so.$(VERSION)" ]; then \
+			echo "rm -f $(DESTDIR)$(LIBDIR)/$$l.so.0"; rm -f $(DESTDIR)$(LIBDIR)/$$l.so.0; \
+		fi; \
+	done
 	rm -f $(DESTDIR)$(PKGCONFIGDIR)/virtkit.pc $(DESTDIR)$(PKGCONFIGDIR)/virtkit-introspect.pc
 	rm -f $(DESTDIR)$(CMAKEDIR)/virtkitConfig.cmake \
 		$(DESTDIR)$(CMAKEDIR)/virtkitConfigVersion.cmake
