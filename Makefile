@@ -297,10 +297,12 @@ $(BUILD)/tools/virtkit/%.o: tools/virtkit/%.cpp
 $(BUILD)/tools/virtkit/demo_guest.o: GUEST_CXXFLAGS += $(FREESTANDING)
 
 # virtkit run decompresses xz and zstd kernels with liblzma and libzstd
-# (static, like liburing).
+# (static, like liburing). Full RELRO (BIND_NOW) changes nothing guest code
+# sees: it never calls through the PLT, and the GOT was in the RELRO
+# segment already; not EXTRA_LDFLAGS, which could ask for a PIE.
 $(TOOL_BIN): $(TOOL_OBJS) $(GUEST_A) $(INTROSPECT_A) $(LIB_A)
 	@mkdir -p $(@D)
-	$(CXX) -no-pie -o $@ $(TOOL_OBJS) $(GUEST_LINK) -l:liblzma.a -l:libzstd.a
+	$(CXX) -no-pie $(HARDEN_LDFLAGS) -o $@ $(TOOL_OBJS) $(GUEST_LINK) -l:liblzma.a -l:libzstd.a
 
 # virtkit-introspect runs no guest: a hardened PIE like any host program,
 # and so is what the tools share. It reads kernel images (--processes):
