@@ -12,7 +12,10 @@
 #   lib/libvirtkit.a, lib/libvirtkit.so{,.0.1,.0.1.0}    the VMM library (SONAME
 #                                                       libvirtkit.so.$(SOVERSION))
 #   lib/libvirtkit-introspect.a, .so{,.0.1,.0.1.0}      the tool end of KVMI
-#   lib/pkgconfig/virtkit.pc, virtkit-introspect.pc     pkg-config
+#   include/virtkit/x86/*.h, *.hpp                     the guest environment
+#   lib/libvirtkit-guest.a                              (guest/; static only)
+#   lib/pkgconfig/virtkit.pc, virtkit-introspect.pc,    pkg-config
+#                 virtkit-guest.pc
 #   lib/cmake/virtkit/virtkitConfig{,Version}.cmake     find_package(virtkit):
 #                                                       virtkit::virtkit{,_static},
 #                                                       virtkit::introspect{,_static}
@@ -25,13 +28,12 @@
 # is relocatable.
 #
 # The guest environment (guest/: libvirtkit-guest.a, <virtkit/x86/*.h*>) is
-# not installed. A program using it must build its guest code with the
-# guest-code flags, link statically as a non-PIE executable (its pages are
-# loaded into the guest at their own addresses), and link libvirtkit.a, not
-# libvirtkit.so: GuestVm uses libvirtkit internals (virtkit::detail::hex)
-# that the shared library does not export. It is part of this tree's
-# selftests, benchmarks and tool, with no tested outside consumer.
-# `make uninstall` still removes the x86 headers earlier versions installed.
+# installed for programs whose guest code is their own functions
+# (examples/guest-code). virtkit-guest.pc gives what they need: Cflags with
+# the guest-code flags (for every translation unit with guest code), Libs
+# that link a non-PIE executable (its pages are loaded into the guest at
+# their own addresses) with the static libraries: GuestVm uses libvirtkit
+# internals that the shared library does not export.
 
 BINDIR       ?= $(PREFIX)/bin
 LIBDIR       ?= $(PREFIX)/lib
@@ -44,8 +46,7 @@ MANDIR       ?= $(PREFIX)/share/man
 INSTALL      ?= install
 
 INST_HDRS     := $(wildcard libvirtkit/include/virtkit/*.hpp libvirtkit/include/virtkit/*.h)
-# Installed by virtkit 0.1.0 before the guest environment moved to guest/.
-OLD_X86_HDRS  := guest.h guest_probes.hpp guest_vm.hpp page_tables.hpp
+INST_GUEST_HDRS := $(wildcard guest/include/virtkit/x86/*.h guest/include/virtkit/x86/*.hpp)
 INST_UAPI     := $(wildcard uapi/linux/*.h)
 UAPIDIR       := $(INCLUDEDIR)/virtkit/uapi
 # Where make install put the UAPI headers before 0.1.0's release.
@@ -81,7 +82,15 @@ $(BUILD)/cmake/virtkitConfigVersion.cmake: libvirtkit/cmake/virtkitConfigVersion
 	@mkdir -p $(@D)
 	sed -e 's|@VERSION@|$(VERSION)|g' $< > $@
 
-INST_GENERATED := $(BUILD)/virtkit.pc $(BUILD)/virtkit-introspect.pc \
+$(BUILD)/virtkit-guest.pc: libvirtkit/virtkit-guest.pc.in FORCE
+	@mkdir -p $(@D)
+	sed -e 's|@PREFIX@|$(PREFIX)|g' \
+	    -e 's|@LIBDIR@|$(call pc_dir,$(LIBDIR))|g' \
+	    -e 's|@INCLUDEDIR@|$(call pc_dir,$(INCLUDEDIR))|g' \
+	    -e 's|@GUEST_CFLAGS@|$(GUESTSAFE) $(GUESTCODE) -fno-pie|g' \
+	    -e 's|@VERSION@|$(VERSION)|g' $< > $@
+
+INST_GENERATED := $(BUILD)/virtkit.pc $(BUILD)/virtkit-introspect.pc $(BUILD)/virtkit-guest.pc \
                   $(BUILD)/cmake/virtkitConfig.cmake \
                   $(BUILD)/cmake/virtkitConfigVersion.cmake
 
@@ -90,10 +99,12 @@ INST_GENERATED := $(BUILD)/virtkit.pc $(BUILD)/virtkit-introspect.pc \
 # (virtkit-tools); install: both.
 install: install-lib install-tools
 
-install-lib: lib $(INST_GENERATED)
+install-lib: lib guest $(INST_GENERATED)
 	$(INSTALL) -d $(DESTDIR)$(INCLUDEDIR)/virtkit $(DESTDIR)$(UAPIDIR) $(DESTDIR)$(LIBDIR) \
-		$(DESTDIR)$(PKGCONFIGDIR) $(DESTDIR)$(CMAKEDIR)
+		$(DESTDIR)$(PKGCONFIGDIR) $(DESTDIR)$(CMAKEDIR) $(DESTDIR)$(INCLUDEDIR)/virtkit/x86
 	$(INSTALL) -m 644 $(INST_HDRS) $(DESTDIR)$(INCLUDEDIR)/virtkit/
+	$(INSTALL) -m 644 $(INST_GUEST_HDRS) $(DESTDIR)$(INCLUDEDIR)/virtkit/x86/
+	$(INSTALL) -m 644 $(GUEST_A) $(DESTDIR)$(LIBDIR)/
 	$(INSTALL) -m 644 $(INST_UAPI) $(DESTDIR)$(UAPIDIR)/
 	$(INSTALL) -m 644 $(LIB_A) $(DESTDIR)$(LIBDIR)/
 	$(INSTALL) -m 755 $(LIB_SO) $(DESTDIR)$(LIBDIR)/
@@ -103,7 +114,8 @@ install-lib: lib $(INST_GENERATED)
 	$(INSTALL) -m 755 $(INTROSPECT_SO) $(DESTDIR)$(LIBDIR)/
 	ln -sf libvirtkit-introspect.so.$(VERSION) $(DESTDIR)$(LIBDIR)/libvirtkit-introspect.so.$(SOVERSION)
 	ln -sf libvirtkit-introspect.so.$(SOVERSION) $(DESTDIR)$(LIBDIR)/libvirtkit-introspect.so
-	$(INSTALL) -m 644 $(BUILD)/virtkit.pc $(BUILD)/virtkit-introspect.pc $(DESTDIR)$(PKGCONFIGDIR)/
+	$(INSTALL) -m 644 $(BUILD)/virtkit.pc $(BUILD)/virtkit-introspect.pc \
+		$(BUILD)/virtkit-guest.pc $(DESTDIR)$(PKGCONFIGDIR)/
 	$(INSTALL) -m 644 $(BUILD)/cmake/virtkitConfig.cmake \
 		$(BUILD)/cmake/virtkitConfigVersion.cmake $(DESTDIR)$(CMAKEDIR)/
 
@@ -125,7 +137,8 @@ install-man: man
 
 uninstall:
 	rm -f $(addprefix $(DESTDIR)$(INCLUDEDIR)/virtkit/,$(notdir $(INST_HDRS)))
-	rm -f $(addprefix $(DESTDIR)$(INCLUDEDIR)/virtkit/x86/,$(OLD_X86_HDRS))
+	rm -f $(addprefix $(DESTDIR)$(INCLUDEDIR)/virtkit/x86/,$(notdir $(INST_GUEST_HDRS)))
+	rm -f $(DESTDIR)$(LIBDIR)/libvirtkit-guest.a
 	rm -f $(addprefix $(DESTDIR)$(UAPIDIR)/,$(notdir $(INST_UAPI)))
 	rm -f $(addprefix $(DESTDIR)$(OLD_UAPIDIR)/,$(notdir $(INST_UAPI)))
 	rmdir $(DESTDIR)$(UAPIDIR) $(DESTDIR)$(INCLUDEDIR)/virtkit/x86 \
@@ -142,7 +155,8 @@ uninstall:
 			echo "rm -f $(DESTDIR)$(LIBDIR)/$$l.so.0"; rm -f $(DESTDIR)$(LIBDIR)/$$l.so.0; \
 		fi; \
 	done
-	rm -f $(DESTDIR)$(PKGCONFIGDIR)/virtkit.pc $(DESTDIR)$(PKGCONFIGDIR)/virtkit-introspect.pc
+	rm -f $(DESTDIR)$(PKGCONFIGDIR)/virtkit.pc $(DESTDIR)$(PKGCONFIGDIR)/virtkit-introspect.pc \
+		$(DESTDIR)$(PKGCONFIGDIR)/virtkit-guest.pc
 	rm -f $(DESTDIR)$(CMAKEDIR)/virtkitConfig.cmake \
 		$(DESTDIR)$(CMAKEDIR)/virtkitConfigVersion.cmake
 	rmdir $(DESTDIR)$(CMAKEDIR) 2>/dev/null || true
