@@ -26,6 +26,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <cctype>
 #include <chrono>
 #include <cstdlib>
 #include <cstring>
@@ -633,8 +634,8 @@ VK_TEST(introspect_tool_usage)
 }
 
 /*
- * The JSON subset `virtkit info --json` prints: objects whose members are
- * strings or objects. Advances p past one value; false if malformed.
+ * The JSON the tools print: objects, arrays, strings, unsigned numbers,
+ * true and false. Advances p past one value; false if malformed.
  */
 static bool json_value(const std::string &s, std::size_t &p);
 
@@ -664,6 +665,30 @@ static bool json_value(const std::string &s, std::size_t &p)
 	json_space(s, p);
 	if (p < s.size() && s[p] == '"')
 		return json_string(s, p);
+	if (p < s.size() && std::isdigit(static_cast<unsigned char>(s[p]))) {
+		while (p < s.size() && std::isdigit(static_cast<unsigned char>(s[p])))
+			p++;
+		return true;
+	}
+	for (const char *word : {"true", "false"})
+		if (s.compare(p, std::strlen(word), word) == 0)
+			return p += std::strlen(word), true;
+	if (p < s.size() && s[p] == '[') {
+		p++;
+		json_space(s, p);
+		if (p < s.size() && s[p] == ']')
+			return ++p, true;
+		for (;;) {
+			if (!json_value(s, p))
+				return false;
+			json_space(s, p);
+			if (p < s.size() && s[p] == ',') {
+				p++;
+				continue;
+			}
+			return p < s.size() && s[p++] == ']';
+		}
+	}
 	if (p >= s.size() || s[p++] != '{')
 		return false;
 	json_space(s, p);
@@ -703,6 +728,59 @@ VK_TEST(info_json)
 	TEST_ASSERT_EQ(r.status, 1);
 	TEST_ASSERT(r.output.find("\"usable\": \"no: open (/nonexistent): ENOENT") != r.output.npos,
 		    "output:\n%s", r.output.c_str());
+}
+
+/*
+ * virtkit-introspect --json against `virtkit demo --introspect`: JSON Lines,
+ * every line one object with a "type"; the records carry the demo's VM, the
+ * MSR hook and its writes.
+ */
+VK_TEST(introspect_tool_json)
+{
+	TEST_REQUIRE(access("/dev/kvm", R_OK | W_OK) == 0, "/dev/kvm");
+	std::string introspect = require_file("VIRTKIT_INTROSPECT_TOOL",
+					      build_dir() / "bin" / "virtkit-introspect",
+					      "the introspection tool (make tool)");
+	std::string virtkit = tool();
+	char dir[] = "/tmp/virtkit-json.XXXXXX";
+	TEST_ASSERT(mkdtemp(dir));
+	const std::string key = std::string(dir) + "/key", sock = std::string("unix:") + dir + "/tool.sock";
+	{
+		int fd = open(key.c_str(), O_WRONLY | O_CREAT | O_EXCL, 0600);
+		TEST_ASSERT(fd >= 0 && write(fd, "s3cret\n", 7) == 7);
+		close(fd);
+	}
+	Child t({introspect, "--listen", sock, "--secret-file", key, "--msr", "0xc0000102", "--count",
+		 "4", "--json"},
+		false);
+	TEST_ASSERT(t.line_after("{\"type\":\"listening\"", Clock::now() + std::chrono::seconds(30)),
+		    "the tool did not listen:\n%s", t.output().c_str());
+	Run d = run({virtkit, "demo", "--introspect", sock, "--secret-file", key}, 120);
+	TEST_ASSERT(d.status == 0, "virtkit demo: status %d\n%s", d.status, d.output.c_str());
+	Run r = t.finish(60);
+	TEST_ASSERT(r.status == 0, "virtkit-introspect: status %d\n%s", r.status, r.output.c_str());
+	std::vector<std::string> types;
+	unsigned msr_events = 0;
+	for (std::size_t at = 0; at < r.output.size();) {
+		std::size_t end = r.output.find('\n', at);
+		TEST_ASSERT(end != r.output.npos, "an unterminated line in:\n%s", r.output.c_str());
+		std::string line = r.output.substr(at, end - at);
+		std::size_t p = 0;
+		TEST_ASSERT(json_value(line, p) && p == line.size() && line.starts_with("{\"type\":\""),
+			    "not one JSON object with a type: %s", line.c_str());
+		types.push_back(line.substr(9, line.find('"', 9) - 9));
+		if (line.find("\"event\":\"MSR\",\"msr\":\"0xc0000102\"") != line.npos)
+			msr_events++;
+		at = end + 1;
+	}
+	const std::vector<std::string> first = {"listening", "connected", "paused"};
+	TEST_ASSERT(types.size() > 6 && std::equal(first.begin(), first.end(), types.begin()) &&
+			    types.back() == "detached",
+		    "records in an unexpected order:\n%s", r.output.c_str());
+	TEST_ASSERT(r.output.find("\"name\":\"virtkit-demo\"") != r.output.npos &&
+			    r.output.find("{\"type\":\"hooked\",\"msr\":\"0xc0000102\"}") != r.output.npos,
+		    "no connected or hooked record:\n%s", r.output.c_str());
+	TEST_ASSERT(msr_events >= 1, "no MSR event record:\n%s", r.output.c_str());
 }
 
 /* Bad options and images end with a clear message and status 2 or 1, before any VM runs. */

@@ -39,6 +39,7 @@
 #include <linux/virtkit_kvmi.h> /* command ids */
 
 #include "../common/kernel_image.hpp"
+#include "../common/json.hpp"
 #include "../common/secret.hpp"
 #include "linux_kernel.hpp"
 #include "processes.hpp"
@@ -49,6 +50,8 @@ using namespace std::chrono_literals;
 using namespace virtkit::introspect;
 using virtkit::Error;
 using virtkit::tool::GuestProcesses;
+using virtkit::tool::json_string;
+using virtkit::tool::JsonLine;
 using virtkit::tool::KernelImageError;
 using virtkit::tool::LinuxKernelLayout;
 using virtkit::tool::linux_kernel_layout;
@@ -57,10 +60,10 @@ using virtkit::tool::list_processes;
 const char usage_text[] =
 	"usage: virtkit-introspect --listen ADDRESS [--secret-file PATH | --secret-fd N |\n"
 	"                          --secret SECRET] [--msr INDEX] [--breakpoint GPA]\n"
-	"                          [--count N] [--timeout SECONDS]\n"
+	"                          [--count N] [--timeout SECONDS] [--json]\n"
 	"       virtkit-introspect --listen ADDRESS [--secret-file PATH | ...]\n"
 	"                          --processes --kernel IMAGE [--system-map FILE]\n"
-	"                          [--timeout SECONDS]\n"
+	"                          [--timeout SECONDS] [--json]\n"
 	"\n"
 	"Waits for a VM to connect over KVMI, then:\n"
 	"  shows the VM's name, uuid, vCPUs and the protocol version,\n"
@@ -96,6 +99,10 @@ const char usage_text[] =
 	"                     /proc/kallsyms) instead; it adds linux_banner\n"
 	"The guest must run that kernel without KASLR (as `virtkit run` boots it).\n"
 	"\n"
+	"  --json             print JSON Lines instead: one object per line with a\n"
+	"                     \"type\" (listening, connected, paused, vcpu, hooked,\n"
+	"                     breakpoint, resumed, event, processes, detaching,\n"
+	"                     detached); addresses and values as \"0x...\" strings\n"
 	"  --version          print the version and exit\n"
 	"\n"
 	"Ctrl-C detaches as well. Exit status: 0 success, 1 failure (the message\n"
@@ -109,6 +116,7 @@ struct Options {
 	unsigned count = 10;
 	std::optional<std::chrono::seconds> timeout;
 	bool processes = false;
+	bool json = false;
 	std::string kernel, system_map;
 };
 
@@ -142,6 +150,10 @@ Options parse(int argc, char **argv)
 		if (a == "--version") {
 			std::printf("virtkit-introspect %s\n", VIRTKIT_VERSION_STRING);
 			std::exit(0);
+		}
+		if (a == "--json") {
+			o.json = true;
+			continue;
 		}
 		if (a == "--processes") {
 			o.processes = true;
@@ -238,6 +250,8 @@ private:
 	void pause(Session &s);
 	/* Answer held_ and paused_: the vCPUs run again. */
 	void resume(Session &s);
+	/* --json: the event as one line. */
+	void print_event_json(const Event &ev) const;
 	void dump(Session &s, std::uint16_t vcpu);
 	/* --processes: the guest's process list, read on a paused vCPU. */
 	void print_processes(Session &s);
@@ -309,6 +323,27 @@ void Tool::dump(Session &s, std::uint16_t vcpu)
 	auto r = s.get_registers(vcpu, msrs);
 	auto tsc = s.get_tsc_speed(vcpu);
 	const auto &g = r.regs;
+	if (opt_.json) {
+		JsonLine("vcpu")
+			.num("vcpu", vcpu)
+			.num("mode", r.mode * 8)
+			.hex("rip", g.rip)
+			.hex("rsp", g.rsp)
+			.hex("rflags", g.rflags)
+			.num("tsc_hz", tsc)
+			.hex("rax", g.rax)
+			.hex("rbx", g.rbx)
+			.hex("rcx", g.rcx)
+			.hex("rdx", g.rdx)
+			.hex("cr0", r.sregs.cr0)
+			.hex("cr3", r.sregs.cr3)
+			.hex("cr4", r.sregs.cr4)
+			.hex("cs", r.sregs.cs.selector)
+			.hex("efer", r.msrs[0].value)
+			.hex("lstar", r.msrs[1].value)
+			.print();
+		return;
+	}
 	std::printf("vcpu %u: mode %u-bit  rip %#llx  rsp %#llx  rflags %#llx  tsc %llu Hz\n",
 		    unsigned(vcpu), unsigned(r.mode * 8), (unsigned long long)g.rip,
 		    (unsigned long long)g.rsp, (unsigned long long)g.rflags,
@@ -328,6 +363,23 @@ void Tool::print_processes(Session &s)
 		throw Error("--processes", EAGAIN, "no vCPU paused");
 	std::uint16_t vcpu = paused_.empty() ? held_.front().vcpu : paused_.front().vcpu;
 	GuestProcesses p = list_processes(s, vcpu, *kernel_);
+	listed_ = true;
+	if (opt_.json) {
+		std::string list = "[";
+		for (auto &t : p.tasks)
+			list += (list.size() > 1 ? "," : "") + std::string("{\"pid\":") +
+				std::to_string(t.pid) + ",\"tgid\":" + std::to_string(t.tgid) +
+				",\"comm\":" + json_string(t.comm) + "}";
+		JsonLine("processes")
+			.str("banner", p.banner)
+			.str("banner_symbol", kernel_->linux_banner ? "linux_banner" : "init_uts_ns")
+			.str("symbols_from", kernel_->symbols_from)
+			.num("vcpu", vcpu)
+			.raw("processes", list + "]")
+			.str("incomplete", p.incomplete)
+			.print();
+		return;
+	}
 	if (!p.banner.empty())
 		std::printf("%s: %s\n", kernel_->linux_banner ? "linux_banner" : "init_uts_ns",
 			    p.banner.c_str());
@@ -339,7 +391,6 @@ void Tool::print_processes(Session &s)
 	std::printf("%zu processes%s%s\n", p.tasks.size(), p.incomplete.empty() ? "" : "; incomplete: ",
 		    p.incomplete.c_str());
 	std::fflush(stdout);
-	listed_ = true;
 }
 
 void Tool::arm_breakpoint(Session &s)
@@ -378,6 +429,14 @@ bool Tool::enable_breakpoint_events(Session &s)
 			why = e.what();
 		}
 	}
+	if (!bp_events_ && opt_.json) {
+		JsonLine("breakpoint")
+			.hex("gpa", *opt_.breakpoint)
+			.boolean("available", false)
+			.str("why", why)
+			.print();
+		return false;
+	}
 	if (!bp_events_) {
 		std::printf("breakpoint at gpa %#llx not available: %s%s\n",
 			    (unsigned long long)*opt_.breakpoint, why.c_str(),
@@ -405,19 +464,38 @@ void Tool::attach(Session &s)
 		std::snprintf(when + n, sizeof(when) - n, ".%03uZ",
 			      unsigned(info.start_time % 1000));
 	}
-	std::printf("VM '%s' connected: uuid %s, started %s", info.name.c_str(),
-		    uuid_text(info.uuid).c_str(), when);
-	if (info.max_gpa)
-		std::printf(", guest memory up to %#llx", (unsigned long long)*info.max_gpa);
-	std::printf("\n");
+	if (!opt_.json) {
+		std::printf("VM '%s' connected: uuid %s, started %s", info.name.c_str(),
+			    uuid_text(info.uuid).c_str(), when);
+		if (info.max_gpa)
+			std::printf(", guest memory up to %#llx", (unsigned long long)*info.max_gpa);
+		std::printf("\n");
+	}
 	auto v = s.get_version();
 	vcpus_ = s.get_guest_info();
-	std::printf("KVMI version %u (features:%s%s%s%s), %u vCPUs\n", v.version,
-		    v.spp ? " spp" : "", v.vmfunc ? " vmfunc" : "", v.eptp ? " eptp" : "",
-		    v.ve ? " ve" : "", vcpus_);
+	if (opt_.json) {
+		std::string features = "[";
+		for (auto [on, name] : {std::pair{v.spp, "spp"}, {v.vmfunc, "vmfunc"},
+					{v.eptp, "eptp"}, {v.ve, "ve"}})
+			if (on)
+				features += (features.size() > 1 ? "," : "") + json_string(name);
+		JsonLine line("connected");
+		line.str("name", info.name).str("uuid", uuid_text(info.uuid)).str("started", when);
+		if (info.max_gpa)
+			line.hex("max_gpa", *info.max_gpa);
+		line.num("kvmi_version", v.version).raw("features", features + "]").num("vcpus", vcpus_);
+		line.print();
+	} else {
+		std::printf("KVMI version %u (features:%s%s%s%s), %u vCPUs\n", v.version,
+			    v.spp ? " spp" : "", v.vmfunc ? " vmfunc" : "", v.eptp ? " eptp" : "",
+			    v.ve ? " ve" : "", vcpus_);
+	}
 
 	pause(s);
-	std::printf("paused %zu vCPUs\n", paused_.size() + held_.size());
+	if (opt_.json)
+		JsonLine("paused").num("vcpus", paused_.size() + held_.size()).print();
+	else
+		std::printf("paused %zu vCPUs\n", paused_.size() + held_.size());
 	if (kernel_) {
 		print_processes(s);
 		return; /* finished(): detach() resumes the vCPUs */
@@ -431,28 +509,46 @@ void Tool::attach(Session &s)
 			msr_hooked_ = true;
 			s.control_msr(c, *opt_.msr, true);
 		}
-		std::printf("hooked writes to MSR %#x\n", unsigned(*opt_.msr));
+		if (opt_.json)
+			JsonLine("hooked").hex("msr", *opt_.msr).print();
+		else
+			std::printf("hooked writes to MSR %#x\n", unsigned(*opt_.msr));
 	}
 	if (opt_.breakpoint && enable_breakpoint_events(s)) {
 		auto b = s.read_physical(*opt_.breakpoint, 1);
 		saved_ = b[0];
 		arm_breakpoint(s);
-		std::printf("breakpoint at gpa %#llx (byte %#x)%s\n",
-			    (unsigned long long)*opt_.breakpoint, unsigned(b[0]),
-			    can_step_ ? "" : ", once: the VMM cannot single-step");
+		if (opt_.json)
+			JsonLine("breakpoint")
+				.hex("gpa", *opt_.breakpoint)
+				.boolean("available", true)
+				.hex("byte", unsigned(b[0]))
+				.boolean("once", !can_step_)
+				.print();
+		else
+			std::printf("breakpoint at gpa %#llx (byte %#x)%s\n",
+				    (unsigned long long)*opt_.breakpoint, unsigned(b[0]),
+				    can_step_ ? "" : ", once: the VMM cannot single-step");
 	}
 	/* VM events: a vCPU added later, the VMM asking the tool to let go. */
 	for (auto id : {EventId::create_vcpu, EventId::unhook})
 		if (s.check_event(id) == 0)
 			s.control_vm_events(id, true);
 	resume(s);
-	std::printf("resumed; reporting %u events\n", opt_.count);
+	if (opt_.json)
+		JsonLine("resumed").num("count", opt_.count).print();
+	else
+		std::printf("resumed; reporting %u events\n", opt_.count);
 	std::fflush(stdout);
 }
 
 void Tool::on_event(Session &s, Event &ev)
 {
-	std::printf("[%u] %s\n", ++reported_, describe(ev).c_str());
+	++reported_;
+	if (opt_.json)
+		print_event_json(ev);
+	else
+		std::printf("[%u] %s\n", reported_, describe(ev).c_str());
 	std::fflush(stdout);
 
 	if (is_ours(ev) && bp_written_) {
@@ -528,8 +624,32 @@ void Tool::detach(Session &s)
 	}
 	resume(s);
 	s.close();
-	std::printf("detached: hooks removed%s, vCPUs resumed\n",
-		    saved_ ? ", guest byte restored" : "");
+	if (opt_.json)
+		JsonLine("detached").boolean("guest_byte_restored", saved_.has_value()).print();
+	else
+		std::printf("detached: hooks removed%s, vCPUs resumed\n",
+			    saved_ ? ", guest byte restored" : "");
+}
+
+void Tool::print_event_json(const Event &ev) const
+{
+	JsonLine line("event");
+	line.num("n", reported_).num("vcpu", ev.vcpu).str("event", event_name(ev.id));
+	if (auto *m = ev.get<MsrEvent>()) {
+		line.hex("msr", m->msr).hex("old", m->old_value).hex("new", m->new_value);
+	} else if (auto *p = ev.get<PfEvent>()) {
+		const char access[] = {p->access & access_r ? 'r' : '-',
+				       p->access & access_w ? 'w' : '-',
+				       p->access & access_x ? 'x' : '-', 0};
+		line.hex("gpa", p->gpa).hex("gva", p->gva).str("access", access);
+	} else if (auto *b = ev.get<BreakpointEvent>()) {
+		line.hex("gpa", b->gpa).num("insn_len", b->insn_len);
+	} else if (auto *t = ev.get<TrapEvent>()) {
+		line.num("vector", t->vector).hex("error_code", t->error_code).hex("cr2", t->cr2);
+	} else if (auto *st = ev.get<SinglestepEvent>()) {
+		line.boolean("failed", st->failed);
+	}
+	line.hex("rip", ev.arch.regs.rip).print();
 }
 
 int run(const Options &opt)
@@ -609,16 +729,24 @@ int run(const Options &opt)
 	sigaction(SIGINT, &sa, nullptr);
 	sigaction(SIGTERM, &sa, nullptr);
 
-	std::printf("waiting for a VM on %s\n", opt.listen.c_str());
+	if (opt.json)
+		JsonLine("listening").str("address", opt.listen).print();
+	else
+		std::printf("waiting for a VM on %s\n", opt.listen.c_str());
 	std::fflush(stdout);
 	bool ended = opt.timeout ? loop.run_for(*opt.timeout) : (loop.run(), true);
 
 	if (session && session->connected()) {
-		if (tool.unhooked())
+		const char *why = tool.unhooked()		 ? "unhook"
+				  : failure || tool.finished() ? nullptr
+				  : ended			 ? "interrupted"
+								 : "timeout";
+		if (why && opt.json)
+			JsonLine("detaching").str("reason", why).num("events", tool.reported()).print();
+		else if (tool.unhooked())
 			std::printf("the VMM asked to unhook: detaching\n");
-		else if (!failure && !tool.finished())
-			std::printf("%s after %u events; detaching\n",
-				    ended ? "interrupted" : "timeout", tool.reported());
+		else if (why)
+			std::printf("%s after %u events; detaching\n", why, tool.reported());
 		try {
 			tool.detach(*session);
 		} catch (const Error &e) {

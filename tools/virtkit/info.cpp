@@ -38,6 +38,7 @@
 #include <linux/virtkit_kvmi.h> /* event ids */
 
 #include "commands.hpp"
+#include "../common/json.hpp"
 
 /* Newer than Debian 12's kernel headers (6.1); ABI values never change. */
 #ifndef KVM_CAP_MEMORY_FAULT_INFO
@@ -308,28 +309,10 @@ struct Output {
 	bool any_section = false, any_field = false;
 } out;
 
-std::string json_string(const std::string &s)
-{
-	std::string j = "\"";
-	for (unsigned char c : s) {
-		if (c == '"' || c == '\\') {
-			j += '\\';
-			j += char(c);
-		} else if (c < 0x20) {
-			char buf[8];
-			std::snprintf(buf, sizeof(buf), "\\u%04x", c);
-			j += buf;
-		} else {
-			j += char(c);
-		}
-	}
-	return j + "\"";
-}
-
 void section(const char *title)
 {
 	if (out.json)
-		std::printf("%s\n  %s: {", out.any_section ? "\n  }," : "{", json_string(title).c_str());
+		std::printf("%s\n  %s: {", out.any_section ? "\n  }," : "{", virtkit::tool::json_string(title).c_str());
 	else
 		std::printf("%s%s\n", out.any_section ? "\n" : "", title);
 	out.any_section = true;
@@ -339,8 +322,8 @@ void section(const char *title)
 void field(const std::string &key, const std::string &value)
 {
 	if (out.json)
-		std::printf("%s\n    %s: %s", out.any_field ? "," : "", json_string(key).c_str(),
-			    json_string(value).c_str());
+		std::printf("%s\n    %s: %s", out.any_field ? "," : "", virtkit::tool::json_string(key).c_str(),
+			    virtkit::tool::json_string(value).c_str());
 	else
 		std::printf("  %-*s %s\n", key_width, (key + ":").c_str(), value.c_str());
 	out.any_field = true;
