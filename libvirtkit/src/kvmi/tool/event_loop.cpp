@@ -155,14 +155,6 @@ void LoopState::arm(Clock::time_point now)
 }
 
 /*
- * An io_uring with IORING_SETUP_SINGLE_ISSUER takes submissions from the
- * thread that first ran the loop only. When run() comes from another
- * thread, a new ring (same kind of backend) takes over: what the old one
- * had posted is handled, its requests end with it, and arm() makes every
- * watch again. It has no accept left to lose a connection with: park()
- * ended them when the last run() returned.
- */
-/*
  * Before run() returns: the poller's accepts end (Poller::park), the
  * connections they took become handshakes. Completions that come
  * meanwhile are noted without callbacks: a session reads what its socket
@@ -201,6 +193,14 @@ void LoopState::park() noexcept
 	}
 }
 
+/*
+ * An io_uring with IORING_SETUP_SINGLE_ISSUER takes submissions from the
+ * thread that first ran the loop only. When run() comes from another
+ * thread, a new ring (same kind of backend) takes over: what the old one
+ * had posted is handled, its requests end with it, and arm() makes every
+ * watch again. It has no accept left to lose a connection with: park()
+ * ended them when the last run() returned.
+ */
 void LoopState::rebind()
 {
 	if (!poller().bound_elsewhere())
