@@ -465,7 +465,7 @@ TEST_CASE("EventLoop: a broken message ends the session, the loop goes on", "[in
 	CHECK(peer2.read_message().hdr.seq == 5);
 }
 
-TEST_CASE("EventLoop: the tool closes a session, the next VMM gets its descriptor number",
+TEST_CASE("EventLoop: the tool closes a session, the next VMM (its descriptor number) is served",
 	  "[introspect][loop]")
 {
 	auto backend = GENERATE(from_range(loop_backends()));
@@ -503,11 +503,11 @@ TEST_CASE("EventLoop: the tool closes a session, the next VMM gets its descripto
 	});
 	CHECK(loop.run_for(10s));
 	t.join();
+	/* Usually the same number (not always: the peer's own socket, made on
+	 * its thread, may take it first, and io_uring's accept may run before
+	 * the close); what matters is that the second VMM is served. */
 	REQUIRE(fds.size() == 2);
-	/* epoll's accept4 runs on this thread after the close; io_uring's may
-	 * run as soon as the VMM connects. */
-	if (backend == LoopBackend::epoll)
-		CHECK(fds[0] == fds[1]);
+	INFO("descriptors " << fds[0] << ", " << fds[1]);
 	CHECK(replied == std::vector<std::string>{"second"});
 }
 
