@@ -427,6 +427,8 @@ bool LoopState::run_until(Clock::time_point deadline)
 		~Park() { loop.park(); }
 	} park_on_return{*this};
 
+	/* Before anything may submit: the callbacks' commands and closes too. */
+	rebind();
 	for (;;) {
 		dispatch();
 		if (stop_requested.load() || idle())
@@ -435,7 +437,6 @@ bool LoopState::run_until(Clock::time_point deadline)
 		expire(now);
 		if (now >= deadline)
 			return false;
-		rebind();
 		arm(now);
 
 		std::vector<Completion> done;

@@ -73,7 +73,9 @@ public:
 	void park(std::vector<Completion> &out) override;
 	bool bound_elsewhere() const noexcept override
 	{
-		return single_issuer_ && owner_ != 0 && owner_ != ::gettid();
+		/* The kernel's thread id, not std::thread::id: a pthread_t is
+		 * reused as soon as its thread has been joined. */
+		return single_issuer_ && enabled_ && owner_ != ::gettid();
 	}
 
 private:
@@ -323,8 +325,9 @@ void RingPoller::wait(Clock::time_point deadline, std::vector<Completion> &out)
 
 void RingPoller::park(std::vector<Completion> &out)
 {
-	/* Only a ring bound to a thread can be replaced. */
-	if (!single_issuer_ || !enabled_)
+	/* Only a ring bound to a thread can be replaced; only that thread
+	 * may submit (the loop rebinds first thing, so that is this one). */
+	if (!single_issuer_ || !enabled_ || bound_elsewhere())
 		return;
 	for (auto it = watched_.begin(); it != watched_.end();) {
 		if (it->second.kind != Watch::accept) {
