@@ -162,7 +162,7 @@ RingPoller::~RingPoller()
 	for (auto &c : cqes) {
 		auto w = watched_.find(c.user_data);
 		bool accept = (w != watched_.end() && w->second.kind == Watch::accept) ||
-			      cancelled_accepts_.count(c.user_data);
+			      cancelled_accepts_.count(c.user_data) || parking_.count(c.user_data);
 		if (accept && c.res >= 0)
 			::close(c.res);
 	}
