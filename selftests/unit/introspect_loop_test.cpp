@@ -26,6 +26,7 @@
 #include <chrono>
 #include <cstdlib>
 #include <fstream>
+#include <functional>
 #include <memory>
 #include <optional>
 #include <set>
@@ -34,6 +35,7 @@
 #include <vector>
 
 #include "introspect_peer.hpp"
+#include "kvmi/tool/poller.hpp"
 
 using namespace std::chrono_literals;
 using namespace introspect_test;
@@ -700,4 +702,82 @@ TEST_CASE("EventLoop: io_uring denied by seccomp: epoll, and the reason", "[intr
 	CHECK(WIFEXITED(status));
 	CHECK(WEXITSTATUS(status) == 0);
 	CHECK(result.empty());
+}
+
+/* --- the backends themselves (kvmi/tool/poller.hpp) --- */
+
+TEST_CASE("Poller: readable and accept watches, multishot and one-shot", "[introspect][loop]")
+{
+	using namespace virtkit::introspect::detail;
+	struct Case {
+		const char *name;
+		std::function<std::unique_ptr<Poller>()> make;
+		bool repeats; /* a watch reports again without being made again */
+	};
+	auto which = GENERATE(0, 1, 2);
+	const Case cases[] = {
+		{"io_uring multishot", [] { return make_ring_poller(16, true); }, true},
+		{"io_uring one-shot", [] { return make_ring_poller(16, false); }, false},
+		{"epoll", [] { return make_epoll_poller("test"); }, true},
+	};
+	const Case &c = cases[which];
+	INFO(c.name);
+	std::unique_ptr<Poller> p;
+	try {
+		p = c.make();
+	} catch (const RingUnavailable &e) {
+		WARN(c.name << " not tested: " << e.what());
+		return;
+	}
+	if (which == 1)
+		CHECK_THAT(p->description(), Contains("one-shot poll, one-shot accept"));
+	auto deadline = [] { return Clock::now() + std::chrono::seconds(5); };
+
+	int sv[2];
+	REQUIRE(::socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0, sv) == 0);
+	auto a = virtkit::FileDesc::adopt(sv[0], "socketpair");
+	auto b = virtkit::FileDesc::adopt(sv[1], "socketpair");
+	p->watch(a.get(), 1, Watch::readable);
+	CHECK(p->watching(1));
+	for (int round = 0; round < 3; round++) {
+		char x = 'x';
+		REQUIRE(::write(b.get(), &x, 1) == 1);
+		std::vector<Completion> out;
+		p->wait(deadline(), out);
+		REQUIRE(out.size() == 1);
+		CHECK(out[0].tag == 1);
+		CHECK((out[0].res & POLLIN) != 0);
+		CHECK(out[0].more == c.repeats);
+		CHECK(p->watching(1) == c.repeats);
+		REQUIRE(::read(a.get(), &x, 1) == 1);
+		if (!p->watching(1))
+			p->watch(a.get(), 1, Watch::readable);
+	}
+	p->unwatch(1);
+	CHECK_FALSE(p->watching(1));
+	p->unwatch(1); /* idempotent */
+
+	TempDir dir;
+	auto l = Listener::unix_socket(dir / "p.sock");
+	p->watch(l.fd(), 2, Watch::accept);
+	auto c1 = Peer::connect_unix(dir / "p.sock");
+	auto c2 = Peer::connect_unix(dir / "p.sock");
+	std::vector<virtkit::FileDesc> accepted;
+	for (int i = 0; i < 10 && accepted.size() < 2; i++) {
+		std::vector<Completion> out;
+		p->wait(deadline(), out);
+		for (auto &done : out) {
+			REQUIRE(done.tag == 2);
+			REQUIRE(done.res >= 0);
+			accepted.push_back(virtkit::FileDesc::adopt(done.res, "accept"));
+			CHECK(done.more == c.repeats);
+		}
+		if (!p->watching(2))
+			p->watch(l.fd(), 2, Watch::accept);
+	}
+	CHECK(accepted.size() == 2);
+	for (auto &fd : accepted)
+		CHECK((::fcntl(fd.get(), F_GETFL) & O_NONBLOCK) != 0);
+	p->unwatch(2);
+	CHECK_FALSE(p->watching(2));
 }

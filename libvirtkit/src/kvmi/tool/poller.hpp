@@ -99,8 +99,10 @@ public:
  * asked for by name that cannot be set up throws. */
 std::unique_ptr<Poller> make_poller(LoopBackend requested, unsigned ring_entries);
 
-/* Throws RingUnavailable when io_uring cannot be set up at all. */
-std::unique_ptr<Poller> make_ring_poller(unsigned entries);
+/* Throws RingUnavailable when io_uring cannot be set up at all.
+ * multishot = false: one-shot requests as on kernels without multishot
+ * (for tests; the kernel decides otherwise). */
+std::unique_ptr<Poller> make_ring_poller(unsigned entries, bool multishot = true);
 /* why: the description's parenthesis, "io_uring: ..." or "chosen by ...". */
 std::unique_ptr<Poller> make_epoll_poller(const std::string &why);
 

@@ -60,7 +60,7 @@ std::string disabled_sysctl()
 
 class RingPoller final : public Poller {
 public:
-	explicit RingPoller(unsigned entries);
+	RingPoller(unsigned entries, bool multishot);
 	~RingPoller() override;
 	RingPoller(const RingPoller &) = delete;
 	RingPoller &operator=(const RingPoller &) = delete;
@@ -106,7 +106,7 @@ private:
 	std::map<std::uint64_t, bool> parking_;
 };
 
-RingPoller::RingPoller(unsigned entries) : Poller(LoopBackend::io_uring, {})
+RingPoller::RingPoller(unsigned entries, bool multishot) : Poller(LoopBackend::io_uring, {})
 {
 	struct Attempt {
 		unsigned flags;
@@ -149,8 +149,8 @@ RingPoller::RingPoller(unsigned entries) : Poller(LoopBackend::io_uring, {})
 		io_uring_queue_exit(&ring_);
 		throw RingUnavailable("io_uring", EOPNOTSUPP, "the kernel has no IORING_OP_ACCEPT (5.5)");
 	}
-	multishot_poll_ = single_issuer_ || (params.features & IORING_FEAT_RSRC_TAGS);
-	multishot_accept_ = single_issuer_ || socket_op;
+	multishot_poll_ = multishot && (single_issuer_ || (params.features & IORING_FEAT_RSRC_TAGS));
+	multishot_accept_ = multishot && (single_issuer_ || socket_op);
 	describe();
 }
 
@@ -363,9 +363,9 @@ void RingPoller::drain(std::vector<Completion> &out)
 
 } // namespace
 
-std::unique_ptr<Poller> make_ring_poller(unsigned entries)
+std::unique_ptr<Poller> make_ring_poller(unsigned entries, bool multishot)
 {
-	return std::make_unique<RingPoller>(entries);
+	return std::make_unique<RingPoller>(entries, multishot);
 }
 
 } // namespace virtkit::introspect::detail
