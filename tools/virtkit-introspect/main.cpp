@@ -100,6 +100,7 @@ const char usage_text[] =
 	"\n"
 	"Ctrl-C detaches as well. Exit status: 0 success, 1 failure (the message\n"
 	"names the operation and errno), 2 usage error.\n"
+	"\n"
 	"Environment: VIRTKIT_EVENT_LOOP=epoll|io_uring|auto picks the event loop's\n"
 	"backend (auto: io_uring where it can be set up, else epoll); the one in use\n"
 	"is printed at the start.\n";
