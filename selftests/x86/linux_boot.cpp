@@ -720,7 +720,8 @@ VK_TEST(info_json)
 	json_space(r.output, p);
 	TEST_ASSERT(p == r.output.size(), "more after the object: %s", r.output.substr(p).c_str());
 	for (const char *member : {"\"Host\": {", "\"virtkit\": \"" VIRTKIT_VERSION_STRING "\"",
-				   "\"KVM device\": {", "\"virtkit kernel module\": {"})
+				   "\"KVM device\": {", "\"virtkit kernel module\": {",
+				   "\"kvmi tool event loop\": \""})
 		TEST_ASSERT(r.output.find(member) != r.output.npos, "no %s in:\n%s", member,
 			    r.output.c_str());
 	/* Unusable device: still JSON, and the status says so. */

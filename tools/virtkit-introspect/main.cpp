@@ -106,7 +106,11 @@ const char usage_text[] =
 	"  --version          print the version and exit\n"
 	"\n"
 	"Ctrl-C detaches as well. Exit status: 0 success, 1 failure (the message\n"
-	"names the operation and errno), 2 usage error.\n";
+	"names the operation and errno), 2 usage error.\n"
+	"\n"
+	"Environment: VIRTKIT_EVENT_LOOP=epoll|io_uring|auto picks the event loop's\n"
+	"backend (auto: io_uring where it can be set up, else epoll); the one in use\n"
+	"is printed at the start.\n";
 
 struct Options {
 	std::string listen;
@@ -729,10 +733,15 @@ int run(const Options &opt)
 	sigaction(SIGINT, &sa, nullptr);
 	sigaction(SIGTERM, &sa, nullptr);
 
-	if (opt.json)
-		JsonLine("listening").str("address", opt.listen).print();
-	else
+	if (opt.json) {
+		JsonLine("listening")
+			.str("address", opt.listen)
+			.str("event_loop", loop.backend())
+			.print();
+	} else {
+		std::printf("event loop: %s\n", loop.backend().c_str());
 		std::printf("waiting for a VM on %s\n", opt.listen.c_str());
+	}
 	std::fflush(stdout);
 	bool ended = opt.timeout ? loop.run_for(*opt.timeout) : (loop.run(), true);
 

@@ -30,6 +30,7 @@
 #include <string>
 #include <vector>
 
+#include <virtkit/introspect.hpp>
 #include <virtkit/introspection.hpp>
 #include <virtkit/platform.hpp>
 #include <virtkit/x86/guest_probes.hpp>
@@ -143,6 +144,8 @@ struct HostFacts {
 	std::optional<std::string> spp_kmod_error;
 	/* What SubpageProtection::enable() picks by default, or why it failed. */
 	std::string spp_automatic;
+	/* The backend a tool's introspect::EventLoop gets here (no KVM needed). */
+	std::string event_loop;
 	/* Paging features of KVM_GET_SUPPORTED_CPUID (a guest gets at most these). */
 	bool smep = false, smap = false, page1gb = false, la57 = false;
 	/* A new vCPU's TSC rate (KVM_GET_TSC_KHZ), 0 if unknown. */
@@ -296,6 +299,11 @@ HostFacts probe(const std::string &device)
 				    : "unknown";
 	probe_module(f);
 	probe_kvm(f);
+	try {
+		f.event_loop = introspect::EventLoop({}).backend();
+	} catch (const Error &e) {
+		f.event_loop = std::string("none: ") + e.what();
+	}
 	return f;
 }
 
@@ -426,6 +434,7 @@ void print_features(const HostFacts &f)
 		field("kvmi breakpoint events", bp);
 		field("kvmi page restrictions", "through the spp backend: " + f.spp_automatic);
 	}
+	field("kvmi tool event loop", f.event_loop);
 	field("pks", "page-walk engine available on any host: Vcpu::translate(gva, access) "
 		     "gives the gpa or the exact #PF/#GP, protection keys (PKRU, IA32_PKRS), "
 		     "SMEP, SMAP, WP and NX included");

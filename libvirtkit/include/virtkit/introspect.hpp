@@ -411,10 +411,21 @@ private:
 	std::uint32_t prefix_seq_ = 0;
 };
 
+/* EventLoop's readiness backend. */
+enum class LoopBackend : std::uint8_t {
+	/* $VIRTKIT_EVENT_LOOP (epoll, io_uring, auto) if set; else io_uring
+	 * where it can be set up, epoll where not (a seccomp filter,
+	 * kernel.io_uring_disabled, an old kernel). */
+	automatic,
+	io_uring, /* only io_uring: Error if it cannot be set up */
+	epoll,
+};
+
 /*
- * Many VMs from one thread: accepts connections on Listeners (io_uring
- * accept), runs their handshakes without blocking, watches every Session's
- * socket (io_uring poll) and hands each event to on_event. Callbacks run on
+ * Many VMs from one thread: accepts connections on Listeners, runs their
+ * handshakes without blocking, watches every Session's socket (io_uring
+ * multishot poll and accept, or epoll: see LoopBackend) and hands each
+ * event to on_event. Callbacks run on
  * the loop's thread and may issue synchronous commands on any Session.
  * A Session whose connection ends (the VMM closed it, an error, or the tool
  * called close()) gets on_disconnect - called with the same Session object
@@ -433,6 +444,8 @@ public:
 	};
 
 	explicit EventLoop(Handlers handlers, unsigned ring_entries = 64);
+	/* Error EINVAL for a VIRTKIT_EVENT_LOOP that names no backend. */
+	EventLoop(Handlers handlers, LoopBackend backend, unsigned ring_entries = 64);
 	EventLoop(const EventLoop &) = delete;
 	EventLoop &operator=(const EventLoop &) = delete;
 	~EventLoop();
@@ -441,6 +454,11 @@ public:
 	/* A Session made elsewhere; the loop owns it from now on. */
 	Session &add(Session session);
 	std::size_t session_count() const noexcept;
+	/* The backend in use, for logs: "io_uring (multishot poll, multishot
+	 * accept, defer_taskrun)", "epoll (io_uring: io_uring_setup
+	 * (kernel.io_uring_disabled=2): EPERM (Operation not permitted))". */
+	const std::string &backend() const noexcept;
+	LoopBackend backend_kind() const noexcept;
 
 	/* Until stop(), or until there is nothing left to wait for (no
 	 * listener, no session). An exception from a callback propagates,

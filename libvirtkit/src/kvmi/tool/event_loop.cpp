@@ -1,27 +1,25 @@
 // SPDX-License-Identifier: MIT
 /*
- * EventLoop: one io_uring for every listener, handshake and session.
+ * EventLoop: one readiness backend (poller.hpp: io_uring, or epoll where
+ * io_uring is not available) for every listener, handshake and session.
  *
- * The ring only says when something is ready: IORING_OP_ACCEPT takes a new
- * connection, IORING_OP_POLL_ADD (one shot, re-armed each round) says a
- * socket is readable. Reading stays with the session's own framing code
- * (nonblocking recv into its buffer), so a command issued from a callback
- * may read the same socket: whatever it reads is framed and its events are
- * queued, and the loop dispatches queued events each round whether or not
- * the ring reported anything - a poll can never strand an event that a
- * command already read.
+ * The backend only says when something is ready: an accept watch brings a
+ * new connection, a readable watch says a socket has data. Reading stays
+ * with the session's own framing code (nonblocking recv into its buffer),
+ * so a command issued from a callback may read the same socket: whatever it
+ * reads is framed and its events are queued, and the loop dispatches queued
+ * events each round whether or not the backend reported anything - a poll
+ * can never strand an event that a command already read. This is also why
+ * nothing is received through the ring (ring_poller.cpp says why).
  *
- * Every request carries an id, not a pointer: an entry that went away
- * (a session that ended, a handshake that timed out) turns its late
- * completion into a no-op. Its pending poll is cancelled so the kernel
- * drops its reference to the socket.
+ * Every watch carries a tag with an id, not a pointer: an entry that went
+ * away (a session that ended, a handshake that timed out) turns its late
+ * completion into a no-op. Its watch is removed before its socket is
+ * closed, so the kernel drops its reference and epoll its registration.
  */
 #include <virtkit/introspect.hpp>
 
-#include <liburing.h>
-#include <poll.h>
 #include <sys/eventfd.h>
-#include <sys/socket.h>
 #include <unistd.h>
 
 #include <atomic>
@@ -30,6 +28,7 @@
 #include <vector>
 
 #include "kvmi/tool/handshake.hpp"
+#include "kvmi/tool/poller.hpp"
 #include "kvmi/tool/session_state.hpp"
 
 namespace virtkit::introspect {
@@ -38,7 +37,7 @@ namespace detail {
 
 namespace {
 
-enum class Kind : std::uint64_t { wake = 1, accept, handshake, session, cancel };
+enum class Kind : std::uint64_t { wake = 1, accept, handshake, session };
 
 constexpr std::uint64_t tag(Kind k, std::uint64_t id)
 {
@@ -63,12 +62,17 @@ static_assert(std::atomic<bool>::is_always_lock_free, "stop() must be async-sign
 
 } // namespace
 
+/* The loop's poller, shared with the before_close hooks of its sessions,
+ * which may outlive the loop (a Session moved out of a callback). */
+struct PollerSlot {
+	std::unique_ptr<Poller> poller;
+};
+
 struct LoopState {
 	struct ListenerEntry {
 		Listener listener;
 		std::string secret;
 		SessionOptions options;
-		bool armed = false;
 		Clock::time_point retry_at{};
 	};
 	struct HandshakeEntry {
@@ -77,39 +81,38 @@ struct LoopState {
 		std::string secret;
 		SessionOptions options;
 		Clock::time_point deadline;
-		bool armed = false;
 	};
 	struct SessionEntry {
 		Session session;
-		bool armed = false;
 	};
 
-	LoopState(EventLoop::Handlers h, unsigned entries);
-	~LoopState() { io_uring_queue_exit(&ring); }
+	LoopState(EventLoop::Handlers h, LoopBackend backend, unsigned entries);
+	~LoopState();
 	LoopState(const LoopState &) = delete;
 	LoopState &operator=(const LoopState &) = delete;
 
 	bool run_until(Clock::time_point deadline);
 	Session &add(Session session);
+	Poller &poller() const noexcept { return *slot->poller; }
 
 	EventLoop::Handlers handlers;
-	io_uring ring{};
+	unsigned ring_entries;
 	FileDesc wake;
+	std::shared_ptr<PollerSlot> slot;
 	std::atomic<bool> stop_requested{false};
 	std::uint64_t next_id = 1;
-	bool wake_armed = false;
 	std::map<std::uint64_t, ListenerEntry> listeners;
 	std::map<std::uint64_t, HandshakeEntry> handshakes;
 	std::map<std::uint64_t, SessionEntry> sessions;
 
 private:
-	io_uring_sqe *sqe();
 	void arm(Clock::time_point now);
-	void cancel(std::uint64_t user_data);
+	void rebind();
+	void park() noexcept;
 	void dispatch();
 	void reap();
-	void complete(const io_uring_cqe &cqe);
-	void accepted(std::uint64_t id, int res);
+	void complete(const Completion &c);
+	void accepted(std::uint64_t id, int res, bool more);
 	void handshake_ready(std::uint64_t id);
 	void expire(Clock::time_point now);
 	Clock::time_point next_wakeup(Clock::time_point deadline) const;
@@ -118,66 +121,97 @@ private:
 	bool idle() const { return listeners.empty() && handshakes.empty() && sessions.empty(); }
 };
 
-LoopState::LoopState(EventLoop::Handlers h, unsigned entries) : handlers(std::move(h))
+LoopState::LoopState(EventLoop::Handlers h, LoopBackend backend, unsigned entries)
+	: handlers(std::move(h)), ring_entries(entries),
+	  slot(std::make_shared<PollerSlot>(PollerSlot{make_poller(backend, entries)}))
 {
 	wake = FileDesc::eventfd(0, EFD_NONBLOCK);
-	int ret = io_uring_queue_init(entries, &ring, 0);
-	if (ret < 0)
-		throw Error("io_uring_queue_init", -ret, std::to_string(entries) + " entries");
 }
 
-io_uring_sqe *LoopState::sqe()
+LoopState::~LoopState()
 {
-	io_uring_sqe *s = io_uring_get_sqe(&ring);
-	if (!s) {
-		io_uring_submit(&ring);
-		s = io_uring_get_sqe(&ring);
-	}
-	if (!s)
-		throw Error("io_uring_get_sqe", EBUSY, "the submission queue is full");
-	return s;
+	/* The sessions go before the poller, which forgets them at once. */
+	for (auto &[id, e] : sessions)
+		if (e.session.state_)
+			e.session.state_->before_close = nullptr;
 }
 
-void LoopState::cancel(std::uint64_t user_data)
-{
-	io_uring_sqe *s = sqe();
-	io_uring_prep_poll_remove(s, user_data);
-	io_uring_sqe_set_data64(s, tag(Kind::cancel, 0));
-}
-
+/* Watches are made here, on the thread that runs the loop; a watch that
+ * ended (a completion without more) is made again. */
 void LoopState::arm(Clock::time_point now)
 {
-	if (!wake_armed) {
-		io_uring_sqe *s = sqe();
-		io_uring_prep_poll_add(s, wake.get(), POLLIN);
-		io_uring_sqe_set_data64(s, tag(Kind::wake, 0));
-		wake_armed = true;
+	Poller &p = poller();
+	if (!p.watching(tag(Kind::wake, 0)))
+		p.watch(wake.get(), tag(Kind::wake, 0), Watch::readable);
+	for (auto &[id, l] : listeners)
+		if (now >= l.retry_at && !p.watching(tag(Kind::accept, id)))
+			p.watch(l.listener.fd(), tag(Kind::accept, id), Watch::accept);
+	for (auto &[id, h] : handshakes)
+		if (!p.watching(tag(Kind::handshake, id)))
+			p.watch(h.channel.fd(), tag(Kind::handshake, id), Watch::readable);
+	for (auto &[id, e] : sessions)
+		if (e.session.connected() && !p.watching(tag(Kind::session, id)))
+			p.watch(e.session.fd(), tag(Kind::session, id), Watch::readable);
+}
+
+/*
+ * Before run() returns: the poller's accepts end (Poller::park), the
+ * connections they took become handshakes. Completions that come
+ * meanwhile are noted without callbacks: a session reads what its socket
+ * has (dispatched next run), a handshake is watched again next run (a new
+ * watch reports data already there).
+ */
+void LoopState::park() noexcept
+{
+	std::vector<Completion> done;
+	try {
+		poller().park(done);
+	} catch (const Error &e) {
+		try {
+			report(e);
+		} catch (...) {
+		}
+	} catch (...) {
 	}
-	for (auto &[id, l] : listeners) {
-		if (l.armed || now < l.retry_at)
-			continue;
-		io_uring_sqe *s = sqe();
-		io_uring_prep_accept(s, l.listener.fd(), nullptr, nullptr,
-				     SOCK_NONBLOCK | SOCK_CLOEXEC);
-		io_uring_sqe_set_data64(s, tag(Kind::accept, id));
-		l.armed = true;
+	for (auto &c : done) {
+		try {
+			switch (kind_of(c.tag)) {
+			case Kind::accept:
+				accepted(id_of(c.tag), c.res, c.more);
+				break;
+			case Kind::handshake:
+				poller().unwatch(c.tag);
+				break;
+			case Kind::wake:
+			case Kind::session:
+				complete(c);
+				break;
+			}
+		} catch (...) {
+			/* The loop is returning; what failed is retried next run. */
+		}
 	}
-	for (auto &[id, h] : handshakes) {
-		if (h.armed)
-			continue;
-		io_uring_sqe *s = sqe();
-		io_uring_prep_poll_add(s, h.channel.fd(), POLLIN);
-		io_uring_sqe_set_data64(s, tag(Kind::handshake, id));
-		h.armed = true;
-	}
-	for (auto &[id, e] : sessions) {
-		if (e.armed || !e.session.connected())
-			continue;
-		io_uring_sqe *s = sqe();
-		io_uring_prep_poll_add(s, e.session.fd(), POLLIN);
-		io_uring_sqe_set_data64(s, tag(Kind::session, id));
-		e.armed = true;
-	}
+}
+
+/*
+ * An io_uring with IORING_SETUP_SINGLE_ISSUER takes submissions from the
+ * thread that first ran the loop only. When run() comes from another
+ * thread, a new ring (same kind of backend) takes over: what the old one
+ * had posted is handled, its requests end with it, and arm() makes every
+ * watch again. It has no accept left to lose a connection with: park()
+ * ended them when the last run() returned.
+ */
+void LoopState::rebind()
+{
+	if (!poller().bound_elsewhere())
+		return;
+	std::vector<Completion> done;
+	poller().drain(done);
+	auto fresh = make_poller(poller().kind(), ring_entries);
+	std::swap(slot->poller, fresh);
+	fresh.reset();
+	for (auto &c : done)
+		complete(c);
 }
 
 void LoopState::report(const Error &e)
@@ -246,8 +280,7 @@ void LoopState::reap()
 		auto it = sessions.find(id);
 		if (it == sessions.end())
 			continue;
-		if (it->second.armed)
-			cancel(tag(Kind::session, id));
+		poller().unwatch(tag(Kind::session, id));
 		/*
 		 * The same Session object on_session and on_event got (tools
 		 * tell sessions apart by address); on_disconnect may add
@@ -266,15 +299,19 @@ void LoopState::reap()
 	}
 }
 
-void LoopState::accepted(std::uint64_t id, int res)
+void LoopState::accepted(std::uint64_t id, int res, bool more)
 {
 	auto it = listeners.find(id);
+	if (res >= 0 && it == listeners.end()) {
+		::close(res);
+		return;
+	}
 	if (it == listeners.end())
 		return;
 	auto &l = it->second;
-	l.armed = false;
 	if (res < 0) {
-		if (res != -EINTR && res != -ECONNABORTED && res != -EAGAIN)
+		/* A watch that ended on EMFILE, ENOMEM... waits a little. */
+		if (!more && res != -EINTR && res != -ECONNABORTED && res != -EAGAIN)
 			l.retry_at = Clock::now() + accept_retry;
 		report(Error("accept", -res, l.listener.address()));
 		return;
@@ -284,8 +321,7 @@ void LoopState::accepted(std::uint64_t id, int res)
 		Channel channel(std::move(fd));
 		handshakes.emplace(next_id++,
 				   HandshakeEntry{std::move(channel), HandshakeReader{}, l.secret,
-						  l.options, deadline_after(l.options.handshake_timeout),
-						  false});
+						  l.options, deadline_after(l.options.handshake_timeout)});
 	} catch (const Error &e) {
 		report(e);
 	}
@@ -298,7 +334,6 @@ void LoopState::handshake_ready(std::uint64_t id)
 	if (it == handshakes.end())
 		return;
 	auto &h = it->second;
-	h.armed = false;
 	std::unique_ptr<SessionState> state;
 	try {
 		for (;;) {
@@ -311,9 +346,12 @@ void LoopState::handshake_ready(std::uint64_t id)
 			if (f == Channel::Fill::eof)
 				throw Error(op, ECONNRESET, "the VMM closed the connection");
 		}
+		/* Its session gets a watch of its own. */
+		poller().unwatch(tag(Kind::handshake, id));
 		state = finish_handshake(std::move(h.channel), h.reader.info(), h.secret, h.options,
 					 h.deadline);
 	} catch (const Error &e) {
+		poller().unwatch(tag(Kind::handshake, id));
 		handshakes.erase(it);
 		report(e);
 		return;
@@ -333,27 +371,25 @@ void LoopState::expire(Clock::time_point now)
 	for (auto id : late) {
 		auto it = handshakes.find(id);
 		auto timeout = it->second.options.handshake_timeout;
-		if (it->second.armed)
-			cancel(tag(Kind::handshake, id));
+		poller().unwatch(tag(Kind::handshake, id));
 		handshakes.erase(it);
 		report(Error("KVMI handshake", ETIMEDOUT,
 			     "no handshake within " + std::to_string(timeout.count()) + " ms"));
 	}
 }
 
-void LoopState::complete(const io_uring_cqe &cqe)
+void LoopState::complete(const Completion &c)
 {
-	auto id = id_of(cqe.user_data);
-	switch (kind_of(cqe.user_data)) {
+	auto id = id_of(c.tag);
+	switch (kind_of(c.tag)) {
 	case Kind::wake: {
-		wake_armed = false;
 		std::uint64_t v;
 		if (::read(wake.get(), &v, sizeof(v)) < 0 && errno != EAGAIN)
 			throw Error("read", errno, "the event loop's eventfd");
 		break;
 	}
 	case Kind::accept:
-		accepted(id, cqe.res);
+		accepted(id, c.res, c.more);
 		break;
 	case Kind::handshake:
 		handshake_ready(id);
@@ -362,13 +398,10 @@ void LoopState::complete(const io_uring_cqe &cqe)
 		auto it = sessions.find(id);
 		if (it == sessions.end())
 			break;
-		it->second.armed = false;
-		if (cqe.res > 0 && it->second.session.state_)
+		if (c.res > 0 && it->second.session.state_)
 			it->second.session.state_->pump();
 		break;
 	}
-	case Kind::cancel:
-		break;
 	}
 }
 
@@ -378,7 +411,7 @@ Clock::time_point LoopState::next_wakeup(Clock::time_point deadline) const
 	for (auto &[id, h] : handshakes)
 		t = std::min(t, h.deadline);
 	for (auto &[id, l] : listeners)
-		if (!l.armed)
+		if (!poller().watching(tag(Kind::accept, id)))
 			t = std::min(t, l.retry_at);
 	return t;
 }
@@ -389,7 +422,13 @@ bool LoopState::run_until(Clock::time_point deadline)
 		std::atomic<bool> &flag;
 		~ClearStop() { flag.store(false); }
 	} clear{stop_requested};
+	struct Park {
+		LoopState &loop;
+		~Park() { loop.park(); }
+	} park_on_return{*this};
 
+	/* Before anything may submit: the callbacks' commands and closes too. */
+	rebind();
 	for (;;) {
 		dispatch();
 		if (stop_requested.load() || idle())
@@ -400,30 +439,10 @@ bool LoopState::run_until(Clock::time_point deadline)
 			return false;
 		arm(now);
 
-		auto wake_at = next_wakeup(deadline);
-		__kernel_timespec ts{};
-		__kernel_timespec *tsp = nullptr;
-		if (wake_at != Clock::time_point::max()) {
-			auto ns = std::chrono::duration_cast<std::chrono::nanoseconds>(wake_at - now);
-			if (ns.count() < 0)
-				ns = std::chrono::nanoseconds(0);
-			ts.tv_sec = ns.count() / 1000000000;
-			ts.tv_nsec = ns.count() % 1000000000;
-			tsp = &ts;
-		}
-		io_uring_cqe *first = nullptr;
-		int ret = io_uring_submit_and_wait_timeout(&ring, &first, 1, tsp, nullptr);
-		if (ret < 0 && ret != -ETIME && ret != -EINTR && ret != -EBUSY && ret != -EAGAIN)
-			throw Error("io_uring_submit_and_wait_timeout", -ret);
-
-		/* Copy the completions out first: handling them submits more. */
-		std::vector<io_uring_cqe> done;
-		unsigned head;
-		io_uring_cqe *c;
-		io_uring_for_each_cqe(&ring, head, c) done.push_back(*c);
-		io_uring_cq_advance(&ring, unsigned(done.size()));
-		for (auto &cqe : done)
-			complete(cqe);
+		std::vector<Completion> done;
+		poller().wait(next_wakeup(deadline), done);
+		for (auto &c : done)
+			complete(c);
 	}
 }
 
@@ -432,14 +451,30 @@ Session &LoopState::add(Session session)
 	if (!session.state_)
 		throw Error("EventLoop::add", EINVAL, "an empty (moved-from) Session");
 	auto id = next_id++;
-	auto [it, inserted] = sessions.emplace(id, SessionEntry{std::move(session), false});
+	auto [it, inserted] = sessions.emplace(id, SessionEntry{std::move(session)});
+	/* Session::close() from a callback closes the socket at once. */
+	it->second.session.state_->before_close = [weak = std::weak_ptr<PollerSlot>(slot),
+						   t = tag(Kind::session, id)]() noexcept {
+		if (auto s = weak.lock()) {
+			try {
+				s->poller->unwatch(t);
+			} catch (...) {
+				/* Only a full ring fails; the reap cancels it. */
+			}
+		}
+	};
 	return it->second.session;
 }
 
 } // namespace detail
 
 EventLoop::EventLoop(Handlers handlers, unsigned ring_entries)
-	: state_(std::make_unique<detail::LoopState>(std::move(handlers), ring_entries))
+	: EventLoop(std::move(handlers), LoopBackend::automatic, ring_entries)
+{
+}
+
+EventLoop::EventLoop(Handlers handlers, LoopBackend backend, unsigned ring_entries)
+	: state_(std::make_unique<detail::LoopState>(std::move(handlers), backend, ring_entries))
 {
 }
 
@@ -449,8 +484,7 @@ void EventLoop::listen(Listener listener, std::string secret, SessionOptions opt
 {
 	auto id = state_->next_id++;
 	state_->listeners.emplace(id, detail::LoopState::ListenerEntry{std::move(listener),
-								     std::move(secret), options,
-								     false, {}});
+								     std::move(secret), options, {}});
 }
 
 Session &EventLoop::add(Session session)
@@ -461,6 +495,16 @@ Session &EventLoop::add(Session session)
 std::size_t EventLoop::session_count() const noexcept
 {
 	return state_->sessions.size();
+}
+
+const std::string &EventLoop::backend() const noexcept
+{
+	return state_->poller().description();
+}
+
+LoopBackend EventLoop::backend_kind() const noexcept
+{
+	return state_->poller().kind();
 }
 
 void EventLoop::run()

@@ -411,6 +411,7 @@ void Session::close() noexcept
 	if (!state_)
 		return;
 	state_->disconnect("closed by the tool");
+	state_->closing();
 	state_->channel.close();
 }
 

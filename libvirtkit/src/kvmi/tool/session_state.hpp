@@ -19,6 +19,7 @@
 #include <span>
 #include <string>
 #include <string_view>
+#include <utility>
 #include <vector>
 
 #include <virtkit/introspect.hpp>
@@ -36,6 +37,9 @@ struct ReplyView {
 struct SessionState {
 	SessionState(Channel ch, HandshakeInfo hi, const SessionOptions &opts)
 		: channel(std::move(ch)), info(std::move(hi)), options(opts) {}
+	~SessionState() { closing(); }
+	SessionState(const SessionState &) = delete;
+	SessionState &operator=(const SessionState &) = delete;
 
 	Channel channel;
 	HandshakeInfo info;
@@ -46,6 +50,16 @@ struct SessionState {
 	std::string reason;
 	/* A reply handed out as a view, consumed before the next receive. */
 	std::size_t release_pending = 0;
+	/* Called once, before the socket is closed (Session::close(), or the
+	 * state destroyed): the event loop stops watching it then - epoll
+	 * cannot remove a closed descriptor whose number may be reused. */
+	std::function<void()> before_close;
+
+	void closing() noexcept
+	{
+		if (auto f = std::exchange(before_close, nullptr))
+			f();
+	}
 
 	std::uint32_t next_seq() noexcept { return ++seq; }
 	Clock::time_point command_deadline() const
