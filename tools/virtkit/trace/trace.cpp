@@ -303,19 +303,19 @@ std::string duration_text(double ns)
 	return b;
 }
 
-/* A power of two of nanoseconds, short: 512ns, 16us, 4ms, 2s. */
+/* A power of two of nanoseconds, three digits: 512ns, 16.4us, 4.19ms, 2.15s. */
 std::string pow2_text(unsigned i)
 {
 	double ns = std::ldexp(1.0, int(i));
 	char b[16];
 	if (ns < 1e3)
-		std::snprintf(b, sizeof(b), "%.0fns", ns);
+		std::snprintf(b, sizeof(b), "%.3gns", ns);
 	else if (ns < 1e6)
-		std::snprintf(b, sizeof(b), "%.0fus", ns / 1e3);
+		std::snprintf(b, sizeof(b), "%.3gus", ns / 1e3);
 	else if (ns < 1e9)
-		std::snprintf(b, sizeof(b), "%.0fms", ns / 1e6);
+		std::snprintf(b, sizeof(b), "%.3gms", ns / 1e6);
 	else
-		std::snprintf(b, sizeof(b), "%.0fs", ns / 1e9);
+		std::snprintf(b, sizeof(b), "%.3gs", ns / 1e9);
 	return b;
 }
 
@@ -396,7 +396,7 @@ void print_table(std::FILE *out, const Snapshot &snap, const Options &o, double 
 			if (!r.s.hist[i])
 				continue;
 			int bar = int((r.s.hist[i] * 40 + peak - 1) / peak);
-			std::fprintf(out, "    %6s .. %-6s %10llu |%.*s\n", pow2_text(i).c_str(),
+			std::fprintf(out, "    %7s .. %-7s %10llu |%.*s\n", pow2_text(i).c_str(),
 				     pow2_text(i + 1).c_str(), (unsigned long long)r.s.hist[i], bar,
 				     "****************************************");
 		}
