@@ -26,6 +26,7 @@
 #include <sched.h>
 #include <signal.h>
 #include <sys/mount.h>
+#include <sys/prctl.h>
 #include <sys/stat.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -437,6 +438,34 @@ VK_TEST(trace_counts_known_exits_of_one_vm)
 VK_TEST(trace_counts_known_exits_kmod_backend)
 {
 	check_known_exits(SppBackendKind::kmod);
+}
+
+/* Without CAP_BPF, CAP_PERFMON and CAP_SYS_ADMIN (dropped from the bounding set): one line saying so. */
+VK_TEST(trace_names_missing_privileges)
+{
+	require_tracing();
+	std::string bin = tool();
+	int err[2];
+	TEST_ASSERT(pipe2(err, O_CLOEXEC) == 0);
+	pid_t p = fork();
+	TEST_ASSERT(p >= 0);
+	if (p == 0) {
+		for (int cap : {21 /* CAP_SYS_ADMIN */, 38 /* CAP_PERFMON */, 39 /* CAP_BPF */})
+			if (prctl(PR_CAPBSET_DROP, cap, 0, 0, 0) && errno != EINVAL)
+				_exit(126);
+		dup2(err[1], 2);
+		execl(bin.c_str(), bin.c_str(), "trace", "--duration", "1", (char *)nullptr);
+		_exit(127);
+	}
+	close(err[1]);
+	std::string text;
+	drain(err[0], text, 30000);
+	close(err[0]);
+	TEST_ASSERT_EQ(wait_status(p), 1);
+	TEST_ASSERT(text.starts_with("virtkit trace: needs CAP_BPF and CAP_PERFMON (run as root): "
+				     "bpf: Operation not permitted"),
+		    "%s", text.c_str());
+	TEST_ASSERT(text.find('\n') == text.size() - 1, "more than one line:\n%s", text.c_str());
 }
 
 VK_TEST(trace_refuses_a_missing_pid)

@@ -98,10 +98,10 @@ int libbpf_print(enum libbpf_print_level level, const char *fmt, va_list ap)
 /* An operation's failure with its errno, and advice for the errnos that have one. */
 [[noreturn]] void fail_errno(const std::string &op, int err)
 {
-	std::string m = op + ": " + std::strerror(err);
 	if (err == EPERM || err == EACCES)
-		m = "needs CAP_BPF and CAP_PERFMON (run as root): bpf: " +
-		    std::string(std::strerror(err)) + " (" + op + ")";
+		fail("needs CAP_BPF and CAP_PERFMON (run as root): bpf: " +
+		     std::string(std::strerror(err)) + " (" + op + ")");
+	std::string m = op + ": " + std::strerror(err);
 	if (!libbpf_verbose && !libbpf_log.empty())
 		m += "\nlibbpf said:\n" + libbpf_log;
 	fail(m);
@@ -116,9 +116,15 @@ bool exists(const std::string &path)
 /* The tracefs directory with events/ in it, or a failure that says what is missing. */
 std::string tracefs_dir()
 {
-	for (const char *d : {"/sys/kernel/tracing", "/sys/kernel/debug/tracing"})
-		if (exists(std::string(d) + "/events"))
+	for (const char *d : {"/sys/kernel/tracing", "/sys/kernel/debug/tracing"}) {
+		struct stat st;
+		std::string events = std::string(d) + "/events";
+		if (::stat(events.c_str(), &st) == 0)
 			return d;
+		if (errno == EACCES)	/* tracefs is root's (mode 0700) */
+			fail("needs CAP_BPF and CAP_PERFMON (run as root): stat " + events + ": " +
+			     std::strerror(errno));
+	}
 	fail("tracefs is not mounted (no /sys/kernel/tracing/events): "
 	     "mount -t tracefs nodev /sys/kernel/tracing");
 }
