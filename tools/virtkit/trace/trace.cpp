@@ -610,16 +610,12 @@ int trace_main(Args args)
 		fail_errno("attach to the kvm tracepoints (perf_event_open)", errno);
 
 	std::string what = o.pid ? "pid " + std::to_string(*o.pid) : "every VM process";
-	std::fprintf(stderr, "virtkit trace: tracing %s on %zu kvm tracepoints%s%s; Ctrl-C stops\n",
+	std::string lacking;
+	for (auto &m : missing)
+		lacking += (lacking.empty() ? " (not in this kernel: " : ", ") + m;
+	std::fprintf(stderr, "virtkit trace: tracing %s on %zu kvm tracepoints%s; Ctrl-C stops\n",
 		     what.c_str(), std::size(events) - missing.size(),
-		     missing.empty() ? "" : " (missing here:",
-		     missing.empty() ? ""
-				     : [&] {
-					       std::string s;
-					       for (auto &m : missing)
-						       s += " " + m;
-					       return s + ")";
-				       }().c_str());
+		     lacking.empty() ? "" : (lacking + ")").c_str());
 
 	sigset_t stop;
 	sigemptyset(&stop);
