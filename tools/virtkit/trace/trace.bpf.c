@@ -87,8 +87,9 @@ struct task_state {
 	__u32 fault;		/* enum fault_kind */
 };
 
+/* LRU: threads of VMs that ended are never removed, the oldest go first. */
 struct {
-	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
 	__uint(max_entries, 16384);
 	__type(key, __u32);	/* thread id */
 	__type(value, struct task_state);
