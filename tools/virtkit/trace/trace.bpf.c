@@ -316,6 +316,22 @@ int on_kvm_page_fault(struct trace_event_raw_kvm_page_fault *ctx)
 	return 0;
 }
 
+/*
+ * KVM installs an MMIO marker for a GPA no memslot backs (with MMIO
+ * caching on): the exit's fault was a device's, not a read-only page's.
+ * This tells apart the first access to a device page, whose fault looks
+ * like any not-present one.
+ */
+SEC("tracepoint/kvmmmu/mark_mmio_spte")
+int on_mark_mmio_spte(void *ctx)
+{
+	struct task_state *t = current_task();
+
+	if (t && t->exit_ns)
+		t->fault = FAULT_MMIO;
+	return 0;
+}
+
 SEC("tracepoint/kvm/kvm_mmio")
 int on_kvm_mmio(struct trace_event_raw_kvm_mmio *ctx)
 {
@@ -338,7 +354,8 @@ int on_kvm_mmio(struct trace_event_raw_kvm_mmio *ctx)
 	 * An SPP trap: an MMIO write in an exit that began with a page fault
 	 * on memory (not KVM's MMIO marker). Device MMIO comes with a
 	 * reserved-bit fault (SVM, shadow paging) or an EPT misconfiguration
-	 * (VMX: no kvm_page_fault), except its first access to a page.
+	 * (VMX: no kvm_page_fault); its first access to a page installs the
+	 * marker (mark_mmio_spte).
 	 */
 	if (t->fault != FAULT_MAPPED && t->fault != FAULT_NOT_PRESENT)
 		return 0;

@@ -43,7 +43,7 @@ const char trace_help[] =
 	"\n"
 	"Count a VM's exits from outside its VMM, with BPF programs on KVM's\n"
 	"tracepoints (kvm_exit, kvm_entry, kvm_page_fault, kvm_mmio, kvm_msr,\n"
-	"kvm_cr, kvm_pio): per vCPU of each VM process, exits by reason, SPP traps\n"
+	"kvm_cr, kvm_pio, mark_mmio_spte): per vCPU of each VM process, exits by reason, SPP traps\n"
 	"(guest writes to pages KVM maps read-only, handed to the VMM as MMIO: the\n"
 	"user backend's protected pages) by guest page, MMIO, MSR, CR and port I/O\n"
 	"exits, and a log2 histogram of the time from each exit to the vCPU's next\n"
@@ -575,11 +575,12 @@ int trace_main(Args args)
 		fail("no kernel BTF (/sys/kernel/btf/vmlinux): the BPF programs are CO-RE and "
 		     "need a kernel built with CONFIG_DEBUG_INFO_BTF");
 	std::string tracefs = tracefs_dir();
-	const char *events[] = {"kvm_exit", "kvm_entry", "kvm_page_fault", "kvm_mmio",
-				"kvm_msr", "kvm_cr", "kvm_pio"};
+	const char *events[] = {"kvm/kvm_exit", "kvm/kvm_entry", "kvm/kvm_page_fault",
+				"kvm/kvm_mmio", "kvm/kvm_msr", "kvm/kvm_cr", "kvm/kvm_pio",
+				"kvmmmu/mark_mmio_spte"};
 	std::vector<std::string> missing;
 	for (const char *e : events)
-		if (!exists(tracefs + "/events/kvm/" + e))
+		if (!exists(tracefs + "/events/" + e))
 			missing.push_back(e);
 	if (!exists(tracefs + "/events/kvm/kvm_exit") || !exists(tracefs + "/events/kvm/kvm_entry"))
 		fail("no kvm tracepoints (" + tracefs +
@@ -601,7 +602,7 @@ int trace_main(Args args)
 	for (auto &m : missing) {
 		struct bpf_program *prog;
 		bpf_object__for_each_program(prog, skel->obj)
-			if (std::string(bpf_program__section_name(prog)) == "tracepoint/kvm/" + m)
+			if (std::string(bpf_program__section_name(prog)) == "tracepoint/" + m)
 				bpf_program__set_autoload(prog, false);
 	}
 	if (trace_bpf__load(skel.get()))
@@ -613,7 +614,7 @@ int trace_main(Args args)
 	std::string lacking;
 	for (auto &m : missing)
 		lacking += (lacking.empty() ? " (not in this kernel: " : ", ") + m;
-	std::fprintf(stderr, "virtkit trace: tracing %s on %zu kvm tracepoints%s; Ctrl-C stops\n",
+	std::fprintf(stderr, "virtkit trace: tracing %s on %zu KVM tracepoints%s; Ctrl-C stops\n",
 		     what.c_str(), std::size(events) - missing.size(),
 		     lacking.empty() ? "" : (lacking + ")").c_str());
 
