@@ -30,6 +30,13 @@ const volatile __u64 pidns_dev = 0;	/* the tracer's pid namespace (pids as it se
 const volatile __u64 pidns_ino = 0;
 const volatile __u32 default_isa = 0;	/* VT_ISA_* where kvm_exit has no isa field */
 
+/*
+ * Set by user space once every program is attached: the programs attach one
+ * after the other, and events before the last one is in would be counted
+ * by some programs and not others (kvm_exit without its kvm_pio, ...).
+ */
+volatile __u32 armed = 0;
+
 /* --- the records of KVM's tracepoints (arch/x86/kvm/trace.h), fields read --- */
 
 struct trace_event_raw_kvm_exit {
@@ -148,6 +155,8 @@ static int current_pid(__u32 *pid)
 {
 	struct bpf_pidns_info ns = {};
 
+	if (!armed)
+		return -1;
 	if (bpf_get_ns_current_pid_tgid(pidns_dev, pidns_ino, &ns, sizeof(ns)))
 		return -1;	/* not visible from the tracer's namespace */
 	if (target_pid && ns.tgid != target_pid)
@@ -201,8 +210,9 @@ static struct task_state *current_task(void)
 
 /*
  * The state of the current thread for an event inside an exit (kvm_mmio,
- * kvm_msr, kvm_cr, kvm_pio). A KVM that does not trace kvm_exit (kvm_pvm)
- * still fires these: such a thread is counted under vCPU VT_VCPU_UNKNOWN.
+ * kvm_msr, kvm_cr, kvm_pio). A KVM that does not trace kvm_exit (kvm_pvm:
+ * neither kvm-amd nor kvm-intel is loaded) still fires these: such a
+ * thread is counted under vCPU VT_VCPU_UNKNOWN.
  */
 static struct task_state *event_task(void)
 {
@@ -210,6 +220,12 @@ static struct task_state *event_task(void)
 
 	if (t)
 		return t;
+	/*
+	 * kvm-amd and kvm-intel trace every exit: a thread without a state
+	 * is one whose exit began before we were armed.
+	 */
+	if (default_isa != VT_ISA_UNKNOWN)
+		return 0;
 	__u32 pid;
 	if (current_pid(&pid))
 		return 0;

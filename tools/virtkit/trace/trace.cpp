@@ -609,6 +609,8 @@ int trace_main(Args args)
 		fail_errno("load the BPF programs (bpf BPF_PROG_LOAD)", errno);
 	if (trace_bpf__attach(skel.get()))
 		fail_errno("attach to the kvm tracepoints (perf_event_open)", errno);
+	/* All attached: count from now on, in every program at once. */
+	skel->bss->armed = 1;
 
 	std::string what = o.pid ? "pid " + std::to_string(*o.pid) : "every VM process";
 	std::string lacking;
@@ -629,16 +631,28 @@ int trace_main(Args args)
 	const auto start = Clock::now();
 	auto elapsed = [&] { return std::chrono::duration<double>(Clock::now() - start).count(); };
 	const bool tty = !o.json && isatty(STDOUT_FILENO);
-	for (;;) {
-		double wait = o.interval;
-		if (o.duration)
-			wait = std::min(wait, std::max(0.0, *o.duration - elapsed()));
-		struct timespec ts = {time_t(wait), long((wait - double(time_t(wait))) * 1e9)};
-		int sig = sigtimedwait(&stop, nullptr, &ts);
-		if (sig < 0 && errno != EAGAIN && errno != EINTR)
-			fail_errno("sigtimedwait", errno);
-		bool final = sig > 0 || (o.duration && elapsed() >= *o.duration) ||
-			     (o.pid && !process_alive(*o.pid));
+	/* Whether to stop: a signal, --duration, or the traced process gone (checked every 0.2 s). */
+	auto wait_until = [&](double when) {
+		for (;;) {
+			double now = elapsed();
+			if (o.duration && now >= *o.duration)
+				return true;
+			if (o.pid && !process_alive(*o.pid))
+				return true;
+			if (now >= when)
+				return false;
+			double wait = std::min({when - now, 0.2,
+						o.duration ? *o.duration - now : 0.2});
+			struct timespec ts = {0, long(wait * 1e9)};
+			int sig = sigtimedwait(&stop, nullptr, &ts);
+			if (sig > 0)
+				return true;
+			if (sig < 0 && errno != EAGAIN && errno != EINTR)
+				fail_errno("sigtimedwait", errno);
+		}
+	};
+	for (double next = o.interval;; next += o.interval) {
+		bool final = wait_until(next);
 		Snapshot snap = read_maps(*skel);
 		if (o.json) {
 			print_json(stdout, snap, o, elapsed(), final);
