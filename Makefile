@@ -16,10 +16,14 @@
 #                   page-walk oracle (QEMU TCG, two CPU models),
 #                   virtkit.ko's build and tests in Debian's
 #                   6.1, 6.12 and newest 7.x kernels (QEMU), its DKMS build,
-#                   the install check
+#                   the install check, the Debian packages' check
 #   make bench      build the benchmarks (bench/*.cpp; built by all, not run by check)
 #   make run-bench  build and run them (in a QEMU guest when /dev/kvm is not usable)
-#   make install    install headers, libraries, pkg-config and CMake files (PREFIX, DESTDIR)
+#   make install    install headers, libraries, pkg-config and CMake files, the tools
+#                   (PREFIX, DESTDIR)
+#   make deb        the Debian packages (libvirtkit0.1, libvirtkit-dev, virtkit-tools,
+#                   virtkit-dkms) with dpkg-buildpackage, lintian-checked, in $(BUILD)/deb
+#   make check-deb  build them and test what they install (scripts/check-deb)
 #   make kmod       build the kernel module virtkit.ko for Debian's 6.1, 6.12 and 7.x kernels
 #   make check-kmod, check-dkms, dkms-install, dkms-uninstall: see mk/kmod.mk
 #   make check-asan, check-tsan: sanitizer builds and runs, see mk/sanitize.mk
@@ -30,7 +34,14 @@ BUILD      ?= build
 PREFIX     ?= /usr/local
 DESTDIR    ?=
 VERSION    := 0.1.0
-SOVERSION  := 0
+# The shared libraries' SONAME version. 0.x releases are compatible only
+# within one minor release (the CMake version file says the same), so the
+# SONAME is libvirtkit.so.0.MINOR and a new minor release gets a new one
+# (and a new Debian runtime package, libvirtkit0.MINOR); from 1.0 on, the
+# major version. Documentation/building.rst, "SONAME policy".
+VERSION_MAJOR := $(word 1,$(subst ., ,$(VERSION)))
+VERSION_MINOR := $(word 2,$(subst ., ,$(VERSION)))
+SOVERSION  := $(if $(filter 0,$(VERSION_MAJOR)),0.$(VERSION_MINOR),$(VERSION_MAJOR))
 
 CXX        ?= g++
 CC         ?= gcc
@@ -74,16 +85,28 @@ GUESTCODE  := -mgeneral-regs-only
 # from turning its loops into memset/memcpy calls.
 FREESTANDING := -ffreestanding -fno-builtin -fno-tree-loop-distribute-patterns $(GUESTCODE)
 
+# A distribution's flags (dpkg-buildflags: CPPFLAGS, CFLAGS, CXXFLAGS,
+# LDFLAGS; debian/rules passes them) are added to what is built as host
+# code only: the shared libraries and their objects, common/ in them, and
+# virtkit-introspect. Never to guest code (the guest environment, the
+# selftests, the benchmarks, the virtkit tool, which holds the demo's guest
+# half), whose flags above are what makes it run in a guest.
+EXTRA_CPPFLAGS ?=
+EXTRA_CFLAGS   ?=
+EXTRA_CXXFLAGS ?=
+EXTRA_LDFLAGS  ?=
+
 DEPFLAGS   := -MMD -MP
 CPPFLAGS   := -Ilibvirtkit/include -Iuapi -Icommon
 LIB_CPPFLAGS := $(CPPFLAGS) -Ilibvirtkit/src
 GUEST_CPPFLAGS := $(CPPFLAGS) -Iguest/include
 CXXFLAGS   := $(CXXSTD) $(WARN) $(OPT)
-LIB_CXXFLAGS := $(CXXFLAGS) $(HARDEN) $(VISIBILITY) -fvisibility-inlines-hidden -fPIC
+LIB_CXXFLAGS := $(CXXFLAGS) $(HARDEN) $(EXTRA_CXXFLAGS) $(VISIBILITY) -fvisibility-inlines-hidden -fPIC
 GUEST_CXXFLAGS := $(CXXFLAGS) $(GUESTSAFE)
 # Freestanding C shared with virtkit.ko (common/*.c), built into libvirtkit.
 COMMON_CFLAGS := -std=gnu11 -ffreestanding -fno-builtin \
-                 -fno-tree-loop-distribute-patterns $(WARN) $(OPT) $(HARDEN) $(VISIBILITY) -fPIC
+                 -fno-tree-loop-distribute-patterns $(WARN) $(OPT) $(HARDEN) $(EXTRA_CFLAGS) \
+                 $(VISIBILITY) -fPIC
 
 # libvirtkit: the VMM library (core, SPP, paging, the module client and the
 # VMM end of KVMI) with the KVMI protocol module and common/.
@@ -151,8 +174,8 @@ INTROSPECT_BIN  := $(BUILD)/bin/virtkit-introspect
 # code is loaded at the binary's own addresses.
 GUEST_LINK := $(GUEST_A) $(INTROSPECT_A) $(LIB_A) $(URING_LIBS) -lpthread
 
-.PHONY: all lib guest tool selftests unit run run-initramfs test check check-unit check-selftests check-selftests-nested \
-        check-install deps install uninstall clean bench run-bench
+.PHONY: all lib guest tool selftests unit run run-initramfs test check check-unit check-docs check-selftests \
+        check-selftests-nested check-install check-deb deb deps install uninstall clean bench run-bench
 
 all: lib guest tool selftests unit bench
 
@@ -166,11 +189,11 @@ bench: $(BENCH_BINS)
 # --- the shipped libraries: hardened, hidden visibility ---
 $(BUILD)/libvirtkit/%.o: libvirtkit/%.cpp
 	@mkdir -p $(@D)
-	$(CXX) $(LIB_CPPFLAGS) $(DEPFLAGS) $(LIB_CXXFLAGS) -c $< -o $@
+	$(CXX) $(LIB_CPPFLAGS) $(EXTRA_CPPFLAGS) $(DEPFLAGS) $(LIB_CXXFLAGS) -c $< -o $@
 
 $(BUILD)/common/%.o: common/%.c
 	@mkdir -p $(@D)
-	$(CC) $(CPPFLAGS) $(DEPFLAGS) $(COMMON_CFLAGS) -c $< -o $@
+	$(CC) $(CPPFLAGS) $(EXTRA_CPPFLAGS) $(DEPFLAGS) $(COMMON_CFLAGS) -c $< -o $@
 
 $(LIB_A): $(LIB_OBJS)
 	@mkdir -p $(@D)
@@ -179,7 +202,7 @@ $(LIB_A): $(LIB_OBJS)
 
 $(LIB_SO): $(LIB_OBJS)
 	@mkdir -p $(@D)
-	$(CXX) -shared -Wl,-soname,libvirtkit.so.$(SOVERSION) $(SO_LDFLAGS) \
+	$(CXX) -shared -Wl,-soname,libvirtkit.so.$(SOVERSION) $(SO_LDFLAGS) $(EXTRA_LDFLAGS) \
 		-o $@ $(SO_CRTBEGIN) $^ -lpthread $(SO_CRTEND)
 	ln -sf libvirtkit.so.$(VERSION) $(BUILD)/lib/libvirtkit.so.$(SOVERSION)
 	ln -sf libvirtkit.so.$(SOVERSION) $(BUILD)/lib/libvirtkit.so
@@ -191,7 +214,7 @@ $(INTROSPECT_A): $(INTROSPECT_LIB_OBJS)
 
 $(INTROSPECT_SO): $(INTROSPECT_LIB_OBJS) $(KVMI_PROTOCOL_OBJS) $(LIB_SO)
 	@mkdir -p $(@D)
-	$(CXX) -shared -Wl,-soname,libvirtkit-introspect.so.$(SOVERSION) $(SO_LDFLAGS) \
+	$(CXX) -shared -Wl,-soname,libvirtkit-introspect.so.$(SOVERSION) $(SO_LDFLAGS) $(EXTRA_LDFLAGS) \
 		-o $@ $(SO_CRTBEGIN) $(INTROSPECT_LIB_OBJS) $(KVMI_PROTOCOL_OBJS) \
 		-L$(BUILD)/lib -lvirtkit -luring -lpthread $(SO_CRTEND)
 	ln -sf libvirtkit-introspect.so.$(VERSION) $(BUILD)/lib/libvirtkit-introspect.so.$(SOVERSION)
@@ -296,16 +319,19 @@ $(BUILD)/tools/virtkit/trace/trace.o: GUEST_CPPFLAGS += -I$(BUILD)/tools/virtkit
 
 # virtkit run decompresses xz and zstd kernels with liblzma and libzstd,
 # virtkit trace loads its BPF programs with libbpf (with libelf and zlib):
-# all static, like liburing.
+# all static, like liburing. Full RELRO (BIND_NOW) changes nothing guest
+# code sees: it never calls through the PLT, and the GOT was in the RELRO
+# segment already; not EXTRA_LDFLAGS, which could ask for a PIE.
 $(TOOL_BIN): $(TOOL_OBJS) $(GUEST_A) $(INTROSPECT_A) $(LIB_A)
 	@mkdir -p $(@D)
-	$(CXX) -no-pie -o $@ $(TOOL_OBJS) $(GUEST_LINK) -l:libbpf.a -l:libelf.a -l:libz.a \
-		-l:liblzma.a -l:libzstd.a
+	$(CXX) -no-pie $(HARDEN_LDFLAGS) -o $@ $(TOOL_OBJS) $(GUEST_LINK) \
+		-l:libbpf.a -l:libelf.a -l:libz.a -l:liblzma.a -l:libzstd.a
 
 # virtkit-introspect runs no guest: a hardened PIE like any host program,
 # and so is what the tools share. It reads kernel images (--processes):
 # liblzma and libzstd for the kernel image, static like liburing.
-HOST_TOOL_CXX = $(CXX) $(CPPFLAGS) $(DEPFLAGS) $(CXXFLAGS) $(HARDEN) -fPIE -c $< -o $@
+HOST_TOOL_CXX = $(CXX) $(CPPFLAGS) $(EXTRA_CPPFLAGS) $(DEPFLAGS) $(CXXFLAGS) $(HARDEN) \
+		$(EXTRA_CXXFLAGS) -fPIE -c $< -o $@
 $(BUILD)/tools/virtkit-introspect/%.o: tools/virtkit-introspect/%.cpp
 	@mkdir -p $(@D)
 	$(HOST_TOOL_CXX)
@@ -315,7 +341,7 @@ $(BUILD)/tools/common/%.o: tools/common/%.cpp
 
 $(INTROSPECT_BIN): $(INTROSPECT_OBJS) $(INTROSPECT_A) $(LIB_A)
 	@mkdir -p $(@D)
-	$(CXX) -pie $(HARDEN_LDFLAGS) -o $@ $(INTROSPECT_OBJS) $(INTROSPECT_A) $(LIB_A) \
+	$(CXX) -pie $(HARDEN_LDFLAGS) $(EXTRA_LDFLAGS) -o $@ $(INTROSPECT_OBJS) $(INTROSPECT_A) $(LIB_A) \
 		$(URING_LIBS) -l:liblzma.a -l:libzstd.a -lpthread
 
 deps:
@@ -408,8 +434,8 @@ run-bench: $(BENCH_BINS)
 # Every suite runs, also after one failed; scripts/check-suites streams each
 # one's output, then prints one table (target, suite, platform, pass, fail,
 # skip) and every skip with its reason, and fails if anything failed.
-CHECK_SUITES := check-unit check-selftests check-selftests-nested check-page-walk \
-                check-kmod check-dkms check-install
+CHECK_SUITES := check-unit check-docs check-selftests check-selftests-nested check-page-walk \
+                check-kmod check-dkms check-install check-deb
 
 check: deps
 	$(MAKE) all
@@ -417,6 +443,11 @@ check: deps
 
 check-unit: $(UNIT_BIN)
 	$(UNIT_BIN)
+
+# Every C and C++ code block of Documentation/ and README.md compiles (and
+# links, with main()).
+check-docs: lib
+	scripts/check-doc-examples $(BUILD)
 
 # Needs nothing check's `deps` installs beyond the build's own packages.
 test: $(UNIT_BIN)
@@ -460,6 +491,18 @@ check-selftests-nested: $(ST_BINS) $(INTRO_ST_BINS) $(TOOL_BIN) $(INTROSPECT_BIN
 
 check-install: lib $(RUN_INITRAMFS)
 	scripts/check-install $(BUILD)
+
+# The Debian packages, built in a copy of this tree (scripts/build-deb).
+DEB_DIR := $(BUILD)/deb
+deb:
+	scripts/build-deb $(DEB_DIR)
+
+# Build the packages (from the objects `make all` built, see
+# Documentation/building.rst) and test what they install: unpacked into a
+# scratch root with dpkg -x, the consumers built against it and run, the
+# tools, the DKMS package's files, lintian.
+check-deb: lib tool
+	scripts/check-deb $(BUILD)
 
 include mk/install.mk
 include mk/kmod.mk

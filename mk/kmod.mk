@@ -19,8 +19,15 @@
 #                        build root, inside it ($(BUILD)/dkms bind-mounted there)
 #   make dkms-install    as root: install the DKMS package (/usr/src/virtkit-$(VERSION)),
 #                        build and install the module for the running kernel
-#                        (DKMS_KVER=<version> for another), and the udev rule
+#                        (DKMS_KVER=<version> for another), the udev rule
 #                        for /dev/virtkit (group kvm, mode 0660, like /dev/kvm)
+#                        and the modules-load.d file that loads it at boot;
+#                        both into /etc (a local administrator's install,
+#                        outside the package manager; the virtkit-dkms
+#                        package puts them into /usr/lib instead)
+#   make install-dkms-files DESTDIR=<dir> [UDEVRULESDIR=] [MODULESLOADDIR=]
+#                        the DKMS source tree, the udev rule and the
+#                        modules-load.d file, unbuilt (debian/rules: virtkit-dkms)
 #   make dkms-uninstall  as root: remove all of it again
 #
 # Documentation/kmod.rst describes them.
@@ -49,7 +56,10 @@ KMOD_GUEST_CMD = f=0; \
 
 DKMS_SRC      := /usr/src/virtkit-$(VERSION)
 DKMS_KVER     ?= $(shell uname -r)
-UDEV_RULE     := /etc/udev/rules.d/60-virtkit.rules
+UDEVRULESDIR   ?= /etc/udev/rules.d
+MODULESLOADDIR ?= /etc/modules-load.d
+UDEV_RULE      = $(UDEVRULESDIR)/60-virtkit.rules
+MODULES_LOAD   = $(MODULESLOADDIR)/virtkit.conf
 DKMS_CHECK     = $(abspath $(BUILD))/dkms
 # dkms runs make (Kbuild) in turn: not with this make's variables (CC=, O=).
 DKMS_ENV      := env -u MAKEFLAGS -u MFLAGS -u MAKELEVEL
@@ -78,7 +88,7 @@ define dkms_tree
 	sed 's/^PACKAGE_VERSION=.*/PACKAGE_VERSION="$(VERSION)"/' kmod/dkms.conf >$(1)/dkms.conf
 endef
 
-.PHONY: kmod check-kmod check-dkms dkms-install dkms-uninstall
+.PHONY: kmod check-kmod check-dkms dkms-install dkms-uninstall install-dkms-files
 
 kmod:
 	@for s in $(KMOD_SERIES); do \
@@ -148,13 +158,24 @@ dkms-install:
 	$(DKMS) build virtkit/$(VERSION) -k $(DKMS_KVER)
 	$(DKMS) install virtkit/$(VERSION) -k $(DKMS_KVER)
 	install -D -m 0644 kmod/60-virtkit.rules $(UDEV_RULE)
+	install -D -m 0644 kmod/virtkit.conf $(MODULES_LOAD)
 	@udevadm control --reload 2>/dev/null || \
 		echo "dkms-install: udevd is not running: $(UDEV_RULE) applies from its next start"
-	@echo "dkms-install: installed virtkit $(VERSION) for $(DKMS_KVER); load it with: modprobe virtkit"
+	@echo "dkms-install: installed virtkit $(VERSION) for $(DKMS_KVER); it loads at boot" \
+	      "($(MODULES_LOAD)); load it now with: modprobe virtkit"
 
 dkms-uninstall:
 	@test "$$(id -u)" -eq 0 || { echo "dkms-uninstall: run as root" >&2; exit 1; }
 	@if command -v dkms >/dev/null && $(DKMS) status virtkit/$(VERSION) | grep -q .; then \
 		echo "dkms remove virtkit/$(VERSION) --all"; $(DKMS) remove virtkit/$(VERSION) --all; fi
-	rm -rf $(DKMS_SRC) $(UDEV_RULE)
+	rm -rf $(DKMS_SRC) $(UDEV_RULE) $(MODULES_LOAD)
 	@udevadm control --reload 2>/dev/null || true
+
+# What the virtkit-dkms package holds, under DESTDIR; dh_dkms adds the
+# maintainer scripts that run dkms add/build/install.
+install-dkms-files:
+	@case "$(DESTDIR)" in /*) ;; *) echo "install-dkms-files: DESTDIR must be" \
+		"an absolute directory" >&2; exit 1 ;; esac
+	$(call dkms_tree,$(DESTDIR)$(DKMS_SRC))
+	install -D -m 0644 kmod/60-virtkit.rules $(DESTDIR)$(UDEV_RULE)
+	install -D -m 0644 kmod/virtkit.conf $(DESTDIR)$(MODULES_LOAD)

@@ -105,6 +105,35 @@ guest_catch:
 	pop %rbp
 	ret
 
+/*
+ * void guest_enter_user(uint64_t rip, uint64_t rsp, uint64_t rdi, uint64_t rsi)
+ *
+ * IRET to CPL 3 loads the null selector into a segment register holding a
+ * DPL 0 data selector, and Intel processors clear GS.base with it: the
+ * per-CPU page the exception path reads at %gs:0. So GS gets the null
+ * selector here, its base back through IA32_GS_BASE, and IRET leaves it be.
+ */
+	.globl guest_enter_user
+guest_enter_user:
+	mov %gs:0, %r8		/* this vCPU's per-CPU page */
+	mov %rdx, %r9
+	mov %rcx, %r10
+	xor %eax, %eax
+	mov %eax, %gs
+	mov $0xc0000101, %ecx	/* IA32_GS_BASE */
+	mov %r8, %rax
+	mov %r8, %rdx
+	shr $32, %rdx
+	wrmsr
+	pushq $0x1b		/* SS: VIRTKIT_SEL_USER_DS */
+	pushq %rsi		/* RSP */
+	pushq $0x2		/* RFLAGS: IF clear */
+	pushq $0x23		/* CS: VIRTKIT_SEL_USER_CS */
+	pushq %rdi		/* RIP */
+	mov %r9, %rdi
+	mov %r10, %rsi
+	iretq
+
 /* Entry functions "return" here: report DONE. */
 	.globl virtkit_guest_return
 virtkit_guest_return:

@@ -216,6 +216,9 @@ void virtkit_guest_route_exception(struct virtkit_ex_frame *f)
 		f->rax = f->vector + 1;
 		f->rip = pc->recover_rip;
 		f->rsp = pc->recover_rsp;
+		/* guest_catch() runs at CPL 0, also when fn went on at CPL 3. */
+		f->cs = VIRTKIT_SEL_KERNEL_CS;
+		f->ss = VIRTKIT_SEL_KERNEL_DS;
 		pc->recover_rip = 0;
 		return;
 	}

@@ -29,8 +29,10 @@ static constexpr std::uint64_t phys_base = 0x10000;
 /* Layout of a vCPU's system page. */
 static constexpr std::uint64_t gdt_offset = 0x800;
 static constexpr std::uint64_t tss_offset = 0xa00;
-static constexpr std::uint16_t sel_kernel_cs = 0x08, sel_kernel_ds = 0x10;
-static constexpr std::uint16_t sel_user_ds = 0x18, sel_user_cs = 0x20, sel_tss = 0x28;
+static constexpr std::uint16_t sel_kernel_cs = VIRTKIT_SEL_KERNEL_CS;
+static constexpr std::uint16_t sel_kernel_ds = VIRTKIT_SEL_KERNEL_DS, sel_tss = 0x28;
+static_assert(VIRTKIT_SEL_USER_DS == 0x18 + 3 && VIRTKIT_SEL_USER_CS == 0x20 + 3,
+	      "the user selectors name GDT entries 3 and 4 with RPL 3");
 static_assert(sizeof(virtkit_percpu) <= gdt_offset);
 static_assert(offsetof(virtkit_percpu, recover_rip) == 8);
 static_assert(offsetof(virtkit_percpu, recover_rsp) == 16);
@@ -357,8 +359,6 @@ void GuestVm::setup_vcpu(Vcpu &vcpu, VcpuInfo &info)
 	s.idt.base = idt_gva_;
 	s.idt.limit = 256 * 16 - 1;
 	vcpu.set_sregs(s);
-	(void)sel_user_ds;
-	(void)sel_user_cs;
 }
 
 Vcpu &GuestVm::add_vcpu_raw(std::uint64_t entry, std::initializer_list<std::uint64_t> args)

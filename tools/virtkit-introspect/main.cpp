@@ -398,9 +398,13 @@ void Tool::attach(Session &s)
 	/* start_time is in milliseconds since the epoch (QEMU's kvmi, virtkit). */
 	std::time_t started = std::time_t(info.start_time / 1000);
 	std::tm tm{};
-	char when[32] = "?";
-	if (::gmtime_r(&started, &tm))
-		std::strftime(when, sizeof(when), "%Y-%m-%d %H:%M:%S UTC", &tm);
+	char when[40] = "?";
+	/* ISO 8601 in UTC, to the millisecond the handshake carries. */
+	if (::gmtime_r(&started, &tm)) {
+		std::size_t n = std::strftime(when, sizeof(when), "%Y-%m-%dT%H:%M:%S", &tm);
+		std::snprintf(when + n, sizeof(when) - n, ".%03uZ",
+			      unsigned(info.start_time % 1000));
+	}
 	std::printf("VM '%s' connected: uuid %s, started %s", info.name.c_str(),
 		    uuid_text(info.uuid).c_str(), when);
 	if (info.max_gpa)

@@ -18,6 +18,7 @@
 #include <virtkit/kvm.h>
 
 #include <cstdint>
+#include <initializer_list>
 #include <span>
 #include <vector>
 
@@ -55,6 +56,12 @@ struct CpuidEdit {
  * accepts most, but the guest may then fault using the feature.)
  */
 void apply_cpuid_edits(std::vector<kvm_cpuid_entry2> &cpuid, std::span<const CpuidEdit> edits);
+/* The same for a braced list of edits (a span cannot be built from one). */
+inline void apply_cpuid_edits(std::vector<kvm_cpuid_entry2> &cpuid,
+			      std::initializer_list<CpuidEdit> edits)
+{
+	apply_cpuid_edits(cpuid, std::span<const CpuidEdit>(edits.begin(), edits.size()));
+}
 
 } // namespace virtkit
 

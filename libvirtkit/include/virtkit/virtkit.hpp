@@ -10,6 +10,7 @@
 #include <virtkit/error.hpp>
 #include <virtkit/exit.hpp>
 #include <virtkit/fd.hpp>
+#include <virtkit/introspection.hpp>
 #include <virtkit/irq.hpp>
 #include <virtkit/memory.hpp>
 #include <virtkit/page_walk.hpp>

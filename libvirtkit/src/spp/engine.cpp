@@ -596,6 +596,29 @@ ExitAction SppEngine::complete_fxsave(Vcpu &vcpu, Exit &exit)
 	return ExitAction::pass;
 }
 
+/*
+ * Without KVM_CAP_EXIT_ON_EMULATION_FAILURE, KVM answers a failed emulation
+ * by queueing #UD (handle_emulation_failure) and exits only at CPL 0: a
+ * user-mode cmpxchg16b or fxsave on a trapping page would get a #UD the
+ * processor never raises. With the capability KVM exits at every CPL and
+ * queues nothing, so what the engine cannot complete gets KVM's own
+ * answer here: #UD queued, the vCPU resumed at CPL > 0, the exit passed to
+ * the VMM (with the #UD pending, as before) at CPL 0.
+ */
+ExitAction SppEngine::raise_undefined_opcode(Vcpu &vcpu)
+{
+	if (!exit_on_emulation_failure_.load(std::memory_order_relaxed))
+		return ExitAction::pass;
+	kvm_vcpu_events events = vcpu.events();
+	events.exception.injected = 1;
+	events.exception.pending = 0;
+	events.exception.nr = 6; /* #UD */
+	events.exception.has_error_code = 0;
+	events.exception.error_code = 0;
+	vcpu.set_events(events);
+	return vcpu.sregs().cs.dpl ? ExitAction::resume : ExitAction::pass;
+}
+
 std::optional<Exit> SppEngine::complete_system_writes(Vcpu &vcpu, kvm_regs regs,
 						      const std::vector<SystemWrite> &writes,
 						      bool *decided)
@@ -1199,7 +1222,10 @@ ExitAction SppEngine::on_exit(Vcpu &vcpu, Exit &exit)
 		ExitAction a = complete_cmpxchg16b(vcpu, exit);
 		if (a == ExitAction::resume || !std::holds_alternative<InternalErrorExit>(exit))
 			return a;
-		return complete_fxsave(vcpu, exit);
+		a = complete_fxsave(vcpu, exit);
+		if (a == ExitAction::resume || !std::holds_alternative<InternalErrorExit>(exit))
+			return a;
+		return raise_undefined_opcode(vcpu);
 	}
 	auto *m = std::get_if<MmioExit>(&exit);
 	if (!m || !m->is_write() || m->data.empty())

@@ -68,6 +68,16 @@ public:
 	std::vector<std::uint32_t> get_access(std::uint64_t gfn, std::uint64_t npages) const;
 	void on_violation(SppViolationHandler handler);
 	SppStats stats() const;
+	/*
+	 * KVM_CAP_EXIT_ON_EMULATION_FAILURE is on: KVM reports every
+	 * emulation failure, at any CPL, with no #UD of its own queued. The
+	 * engine completes what it can and raises #UD for the rest as KVM
+	 * does without the capability (resuming at CPL > 0).
+	 */
+	void set_exit_on_emulation_failure() noexcept
+	{
+		exit_on_emulation_failure_.store(true, std::memory_order_relaxed);
+	}
 
 private:
 	void region_moved(std::uint64_t from, std::uint64_t to, std::uint64_t size) override;
@@ -97,6 +107,8 @@ private:
 	ExitAction complete_cmpxchg16b(Vcpu &vcpu, Exit &exit);
 	/* An fxsave in 64-bit code that KVM's emulator refused on a trapping page. */
 	ExitAction complete_fxsave(Vcpu &vcpu, Exit &exit);
+	/* An emulation failure nothing here completes: #UD, as KVM raises it. */
+	ExitAction raise_undefined_opcode(Vcpu &vcpu);
 	/*
 	 * An event (exception, NMI, interrupt) whose delivery KVM could not
 	 * complete because its frame lands on a trapping page: delivered
@@ -138,6 +150,7 @@ private:
 
 	MemoryMap &mem_;
 	std::unique_ptr<SppStore> store_; /* used under mem_'s lock */
+	std::atomic<bool> exit_on_emulation_failure_{false};
 	std::uint64_t protected_pages_ = 0; /* under mem_'s lock */
 
 	mutable std::mutex handler_mu_;

@@ -136,6 +136,15 @@ SubpageProtection &SubpageProtection::enable(Vm &vm, const SppOptions &options)
 		/* Library features see exits before any handler of the VMM. */
 		e->keep_registration(vm.add_exit_handler(
 			[e](Vcpu &v, Exit &exit) { return e->on_exit(v, exit); }, INT_MIN));
+		/*
+		 * Emulation failures at CPL > 0 reach the engine too (KVM
+		 * raises #UD there on its own): a user-mode write it completes
+		 * at CPL 0 must not fault (raise_undefined_opcode).
+		 */
+		if (vm.check_extension(KVM_CAP_EXIT_ON_EMULATION_FAILURE) > 0) {
+			e->set_exit_on_emulation_failure();
+			vm.enable_cap(KVM_CAP_EXIT_ON_EMULATION_FAILURE, {1});
+		}
 		std::unique_ptr<SubpageProtection> spp(new SubpageProtection(std::move(engine)));
 		/* From their next entry on, vCPUs run through the module's fast path. */
 		if (kmod)

@@ -112,6 +112,23 @@ void virtkit_guest_done(void) __attribute__((noreturn));
 int virtkit_guest_snprintf(char *buf, uint64_t size, const char *fmt, ...)
 	__attribute__((format(printf, 3, 4)));
 
+/* GDT selectors of the guest environment (user ones with RPL 3). */
+#define VIRTKIT_SEL_KERNEL_CS 0x08
+#define VIRTKIT_SEL_KERNEL_DS 0x10
+#define VIRTKIT_SEL_USER_DS 0x1b
+#define VIRTKIT_SEL_USER_CS 0x23
+
+/*
+ * Continue at CPL 3 (64-bit user code) at rip on stack rsp, with rdi and
+ * rsi as given and RFLAGS.IF clear. Code, stack and data the user code
+ * touches must be on user pages (PageFlags::user). The way back is an
+ * exception: call this from a function run by guest_catch() and end the
+ * user code with INT3 (its gate has DPL 3), which makes guest_catch()
+ * return BP_VECTOR + 1 at CPL 0; any other exception returns the same way.
+ */
+void guest_enter_user(uint64_t rip, uint64_t rsp, uint64_t rdi, uint64_t rsi)
+	__attribute__((noreturn));
+
 /*
  * Run fn(arg). Returns 0 if it returned normally; otherwise the first
  * exception it raised is stored in *ex (may be NULL) and the call returns
