@@ -318,14 +318,15 @@ $(BUILD)/tools/virtkit/trace/trace.o: $(TRACE_SKEL)
 $(BUILD)/tools/virtkit/trace/trace.o: GUEST_CPPFLAGS += -I$(BUILD)/tools/virtkit/trace
 
 # virtkit run decompresses xz and zstd kernels with liblzma and libzstd,
-# virtkit trace loads its BPF programs with libbpf (with libelf and zlib):
-# all static, like liburing. Full RELRO (BIND_NOW) changes nothing guest
+# virtkit trace loads its BPF programs with libbpf (with libelf): all
+# static, like liburing; zlib (libelf's) is the system's shared library,
+# as Debian's policy asks of it (lintian: embedded-library). Full RELRO (BIND_NOW) changes nothing guest
 # code sees: it never calls through the PLT, and the GOT was in the RELRO
 # segment already; not EXTRA_LDFLAGS, which could ask for a PIE.
 $(TOOL_BIN): $(TOOL_OBJS) $(GUEST_A) $(INTROSPECT_A) $(LIB_A)
 	@mkdir -p $(@D)
 	$(CXX) -no-pie $(HARDEN_LDFLAGS) -o $@ $(TOOL_OBJS) $(GUEST_LINK) \
-		-l:libbpf.a -l:libelf.a -l:libz.a -l:liblzma.a -l:libzstd.a
+		-l:libbpf.a -l:libelf.a -l:liblzma.a -l:libzstd.a -lz
 
 # virtkit-introspect runs no guest: a hardened PIE like any host program,
 # and so is what the tools share. It reads kernel images (--processes):
