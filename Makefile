@@ -160,7 +160,7 @@ BENCH_BINS := $(BENCH_SRCS:bench/%.cpp=$(BUILD)/bench/%)
 TOOL_COMMON_SRCS := $(wildcard tools/common/*.cpp)
 TOOL_COMMON_OBJS := $(TOOL_COMMON_SRCS:%.cpp=$(BUILD)/%.o)
 
-TOOL_SRCS  := $(wildcard tools/virtkit/*.cpp tools/virtkit/run/*.cpp)
+TOOL_SRCS  := $(wildcard tools/virtkit/*.cpp tools/virtkit/run/*.cpp tools/virtkit/trace/*.cpp)
 TOOL_OBJS  := $(TOOL_SRCS:%.cpp=$(BUILD)/%.o) $(TOOL_COMMON_OBJS)
 TOOL_BIN   := $(BUILD)/bin/virtkit
 
@@ -296,13 +296,37 @@ $(BUILD)/tools/virtkit/%.o: tools/virtkit/%.cpp
 
 $(BUILD)/tools/virtkit/demo_guest.o: GUEST_CXXFLAGS += $(FREESTANDING)
 
-# virtkit run decompresses xz and zstd kernels with liblzma and libzstd
-# (static, like liburing). Full RELRO (BIND_NOW) changes nothing guest code
-# sees: it never calls through the PLT, and the GOT was in the RELRO
+# virtkit trace: the BPF programs (CO-RE, no vmlinux.h: trace.bpf.c
+# declares the tracepoint records it reads) built by clang for the BPF
+# target, embedded in the tool as a bpftool skeleton. The skeleton header
+# is generated in $(BUILD); trace.cpp includes it.
+BPF_CLANG  ?= clang
+BPFTOOL    ?= bpftool
+BPF_CFLAGS := -target bpf -g -O2 -Wall -Werror -D__bpf__ \
+              -I/usr/include/$(shell $(CC) -dumpmachine)
+TRACE_SKEL := $(BUILD)/tools/virtkit/trace/trace.skel.h
+
+$(BUILD)/tools/virtkit/trace/trace.bpf.o: tools/virtkit/trace/trace.bpf.c tools/virtkit/trace/trace_abi.h
+	@mkdir -p $(@D)
+	$(BPF_CLANG) $(BPF_CFLAGS) -c $< -o $@
+
+$(TRACE_SKEL): $(BUILD)/tools/virtkit/trace/trace.bpf.o
+	$(BPFTOOL) gen skeleton $< name trace_bpf > $@.tmp
+	mv $@.tmp $@
+
+$(BUILD)/tools/virtkit/trace/trace.o: $(TRACE_SKEL)
+$(BUILD)/tools/virtkit/trace/trace.o: GUEST_CPPFLAGS += -I$(BUILD)/tools/virtkit/trace
+
+# virtkit run decompresses xz and zstd kernels with liblzma and libzstd,
+# virtkit trace loads its BPF programs with libbpf (with libelf): all
+# static, like liburing; zlib (libelf's) is the system's shared library,
+# as Debian's policy asks of it (lintian: embedded-library). Full RELRO (BIND_NOW) changes nothing guest
+# code sees: it never calls through the PLT, and the GOT was in the RELRO
 # segment already; not EXTRA_LDFLAGS, which could ask for a PIE.
 $(TOOL_BIN): $(TOOL_OBJS) $(GUEST_A) $(INTROSPECT_A) $(LIB_A)
 	@mkdir -p $(@D)
-	$(CXX) -no-pie $(HARDEN_LDFLAGS) -o $@ $(TOOL_OBJS) $(GUEST_LINK) -l:liblzma.a -l:libzstd.a
+	$(CXX) -no-pie $(HARDEN_LDFLAGS) -o $@ $(TOOL_OBJS) $(GUEST_LINK) \
+		-l:libbpf.a -l:libelf.a -l:liblzma.a -l:libzstd.a -lz
 
 # virtkit-introspect runs no guest: a hardened PIE like any host program,
 # and so is what the tools share. It reads kernel images (--processes):

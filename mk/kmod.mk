@@ -42,11 +42,12 @@ KMOD_OUT       = $(abspath $(BUILD))/kmod
 KMOD_TIMEOUT  ?= 2400
 KMOD_PAYLOAD   = $(KMOD_OUT)/payload
 # In the guest of series $(1): run-selftests per suite; both run, either
-# failing fails. Each suite's KTAP follows a line naming it (.ci/run labels
+# failing fails. The x86 suite's trace test runs the virtkit tool (virtkit
+# trace) copied into /payload. Each suite's KTAP follows a line naming it (.ci/run labels
 # the suite's "# Totals" with it).
 KMOD_GUEST_CMD = f=0; \
 	echo scripts/run-selftests x86: Debian $(1) guest, virtkit.ko, VIRTKIT_SPP_BACKEND=kmod; \
-	VIRTKIT_SPP_BACKEND=kmod run-selftests x86 || f=1; \
+	VIRTKIT_SPP_BACKEND=kmod VIRTKIT_TRACE_TOOL=/payload/virtkit run-selftests x86 || f=1; \
 	echo scripts/run-selftests introspection: Debian $(1) guest, virtkit.ko, VIRTKIT_SPP_BACKEND=kmod; \
 	VIRTKIT_SPP_BACKEND=kmod run-selftests introspection || f=1; \
 	echo scripts/run-selftests kmod: Debian $(1) guest, virtkit.ko; \
@@ -94,7 +95,7 @@ kmod:
 		scripts/build-kmod --kernel $$s --out $(KMOD_OUT) || exit 1; \
 	done
 
-check-kmod: $(ST_BINS) $(INTRO_ST_BINS) $(KMOD_ST_BINS)
+check-kmod: $(ST_BINS) $(INTRO_ST_BINS) $(KMOD_ST_BINS) $(TOOL_BIN)
 	rm -rf $(KMOD_PAYLOAD)
 	mkdir -p $(KMOD_PAYLOAD)/x86 $(KMOD_PAYLOAD)/introspection $(KMOD_PAYLOAD)/kmod
 	cp $(ST_BINS) $(KMOD_PAYLOAD)/x86/
@@ -103,11 +104,11 @@ check-kmod: $(ST_BINS) $(INTRO_ST_BINS) $(KMOD_ST_BINS)
 	@rc=0; for s in $(KMOD_SERIES); do \
 		ko=$$(scripts/build-kmod --kernel $$s --out $(KMOD_OUT)) || { rc=1; continue; }; \
 		echo "scripts/vmtest --kernel $$s --timeout $(KMOD_TIMEOUT) --module $$ko" \
-		     "--copy scripts/run-selftests --copy $(KMOD_PAYLOAD)/x86" \
+		     "--copy scripts/run-selftests --copy $(TOOL_BIN) --copy $(KMOD_PAYLOAD)/x86" \
 		     "--copy $(KMOD_PAYLOAD)/introspection --copy $(KMOD_PAYLOAD)/kmod" \
 		     "-- sh -c '$(subst @S@,$$s,$(subst $$,\$$,$(call KMOD_GUEST_CMD,@S@)))'"; \
 		scripts/vmtest --kernel $$s --timeout $(KMOD_TIMEOUT) --module $$ko \
-			--copy scripts/run-selftests --copy $(KMOD_PAYLOAD)/x86 \
+			--copy scripts/run-selftests --copy $(TOOL_BIN) --copy $(KMOD_PAYLOAD)/x86 \
 			--copy $(KMOD_PAYLOAD)/introspection \
 			--copy $(KMOD_PAYLOAD)/kmod -- sh -c '$(call KMOD_GUEST_CMD,'$$s')' || rc=1; \
 	done; exit $$rc

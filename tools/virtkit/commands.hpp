@@ -31,6 +31,10 @@ extern const char demo_help[];
 int run_main(Args args);
 extern const char run_help[];
 
+/* `virtkit trace`: a VM's exits and SPP traps from KVM's tracepoints (trace/trace.cpp). */
+int trace_main(Args args);
+extern const char trace_help[];
+
 /*
  * Print "virtkit COMMAND: message" and the command's help on stderr;
  * returns exit_usage (main.cpp).

@@ -5,6 +5,7 @@
  *   virtkit info    what this host's KVM offers virtkit
  *   virtkit demo    run a small guest and explain what it shows
  *   virtkit run     boot a Linux kernel, the terminal as its serial console
+ *   virtkit trace   count a VM's exits and SPP traps from KVM's tracepoints
  *
  * This file only dispatches: it finds the command, hands it the remaining
  * arguments, and turns exceptions that escape it into one line on stderr
@@ -37,6 +38,8 @@ const Command commands[] = {
 	 demo_main},
 	{"run", "boot a Linux kernel with the terminal as its serial console", run_help,
 	 run_main},
+	{"trace", "count a VM's exits and SPP traps per vCPU, live (BPF)", trace_help,
+	 trace_main},
 };
 
 const Command *find(std::string_view name)
