@@ -438,8 +438,11 @@ run-bench: $(BENCH_BINS)
 CHECK_SUITES := check-unit check-docs check-selftests check-selftests-nested check-page-walk \
                 check-kmod check-dkms check-install check-deb
 
+# The build runs on every CPU (CHECK_JOBS, default nproc); the suites one
+# after another (they share scripts/vmtest's directory and QEMU).
+CHECK_JOBS ?= $(shell nproc)
 check: deps
-	$(MAKE) all
+	$(MAKE) -j$(CHECK_JOBS) all
 	MAKE="$(MAKE)" scripts/check-suites $(CHECK_SUITES)
 
 check-unit: $(UNIT_BIN)
