@@ -616,7 +616,10 @@ ExitAction SppEngine::raise_undefined_opcode(Vcpu &vcpu)
 	events.exception.has_error_code = 0;
 	events.exception.error_code = 0;
 	vcpu.set_events(events);
-	return vcpu.sregs().cs.dpl ? ExitAction::resume : ExitAction::pass;
+	/* KVM's CPL: 0 in real mode, 3 in virtual-8086 mode, else SS.DPL. */
+	const kvm_sregs s = vcpu.sregs();
+	const bool cpl0 = !(s.cr0 & 1) || (!(vcpu.regs().rflags & (1u << 17)) && s.ss.dpl == 0);
+	return cpl0 ? ExitAction::pass : ExitAction::resume;
 }
 
 std::optional<Exit> SppEngine::complete_system_writes(Vcpu &vcpu, kvm_regs regs,
