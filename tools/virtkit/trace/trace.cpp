@@ -295,33 +295,40 @@ Snapshot read_maps(const trace_bpf &skel)
 
 /* --- output --- */
 
+/* ns in the largest of ns, us, ms, s that keeps it at 1 or more (ns below 1 us). */
+struct Scaled {
+	double value;
+	const char *unit;
+	int rank; /* 0 ns, 1 us, 2 ms, 3 s */
+};
+
+Scaled scaled(double ns)
+{
+	if (ns < 1e3)
+		return {ns, "ns", 0};
+	if (ns < 1e6)
+		return {ns / 1e3, "us", 1};
+	if (ns < 1e9)
+		return {ns / 1e6, "ms", 2};
+	return {ns / 1e9, "s", 3};
+}
+
+/* "812 ns", "16.4 us", "4.2 ms", "2.15 s". */
 std::string duration_text(double ns)
 {
+	static constexpr int decimals[] = {0, 1, 1, 2};
+	const Scaled v = scaled(ns);
 	char b[32];
-	if (ns < 1e3)
-		std::snprintf(b, sizeof(b), "%.0f ns", ns);
-	else if (ns < 1e6)
-		std::snprintf(b, sizeof(b), "%.1f us", ns / 1e3);
-	else if (ns < 1e9)
-		std::snprintf(b, sizeof(b), "%.1f ms", ns / 1e6);
-	else
-		std::snprintf(b, sizeof(b), "%.2f s", ns / 1e9);
+	std::snprintf(b, sizeof(b), "%.*f %s", decimals[v.rank], v.value, v.unit);
 	return b;
 }
 
 /* A power of two of nanoseconds, three digits: 512ns, 16.4us, 4.19ms, 2.15s. */
 std::string pow2_text(unsigned i)
 {
-	double ns = std::ldexp(1.0, int(i));
+	const Scaled v = scaled(std::ldexp(1.0, int(i)));
 	char b[16];
-	if (ns < 1e3)
-		std::snprintf(b, sizeof(b), "%.3gns", ns);
-	else if (ns < 1e6)
-		std::snprintf(b, sizeof(b), "%.3gus", ns / 1e3);
-	else if (ns < 1e9)
-		std::snprintf(b, sizeof(b), "%.3gms", ns / 1e6);
-	else
-		std::snprintf(b, sizeof(b), "%.3gs", ns / 1e9);
+	std::snprintf(b, sizeof(b), "%.3g%s", v.value, v.unit);
 	return b;
 }
 
