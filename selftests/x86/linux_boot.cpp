@@ -128,8 +128,12 @@ template <class F> void retry_stalls(F fn)
 /* A program the test runs: stdin a pipe (or /dev/null), stdout and stderr collected. */
 class Child {
 public:
-	Child(const std::vector<std::string> &argv, bool with_stdin) : start_(Clock::now())
+	Child(std::vector<std::string> argv, bool with_stdin) : start_(Clock::now())
 	{
+		/* Where stalls are retried, a stopped `virtkit run` reports where its
+		 * vCPUs and the console's interrupt stood (stop_for_report()). */
+		if (stall_retries() && argv.size() > 1 && argv[1] == "run")
+			argv.push_back("--verbose");
 		int out[2], in[2] = {-1, -1};
 		TEST_ASSERT(pipe2(out, O_CLOEXEC) == 0);
 		TEST_ASSERT(!with_stdin || pipe2(in, O_CLOEXEC) == 0);
@@ -235,9 +239,9 @@ private:
 			if (stall_retries() && now - last_output_ > stall_limit()) {
 				auto tail = output_.size() > 300 ? output_.substr(output_.size() - 300) : output_;
 				throw Stalled(vkt::format("the guest stalled: no console output for %lld s; "
-							  "it ended with: %s",
+							  "it ended with: %s\nstopped, virtkit run reported:\n%s",
 							  static_cast<long long>(stall_limit().count()),
-							  tail.c_str()));
+							  tail.c_str(), stop_for_report().c_str()));
 			}
 			if (now >= deadline)
 				return false;
@@ -258,6 +262,26 @@ private:
 			last_output_ = Clock::now();
 			return true;
 		}
+	}
+
+	/* SIGTERM, then what the program prints until it ends (at most 10 s). */
+	std::string stop_for_report()
+	{
+		kill(pid_, SIGTERM);
+		auto deadline = Clock::now() + std::chrono::seconds(10);
+		std::string said;
+		while (!eof_ && Clock::now() < deadline) {
+			pollfd p{out_, POLLIN, 0};
+			if (poll(&p, 1, 100) <= 0)
+				continue;
+			char buf[4096];
+			ssize_t got = read(out_, buf, sizeof(buf));
+			if (got <= 0)
+				eof_ = true;
+			else
+				said.append(buf, std::size_t(got));
+		}
+		return said;
 	}
 
 	Clock::time_point start_;

@@ -409,21 +409,46 @@ int Machine::run()
 	}
 	if (o_.verbose) {
 		summary();
-		/* Where each vCPU stopped: what a hang or a crash needs first. */
+		/* Where each vCPU stopped and what it waits for: what a hang
+		 * or a crash needs first. */
 		for (auto &v : vcpus) {
 			kvm_regs r = v.regs();
 			kvm_sregs sr = v.sregs();
+			kvm_vcpu_events ev = v.events();
 			std::fprintf(stderr,
-				     "virtkit run: vcpu %u: mp_state %u rip %#llx rsp %#llx cr0 %#llx "
-				     "cr3 %#llx cr4 %#llx efer %#llx\n",
+				     "virtkit run: vcpu %u: mp_state %u rip %#llx rsp %#llx rflags %#llx "
+				     "cr0 %#llx cr3 %#llx cr4 %#llx efer %#llx; interrupt %s%u, "
+				     "shadow %u, nmi %s, exception %s%u; interrupt bitmap %#llx\n",
 				     v.id(), v.mp_state().mp_state,
 				     static_cast<unsigned long long>(r.rip),
 				     static_cast<unsigned long long>(r.rsp),
+				     static_cast<unsigned long long>(r.rflags),
 				     static_cast<unsigned long long>(sr.cr0),
 				     static_cast<unsigned long long>(sr.cr3),
 				     static_cast<unsigned long long>(sr.cr4),
-				     static_cast<unsigned long long>(sr.efer));
+				     static_cast<unsigned long long>(sr.efer),
+				     ev.interrupt.injected ? "injected " : "none ", ev.interrupt.nr,
+				     ev.interrupt.shadow,
+				     ev.nmi.injected ? "injected" : ev.nmi.pending ? "pending" : "none",
+				     ev.exception.injected	 ? "injected "
+				     : ev.exception.pending ? "pending "
+							     : "none ",
+				     ev.exception.nr,
+				     static_cast<unsigned long long>(sr.interrupt_bitmap[0]));
 		}
+		/* The console's interrupt path: the UART, then the IOAPIC pin and
+		 * the PIC's view of IRQ 4. */
+		std::fprintf(stderr, "virtkit run: uart: %s\n", uart_->describe().c_str());
+		kvm_irqchip io = vm.irqchip(Irqchip::ioapic);
+		auto &pin = io.chip.ioapic.redirtbl[Uart::com1_irq].fields;
+		kvm_irqchip pic = vm.irqchip(Irqchip::pic_master);
+		std::fprintf(stderr,
+			     "virtkit run: ioapic pin %u: vector %#x %s%s%s, dest %#x, irr %#x; "
+			     "pic: irr %#x imr %#x isr %#x\n",
+			     Uart::com1_irq, pin.vector, pin.mask ? "masked" : "unmasked",
+			     pin.trig_mode ? " level" : " edge", pin.remote_irr ? " remote-irr" : "",
+			     pin.dest_id, io.chip.ioapic.irr, pic.chip.pic.irr, pic.chip.pic.imr,
+			     pic.chip.pic.isr);
 	}
 	return status_;
 }

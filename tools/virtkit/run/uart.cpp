@@ -6,6 +6,8 @@
  */
 #include "uart.hpp"
 
+#include <cstdio>
+
 namespace virtkit::tool::run {
 namespace {
 
@@ -181,6 +183,18 @@ bool Uart::receive(std::uint8_t byte)
 	receive_locked(byte);
 	update_irq_locked();
 	return true;
+}
+
+std::string Uart::describe()
+{
+	std::lock_guard g(lock_);
+	char buf[160];
+	std::snprintf(buf, sizeof(buf),
+		      "ier %#x iir %#x lsr %#x lcr %#x mcr %#x, THR-empty interrupt %s, "
+		      "%zu bytes received unread, line %s",
+		      ier_, iir_locked(), lsr_, lcr_, mcr_, thr_pending_ ? "pending" : "not pending",
+		      rx_.size(), irq_ ? "high" : "low");
+	return buf;
 }
 
 } // namespace virtkit::tool::run

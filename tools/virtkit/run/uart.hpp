@@ -16,6 +16,7 @@
 #include <deque>
 #include <functional>
 #include <mutex>
+#include <string>
 
 namespace virtkit::tool::run {
 
@@ -39,6 +40,8 @@ public:
 	bool receive(std::uint8_t byte);
 	/* Whether the guest has room for another byte (the FIFO is not full). */
 	bool can_receive();
+	/* The registers and the interrupt line, for --verbose's report. */
+	std::string describe();
 
 private:
 	std::uint8_t iir_locked() const;
