@@ -11,7 +11,6 @@
 
 #include <virtkit/x86/guest_vm.hpp>
 
-#include <cpuid.h>
 #include <fcntl.h>
 #include <sys/eventfd.h>
 #include <sys/ioctl.h>
@@ -515,30 +514,44 @@ static void guest_cpuid(void)
 	GUEST_SYNC(c, d);
 }
 
-VK_TEST(cpuid_edits_reach_the_guest)
+/* Leaf 1's ECX and EDX as a guest reads them, its vCPU's CPUID set to cpuid. */
+static std::pair<std::uint32_t, std::uint32_t>
+guest_leaf1(const std::vector<kvm_cpuid_entry2> &cpuid)
 {
 	GuestVm g(vkt::kvm());
 	Vcpu &v = g.add_vcpu(guest_cpuid);
-	auto cpuid = vkt::kvm().supported_cpuid();
-	apply_cpuid_edits(cpuid, leaf1_edits);
 	v.set_cpuid(cpuid);
-	std::uint32_t ecx = cpuid_find(cpuid, 1)->ecx, edx = cpuid_find(cpuid, 1)->edx;
 	Ucall uc = g.run(v);
 	TEST_ASSERT(uc.kind == Ucall::Kind::sync && uc.args.size() == 2);
+	g.run_to_done(v);
+	return {static_cast<std::uint32_t>(uc.args[0]), static_cast<std::uint32_t>(uc.args[1])};
+}
+
+VK_TEST(cpuid_edits_reach_the_guest)
+{
+	auto cpuid = vkt::kvm().supported_cpuid();
+	apply_cpuid_edits(cpuid, leaf1_edits);
+	std::uint32_t ecx = cpuid_find(cpuid, 1)->ecx, edx = cpuid_find(cpuid, 1)->edx;
+	auto [guest_ecx, guest_edx] = guest_leaf1(cpuid);
+	/*
+	 * Probe: the same with SSE3 (ECX[0]) set instead of cleared. Where the
+	 * guest reads the same leaf 1 either way, KVM does not give it the
+	 * vCPU's leaf 1 at all (kvm_pvm runs CPUID natively: the host's leaf,
+	 * with a few bits of its own).
+	 */
+	auto with_sse3 = cpuid;
+	const CpuidEdit sse3[] = {{.function = 1, .reg = CpuidReg::ecx, .set = 1u << 0}};
+	apply_cpuid_edits(with_sse3, sse3);
+	auto [other_ecx, other_edx] = guest_leaf1(with_sse3);
+	TEST_REQUIRE(other_ecx != guest_ecx || other_edx != guest_edx,
+		     vkt::format("the guest's leaf 1 to follow KVM_SET_CPUID2 (it reads ECX 0x%x, "
+				 "EDX 0x%x whether the vCPU's ECX is 0x%x or 0x%x)",
+				 guest_ecx, guest_edx, ecx, ecx | 1));
 	/* KVM adds runtime bits to leaf 1: OSXSAVE (ECX[27]), APIC (EDX[9]). */
 	constexpr std::uint32_t runtime_ecx = 1u << 27, runtime_edx = 1u << 9;
-	unsigned a, b, host_ecx, host_edx;
-	__cpuid(1, a, b, host_ecx, host_edx);
-	auto guest_ecx = static_cast<std::uint32_t>(uc.args[0]);
-	/* kvm_pvm runs the guest's CPUID natively: it sees the host's leaves. */
-	TEST_REQUIRE((guest_ecx & ~runtime_ecx) != (host_ecx & ~runtime_ecx) ||
-			     (ecx & ~runtime_ecx) == (host_ecx & ~runtime_ecx),
-		     vkt::format("the guest's CPUID to come from KVM_SET_CPUID2 (here the guest "
-				 "reads the host's leaf 1, ECX 0x%x, not the vCPU's 0x%x)",
-				 guest_ecx, ecx));
 	TEST_ASSERT_EQ(guest_ecx & ~runtime_ecx, ecx & ~runtime_ecx);
-	TEST_ASSERT_EQ(uc.args[1] & ~runtime_edx, edx & ~runtime_edx);
-	g.run_to_done(v);
+	TEST_ASSERT_EQ(guest_edx & ~runtime_edx, edx & ~runtime_edx);
+	TEST_ASSERT_EQ(other_ecx & ~runtime_ecx, (ecx | 1) & ~runtime_ecx);
 }
 
 /* --- region files ---------------------------------------------------------- */
