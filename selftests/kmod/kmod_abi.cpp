@@ -24,6 +24,7 @@ static_assert(offsetof(virtkit_spp_access, reserved) == 32);
 static_assert(sizeof(virtkit_spp_stats) == 64);
 static_assert(offsetof(virtkit_spp_stats, reserved) == 32);
 static_assert(sizeof(virtkit_vcpu_run) == 32);
+static_assert(sizeof(virtkit_guest_wrmsr) == 64);
 static_assert(VIRTKIT_IO == 0xE7);
 static_assert(VIRTKIT_SPP_GFN_LIMIT == 1ull << 36);
 static_assert(_IOC_SIZE(VIRTKIT_SPP_SET_ACCESS) == 64 && _IOC_DIR(VIRTKIT_SPP_SET_ACCESS) == _IOC_WRITE);
@@ -70,8 +71,12 @@ static void check_extensions(int fd)
 	long max = sys_ioctl(fd, VIRTKIT_CHECK_EXTENSION, (unsigned long)VIRTKIT_CAP_SPP_MAX_PAGES);
 	TEST_ASSERT(max > 0, "VIRTKIT_CAP_SPP_MAX_PAGES = %s", result_name(max).c_str());
 	TEST_ASSERT_EQ(sys_ioctl(fd, VIRTKIT_CHECK_EXTENSION, (unsigned long)VIRTKIT_CAP_PKS), 0);
+	/* 1 where KVM exports its guest MSR write to modules (kmod_msr checks which). */
+	long wrmsr = sys_ioctl(fd, VIRTKIT_CHECK_EXTENSION, (unsigned long)VIRTKIT_CAP_GUEST_WRMSR);
+	TEST_ASSERT(wrmsr == 0 || wrmsr == 1, "VIRTKIT_CAP_GUEST_WRMSR = %s",
+		    result_name(wrmsr).c_str());
 	/* Unknown capabilities are absent, not an error. */
-	for (unsigned long cap : {0ul, 5ul, 0x100ul, 0xffffffffUL, ~0ul, 1ul << 32 | 1})
+	for (unsigned long cap : {0ul, 6ul, 0x100ul, 0xffffffffUL, ~0ul, 1ul << 32 | 1})
 		TEST_ASSERT_EQ(sys_ioctl(fd, VIRTKIT_CHECK_EXTENSION, cap), 0);
 }
 
