@@ -11,8 +11,8 @@
  * - The memslot of a guest frame in a vCPU's address space: inline
  *   (__gfn_to_memslot(kvm_vcpu_memslots())) on every supported kernel;
  *   gfn_to_memslot() and kvm_vcpu_gfn_to_memslot() are restricted in 7.x.
- * - The guest's own WRMSR: kvm_set_msr(), vcpu_load() and vcpu_put() are
- *   exported to every module up to 6.x; 7.x renamed the write
+ * - The guest's own WRMSR: kvm_set_msr(), vcpu_load(), vcpu_put() and
+ *   kvm_read_l1_tsc() are exported to every module up to 6.x; 7.x renamed the write
  *   (kvm_emulate_msr_write(), __kvm_emulate_msr_write()) and exports it
  *   and vcpu_load() to kvm-amd/kvm-intel only, so there is none there.
  */
@@ -20,6 +20,7 @@
 #define VIRTKIT_COMPAT_H
 
 #include <linux/kvm_host.h>
+#include <asm/msr.h>
 
 #include "conftest.h"
 
@@ -43,7 +44,11 @@ static inline bool virtkit_guest_wrmsr_available(void)
  * Write an MSR as the vCPU's guest does with WRMSR: KVM's guest write
  * (host_initiated false, kvm.ignore_msrs applied), without the MSR filter.
  * The caller holds vcpu->mutex; the vCPU is loaded and kvm->srcu held
- * around the write, as KVM's KVM_SET_MSRS does. Returns 0 when KVM wrote
+ * around the write, as KVM's KVM_SET_MSRS does. Afterwards the guest's TSC
+ * is recorded as KVM records it after every exit from the guest
+ * (vcpu_enter_guest()): where the host's TSC is unstable, the next
+ * vcpu_load() puts the guest's TSC back to that value, which would undo a
+ * write of IA32_TSC or IA32_TSC_ADJUST made here. Returns 0 when KVM wrote
  * it, > 0 when KVM refused it (the guest would get #GP), < 0 an error
  * (the guest's WRMSR would fail KVM_RUN with it).
  */
@@ -57,6 +62,7 @@ static inline int virtkit_guest_wrmsr(struct kvm_vcpu *vcpu, u32 index, u64 data
 	vcpu_load(vcpu);
 	idx = srcu_read_lock(&vcpu->kvm->srcu);
 	r = kvm_set_msr(vcpu, index, data);
+	vcpu->arch.last_guest_tsc = kvm_read_l1_tsc(vcpu, rdtsc());
 	srcu_read_unlock(&vcpu->kvm->srcu, idx);
 	vcpu_put(vcpu);
 	return r;

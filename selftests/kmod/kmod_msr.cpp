@@ -79,8 +79,10 @@ static void require_guest_wrmsr(int dev)
 				"MSR write to modules on this kernel"};
 }
 
+/* Says it runs (stop + 8 = 1), then spins until *stop. */
 static void guest_spin(u64 stop)
 {
+	*(volatile u64 *)(stop + 8) = 1;
 	while (!*(volatile u64 *)stop)
 		__asm__ volatile("pause");
 	GUEST_SYNC(5);
@@ -242,8 +244,12 @@ VK_TEST(guest_wrmsr_waits_for_a_running_vcpu)
 		t.g.run(v);
 		ran = true;
 	});
-	/* Until the guest spins (it reads the control word every few cycles). */
-	std::this_thread::sleep_for(std::chrono::milliseconds(100));
+	/* Until the guest spins: from then on its KVM_RUN holds the vCPU. */
+	const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(30);
+	while (t.g.memory().read_obj<u64>(ctl_gpa + 8) != 1) {
+		TEST_ASSERT(std::chrono::steady_clock::now() < deadline, "the guest did not start");
+		std::this_thread::sleep_for(std::chrono::milliseconds(5));
+	}
 	std::atomic<long> r{LONG_MIN};
 	std::thread writer([&] { r = guest_wrmsr(t.vk.get(), v.fd(), msr_sysenter_cs, 0x10); });
 	std::this_thread::sleep_for(std::chrono::milliseconds(200));
