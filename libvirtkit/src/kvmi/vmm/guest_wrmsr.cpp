@@ -384,38 +384,28 @@ bool write_tsc(Vcpu &vcpu, std::uint32_t index, std::uint64_t value)
 	return true;
 }
 
-GuestWrmsrPath decide_path(Vm &vm)
+/* The module's attachment if CONTINUE is to use it, else nullptr (the rules). */
+const KmodVm *decide_path(Vm &vm)
 {
-	using enum SppBackendKind;
 	SppBackendKind kind;
-	std::string by;
 	bool forced = false; /* by VIRTKIT_SPP_BACKEND: failing to attach is an error */
 	if (auto *spp = SubpageProtection::of(vm)) {
 		kind = spp->backend();
-		by = kind == kmod ? "kmod backend (the VM's SPP)" : "user backend (the VM's SPP)";
+		forced = true; /* SPP attached it already */
 	} else {
 		const char *env = std::getenv("VIRTKIT_SPP_BACKEND");
-		kind = choose_spp_backend(automatic);
 		forced = env && *env;
-		if (forced)
-			by = std::string(kind == kmod ? "kmod" : "user") +
-			     " backend (VIRTKIT_SPP_BACKEND=" + env + ")";
-		else
-			by = kind == kmod ? "kmod backend (/dev/virtkit exists)"
-					  : std::string("user backend (no ") + kmod_device_path + ")";
+		kind = choose_spp_backend(SppBackendKind::automatic);
 	}
-	const std::string rules = ": KVM_SET_MSRS after KVM's guest-only rules";
-	if (kind != kmod)
-		return {nullptr, by + rules};
+	if (kind != SppBackendKind::kmod)
+		return nullptr;
 	try {
 		KmodVm &k = attach_kmod(vm);
-		if (k.check_extension(VIRTKIT_CAP_GUEST_WRMSR) <= 0)
-			return {nullptr, by + ", VIRTKIT_CAP_GUEST_WRMSR = 0" + rules};
-		return {&k, by + ": VIRTKIT_VCPU_GUEST_WRMSR (KVM's guest write)"};
-	} catch (const Error &e) {
+		return k.check_extension(VIRTKIT_CAP_GUEST_WRMSR) > 0 ? &k : nullptr;
+	} catch (const Error &) {
 		if (forced)
 			throw;
-		return {nullptr, by + ", " + e.what() + rules};
+		return nullptr; /* automatic: /dev/virtkit there, but not usable for this VM */
 	}
 }
 
@@ -424,7 +414,7 @@ GuestWrmsrPath decide_path(Vm &vm)
 const GuestWrmsrPath &guest_wrmsr_path(Vm &vm)
 {
 	return RunControl::features(vm).get_or_attach<GuestWrmsrPath>(
-		[&] { return std::make_unique<GuestWrmsrPath>(decide_path(vm)); });
+		[&] { return std::make_unique<GuestWrmsrPath>(GuestWrmsrPath{decide_path(vm)}); });
 }
 
 const GuestWrmsrPath *find_guest_wrmsr_path(Vm &vm) noexcept

@@ -12,7 +12,6 @@
 #pragma once
 
 #include <cstdint>
-#include <string>
 
 namespace virtkit {
 class Vcpu;
@@ -32,7 +31,6 @@ class KmodVm;
  */
 struct GuestWrmsrPath {
 	const KmodVm *kmod = nullptr; /* nullptr: KVM_SET_MSRS after the rules */
-	std::string why;	      /* what decided it, for messages */
 };
 
 /*
