@@ -109,7 +109,7 @@ VK_TEST(unknown_ioctls_are_enotty)
 	/* /dev/virtkit: per-VM ioctls, free numbers, other types, wrong sizes. */
 	const unsigned long dev_bad[] = {
 		VIRTKIT_SPP_ENABLE, VIRTKIT_SPP_SET_ACCESS, VIRTKIT_SPP_GET_ACCESS,
-		VIRTKIT_SPP_GET_STATS, VIRTKIT_VCPU_RUN,
+		VIRTKIT_SPP_GET_STATS, VIRTKIT_VCPU_RUN, VIRTKIT_VCPU_GUEST_WRMSR,
 		_IO(VIRTKIT_IO, 0x03), _IO(VIRTKIT_IO, 0xff), _IO(VIRTKIT_IO, 0x02),
 		_IOR(VIRTKIT_IO, 0x02, struct virtkit_attach_vm),
 		_IOW(VIRTKIT_IO, 0x02, std::uint64_t), _IOWR(VIRTKIT_IO, 0x00, int),
@@ -125,6 +125,8 @@ VK_TEST(unknown_ioctls_are_enotty)
 		_IOW(VIRTKIT_IO, 0x11, std::uint32_t), _IOR(VIRTKIT_IO, 0x12, struct virtkit_spp_access),
 		_IOW(VIRTKIT_IO, 0x13, struct virtkit_spp_stats),
 		_IOW(VIRTKIT_IO, 0x20, std::uint64_t), _IO(VIRTKIT_IO, 0x10),
+		_IOW(VIRTKIT_IO, 0x21, struct virtkit_guest_wrmsr),
+		_IOR(VIRTKIT_IO, 0x21, struct virtkit_guest_wrmsr),
 		KVM_RUN, KVM_CREATE_VCPU, KVM_GET_API_VERSION, TCGETS, 0, ~0u,
 	};
 	for (unsigned long cmd : vm_bad)

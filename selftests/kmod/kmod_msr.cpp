@@ -6,7 +6,8 @@
  * guest's and not the host's: where KVM treats the two differently
  * (MSR_SMI_COUNT, IA32_TSC without TSC_ADJUST in the guest's CPUID) the
  * ioctl does what the guest's WRMSR does. It waits for a vCPU another
- * thread runs, and works after the VMM closed the VM fd.
+ * thread runs, works after the VMM closed the VM fd, and with concurrent
+ * calls while the descriptors are closed.
  */
 #include "kmod_util.hpp"
 
@@ -17,6 +18,7 @@
 #include <climits>
 #include <cstddef>
 #include <thread>
+#include <vector>
 
 #include <virtkit/cpuid.hpp>
 
@@ -285,4 +287,61 @@ VK_TEST(guest_wrmsr_after_the_vm_fd_is_closed)
 	/* Its vCPU fds closed as well: the other vCPU. */
 	vm.vcpus[1].close();
 	TEST_ASSERT_EQ(guest_wrmsr(vk.get(), vm.vcpus[0].get(), msr_sysenter_cs, 0x18), 0);
+}
+
+/*
+ * Concurrent calls on two vCPUs from four threads, the VM fd closed in
+ * between, then the per-VM fd closed under them: every call is written or
+ * EBADF (the per-VM fd gone), and each vCPU holds one of the values written.
+ */
+VK_TEST(guest_wrmsr_concurrent_calls_and_teardown)
+{
+	require_module();
+	auto dev = open_dev();
+	require_guest_wrmsr(dev.get());
+	RawVm vm(2);
+	auto vk = attach_ok(dev.get(), vm.vm.get());
+	const int vkfd = vk.get();
+	const int vcpu_fds[2] = {vm.vcpus[0].get(), vm.vcpus[1].get()};
+	std::atomic<bool> failed{false};
+	std::atomic<unsigned> calls{0}, gone{0};
+	std::vector<std::thread> threads;
+	for (unsigned t = 0; t < 4; t++)
+		threads.emplace_back([&, t] {
+			for (u64 i = 0;; i++) {
+				long r = guest_wrmsr(vkfd, vcpu_fds[t % 2], msr_sysenter_cs,
+						     (t + 1) << 8 | (i & 0xff));
+				if (r == -EBADF) {
+					gone++;
+					return;
+				}
+				if (r != 0) {
+					vkt::diag("thread %u: %s", t, result_name(r).c_str());
+					failed = true;
+					return;
+				}
+				calls++;
+			}
+		});
+	std::this_thread::sleep_for(std::chrono::milliseconds(200));
+	vm.vm.close();
+	std::this_thread::sleep_for(std::chrono::milliseconds(200));
+	vk.close(); /* the threads' next call: EBADF */
+	for (auto &th : threads)
+		th.join();
+	TEST_ASSERT(!failed.load());
+	TEST_ASSERT_EQ(gone.load(), 4u);
+	vkt::diag("%u calls", calls.load());
+	for (int fd : vcpu_fds) {
+		struct {
+			kvm_msrs h;
+			kvm_msr_entry e;
+		} m{};
+		m.h.nmsrs = 1;
+		m.e.index = msr_sysenter_cs;
+		TEST_ASSERT_EQ(sys_ioctl(fd, KVM_GET_MSRS, &m), 1);
+		const u64 owner = m.e.data >> 8;
+		TEST_ASSERT(owner >= 1 && owner <= 4 && (owner - 1) % 2 == (fd == vcpu_fds[0] ? 0u : 1u),
+			    "SYSENTER_CS = 0x%llx", (unsigned long long)m.e.data);
+	}
 }
