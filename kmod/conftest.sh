@@ -83,4 +83,28 @@ C
 then v=yes; else v=no; fi
 define VIRTKIT_HAVE_INLINE_VCPU_MEMSLOT_LOOKUP "$v"
 
+# The guest's own WRMSR: kvm_set_msr() (host_initiated false, kvm.ignore_msrs
+# applied, no MSR filter), with vcpu_load()/vcpu_put() around it and
+# kvm_read_l1_tsc() after it (the guest's TSC, recorded as after a guest
+# exit), exported to every module up to 6.x. 7.x renamed it kvm_emulate_msr_write() /
+# __kvm_emulate_msr_write() and exports those and vcpu_load() to
+# kvm-amd/kvm-intel only: VIRTKIT_CAP_GUEST_WRMSR is 0 there.
+if exported kvm_set_msr && exported vcpu_load && exported vcpu_put &&
+	exported kvm_read_l1_tsc && compiles guest_wrmsr "$@" <<'C'
+#include <linux/kvm_host.h>
+#include <asm/msr.h>
+int probe(struct kvm_vcpu *vcpu, u32 index, u64 data)
+{
+	int r;
+
+	vcpu_load(vcpu);
+	r = kvm_set_msr(vcpu, index, data);
+	vcpu->arch.last_guest_tsc = kvm_read_l1_tsc(vcpu, rdtsc());
+	vcpu_put(vcpu);
+	return r;
+}
+C
+then v=yes; else v=no; fi
+define VIRTKIT_HAVE_GUEST_WRMSR "$v"
+
 echo "#endif"

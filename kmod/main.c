@@ -1,7 +1,8 @@
 // SPDX-License-Identifier: GPL-2.0 OR MIT
 /*
  * virtkit.ko: KVM extensions for stock kernels - sub-page write
- * protection with an in-kernel fast path (Documentation/kmod.rst).
+ * protection with an in-kernel fast path, and the guest's own WRMSR for
+ * introspection (Documentation/kmod.rst).
  *
  * /dev/virtkit answers version and capability queries and turns a KVM VM
  * file descriptor into a per-VM virtkit file (vm.c). Holding the VM fd is
@@ -47,6 +48,9 @@ long virtkit_check_extension(unsigned long cap)
 		 * always absent.
 		 */
 		return 0;
+	case VIRTKIT_CAP_GUEST_WRMSR:
+		/* Only where KVM's guest write is exported (compat.h). */
+		return virtkit_check_guest_wrmsr();
 	default:
 		return 0;
 	}
@@ -108,6 +112,10 @@ static void __init virtkit_abi_checks(void)
 	BUILD_BUG_ON(offsetof(struct virtkit_spp_access, reserved) != 32);
 	BUILD_BUG_ON(sizeof(struct virtkit_spp_stats) != 64);
 	BUILD_BUG_ON(sizeof(struct virtkit_vcpu_run) != 32);
+	BUILD_BUG_ON(sizeof(struct virtkit_guest_wrmsr) != 64);
+	BUILD_BUG_ON(offsetof(struct virtkit_guest_wrmsr, data) != 8);
+	BUILD_BUG_ON(offsetof(struct virtkit_guest_wrmsr, result) != 20);
+	BUILD_BUG_ON(offsetof(struct virtkit_guest_wrmsr, reserved) != 24);
 	BUILD_BUG_ON(VIRTKIT_SPP_ALL_WRITABLE != VK_SPP_ALL_WRITABLE);
 	BUILD_BUG_ON(VIRTKIT_SPP_SUBPAGE_SIZE != VK_SPP_SUBPAGE_SIZE);
 	BUILD_BUG_ON(VIRTKIT_SPP_GFN_LIMIT != VK_SPPT_GFN_LIMIT);

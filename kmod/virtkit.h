@@ -86,4 +86,8 @@ void virtkit_rmw_watch_stop(void);
 /* run.c */
 long virtkit_vcpu_run(struct virtkit_vm *vm, void __user *argp);
 
+/* msr.c */
+long virtkit_check_guest_wrmsr(void);
+long virtkit_vcpu_guest_wrmsr(struct virtkit_vm *vm, void __user *argp);
+
 #endif /* VIRTKIT_KMOD_H */

@@ -60,6 +60,8 @@ static long virtkit_vm_ioctl(struct file *filp, unsigned int ioctl, unsigned lon
 		return virtkit_spp_ioctl(&vm->spp, ioctl, argp);
 	case VIRTKIT_VCPU_RUN:
 		return virtkit_vcpu_run(vm, argp);
+	case VIRTKIT_VCPU_GUEST_WRMSR:
+		return virtkit_vcpu_guest_wrmsr(vm, argp);
 	default:
 		return -ENOTTY;
 	}

@@ -24,6 +24,7 @@ static_assert(offsetof(virtkit_spp_access, reserved) == 32);
 static_assert(sizeof(virtkit_spp_stats) == 64);
 static_assert(offsetof(virtkit_spp_stats, reserved) == 32);
 static_assert(sizeof(virtkit_vcpu_run) == 32);
+static_assert(sizeof(virtkit_guest_wrmsr) == 64);
 static_assert(VIRTKIT_IO == 0xE7);
 static_assert(VIRTKIT_SPP_GFN_LIMIT == 1ull << 36);
 static_assert(_IOC_SIZE(VIRTKIT_SPP_SET_ACCESS) == 64 && _IOC_DIR(VIRTKIT_SPP_SET_ACCESS) == _IOC_WRITE);
@@ -70,8 +71,12 @@ static void check_extensions(int fd)
 	long max = sys_ioctl(fd, VIRTKIT_CHECK_EXTENSION, (unsigned long)VIRTKIT_CAP_SPP_MAX_PAGES);
 	TEST_ASSERT(max > 0, "VIRTKIT_CAP_SPP_MAX_PAGES = %s", result_name(max).c_str());
 	TEST_ASSERT_EQ(sys_ioctl(fd, VIRTKIT_CHECK_EXTENSION, (unsigned long)VIRTKIT_CAP_PKS), 0);
+	/* 1 where KVM exports its guest MSR write to modules (kmod_msr checks which). */
+	long wrmsr = sys_ioctl(fd, VIRTKIT_CHECK_EXTENSION, (unsigned long)VIRTKIT_CAP_GUEST_WRMSR);
+	TEST_ASSERT(wrmsr == 0 || wrmsr == 1, "VIRTKIT_CAP_GUEST_WRMSR = %s",
+		    result_name(wrmsr).c_str());
 	/* Unknown capabilities are absent, not an error. */
-	for (unsigned long cap : {0ul, 5ul, 0x100ul, 0xffffffffUL, ~0ul, 1ul << 32 | 1})
+	for (unsigned long cap : {0ul, 6ul, 0x100ul, 0xffffffffUL, ~0ul, 1ul << 32 | 1})
 		TEST_ASSERT_EQ(sys_ioctl(fd, VIRTKIT_CHECK_EXTENSION, cap), 0);
 }
 
@@ -104,7 +109,7 @@ VK_TEST(unknown_ioctls_are_enotty)
 	/* /dev/virtkit: per-VM ioctls, free numbers, other types, wrong sizes. */
 	const unsigned long dev_bad[] = {
 		VIRTKIT_SPP_ENABLE, VIRTKIT_SPP_SET_ACCESS, VIRTKIT_SPP_GET_ACCESS,
-		VIRTKIT_SPP_GET_STATS, VIRTKIT_VCPU_RUN,
+		VIRTKIT_SPP_GET_STATS, VIRTKIT_VCPU_RUN, VIRTKIT_VCPU_GUEST_WRMSR,
 		_IO(VIRTKIT_IO, 0x03), _IO(VIRTKIT_IO, 0xff), _IO(VIRTKIT_IO, 0x02),
 		_IOR(VIRTKIT_IO, 0x02, struct virtkit_attach_vm),
 		_IOW(VIRTKIT_IO, 0x02, std::uint64_t), _IOWR(VIRTKIT_IO, 0x00, int),
@@ -120,6 +125,8 @@ VK_TEST(unknown_ioctls_are_enotty)
 		_IOW(VIRTKIT_IO, 0x11, std::uint32_t), _IOR(VIRTKIT_IO, 0x12, struct virtkit_spp_access),
 		_IOW(VIRTKIT_IO, 0x13, struct virtkit_spp_stats),
 		_IOW(VIRTKIT_IO, 0x20, std::uint64_t), _IO(VIRTKIT_IO, 0x10),
+		_IOW(VIRTKIT_IO, 0x21, struct virtkit_guest_wrmsr),
+		_IOR(VIRTKIT_IO, 0x21, struct virtkit_guest_wrmsr),
 		KVM_RUN, KVM_CREATE_VCPU, KVM_GET_API_VERSION, TCGETS, 0, ~0u,
 	};
 	for (unsigned long cmd : vm_bad)

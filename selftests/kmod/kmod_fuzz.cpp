@@ -11,6 +11,7 @@
  */
 #include "kmod_util.hpp"
 
+#include <algorithm>
 #include <climits>
 #include <cstdlib>
 #include <ctime>
@@ -43,6 +44,7 @@ struct Fuzzer {
 	Mapping ro_buf = guarded(4096);
 	Mapping arg_buf = guarded(4096);
 	long max_pages;
+	long guest_wrmsr; /* VIRTKIT_CAP_GUEST_WRMSR */
 	bool enabled = false;
 	std::map<u64, u32> model; /* gfn -> map, protected pages only */
 	std::map<std::string, u64> outcomes;
@@ -62,6 +64,9 @@ struct Fuzzer {
 		max_pages = sys_ioctl(dev.get(), VIRTKIT_CHECK_EXTENSION,
 				      (unsigned long)VIRTKIT_CAP_SPP_MAX_PAGES);
 		TEST_ASSERT(max_pages > 0);
+		guest_wrmsr = sys_ioctl(dev.get(), VIRTKIT_CHECK_EXTENSION,
+					(unsigned long)VIRTKIT_CAP_GUEST_WRMSR);
+		TEST_ASSERT(guest_wrmsr == 0 || guest_wrmsr == 1);
 		bases = {0, 0x3ff80, 1ull << 18, LIMIT - 64, 0x123456789ull & (LIMIT - 1),
 			 0x7fffe00};
 	}
@@ -179,6 +184,7 @@ struct Fuzzer {
 		}
 		long want = arg == VIRTKIT_CAP_SPP || arg == VIRTKIT_CAP_SPP_FAST_WRITE ? 1
 			    : arg == VIRTKIT_CAP_SPP_MAX_PAGES				? max_pages
+			    : arg == VIRTKIT_CAP_GUEST_WRMSR				? guest_wrmsr
 											: 0;
 		expect("CHECK_EXTENSION", r, {want});
 	}
@@ -366,13 +372,60 @@ struct Fuzzer {
 		expect(("VCPU_RUN(" + what + ")").c_str(), r, {want});
 	}
 
+	/*
+	 * GUEST_WRMSR of MSRs whose write is harmless for the vCPU (which
+	 * never runs): SYSENTER_CS (written), MSR_SMI_COUNT (read-only for
+	 * the guest) and an MSR that does not exist (#GP, or ignored with
+	 * kvm.ignore_msrs).
+	 */
+	void guest_wrmsr_call()
+	{
+		static const u32 msrs[] = {0x174, 0x34, 0x4b564dffu};
+		virtkit_guest_wrmsr a{};
+		std::string what;
+		a.vcpu_fd = pick_fd(what);
+		const unsigned m = rng.below(3);
+		a.index = msrs[m];
+		a.data = rng.below(0x10000);
+		if (rng.chance(10))
+			a.flags = static_cast<u32>(fuzz_u64());
+		if (rng.chance(10))
+			a.reserved[rng.below(5)] = fuzz_u64();
+		auto s = struct_arg(&a, sizeof(a));
+		long r = sys_ioctl(vk.get(), VIRTKIT_VCPU_GUEST_WRMSR, s.p);
+		long want;
+		if (!guest_wrmsr)
+			want = -EOPNOTSUPP;
+		else if (!s.readable)
+			want = -EFAULT;
+		else if (a.flags || std::any_of(std::begin(a.reserved), std::end(a.reserved),
+						[](u64 v) { return v != 0; }))
+			want = -EINVAL;
+		else if (!is_open(a.vcpu_fd))
+			want = -EBADF;
+		else if (a.vcpu_fd == vm.vcpus[0].get())
+			want = 0;
+		else
+			want = -EINVAL;
+		expect(("GUEST_WRMSR(" + what + ")").c_str(), r, {want});
+		if (r == 0) {
+			virtkit_guest_wrmsr out;
+			std::memcpy(&out, s.p, sizeof(out));
+			std::set<u32> ok = {VIRTKIT_GUEST_WRMSR_GP};
+			if (m == 0 || m == 2)
+				ok.insert(VIRTKIT_GUEST_WRMSR_WRITTEN);
+			TEST_ASSERT(ok.count(out.result), "GUEST_WRMSR of MSR 0x%x: result %u",
+				    a.index, out.result);
+		}
+	}
+
 	/* An ioctl number that is none of the module's. */
 	unsigned long unknown_cmd()
 	{
 		static const unsigned long known[] = {
 			VIRTKIT_GET_API_VERSION, VIRTKIT_CHECK_EXTENSION, VIRTKIT_ATTACH_VM,
 			VIRTKIT_SPP_ENABLE, VIRTKIT_SPP_SET_ACCESS, VIRTKIT_SPP_GET_ACCESS,
-			VIRTKIT_SPP_GET_STATS, VIRTKIT_VCPU_RUN};
+			VIRTKIT_SPP_GET_STATS, VIRTKIT_VCPU_RUN, VIRTKIT_VCPU_GUEST_WRMSR};
 		for (;;) {
 			unsigned long c;
 			if (rng.chance(70)) {
@@ -411,8 +464,8 @@ struct Fuzzer {
 			/* The per-VM ioctls on /dev/virtkit, ATTACH on the per-VM fd. */
 			static const unsigned long vm_only[] = {
 				VIRTKIT_SPP_ENABLE, VIRTKIT_SPP_SET_ACCESS, VIRTKIT_SPP_GET_ACCESS,
-				VIRTKIT_SPP_GET_STATS, VIRTKIT_VCPU_RUN};
-			long r = sys_ioctl(dev.get(), vm_only[rng.below(5)], arg_buf.data());
+				VIRTKIT_SPP_GET_STATS, VIRTKIT_VCPU_RUN, VIRTKIT_VCPU_GUEST_WRMSR};
+			long r = sys_ioctl(dev.get(), vm_only[rng.below(6)], arg_buf.data());
 			expect("per-VM ioctl on /dev/virtkit", r, {-ENOTTY});
 			r = sys_ioctl(vk.get(), VIRTKIT_ATTACH_VM, arg_buf.data());
 			expect("ATTACH_VM on the per-VM fd", r, {-ENOTTY});
@@ -427,8 +480,10 @@ struct Fuzzer {
 			access_call(false);
 		} else if (what < 92) {
 			stats_call();
-		} else {
+		} else if (what < 96) {
 			run_call();
+		} else {
+			guest_wrmsr_call();
 		}
 	}
 

@@ -32,6 +32,12 @@
  * works without it.
  */
 #define VIRTKIT_CAP_PKS			4
+/*
+ * 1: VIRTKIT_VCPU_GUEST_WRMSR performs a WRMSR as the guest's own (KVM's
+ * guest write, without its MSR filter). 0 where KVM does not export that
+ * write to modules (7.x): the ioctl then fails with EOPNOTSUPP.
+ */
+#define VIRTKIT_CAP_GUEST_WRMSR		5
 
 /*
  * Sub-page protection: a page is 32 sub-pages of 128 bytes; bit i of a
@@ -82,6 +88,20 @@ struct virtkit_vcpu_run {
 	__u64 reserved[3];	/* 0 */
 };
 
+/* VIRTKIT_VCPU_GUEST_WRMSR: result */
+#define VIRTKIT_GUEST_WRMSR_WRITTEN	0 /* KVM performed the write */
+#define VIRTKIT_GUEST_WRMSR_GP		1 /* KVM refused it: the guest gets #GP */
+
+/* VIRTKIT_VCPU_GUEST_WRMSR */
+struct virtkit_guest_wrmsr {
+	__s32 vcpu_fd;		/* a vCPU of the attached VM */
+	__u32 index;		/* the MSR (ECX of the WRMSR) */
+	__u64 data;		/* the value (EDX:EAX) */
+	__u32 flags;		/* 0 */
+	__u32 result;		/* out: VIRTKIT_GUEST_WRMSR_* (ignored on input) */
+	__u64 reserved[5];	/* 0 */
+};
+
 /*
  * The ioctl magic: unlisted in the kernel's ioctl-number.rst and unused by
  * the UAPI headers of 6.1, 6.12 and 7.3 (0xE5, used before 0.2, is FUSE's).
@@ -100,5 +120,6 @@ struct virtkit_vcpu_run {
 #define VIRTKIT_SPP_GET_ACCESS	_IOW(VIRTKIT_IO, 0x12, struct virtkit_spp_access)
 #define VIRTKIT_SPP_GET_STATS	_IOR(VIRTKIT_IO, 0x13, struct virtkit_spp_stats)
 #define VIRTKIT_VCPU_RUN	_IOW(VIRTKIT_IO, 0x20, struct virtkit_vcpu_run)
+#define VIRTKIT_VCPU_GUEST_WRMSR _IOWR(VIRTKIT_IO, 0x21, struct virtkit_guest_wrmsr)
 
 #endif /* _UAPI_LINUX_VIRTKIT_H */

@@ -5,6 +5,7 @@
 
 #include <algorithm>
 #include <cerrno>
+#include <cstdio>
 #include <string>
 
 #include <virtkit/error.hpp>
@@ -102,6 +103,19 @@ int KmodVm::enter(int vcpu_fd) const noexcept
 {
 	auto arg = run_arg(vcpu_fd);
 	return typed_ioctl<run_request>(fd(), &arg);
+}
+
+bool KmodVm::guest_wrmsr(int vcpu_fd, std::uint32_t msr, std::uint64_t value) const
+{
+	virtkit_guest_wrmsr w{};
+	w.vcpu_fd = vcpu_fd;
+	w.index = msr;
+	w.data = value;
+	char what[96];
+	std::snprintf(what, sizeof(what), "vcpu fd %d MSR 0x%x = 0x%llx", vcpu_fd, msr,
+		      static_cast<unsigned long long>(value));
+	VK_IOCTL(fd(), VIRTKIT_VCPU_GUEST_WRMSR, &w, what, -1);
+	return w.result == VIRTKIT_GUEST_WRMSR_WRITTEN;
 }
 
 KmodVm &attach_kmod(Vm &vm)

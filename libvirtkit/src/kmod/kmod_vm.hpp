@@ -13,6 +13,7 @@
 #include <span>
 
 #include <virtkit/fd.hpp>
+#include <virtkit/spp.hpp>
 #include <virtkit/vm.hpp>
 
 #include "core/run_control.hpp"
@@ -80,6 +81,14 @@ public:
 	}
 	/* RunEntry: that, in place of the vCPU's KVM_RUN. */
 	int enter(int vcpu_fd) const noexcept override;
+
+	/*
+	 * VIRTKIT_VCPU_GUEST_WRMSR: msr = value written by KVM as the
+	 * guest's own WRMSR on the vCPU vcpu_fd of this VM (needs
+	 * VIRTKIT_CAP_GUEST_WRMSR). false when KVM refused it (the guest
+	 * gets #GP, nothing written); throws Error naming the ioctl.
+	 */
+	bool guest_wrmsr(int vcpu_fd, std::uint32_t msr, std::uint64_t value) const;
 	const char *name() const noexcept override { return "VIRTKIT_VCPU_RUN"; }
 
 private:
@@ -96,5 +105,13 @@ private:
  * outlives every feature attached after it (feature_slots.hpp).
  */
 KmodVm &attach_kmod(Vm &vm);
+
+/*
+ * Which backend `asked` means (Documentation/spp.rst): itself unless
+ * automatic; then VIRTKIT_SPP_BACKEND=user|kmod when set (another value:
+ * Error EINVAL), else kmod where /dev/virtkit exists and user elsewhere.
+ * Every feature that may use virtkit.ko chooses with it.
+ */
+SppBackendKind choose_spp_backend(SppBackendKind asked);
 
 } // namespace virtkit::detail

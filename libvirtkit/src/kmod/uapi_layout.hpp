@@ -48,6 +48,14 @@ VK_UAPI_FIELD(virtkit_vcpu_run, vcpu_fd, 0, 4);
 VK_UAPI_FIELD(virtkit_vcpu_run, flags, 4, 4);
 VK_UAPI_FIELD(virtkit_vcpu_run, reserved, 8, 24);
 
+static_assert(sizeof(virtkit_guest_wrmsr) == 64);
+VK_UAPI_FIELD(virtkit_guest_wrmsr, vcpu_fd, 0, 4);
+VK_UAPI_FIELD(virtkit_guest_wrmsr, index, 4, 4);
+VK_UAPI_FIELD(virtkit_guest_wrmsr, data, 8, 8);
+VK_UAPI_FIELD(virtkit_guest_wrmsr, flags, 16, 4);
+VK_UAPI_FIELD(virtkit_guest_wrmsr, result, 20, 4);
+VK_UAPI_FIELD(virtkit_guest_wrmsr, reserved, 24, 40);
+
 #undef VK_UAPI_FIELD
 
 /* The ABI's SPP constants are the shared table's (common/spp_table.h). */

@@ -80,11 +80,7 @@ static const char *backend_name(SppBackendKind k)
 	return "?";
 }
 
-/*
- * What `automatic` means (Documentation/spp.rst): VIRTKIT_SPP_BACKEND=user|kmod
- * when set, else kmod where /dev/virtkit exists and user elsewhere.
- */
-static SppBackendKind choose_backend(SppBackendKind asked)
+SppBackendKind detail::choose_spp_backend(SppBackendKind asked)
 {
 	if (asked != SppBackendKind::automatic)
 		return asked;
@@ -112,7 +108,7 @@ SubpageProtection &SubpageProtection::enable(Vm &vm, const SppOptions &options)
 				    ": not automatic, user or kmod");
 	using detail::RunControl;
 	auto &spp = RunControl::features(vm).get_or_attach<SubpageProtection>([&] {
-		const SppBackendKind kind = choose_backend(options.backend);
+		const SppBackendKind kind = detail::choose_spp_backend(options.backend);
 		std::unique_ptr<detail::SppStore> store;
 		detail::KmodVm *kmod = nullptr;
 		if (kind == SppBackendKind::kmod) {

@@ -10,22 +10,32 @@
  * that vendor's module (kvm_intel, kvm_amd: probed in /sys/module); with
  * another (kvm_pvm) only the common ones do. Whatever KVM refuses for the
  * host as well is refused by KVM_SET_MSRS itself and becomes #GP too.
- * Documentation/introspection.rst lists what still differs.
+ * Documentation/introspection.rst lists what still differs. With virtkit.ko
+ * (VIRTKIT_CAP_GUEST_WRMSR) none of this is used: the module performs the
+ * write through KVM's own guest write.
  */
 #include "kvmi/vmm/guest_wrmsr.hpp"
 
 #include <sys/ioctl.h>
 
+#include <cstdlib>
 #include <filesystem>
+#include <memory>
 #include <optional>
 #include <string>
 #include <vector>
 
 #include <virtkit/cpuid.hpp>
+#include <virtkit/error.hpp>
+#include <virtkit/spp.hpp>
 #include <virtkit/vcpu.hpp>
+#include <virtkit/vm.hpp>
 
 #include "core/cpu_vendor.hpp"
+#include "core/feature_slots.hpp"
 #include "core/ioctl.hpp"
+#include "core/run_control.hpp"
+#include "kmod/kmod_vm.hpp"
 
 namespace virtkit::detail {
 
@@ -374,10 +384,49 @@ bool write_tsc(Vcpu &vcpu, std::uint32_t index, std::uint64_t value)
 	return true;
 }
 
+/* The module's attachment if CONTINUE is to use it, else nullptr (the rules). */
+const KmodVm *decide_path(Vm &vm)
+{
+	SppBackendKind kind;
+	bool forced = false; /* by VIRTKIT_SPP_BACKEND: failing to attach is an error */
+	if (auto *spp = SubpageProtection::of(vm)) {
+		kind = spp->backend();
+		forced = true; /* SPP attached it already */
+	} else {
+		const char *env = std::getenv("VIRTKIT_SPP_BACKEND");
+		forced = env && *env;
+		kind = choose_spp_backend(SppBackendKind::automatic);
+	}
+	if (kind != SppBackendKind::kmod)
+		return nullptr;
+	try {
+		KmodVm &k = attach_kmod(vm);
+		return k.check_extension(VIRTKIT_CAP_GUEST_WRMSR) > 0 ? &k : nullptr;
+	} catch (const Error &) {
+		if (forced)
+			throw;
+		return nullptr; /* automatic: /dev/virtkit there, but not usable for this VM */
+	}
+}
+
 } // namespace
 
-bool perform_guest_wrmsr(Vcpu &vcpu, std::uint32_t index, std::uint64_t value)
+const GuestWrmsrPath &guest_wrmsr_path(Vm &vm)
 {
+	return RunControl::features(vm).get_or_attach<GuestWrmsrPath>(
+		[&] { return std::make_unique<GuestWrmsrPath>(GuestWrmsrPath{decide_path(vm)}); });
+}
+
+const GuestWrmsrPath *find_guest_wrmsr_path(Vm &vm) noexcept
+{
+	return RunControl::features(vm).find<GuestWrmsrPath>();
+}
+
+bool perform_guest_wrmsr(const GuestWrmsrPath *path, Vcpu &vcpu, std::uint32_t index,
+			 std::uint64_t value)
+{
+	if (path && path->kmod)
+		return path->kmod->guest_wrmsr(vcpu.fd(), index, value);
 	GuestCpuid cpuid(vcpu);
 	const Decision d = guest_rules(vcpu, cpuid, index, value);
 	switch (d.action) {

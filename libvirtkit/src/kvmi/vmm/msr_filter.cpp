@@ -6,9 +6,11 @@
  * write into KVM_EXIT_X86_WRMSR instead of a #GP. On that exit the vCPU
  * thread raises the MSR event if this vCPU has MSR events enabled and
  * controls the MSR, and writes the tool's new_val as the guest's WRMSR
- * (perform_guest_wrmsr(): KVM_SET_MSRS after KVM's guest-only rules, so
- * the guest gets #GP where it would without introspection); otherwise it
- * writes the guest's value itself, so the filter is invisible to the guest.
+ * (perform_guest_wrmsr(): with virtkit.ko KVM's own guest write, else
+ * KVM_SET_MSRS after KVM's guest-only rules, so the guest gets #GP where
+ * it would without introspection; guest_wrmsr_path() decides once per VM,
+ * when the filter is first used); otherwise it writes the guest's value
+ * itself, so the filter is invisible to the guest.
  *
  * KVM_CAP_X86_USER_SPACE_MSR cannot be switched back off; after the
  * disconnect the filter allows everything again, so no new filter exit
@@ -69,9 +71,9 @@ void set_filter(int vm_fd, const std::set<std::uint32_t> &deny)
 }
 
 /* Perform a guest WRMSR from the VMM, with the guest's semantics (#GP as the guest gets it). */
-void complete_write(Vcpu &vcpu, MsrExit &m, std::uint64_t value)
+void complete_write(const GuestWrmsrPath *path, Vcpu &vcpu, MsrExit &m, std::uint64_t value)
 {
-	if (!perform_guest_wrmsr(vcpu, m.index, value))
+	if (!perform_guest_wrmsr(path, vcpu, m.index, value))
 		m.fail();
 }
 
@@ -108,6 +110,8 @@ public:
 	/* The filter is gone: exits of the entries up to now are stray. */
 	void filter_removed(Vm &vm)
 	{
+		/* Decided when the filter was first set: attached before this slot. */
+		path_ = find_guest_wrmsr_path(vm);
 		for (auto &v : RunControl::vcpus(vm)) {
 			const std::uint64_t entry = RunControl::entries(v);
 			std::lock_guard lock(mu_);
@@ -131,12 +135,13 @@ private:
 			if (!stray)
 				return ExitAction::pass;
 		}
-		complete_write(vcpu, *m, m->value());
+		complete_write(path_, vcpu, *m, m->value());
 		return ExitAction::resume;
 	}
 
 	std::mutex mu_;
 	std::map<std::uint32_t, std::uint64_t> last_filtered_entry_; /* by vCPU id */
+	std::atomic<const GuestWrmsrPath *> path_{nullptr};
 	ExitHandlerRegistration reg_;
 };
 
@@ -197,6 +202,8 @@ int IntrospectionServer::update_msr_filter()
 		return 0;
 	try {
 		if (!deny.empty() && !msr_filter_used_) {
+			/* How CONTINUE will write: before any write can be denied. */
+			guest_wrmsr_path(vm_);
 			vm_.enable_cap(KVM_CAP_X86_USER_SPACE_MSR, {KVM_MSR_EXIT_REASON_FILTER});
 			msr_filter_used_ = true;
 		}
@@ -214,8 +221,9 @@ ExitAction IntrospectionServer::on_msr_exit(Vcpu &vcpu, MsrExit &m)
 	if (!m.is_write() || m.reason != KVM_MSR_EXIT_REASON_FILTER || !msr_filter_used_)
 		return ExitAction::pass;
 	const std::uint64_t value = m.value();
+	const GuestWrmsrPath *path = find_guest_wrmsr_path(vm_);
 	if (vcpu.id() > 0xffff) {
-		complete_write(vcpu, m, value);
+		complete_write(path, vcpu, m, value);
 		return ExitAction::resume;
 	}
 	const auto id = static_cast<std::uint16_t>(vcpu.id());
@@ -226,7 +234,7 @@ ExitAction IntrospectionServer::on_msr_exit(Vcpu &vcpu, MsrExit &m)
 		report = connected_ && r.enabled(KVMI_EVENT_MSR) && r.msrs.count(m.index);
 	}
 	if (!report) {
-		complete_write(vcpu, m, value);
+		complete_write(path, vcpu, m, value);
 		return ExitAction::resume;
 	}
 	kvmi_event_msr e{};
@@ -250,7 +258,7 @@ ExitAction IntrospectionServer::on_msr_exit(Vcpu &vcpu, MsrExit &m)
 		if (out.replied)
 			new_val = kvmi::load<kvmi_event_msr_reply>(std::span<const std::byte>(out.reply))
 					  .new_val;
-		complete_write(vcpu, m, new_val);
+		complete_write(path, vcpu, m, new_val);
 		break;
 	}
 	}
