@@ -11,6 +11,8 @@
 #include <virtkit/x86/guest_vm.hpp>
 
 #include <cstring>
+#include <initializer_list>
+#include <span>
 #include <vector>
 
 using namespace virtkit;
@@ -250,4 +252,61 @@ VK_TEST(spp_store_split_across_unadjacent_pages_is_reported_exactly)
 		/* What KVM performed, as the violation says. */
 		TEST_ASSERT_EQ(t.read32(other + page - 4), 0x55667788u);
 	}
+}
+
+/* Calls the code at fn with rdi = addr, rax = value (fn's PTE may have changed). */
+static void guest_call_code(std::uint64_t fn, std::uint64_t addr, std::uint64_t value)
+{
+	guest_invlpg(fn);
+	asm volatile("call *%2" : : "D"(addr), "a"(value), "r"(fn) : "memory");
+	GUEST_SYNC(0);
+}
+
+/*
+ * The engine decides a write by the instruction that ended at RIP, read
+ * from the guest's code through a cache of the code page's translation
+ * (Documentation/spp.rst, "Performance"). Between two stores from the same
+ * RIP the guest's code page is remapped to another physical page holding
+ * another instruction: the second store must be decided by the new bytes.
+ * First `nop; mov [rdi], eax` writes 4 bytes at the end of a page whose
+ * neighbour has sub-page 0 protected (allowed); then `mov [rdi], rax` from
+ * the same RIP stores 8 bytes across into that sub-page, and is blocked
+ * whole. Decoded from the stale page, as a 4-byte store, its first half
+ * would be performed on its own.
+ */
+VK_TEST(spp_store_decoded_from_remapped_code_page)
+{
+	static constexpr std::uint64_t code_gva = 0x520000000000ull, off = 0x100;
+	StraddleGuest t(ram + page, 0xfffffffeu);
+	GuestVm &g = t.g;
+	const std::uint64_t narrow = g.alloc_pages(1), wide = g.alloc_pages(1);
+	auto code_page = [&](std::uint64_t gpa, std::initializer_list<std::uint8_t> insn) {
+		std::vector<std::uint8_t> b(off, 0x90); /* nops up to the instruction */
+		b.insert(b.end(), insn);
+		b.push_back(0xc3); /* ret */
+		g.memory().write(gpa, std::as_bytes(std::span(b)));
+	};
+	code_page(narrow, {0x90, 0x89, 0x07});	/* nop; mov [rdi], eax */
+	code_page(wide, {0x48, 0x89, 0x07});	/* mov [rdi], rax */
+	g.map(code_gva, narrow, page);
+
+	const std::uint64_t at = ram + page - 4;
+	Vcpu &v = g.add_vcpu(guest_call_code, code_gva + off, at, 0x99aabbccull);
+	Ucall uc = g.run(v);
+	TEST_ASSERT(uc.kind == Ucall::Kind::sync, "%s", uc.describe().c_str());
+	TEST_ASSERT_EQ(t.read32(at), 0x99aabbccu);
+	TEST_ASSERT_EQ(t.seen.size(), 0u);
+
+	g.page_tables().unmap(code_gva, page);
+	g.map(code_gva, wide, page);
+	g.set_entry(v, guest_call_code, code_gva + off, at, value);
+	uc = g.run(v);
+	TEST_ASSERT(uc.kind == Ucall::Kind::sync, "%s", uc.describe().c_str());
+	TEST_ASSERT(t.read32(at) == 0x99aabbccu,
+		    "the allowed half of a blocked 8-byte store landed (decoded from the old code page?)");
+	TEST_ASSERT_EQ(t.seen.size(), 1u);
+	TEST_ASSERT(t.seen[0].gpa == ram + page && t.seen[0].write_gpa == at && t.seen[0].size == 8,
+		    "violation gpa 0x%llx write_gpa 0x%llx size %u", (unsigned long long)t.seen[0].gpa,
+		    (unsigned long long)t.seen[0].write_gpa, t.seen[0].size);
+	TEST_ASSERT(!std::memcmp(t.seen[0].data().data(), &value, 8), "violation data differ");
 }
