@@ -10,8 +10,8 @@
 #include <virtkit/spp.hpp>
 #include <virtkit/x86/guest_vm.hpp>
 
+#include <array>
 #include <cstring>
-#include <initializer_list>
 #include <span>
 #include <vector>
 
@@ -280,14 +280,17 @@ VK_TEST(spp_store_decoded_from_remapped_code_page)
 	StraddleGuest t(ram + page, 0xfffffffeu);
 	GuestVm &g = t.g;
 	const std::uint64_t narrow = g.alloc_pages(1), wide = g.alloc_pages(1);
-	auto code_page = [&](std::uint64_t gpa, std::initializer_list<std::uint8_t> insn) {
-		std::vector<std::uint8_t> b(off, 0x90); /* nops up to the instruction */
-		b.insert(b.end(), insn);
-		b.push_back(0xc3); /* ret */
+	auto code_page = [&](std::uint64_t gpa, std::uint8_t first) {
+		std::array<std::uint8_t, off + 4> b;
+		b.fill(0x90); /* nops up to the instruction */
+		b[off] = first;
+		b[off + 1] = 0x89;
+		b[off + 2] = 0x07;
+		b[off + 3] = 0xc3; /* ret */
 		g.memory().write(gpa, std::as_bytes(std::span(b)));
 	};
-	code_page(narrow, {0x90, 0x89, 0x07});	/* nop; mov [rdi], eax */
-	code_page(wide, {0x48, 0x89, 0x07});	/* mov [rdi], rax */
+	code_page(narrow, 0x90);	/* nop; mov [rdi], eax */
+	code_page(wide, 0x48);		/* mov [rdi], rax */
 	g.map(code_gva, narrow, page);
 
 	const std::uint64_t at = ram + page - 4;
