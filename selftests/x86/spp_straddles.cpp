@@ -10,7 +10,9 @@
 #include <virtkit/spp.hpp>
 #include <virtkit/x86/guest_vm.hpp>
 
+#include <array>
 #include <cstring>
+#include <span>
 #include <vector>
 
 using namespace virtkit;
@@ -250,4 +252,83 @@ VK_TEST(spp_store_split_across_unadjacent_pages_is_reported_exactly)
 		/* What KVM performed, as the violation says. */
 		TEST_ASSERT_EQ(t.read32(other + page - 4), 0x55667788u);
 	}
+}
+
+/*
+ * Writes pte_value to the paging-structure entry at pte (unless pte is 0),
+ * then calls the code at fn with rdi = addr, rax = value. The guest edits
+ * its own table: under shadow paging KVM sees that write (an edit by the
+ * host would not reach KVM's shadow tables, and the guest would go on
+ * running the old page).
+ */
+static void guest_remap_and_call(std::uint64_t pte, std::uint64_t pte_value, std::uint64_t fn,
+				 std::uint64_t addr, std::uint64_t value)
+{
+	if (pte)
+		*(volatile std::uint64_t *)pte = pte_value;
+	guest_invlpg(fn);
+	asm volatile("call *%2" : : "D"(addr), "a"(value), "r"(fn) : "memory");
+	GUEST_SYNC(0);
+}
+
+/*
+ * The engine decides a write by the instruction that ended at RIP, read
+ * from the guest's code through a cache of the code page's translation
+ * (Documentation/spp.rst, "How the user backend works"). Between two stores
+ * from the same RIP the guest remaps its code page to another physical
+ * page holding another instruction: the second store must be decided by
+ * the new bytes. First `nop; mov [rdi], eax` writes 4 bytes at the end of a
+ * page whose neighbour has sub-page 0 protected (allowed); then
+ * `mov [rdi], rax` from the same RIP stores 8 bytes across into that
+ * sub-page, and is blocked whole. Decoded from the stale page, as a 4-byte
+ * store, its first half would be performed on its own.
+ */
+VK_TEST(spp_store_decoded_from_remapped_code_page)
+{
+	static constexpr std::uint64_t code_gva = 0x520000000000ull, off = 0x100;
+	static constexpr std::uint64_t table_gva = 0x530000000000ull;
+	StraddleGuest t(ram + page, 0xfffffffeu);
+	GuestVm &g = t.g;
+	const std::uint64_t narrow = g.alloc_pages(1), wide = g.alloc_pages(1);
+	auto code_page = [&](std::uint64_t gpa, std::uint8_t first) {
+		std::array<std::uint8_t, off + 4> b;
+		b.fill(0x90); /* nops up to the instruction */
+		b[off] = first;
+		b[off + 1] = 0x89;
+		b[off + 2] = 0x07;
+		b[off + 3] = 0xc3; /* ret */
+		g.memory().write(gpa, std::as_bytes(std::span(b)));
+	};
+	code_page(narrow, 0x90);	/* nop; mov [rdi], eax */
+	code_page(wide, 0x48);		/* mov [rdi], rax */
+	g.map(code_gva, narrow, page);
+
+	const std::uint64_t at = ram + page - 4;
+	Vcpu &v = g.add_vcpu(guest_remap_and_call, 0, 0, code_gva + off, at, 0x99aabbccull);
+	Ucall uc = g.run(v);
+	TEST_ASSERT(uc.kind == Ucall::Kind::sync, "%s", uc.describe().c_str());
+	TEST_ASSERT_EQ(t.read32(at), 0x99aabbccu);
+	TEST_ASSERT_EQ(t.seen.size(), 0u);
+
+	/* The code page's PTE, for the guest to point at the other page. */
+	const Walk w = v.translate(code_gva, Access::fetch);
+	TEST_ASSERT(w.ok() && w.level == 1 && w.gpa == narrow, "code page walk: level %d gpa 0x%llx",
+		    w.level, (unsigned long long)w.gpa);
+	const std::uint64_t pte_gpa = w.entry_gpa[1];
+	const std::uint64_t pte_value = (w.entry[1] & ~0x000ffffffffff000ull) | wide;
+	g.map(table_gva, pte_gpa & ~(page - 1), page);
+	g.set_entry(v, guest_remap_and_call, table_gva + pte_gpa % page, pte_value, code_gva + off, at,
+		    value);
+	uc = g.run(v);
+	TEST_ASSERT(uc.kind == Ucall::Kind::sync, "%s", uc.describe().c_str());
+	TEST_ASSERT_EQ(*g.gva_to_gpa(code_gva), wide);
+	TEST_ASSERT(t.read32(at) == 0x99aabbccu,
+		    "the allowed half of a blocked 8-byte store landed (decoded from the old code "
+		    "page?): 0x%x there, %zu violations",
+		    t.read32(at), t.seen.size());
+	TEST_ASSERT_EQ(t.seen.size(), 1u);
+	TEST_ASSERT(t.seen[0].gpa == ram + page && t.seen[0].write_gpa == at && t.seen[0].size == 8,
+		    "violation gpa 0x%llx write_gpa 0x%llx size %u", (unsigned long long)t.seen[0].gpa,
+		    (unsigned long long)t.seen[0].write_gpa, t.seen[0].size);
+	TEST_ASSERT(!std::memcmp(t.seen[0].data().data(), &value, 8), "violation data differ");
 }

@@ -64,6 +64,7 @@ RegionId GuestMemory::add(std::uint64_t gpa, std::uint64_t size, const RegionOpt
 
 	std::unique_lock lock(map_.mu_);
 	map_.check_free(gpa, size, nullptr, "GuestMemory::add");
+	map_.regions_changing_locked();
 
 	auto r = std::make_unique<MemoryMap::Region>();
 	r->id = map_.next_id_;
@@ -103,6 +104,7 @@ void GuestMemory::move(RegionId id, std::uint64_t new_gpa)
 {
 	std::unique_lock lock(map_.mu_);
 	MemoryMap::Region &r = map_.find(id, "GuestMemory::move");
+	map_.regions_changing_locked();
 	if (new_gpa % page || range_wraps(new_gpa, r.size))
 		throw Error("GuestMemory::move", EINVAL,
 			    "region " + std::to_string(id) + " to " + gpa_range(new_gpa, r.size));
@@ -147,6 +149,7 @@ void GuestMemory::remove(RegionId id)
 {
 	std::unique_lock lock(map_.mu_);
 	MemoryMap::Region &r = map_.find(id, "GuestMemory::remove");
+	map_.regions_changing_locked();
 	if (map_.observer_ && !r.opts.readonly)
 		map_.observer_->region_removed(r.gpa, r.size);
 	for (auto &[first, s] : r.slots) {

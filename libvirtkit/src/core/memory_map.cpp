@@ -24,8 +24,19 @@ std::string gpa_range(std::uint64_t gpa, std::uint64_t size)
 	return "gpa=" + hex(gpa) + " size=" + hex(size);
 }
 
+/* Generations are unique in the process: a new map at a freed one's address has its own. */
+static std::atomic<std::uint64_t> next_generation{1};
+
 MemoryMap::MemoryMap(int vm_fd, std::uint32_t max_slots, bool dirty_ring, RunGate &gate)
-	: vm_fd_(vm_fd), gate_(gate), max_slots_(max_slots), dirty_ring_(dirty_ring) {}
+	: vm_fd_(vm_fd), gate_(gate), max_slots_(max_slots), dirty_ring_(dirty_ring),
+	  generation_(next_generation.fetch_add(1, std::memory_order_relaxed))
+{
+}
+
+void MemoryMap::regions_changing_locked() noexcept
+{
+	generation_ = next_generation.fetch_add(1, std::memory_order_relaxed);
+}
 
 /* The region with this id; ENOENT naming the caller's operation. */
 MemoryMap::Region &MemoryMap::find(RegionId id, const char *op) const

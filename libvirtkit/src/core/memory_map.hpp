@@ -83,6 +83,16 @@ public:
 	HostExtent host_extent_locked(std::uint64_t gpa) const noexcept;
 
 	/*
+	 * A value that changes whenever a region is added, moved or removed,
+	 * to one that no MemoryMap of this process has had before: a host
+	 * pointer taken under the lock may be used again under a later lock
+	 * while the generation is the same (caches of host pointers across
+	 * exits: read_guest_virtual_cached() in paging/vcpu_paging.cpp). Under lock()
+	 * or lock_shared().
+	 */
+	std::uint64_t generation_locked() const noexcept { return generation_; }
+
+	/*
 	 * For features that decide about guest writes (sub-page protection):
 	 * they hold the map's lock while they read their own state and complete
 	 * writes, so that a decision and the layout always agree.
@@ -190,6 +200,8 @@ private:
 	void harvest(Region &r, const Slot &s);
 	void mark_dirty_locked(Region &r, std::uint64_t off, std::uint64_t len);
 	std::uint32_t alloc_slot();
+	/* The regions are about to change: a new generation_. Under mu_, exclusive. */
+	void regions_changing_locked() noexcept;
 
 	int vm_fd_;
 	RunGate &gate_;
@@ -197,6 +209,7 @@ private:
 	std::uint32_t max_slots_;
 	bool dirty_ring_;
 	mutable std::shared_mutex mu_;
+	std::uint64_t generation_; /* under mu_ */
 	std::map<std::uint64_t, std::unique_ptr<Region>> regions_; /* by gpa */
 	RegionId next_id_ = 1;
 	std::vector<std::uint32_t> free_slots_;

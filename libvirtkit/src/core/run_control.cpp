@@ -69,6 +69,12 @@ std::optional<std::uint64_t> RunControl::guest_physical(Vcpu &vcpu, std::uint64_
 	return detail::guest_physical(vcpu, *vcpu.state_, gva);
 }
 
+std::size_t RunControl::read_code(Vcpu &vcpu, const kvm_sregs &sregs, std::uint64_t gva,
+				 std::span<std::uint8_t> out)
+{
+	return detail::read_guest_virtual_cached(vcpu, *vcpu.state_, sregs, gva, out);
+}
+
 bool RunControl::guest_debug_single_steps(Vcpu &vcpu) noexcept
 {
 	const std::uint32_t c = vcpu.state_->guest_debug_control.load();

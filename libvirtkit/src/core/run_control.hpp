@@ -44,6 +44,7 @@
 #include <cstdint>
 #include <memory>
 #include <optional>
+#include <span>
 #include <utility>
 #include <vector>
 
@@ -190,6 +191,15 @@ public:
 	static std::optional<MmioFragment> next_mmio_fragment(Vcpu &vcpu);
 	/* Where gva maps in the vCPU's paging (a software walk, rights unchecked). */
 	static std::optional<std::uint64_t> guest_physical(Vcpu &vcpu, std::uint64_t gva);
+	/*
+	 * Guest-virtual bytes at gva as guest_physical() maps them, as far as
+	 * they are guest RAM (how many were read), with sregs the vCPU's
+	 * current special registers: through a cache of the pages'
+	 * translations, checked against the paging structures on every use
+	 * (detail::read_guest_virtual_cached()). For the code around RIP.
+	 */
+	static std::size_t read_code(Vcpu &vcpu, const kvm_sregs &sregs, std::uint64_t gva,
+				     std::span<std::uint8_t> out);
 	/*
 	 * Whether the VMM or a tool single-steps the vCPU with
 	 * KVM_GUESTDBG_SINGLESTEP (the last KVM_SET_GUEST_DEBUG that succeeded).

@@ -9,6 +9,7 @@
 
 #include <cstdint>
 #include <optional>
+#include <span>
 #include <vector>
 
 namespace virtkit {
@@ -57,5 +58,19 @@ struct VcpuState;
  * ioctl at all); access rights are not checked. nullopt: not mapped.
  */
 std::optional<std::uint64_t> guest_physical(const Vcpu &vcpu, VcpuState &st, std::uint64_t gva);
+
+/*
+ * Guest-virtual bytes [gva, gva + out.size()) as the vCPU maps them
+ * (guest_physical()), as far as they are guest RAM: returns how many were
+ * read. sregs are the vCPU's current special registers. For the code bytes
+ * sub-page protection decodes on every trapped write: each page's
+ * translation is kept in a small per-thread cache, and used again only
+ * while the map of guest memory has not changed (its generation), the
+ * paging state is the same and every paging-structure entry the walk read
+ * still holds the value it read - the conditions under which a new walk
+ * gives the same answer; anything else walks again (vcpu_paging.cpp).
+ */
+std::size_t read_guest_virtual_cached(const Vcpu &vcpu, VcpuState &st, const kvm_sregs &sregs,
+				      std::uint64_t gva, std::span<std::uint8_t> out);
 
 } // namespace virtkit::detail

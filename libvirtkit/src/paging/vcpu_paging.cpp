@@ -7,6 +7,8 @@
 
 #include <cpuid.h>
 
+#include <algorithm>
+#include <array>
 #include <cstring>
 #include <mutex>
 
@@ -14,6 +16,7 @@
 #include <virtkit/memory.hpp>
 #include <virtkit/system.hpp>
 
+#include "core/memory_map.hpp"
 #include "core/vcpu_state.hpp"
 #include "paging/paging_support.hpp"
 
@@ -83,7 +86,9 @@ std::uint32_t pkru_of(const Xsave &x, std::uint32_t offset)
 /* all: Vcpu::paging_state(); walk: a checked walk; mapping: where a gva maps, no checks. */
 enum class Want { all, walk, mapping };
 
-PagingState read_state(const Vcpu &vcpu, detail::VcpuState &st, Want want)
+/* sregs: the vCPU's current special registers, if the caller has them. */
+PagingState read_state(const Vcpu &vcpu, detail::VcpuState &st, Want want,
+		       const kvm_sregs *sregs = nullptr)
 {
 	std::uint32_t offset;
 	PagingState p;
@@ -106,7 +111,8 @@ PagingState read_state(const Vcpu &vcpu, detail::VcpuState &st, Want want)
 		offset = c.pkru_offset;
 	}
 
-	const kvm_sregs s = vcpu.sregs();
+	kvm_sregs own;
+	const kvm_sregs &s = sregs ? *sregs : (own = vcpu.sregs());
 	p.cr0 = s.cr0;
 	p.cr3 = s.cr3;
 	p.cr4 = s.cr4;
@@ -179,6 +185,140 @@ std::optional<std::uint64_t> detail::guest_physical(const Vcpu &vcpu, VcpuState 
 	if (!w.mapped())
 		return std::nullopt;
 	return w.gpa;
+}
+
+namespace {
+
+bool same_state(const PagingState &a, const PagingState &b) noexcept
+{
+	return a.cr0 == b.cr0 && a.cr3 == b.cr3 && a.cr4 == b.cr4 && a.efer == b.efer &&
+	       a.rflags == b.rflags && a.cpl == b.cpl && a.pkru == b.pkru && a.pkrs == b.pkrs &&
+	       a.maxphyaddr == b.maxphyaddr && a.features == b.features;
+}
+
+/*
+ * One linear page's translation as a full walk found it: the state walked
+ * with, every paging-structure entry the walk read (where, what, and the
+ * host address it was read through) and the guest-physical page reached,
+ * with its host address. Host addresses are those of `map` in `generation`.
+ */
+struct CachedWalk {
+	const detail::MemoryMap *map = nullptr;
+	std::uint64_t generation = 0;
+	PagingState state;
+	std::uint64_t la_page = 0;
+	int first = 0, top = -1; /* entry levels first..top; none when top < first */
+	std::array<std::uint64_t, 6> entry{};
+	std::array<const std::uint64_t *, 6> entry_host{};
+	std::uint64_t gpa_page = 0;
+	const std::byte *host = nullptr; /* the 4 KiB at gpa_page */
+};
+
+/*
+ * Per thread (a vCPU's exits are handled on the thread that runs it): no
+ * lock. A few pages: the code page, the one before it, and those of
+ * another vCPU or VM this thread runs.
+ */
+struct WalkCache {
+	std::array<CachedWalk, 4> slot;
+	unsigned next = 0;
+};
+thread_local WalkCache walk_cache;
+
+/*
+ * Whether c still holds: the same map generation (its host addresses are
+ * valid), state and page, and every entry the walk read still has the
+ * value it read, read again top-down as the walk reads them. A walk is a
+ * function of its state, the linear address and the values it reads, so
+ * equal values give the walk's answer exactly; any change of an entry,
+ * accessed and dirty bits included, is a miss. Under map's lock.
+ */
+bool still_holds(const CachedWalk &c, const detail::MemoryMap &map, std::uint64_t generation,
+		 const PagingState &state, std::uint64_t la_page) noexcept
+{
+	if (c.map != &map || c.generation != generation || c.la_page != la_page ||
+	    !same_state(c.state, state))
+		return false;
+	for (int l = c.top; l >= c.first; l--)
+		if (__atomic_load_n(c.entry_host[l], __ATOMIC_RELAXED) != c.entry[l])
+			return false;
+	return true;
+}
+
+/*
+ * The host address of the page walk w of la_page reached (nullptr: not
+ * guest RAM), and the walk remembered as the cache's newest entry unless an
+ * entry it read is no longer in guest memory. Under map's lock.
+ */
+const std::byte *remember(const detail::MemoryMap &map, const PagingState &state,
+			  std::uint64_t la_page, const Walk &w) noexcept
+{
+	CachedWalk c;
+	c.gpa_page = w.gpa & ~std::uint64_t{4095};
+	c.host = map.host_ptr_locked(c.gpa_page, 4096);
+	if (!c.host)
+		return nullptr;
+	c.map = &map;
+	c.generation = map.generation_locked();
+	c.state = state;
+	c.la_page = la_page;
+	if (w.level > 0) {
+		/* IA-32e paging (a walk throws on legacy and PAE paging): 4 or 5 levels. */
+		c.first = w.level;
+		c.top = (state.cr4 & (1ull << 12)) ? 5 : 4; /* CR4.LA57 */
+		for (int l = c.first; l <= c.top; l++) {
+			const std::byte *p = map.host_ptr_locked(w.entry_gpa[l], 8);
+			if (!p || w.entry_gpa[l] % 8)
+				return c.host; /* moved away since the walk: not remembered */
+			c.entry[l] = w.entry[l];
+			c.entry_host[l] = reinterpret_cast<const std::uint64_t *>(p);
+		}
+	}
+	WalkCache &wc = walk_cache;
+	wc.slot[wc.next++ % wc.slot.size()] = c;
+	return c.host;
+}
+
+} // namespace
+
+std::size_t detail::read_guest_virtual_cached(const Vcpu &vcpu, VcpuState &st,
+					      const kvm_sregs &sregs, std::uint64_t gva,
+					      std::span<std::uint8_t> out)
+{
+	const GuestMemory &memory = st.vm->guest_memory;
+	const MemoryMap &map = GuestMemoryAccess::map(memory);
+	const PagingState state = read_state(vcpu, st, Want::mapping, &sregs);
+	std::size_t got = 0;
+	while (got < out.size()) {
+		const std::uint64_t va = gva + got;
+		const std::uint64_t la_page = va & ~std::uint64_t{4095};
+		const std::size_t n = std::min<std::uint64_t>(out.size() - got, 4096 - va % 4096);
+		/* A hit: one shared lock, the entries compared, the bytes copied. */
+		bool hit = false;
+		{
+			auto lock = map.lock_shared();
+			const std::uint64_t generation = map.generation_locked();
+			for (const CachedWalk &c : walk_cache.slot)
+				if (still_holds(c, map, generation, state, la_page)) {
+					std::memcpy(out.data() + got, c.host + va % 4096, n);
+					hit = true;
+					break;
+				}
+		}
+		if (!hit) {
+			/* A miss: the full walk, as guest_physical(), then remembered. */
+			const Walk w = virtkit::translate(memory, state, va, Access::read);
+			if (!w.mapped())
+				break;
+			auto lock = map.lock_shared();
+			const std::byte *host = remember(map, state, la_page, w);
+			if (!host)
+				break; /* not guest RAM, as read_guest_virtual() */
+			std::memcpy(out.data() + got, host + va % 4096, n);
+		}
+		got += n;
+	}
+	return got;
 }
 
 Walk Vcpu::translate(std::uint64_t gva, Access access) const

@@ -50,16 +50,19 @@ class MapWindow {
 public:
 	MapWindow(const SppStore &store, const char *op, std::uint64_t lo, std::uint64_t hi)
 		: store_(store), op_(op), base_(std::min(lo, gfn_limit)),
-		  maps_(std::min(hi, gfn_limit) - base_)
+		  size_(std::min(hi, gfn_limit) - base_)
 	{
-		if (int r = store_.get(base_, maps_))
-			store_error(store_, op_, r, pages(base_, maps_.size()), false);
+		/* A write's one or two pages (every trapped write) need no allocation. */
+		if (size_ > inline_.size())
+			heap_.resize(size_);
+		if (int r = store_.get(base_, maps()))
+			store_error(store_, op_, r, pages(base_, size_), false);
 	}
 
 	std::uint32_t at(std::uint64_t gfn) const
 	{
-		if (gfn - base_ < maps_.size())
-			return maps_[gfn - base_];
+		if (gfn - base_ < size_)
+			return data()[gfn - base_];
 		if (gfn >= gfn_limit)
 			return VK_SPP_ALL_WRITABLE;
 		std::uint32_t m;
@@ -71,14 +74,25 @@ public:
 	/* Pages gfn .. gfn + n - 1, all inside the window. */
 	std::span<const std::uint32_t> range(std::uint64_t gfn, std::uint64_t n) const
 	{
-		return std::span(maps_).subspan(gfn - base_, n);
+		return std::span(data(), size_).subspan(gfn - base_, n);
 	}
 
 private:
+	const std::uint32_t *data() const
+	{
+		return size_ > inline_.size() ? heap_.data() : inline_.data();
+	}
+	std::span<std::uint32_t> maps()
+	{
+		return {size_ > inline_.size() ? heap_.data() : inline_.data(), size_};
+	}
+
 	const SppStore &store_;
 	const char *op_;
 	std::uint64_t base_;
-	std::vector<std::uint32_t> maps_;
+	std::uint64_t size_;
+	std::array<std::uint32_t, 8> inline_;
+	std::vector<std::uint32_t> heap_;
 };
 
 SppEngine::SppEngine(MemoryMap &mem, std::unique_ptr<SppStore> store)

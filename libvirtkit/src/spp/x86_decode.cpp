@@ -240,8 +240,11 @@ std::optional<PrecedingCode> preceding_code(Vcpu &vcpu, std::uint64_t rip)
 	if (!long64)
 		return std::nullopt;
 	c.long64 = *long64;
+	auto read = [&](std::uint64_t gva, std::span<std::uint8_t> out) {
+		return RunControl::read_code(vcpu, c.sregs, gva, out);
+	};
 	/* Usually one page: one translation for both. */
-	const std::size_t got = read_guest_virtual(vcpu, rip - 15, c.buf);
+	const std::size_t got = read(rip - 15, c.buf);
 	if (got >= 15) {
 		c.before = 15;
 		c.after = got - 15;
@@ -249,13 +252,12 @@ std::optional<PrecedingCode> preceding_code(Vcpu &vcpu, std::uint64_t rip)
 	}
 	/* The page before rip's is not mapped: only rip's own page. */
 	const std::size_t want = std::min<std::uint64_t>(rip - ((rip - 1) & ~4095ull), 15);
-	const std::size_t got2 = read_guest_virtual(vcpu, rip - want,
-						    std::span(c.buf).subspan(15 - want, want + 15));
+	const std::size_t got2 = read(rip - want, std::span(c.buf).subspan(15 - want, want + 15));
 	if (got2 >= want) {
 		c.before = want;
 		c.after = got2 - want;
 	} else {
-		c.after = read_guest_virtual(vcpu, rip, std::span(c.buf).subspan(15));
+		c.after = read(rip, std::span(c.buf).subspan(15));
 	}
 	return c;
 }
