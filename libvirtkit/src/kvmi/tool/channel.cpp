@@ -31,8 +31,12 @@ bool ready(kvmi::Ready r, const char *op)
 	return r == kvmi::Ready::yes;
 }
 
-/* Room for a whole message after the buffered bytes. */
-constexpr std::size_t buffer_size = 8 * max_message;
+/*
+ * Room for a whole message after the buffered bytes, and for a window of
+ * replies the VMM sent together (Session::read_physical(): 16 pages, two
+ * windows in flight), so one recv() takes them.
+ */
+constexpr std::size_t buffer_size = 32 * max_message;
 
 } // namespace
 

@@ -220,6 +220,39 @@ bool Connection::send(const kvmi_msg_hdr &hdr, Parts parts)
 			    [&] { return wait(POLLOUT, Clock::time_point::max()); }) == 0;
 }
 
+bool Connection::message_buffered() const noexcept
+{
+	const std::size_t have = tail_ - head_;
+	kvmi_msg_hdr hdr;
+	if (have < sizeof(hdr))
+		return false;
+	std::memcpy(&hdr, buf_.data() + head_, sizeof(hdr));
+	return hdr.size > KVMI_MSG_SIZE || have - sizeof(hdr) >= hdr.size;
+}
+
+void Connection::queue(const kvmi_msg_hdr &hdr, Parts parts)
+{
+	auto h = std::as_bytes(std::span(&hdr, 1));
+	out_.insert(out_.end(), h.begin(), h.end());
+	for (auto &p : parts)
+		out_.insert(out_.end(), p.begin(), p.end());
+}
+
+bool Connection::flush()
+{
+	if (out_.empty())
+		return true;
+	iovec iov{out_.data(), out_.size()};
+	int err;
+	{
+		std::lock_guard lock(send_mu_);
+		err = send_all(sock_.get(), std::span(&iov, 1),
+			       [&] { return wait(POLLOUT, Clock::time_point::max()); });
+	}
+	out_.clear();
+	return err == 0;
+}
+
 void Connection::cancel() noexcept
 {
 	std::uint64_t one = 1;
