@@ -84,6 +84,13 @@ public:
 	 * if the connection failed or was cancelled; the queue is empty then.
 	 */
 	bool flush();
+	/*
+	 * send() with fds attached (SCM_RIGHTS, with the message's first
+	 * byte); reader thread, nothing queued. false as send().
+	 */
+	bool send_with_fds(const kvmi_msg_hdr &hdr, Parts parts, std::span<const int> fds);
+	/* Whether the socket can carry descriptors (a unix socket). */
+	bool can_pass_fds() const noexcept;
 	/* Make every blocked and later call fail, and the tool see the end. */
 	void cancel() noexcept;
 

@@ -41,7 +41,8 @@ int kvmi_error(int err)
 
 IntrospectionServer::IntrospectionServer(Vm vm, const IntrospectionOptions &o)
 	: vm_(std::move(vm)),
-	  allowed_commands_(o.allowed_commands), allowed_events_(o.allowed_events)
+	  allowed_commands_(o.allowed_commands), allowed_events_(o.allowed_events),
+	  share_memory_(o.share_memory)
 {
 }
 
@@ -282,6 +283,8 @@ void IntrospectionServer::teardown() noexcept
  */
 bool IntrospectionServer::handle_command(const kvmi_msg_hdr &hdr, std::span<const std::byte> p)
 {
+	if (hdr.id == VIRTKIT_KVMI_SHARE_MEMORY)
+		return share_memory(hdr, p);
 	n_commands_++;
 	auto &out = reply_; /* reused: no allocation per command */
 	out.clear();
