@@ -30,7 +30,10 @@
  *       after one echo round trip; the step counts must match;
  *   (c) READ_PHYSICAL throughput for 4 KiB and 64 KiB reads (a 64 KiB read
  *       is 16 page-sized commands on the wire), alternating rounds with
- *       memcpy of the same sizes in this process.
+ *       memcpy of the same sizes in this process;
+ *   (d) 64 KiB reads through the guest memory mapping
+ *       (Session::map_guest_memory(), GuestMapping::read) against memcpy of
+ *       the same size between two buffers of this process.
  * `kvmi_bench memory` runs only (c) and (d).
  * Each goal of issue 19 prints a "goal:" line; `make run-bench` collects
  * them into one table.
@@ -189,9 +192,11 @@ struct Introspected {
 	Tool tool;
 	Introspection intro;
 
-	Introspected(const System &sys, const std::string &path) : g(sys), tool(path)
+	Introspected(const System &sys, const std::string &path, bool share_memory = false)
+		: g(sys), tool(path)
 	{
 		IntrospectionOptions o;
+		o.share_memory = share_memory;
 		o.address = "unix:" + path;
 		o.secret = secret;
 		o.name = "kvmi-bench";
@@ -597,6 +602,52 @@ int main(int argc, char **argv)
 						     gbs + " (" + rounds::ps_str(med_ps) + "/read)",
 						     med_ps && (unsigned __int128)size * 1000 * 100 / med_ps >= 150);
 			}
+		}
+
+		/* (d) reads through the shared mapping against memcpy, in alternating rounds. */
+		{
+			Introspected in(sys, socket_path("map"), true);
+			in.g.memory().add(buf_gpa, buf_pages * 4096, {.name = "bench"});
+			std::vector<std::byte> pattern(buf_pages * 4096);
+			for (std::size_t i = 0; i < pattern.size(); i++)
+				pattern[i] = std::byte(i * 5 + 1);
+			in.g.memory().write(buf_gpa, pattern);
+			auto map = in.tool.session.map_guest_memory();
+			const std::size_t size = 65536;
+			std::vector<std::byte> out(size), src = pattern;
+			std::printf("\n");
+			auto c = rounds::compare(
+				"(d) guest memory mapping, 64 KiB reads", "read", n_rounds,
+				n_reads * 4096 / size * 16, "memcpy in this process",
+				[&](std::uint64_t n) {
+					auto t0 = Clock::now();
+					for (std::uint64_t i = 0; i < n; i++) {
+						std::memcpy(out.data(), src.data(), size);
+						__asm__ volatile("" ::"r"(out.data()) : "memory");
+					}
+					return ns_since(t0);
+				},
+				"GuestMapping::read (tool side)",
+				[&](std::uint64_t n) {
+					std::fill(out.begin(), out.end(), std::byte{0});
+					auto t0 = Clock::now();
+					for (std::uint64_t i = 0; i < n; i++) {
+						map.read(buf_gpa, out);
+						__asm__ volatile("" ::"r"(out.data()) : "memory");
+					}
+					std::uint64_t ns = ns_since(t0);
+					check(std::equal(out.begin(), out.end(), pattern.begin()),
+					      "GuestMapping::read: wrong bytes");
+					return ns;
+				});
+			std::uint64_t med_ps = c.subj.median();
+			std::string gbs = fixed((unsigned __int128)size * 1000, med_ps, 2) + " GB/s";
+			std::printf("  %-44s %10s   memcpy %s GB/s\n", "mapping throughput", gbs.c_str(),
+				    fixed((unsigned __int128)size * 1000, c.base.median(), 2).c_str());
+			/* subject time / memcpy time <= 1.25 is >= 0.8x memcpy's speed */
+			rounds::goal("guest memory mapping read 64 KiB >= 0.8x memcpy",
+				     gbs + " = " + fixed(c.base.median(), med_ps, 2) + "x memcpy",
+				     med_ps && c.base.median() * 100 >= med_ps * 80);
 		}
 	} catch (const std::exception &e) {
 		std::fflush(stdout);
