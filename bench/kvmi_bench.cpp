@@ -30,7 +30,11 @@
  *       after one echo round trip; the step counts must match;
  *   (c) READ_PHYSICAL throughput for 4 KiB and 64 KiB reads (a 64 KiB read
  *       is 16 page-sized commands on the wire), alternating rounds with
- *       memcpy of the same sizes in this process.
+ *       memcpy of the same sizes in this process;
+ *   (d) 64 KiB reads through the guest memory mapping
+ *       (Session::map_guest_memory(), GuestMapping::read) against memcpy of
+ *       the same size between two buffers of this process.
+ * `kvmi_bench memory` runs only (c) and (d).
  * Each goal of issue 19 prints a "goal:" line; `make run-bench` collects
  * them into one table.
  * Times are host wall-clock times (steady_clock): around the guest's loop,
@@ -188,9 +192,11 @@ struct Introspected {
 	Tool tool;
 	Introspection intro;
 
-	Introspected(const System &sys, const std::string &path) : g(sys), tool(path)
+	Introspected(const System &sys, const std::string &path, bool share_memory = false)
+		: g(sys), tool(path)
 	{
 		IntrospectionOptions o;
+		o.share_memory = share_memory;
 		o.address = "unix:" + path;
 		o.secret = secret;
 		o.name = "kvmi-bench";
@@ -435,8 +441,10 @@ static void event_round_trips(const System &sys, Echo &echo)
 	::close(kvm_fd);
 }
 
-int main()
+int main(int argc, char **argv)
 {
+	/* "memory": only the guest-memory cases (c) and (d). */
+	const bool memory_only = argc > 1 && std::strcmp(argv[1], "memory") == 0;
 	auto start = Clock::now();
 	try {
 		/* Before any thread exists: the baselines' second process. */
@@ -455,94 +463,96 @@ int main()
 			    VIRTKIT_VERSION_STRING, (unsigned long long)n_events,
 			    (unsigned long long)n_reads);
 
-		/* (a) MSR and PF events against raw exits + an echo round trip. */
-		event_round_trips(sys, echo);
-		std::printf("\n");
+		if (!memory_only) {
+			/* (a) MSR and PF events against raw exits + an echo round trip. */
+			event_round_trips(sys, echo);
+			std::printf("\n");
 
-		/* (b) breakpoints, where INT3 reaches the VMM. */
-		auto events = Introspection::supported_events();
-		if (std::find(events.begin(), events.end(), KVMI_EVENT_BREAKPOINT) == events.end()) {
-			line("BREAKPOINT event round trip",
-			     "not measured: INT3 in a guest does not reach the VMM on this host "
-			     "(the server's probe)");
-		} else {
-			Introspected in(sys, socket_path("bp"));
-			/* CONTINUE hands the #BP to the guest: its handler returns. */
-			in.g.install_exception_handler(3, guest_bp_handler);
-			in.g.add_vcpu(guest_int3_loop, n_events);
-			in.tool.session.control_events(0, introspect::EventId::breakpoint, true);
-			in.tool.serve();
-			Vcpu &v = in.g.vcpu(0);
-			Ucall uc = in.g.run(v);
-			check(uc.kind == Ucall::Kind::sync, "expected SYNC(0), got %s",
-			      uc.describe().c_str());
-			auto t0 = Clock::now();
-			std::uint64_t e0 = in.tool.events;
-			uc = in.g.run(v);
-			std::uint64_t ns = ns_since(t0);
-			std::uint64_t n = in.tool.events - e0;
-			check(uc.kind == Ucall::Kind::sync && uc.args.at(0) == 1,
-			      "expected SYNC(1), got %s", uc.describe().c_str());
-			in.g.run_to_done(v);
-			in.tool.join();
-			check(n == n_events, "BREAKPOINT events: %llu of %llu",
-			      (unsigned long long)n, (unsigned long long)n_events);
-			line("BREAKPOINT event round trip", per_event(ns, n_events));
-		}
+			/* (b) breakpoints, where INT3 reaches the VMM. */
+			auto events = Introspection::supported_events();
+			if (std::find(events.begin(), events.end(), KVMI_EVENT_BREAKPOINT) == events.end()) {
+				line("BREAKPOINT event round trip",
+				     "not measured: INT3 in a guest does not reach the VMM on this host "
+				     "(the server's probe)");
+			} else {
+				Introspected in(sys, socket_path("bp"));
+				/* CONTINUE hands the #BP to the guest: its handler returns. */
+				in.g.install_exception_handler(3, guest_bp_handler);
+				in.g.add_vcpu(guest_int3_loop, n_events);
+				in.tool.session.control_events(0, introspect::EventId::breakpoint, true);
+				in.tool.serve();
+				Vcpu &v = in.g.vcpu(0);
+				Ucall uc = in.g.run(v);
+				check(uc.kind == Ucall::Kind::sync, "expected SYNC(0), got %s",
+				      uc.describe().c_str());
+				auto t0 = Clock::now();
+				std::uint64_t e0 = in.tool.events;
+				uc = in.g.run(v);
+				std::uint64_t ns = ns_since(t0);
+				std::uint64_t n = in.tool.events - e0;
+				check(uc.kind == Ucall::Kind::sync && uc.args.at(0) == 1,
+				      "expected SYNC(1), got %s", uc.describe().c_str());
+				in.g.run_to_done(v);
+				in.tool.join();
+				check(n == n_events, "BREAKPOINT events: %llu of %llu",
+				      (unsigned long long)n, (unsigned long long)n_events);
+				line("BREAKPOINT event round trip", per_event(ns, n_events));
+			}
 
-		/* (b) single-steps: SINGLESTEP events against raw debug exits + echo. */
-		std::printf("\n");
-		{
-			int kvm_fd = ::open("/dev/kvm", O_RDWR | O_CLOEXEC);
-			check(kvm_fd >= 0, "open /dev/kvm: %s", std::strerror(errno));
-			rounds::RawVm raw(rounds::blob_step, sizeof(rounds::blob_step), false);
-			kvm_guest_debug dbg{};
-			dbg.control = KVM_GUESTDBG_ENABLE | KVM_GUESTDBG_SINGLESTEP;
-			rounds::xioctl(raw.vcpu, KVM_SET_GUEST_DEBUG, &dbg, "KVM_SET_GUEST_DEBUG");
-			std::uint64_t raw_steps = 0;
-			IntroBlob in(sys, kvm_fd, rounds::blob_step, sizeof(rounds::blob_step),
-				     socket_path("step"));
-			in.tool.session.control_events(0, introspect::EventId::singlestep, true);
-			in.tool.session.control_singlestep(0, true);
-			in.tool.serve();
-			/* n steps: n / 2 iterations of two instructions. */
-			auto c = rounds::compare(
-				"SINGLESTEP event (CONTINUE)", "step", n_rounds, n_events,
-				"raw KVM_EXIT_DEBUG (single-step) + echo",
-				[&](std::uint64_t n) {
-					raw.set_regs(rounds::blob_regs(0, 0, 0, n / 2, 0));
-					raw_steps = 0;
-					auto t0 = Clock::now();
-					for (;;) {
-						std::uint32_t reason = raw.enter();
-						if (reason == KVM_EXIT_IO &&
-						    raw.run->io.port == rounds::step_end_port)
-							break;
-						check(reason == KVM_EXIT_DEBUG,
-						      "raw single-step: exit %u after %llu steps (mmio %#llx, rip %#llx)", reason, (unsigned long long)raw_steps,
-						      (unsigned long long)raw.run->mmio.phys_addr,
-						      (unsigned long long)raw.run->debug.arch.pc);
-						echo.round_trip();
-						raw_steps++;
-					}
-					return ns_since(t0);
-				},
-				"libvirtkit KVMI SINGLESTEP event round trip",
-				[&](std::uint64_t n) {
-					std::uint64_t ns = in.loop(rounds::blob_regs(0, 0, 0, n / 2, 0), 0);
-					/* The same code, stepped the same way: the same count. */
-					check(in.last_events == raw_steps,
-					      "SINGLESTEP events: %llu steps, raw: %llu",
-					      (unsigned long long)in.last_events,
-					      (unsigned long long)raw_steps);
-					return ns;
-				});
-			std::printf("  %-44s %10llu\n", "steps per loop (both)",
-				    (unsigned long long)raw_steps);
-			in.tool.join();
-			in.tool.session.control_singlestep(0, false);
-			::close(kvm_fd);
-			(void)c;
+			/* (b) single-steps: SINGLESTEP events against raw debug exits + echo. */
+			std::printf("\n");
+			{
+				int kvm_fd = ::open("/dev/kvm", O_RDWR | O_CLOEXEC);
+				check(kvm_fd >= 0, "open /dev/kvm: %s", std::strerror(errno));
+				rounds::RawVm raw(rounds::blob_step, sizeof(rounds::blob_step), false);
+				kvm_guest_debug dbg{};
+				dbg.control = KVM_GUESTDBG_ENABLE | KVM_GUESTDBG_SINGLESTEP;
+				rounds::xioctl(raw.vcpu, KVM_SET_GUEST_DEBUG, &dbg, "KVM_SET_GUEST_DEBUG");
+				std::uint64_t raw_steps = 0;
+				IntroBlob in(sys, kvm_fd, rounds::blob_step, sizeof(rounds::blob_step),
+					     socket_path("step"));
+				in.tool.session.control_events(0, introspect::EventId::singlestep, true);
+				in.tool.session.control_singlestep(0, true);
+				in.tool.serve();
+				/* n steps: n / 2 iterations of two instructions. */
+				auto c = rounds::compare(
+					"SINGLESTEP event (CONTINUE)", "step", n_rounds, n_events,
+					"raw KVM_EXIT_DEBUG (single-step) + echo",
+					[&](std::uint64_t n) {
+						raw.set_regs(rounds::blob_regs(0, 0, 0, n / 2, 0));
+						raw_steps = 0;
+						auto t0 = Clock::now();
+						for (;;) {
+							std::uint32_t reason = raw.enter();
+							if (reason == KVM_EXIT_IO &&
+							    raw.run->io.port == rounds::step_end_port)
+								break;
+							check(reason == KVM_EXIT_DEBUG,
+							      "raw single-step: exit %u after %llu steps (mmio %#llx, rip %#llx)", reason, (unsigned long long)raw_steps,
+							      (unsigned long long)raw.run->mmio.phys_addr,
+							      (unsigned long long)raw.run->debug.arch.pc);
+							echo.round_trip();
+							raw_steps++;
+						}
+						return ns_since(t0);
+					},
+					"libvirtkit KVMI SINGLESTEP event round trip",
+					[&](std::uint64_t n) {
+						std::uint64_t ns = in.loop(rounds::blob_regs(0, 0, 0, n / 2, 0), 0);
+						/* The same code, stepped the same way: the same count. */
+						check(in.last_events == raw_steps,
+						      "SINGLESTEP events: %llu steps, raw: %llu",
+						      (unsigned long long)in.last_events,
+						      (unsigned long long)raw_steps);
+						return ns;
+					});
+				std::printf("  %-44s %10llu\n", "steps per loop (both)",
+					    (unsigned long long)raw_steps);
+				in.tool.join();
+				in.tool.session.control_singlestep(0, false);
+				::close(kvm_fd);
+				(void)c;
+			}
 		}
 
 		/* (c) READ_PHYSICAL against memcpy, in alternating rounds. */
@@ -592,6 +602,52 @@ int main()
 						     gbs + " (" + rounds::ps_str(med_ps) + "/read)",
 						     med_ps && (unsigned __int128)size * 1000 * 100 / med_ps >= 150);
 			}
+		}
+
+		/* (d) reads through the shared mapping against memcpy, in alternating rounds. */
+		{
+			Introspected in(sys, socket_path("map"), true);
+			in.g.memory().add(buf_gpa, buf_pages * 4096, {.name = "bench"});
+			std::vector<std::byte> pattern(buf_pages * 4096);
+			for (std::size_t i = 0; i < pattern.size(); i++)
+				pattern[i] = std::byte(i * 5 + 1);
+			in.g.memory().write(buf_gpa, pattern);
+			auto map = in.tool.session.map_guest_memory();
+			const std::size_t size = 65536;
+			std::vector<std::byte> out(size), src = pattern;
+			std::printf("\n");
+			auto c = rounds::compare(
+				"(d) guest memory mapping, 64 KiB reads", "read", n_rounds,
+				n_reads * 4096 / size * 16, "memcpy in this process",
+				[&](std::uint64_t n) {
+					auto t0 = Clock::now();
+					for (std::uint64_t i = 0; i < n; i++) {
+						std::memcpy(out.data(), src.data(), size);
+						__asm__ volatile("" ::"r"(out.data()) : "memory");
+					}
+					return ns_since(t0);
+				},
+				"GuestMapping::read (tool side)",
+				[&](std::uint64_t n) {
+					std::fill(out.begin(), out.end(), std::byte{0});
+					auto t0 = Clock::now();
+					for (std::uint64_t i = 0; i < n; i++) {
+						map.read(buf_gpa, out);
+						__asm__ volatile("" ::"r"(out.data()) : "memory");
+					}
+					std::uint64_t ns = ns_since(t0);
+					check(std::equal(out.begin(), out.end(), pattern.begin()),
+					      "GuestMapping::read: wrong bytes");
+					return ns;
+				});
+			std::uint64_t med_ps = c.subj.median();
+			std::string gbs = fixed((unsigned __int128)size * 1000, med_ps, 2) + " GB/s";
+			std::printf("  %-44s %10s   memcpy %s GB/s\n", "mapping throughput", gbs.c_str(),
+				    fixed((unsigned __int128)size * 1000, c.base.median(), 2).c_str());
+			/* subject time / memcpy time <= 1.25 is >= 0.8x memcpy's speed */
+			rounds::goal("guest memory mapping read 64 KiB >= 0.8x memcpy",
+				     gbs + " = " + fixed(c.base.median(), med_ps, 2) + "x memcpy",
+				     med_ps && c.base.median() * 100 >= med_ps * 80);
 		}
 	} catch (const std::exception &e) {
 		std::fflush(stdout);

@@ -82,6 +82,41 @@ VK_TEST(oversize_message_closes_connection)
 	expect_guest_completes(t);
 }
 
+/*
+ * Replies the VMM batches (pipelined READ_PHYSICAL and friends) still all
+ * reach the tool, in order, when a malformed message follows them in the
+ * same write: the VMM sends what it answered before it closes.
+ */
+VK_TEST(pipelined_replies_arrive_before_a_malformed_message_closes)
+{
+	KvmiTest t;
+	t.attach();
+	for (std::uint64_t i = 0; i < 4; i++)
+		t.poke(data_gpa + i * 4096, 0x1000 + i);
+	std::vector<std::byte> wire;
+	auto add = [&](const std::vector<std::byte> &m) { wire.insert(wire.end(), m.begin(), m.end()); };
+	for (std::uint32_t i = 0; i < 4; i++) {
+		kvmi_read_physical rp{data_gpa + i * 4096, 8};
+		add(message(KVMI_READ_PHYSICAL, 101 + i, bytes_of(rp)));
+	}
+	kvmi_vcpu_hdr vh{};
+	vh.vcpu = 7; /* no such vCPU: its own error, between batched replies */
+	add(message(KVMI_GET_VCPU_INFO, 105, bytes_of(vh)));
+	kvmi_read_physical hole{hole_gpa, 8};
+	add(message(KVMI_READ_PHYSICAL, 106, bytes_of(hole)));
+	kvmi_msg_hdr bad{KVMI_GET_VERSION, (std::uint16_t)(KVMI_MSG_SIZE + 1), 107};
+	add(bytes_of(bad));
+	t.t().send_bytes(wire);
+	for (std::uint32_t i = 0; i < 4; i++) {
+		auto r = t.t().receive_raw(KVMI_READ_PHYSICAL, 101 + i);
+		TEST_ASSERT_EQ(r.err, 0);
+		TEST_ASSERT_EQ(from_bytes<std::uint64_t>(r.data), 0x1000u + i);
+	}
+	EXPECT_RAW_ERROR(t.t().receive_raw(KVMI_GET_VCPU_INFO, 105), KVMI_EINVAL);
+	EXPECT_RAW_ERROR(t.t().receive_raw(KVMI_READ_PHYSICAL, 106), KVMI_ENOENT);
+	expect_closed(t);
+}
+
 VK_TEST(max_size_message_is_framed_correctly)
 {
 	KvmiTest t;

@@ -47,7 +47,8 @@ namespace virtkit::tool {
 
 const char demo_help[] =
 	"usage: virtkit demo [--device PATH] [--introspect ADDRESS\n"
-	"                    [--secret-file PATH | --secret-fd N | --secret SECRET]]\n"
+	"                    [--secret-file PATH | --secret-fd N | --secret SECRET]\n"
+	"                    [--share-memory]]\n"
 	"\n"
 	"Run a small guest on KVM with libvirtkit and explain, step by step, what\n"
 	"each step shows: guest code that is an ordinary function of this program,\n"
@@ -80,6 +81,9 @@ const char demo_help[] =
 	"  --secret SECRET       the same, on the command line (every user can see it\n"
 	"                        in /proc: for tests only). Without any of them, any\n"
 	"                        tool is accepted, with a warning\n"
+	"  --share-memory        let the tool map guest RAM read-only (with\n"
+	"                        --introspect; IntrospectionOptions::share_memory):\n"
+	"                        a trusted tool reads any guest memory without commands\n"
 	"  -h, --help            show this help\n"
 	"\n"
 	"Exit status: 0 when every step worked, 1 when one failed (the step and\n"
@@ -109,6 +113,7 @@ constexpr auto tool_setup_patience = 5s;
 struct ToolAddress {
 	std::string address; /* empty: the in-process tool */
 	std::string secret;
+	bool share_memory = false; /* --share-memory */
 };
 
 /* A check of a value the guest reported that did not hold. */
@@ -1038,6 +1043,9 @@ void Demo::watched_by_outside_tool(IntrospectionOptions &o, std::uint64_t ctl,
 	constexpr std::uint64_t msr = msr_kernel_gs_base;
 	o.address = outside.address;
 	o.secret = outside.secret;
+	o.share_memory = outside.share_memory;
+	if (o.share_memory)
+		show("the tool may map guest RAM read-only (--share-memory)");
 	show("connecting to the tool at %s (for up to %llu s, until it listens)", o.address.c_str(),
 	     (unsigned long long)tool_listen_patience.count());
 	std::fflush(stdout);
@@ -1256,6 +1264,10 @@ int demo_main(Args args)
 	std::vector<std::string_view> rest;
 	for (std::size_t i = 0; i < args.size(); i++) {
 		auto a = args[i];
+		if (a == "--share-memory") {
+			tool.share_memory = true;
+			continue;
+		}
 		auto is = [&](std::string_view name) {
 			return a == name || (a.starts_with(name) && a.size() > name.size() &&
 					     a[name.size()] == '=');
@@ -1282,6 +1294,8 @@ int demo_main(Args args)
 		return *stop;
 	if (secrets && tool.address.empty())
 		return usage_error("demo", "--secret, --secret-file and --secret-fd need --introspect");
+	if (tool.share_memory && tool.address.empty())
+		return usage_error("demo", "--share-memory needs --introspect");
 	try {
 		if (!secret_file.empty())
 			tool.secret = read_secret_file(secret_file);

@@ -453,4 +453,44 @@ struct kvmi_event_pf_reply {
 	__u8 ctx_data[256];
 };
 
+/* --- virtkit's own commands ---
+ *
+ * Ids from 0x8000 up: KVMI's ids stay below 0x100, so no KVMI version
+ * collides with them; a VMM that does not know one answers -KVMI_ENOSYS
+ * as for any unknown id (CHECK_COMMAND: -KVMI_EOPNOTSUPP).
+ *
+ * VIRTKIT_KVMI_SHARE_MEMORY {flags = 0}: guest RAM for the tool to map
+ * read-only. The reply data is virtkit_kvmi_share_memory_reply{count} and
+ * count virtkit_kvmi_memory_region, sorted by gpa, and the reply message
+ * carries count file descriptors (one SCM_RIGHTS control message, with
+ * its first byte), opened O_RDONLY, in the same order: region i is bytes
+ * [offset, offset + size) of descriptor i, to be mapped PROT_READ,
+ * MAP_SHARED. The mapping shows the guest's memory as it changes. Errors:
+ * -KVMI_EPERM when the VMM did not opt in (virtkit:
+ * IntrospectionOptions::share_memory), -KVMI_EOPNOTSUPP when the
+ * connection cannot carry descriptors (not a unix socket), -KVMI_EINVAL
+ * for flags or padding not zero, -KVMI_E2BIG for more than
+ * VIRTKIT_KVMI_MAX_SHARED_REGIONS regions; no descriptors then.
+ */
+#define VIRTKIT_KVMI_SHARE_MEMORY	0x8000
+
+/* SCM_MAX_FD: the descriptors one control message carries. */
+#define VIRTKIT_KVMI_MAX_SHARED_REGIONS	253
+
+struct virtkit_kvmi_share_memory {
+	__u32 flags;
+	__u32 padding;
+};
+
+struct virtkit_kvmi_share_memory_reply {
+	__u32 count;
+	__u32 padding;
+};
+
+struct virtkit_kvmi_memory_region {
+	__u64 gpa;
+	__u64 size;
+	__u64 offset;	/* in the region's descriptor */
+};
+
 #endif /* _UAPI_LINUX_VIRTKIT_KVMI_H */

@@ -56,6 +56,7 @@ namespace virtkit::introspect {
 namespace detail {
 struct SessionState;
 struct LoopState;
+struct MappingState;
 } // namespace detail
 #pragma GCC visibility pop
 
@@ -263,6 +264,53 @@ enum class Action : std::uint8_t { continue_ = 0, retry = 1, crash = 2 };
 
 /* --- one VM --- */
 
+/*
+ * Guest RAM mapped read-only into this process (Session::map_guest_memory()):
+ * each RAM region of the VM as the VMM had it at the call, an mmap
+ * (PROT_READ, MAP_SHARED) of the region's memfd. Reads see the guest's
+ * bytes as they are now, without a command; writes through the mapping
+ * fault (the files are opened read-only: PROT_WRITE is refused). Regions the
+ * VMM adds later are not in it (map again); one it removes stays readable
+ * here, as it was. Move-only; the destructor unmaps. May be used from any
+ * thread, also after the session ended.
+ */
+class GuestMapping {
+public:
+	struct Region {
+		std::uint64_t gpa;
+		std::uint64_t size;
+	};
+
+	/* Maps nothing. */
+	GuestMapping() noexcept;
+	GuestMapping(GuestMapping &&) noexcept;
+	GuestMapping &operator=(GuestMapping &&) noexcept;
+	GuestMapping(const GuestMapping &) = delete;
+	GuestMapping &operator=(const GuestMapping &) = delete;
+	~GuestMapping();
+
+	/* The mapped regions, sorted by gpa. */
+	std::span<const Region> regions() const noexcept;
+	/*
+	 * Copy guest-physical [gpa, gpa + out.size()) into out; the range may
+	 * cross from one region into an adjacent one. Error("GuestMapping::read",
+	 * EFAULT, which address) when any byte of it is not mapped; nothing
+	 * is copied then.
+	 */
+	void read(std::uint64_t gpa, std::span<std::byte> out) const;
+	/*
+	 * The mapped bytes of [gpa, gpa + size) themselves, which must lie in
+	 * one region (Error("GuestMapping::view", EFAULT) otherwise); valid
+	 * while this object lives.
+	 */
+	std::span<const std::byte> view(std::uint64_t gpa, std::size_t size) const;
+
+private:
+	friend class Session;
+	explicit GuestMapping(std::unique_ptr<detail::MappingState> state) noexcept;
+	std::unique_ptr<detail::MappingState> state_;
+};
+
 class Session {
 public:
 	/* Wait for a VMM to connect to listener (ETIMEDOUT) and run the handshake;
@@ -309,6 +357,18 @@ public:
 	void set_page_write_bitmap(std::span<const PageWriteBitmap> pages, std::uint16_t view = 0);
 	std::uint64_t get_max_gfn();
 	PhysicalRange query_physical(std::uint64_t gfn);
+	/*
+	 * Map guest RAM read-only (VIRTKIT_KVMI_SHARE_MEMORY, virtkit's own
+	 * command): the VMM passes its regions' memfds over the unix socket.
+	 * CommandError KVMI_EPERM when the VMM did not opt in (virtkit:
+	 * IntrospectionOptions::share_memory), KVMI_EOPNOTSUPP when it cannot
+	 * pass descriptors, KVMI_ENOSYS from a VMM that is not virtkit (the
+	 * session stays usable after each); Error EOPNOTSUPP, with nothing
+	 * sent, when this session's socket is not a unix socket (TCP, vsock);
+	 * Error("mmap", errno) when mapping fails. A reply that does not match
+	 * the layout ends the session (EPROTO). No descriptor stays open.
+	 */
+	GuestMapping map_guest_memory();
 
 	/* vCPU commands. */
 	std::uint64_t get_tsc_speed(std::uint16_t vcpu); /* GET_VCPU_INFO; Hz, 0 unknown */

@@ -82,6 +82,17 @@ struct IntrospectionOptions {
 	std::optional<std::vector<std::uint16_t>> allowed_commands;
 	/* The events (KVMI_EVENT_* ids) the tool may enable; nullopt: every supported one. */
 	std::optional<std::vector<std::uint16_t>> allowed_events;
+	/*
+	 * Let the tool map guest RAM read-only (VIRTKIT_KVMI_SHARE_MEMORY,
+	 * virtkit's own command: virtkit::introspect's
+	 * Session::map_guest_memory()): the VMM passes each RAM region's
+	 * memfd, opened O_RDONLY, over the unix socket. The tool then reads
+	 * any guest memory at any time without a command - including pages
+	 * whose reads the tool itself hid from the guest - so only for a
+	 * trusted tool. Off: the command answers -KVMI_EPERM. Over vsock it
+	 * answers -KVMI_EOPNOTSUPP (descriptors cannot be passed).
+	 */
+	bool share_memory = false;
 	/* Limit for connecting and the handshake. */
 	std::chrono::milliseconds handshake_timeout{5000};
 	/*

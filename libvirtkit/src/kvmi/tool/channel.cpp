@@ -4,6 +4,7 @@
 #include <fcntl.h>
 #include <poll.h>
 #include <sys/socket.h>
+#include <unistd.h>
 
 #include <cerrno>
 #include <cstdio>
@@ -31,8 +32,12 @@ bool ready(kvmi::Ready r, const char *op)
 	return r == kvmi::Ready::yes;
 }
 
-/* Room for a whole message after the buffered bytes. */
-constexpr std::size_t buffer_size = 8 * max_message;
+/*
+ * Room for a whole message after the buffered bytes, and for a window of
+ * replies the VMM sent together (Session::read_physical(): 16 pages, two
+ * windows in flight), so one recv() takes them.
+ */
+constexpr std::size_t buffer_size = 32 * max_message;
 
 } // namespace
 
@@ -106,7 +111,7 @@ Channel::Fill Channel::fill(const char *op)
 	}
 	if (end_ == buf_.size())
 		throw Error(op, ENOBUFS, "receive buffer full");
-	ssize_t n = kvmi::recv_some(fd_.get(), std::span(buf_).subspan(end_));
+	ssize_t n = receive(std::span(buf_).subspan(end_));
 	if (n > 0) {
 		end_ += std::size_t(n);
 		return Fill::data;
@@ -116,6 +121,53 @@ Channel::Fill Channel::fill(const char *op)
 	if (n == -EAGAIN)
 		return Fill::none;
 	throw Error(op, int(-n), "recv");
+}
+
+void Channel::accept_fds(bool on) noexcept
+{
+	accept_fds_ = on;
+	fds_truncated_ = false;
+	fds_.clear();
+}
+
+ssize_t Channel::receive(std::span<std::byte> buf) noexcept
+{
+	alignas(cmsghdr) char control[CMSG_SPACE(sizeof(int) * VIRTKIT_KVMI_MAX_SHARED_REGIONS)];
+	for (;;) {
+		iovec iov{buf.data(), buf.size()};
+		msghdr m{};
+		m.msg_iov = &iov;
+		m.msg_iovlen = 1;
+		m.msg_control = control;
+		m.msg_controllen = sizeof(control);
+		ssize_t n = ::recvmsg(fd_.get(), &m, MSG_DONTWAIT | MSG_CMSG_CLOEXEC);
+		if (n < 0) {
+			if (errno == EINTR)
+				continue;
+			return errno == ECONNRESET ? 0 : -errno;
+		}
+		if (m.msg_flags & MSG_CTRUNC)
+			fds_truncated_ = accept_fds_;
+		for (cmsghdr *c = CMSG_FIRSTHDR(&m); c; c = CMSG_NXTHDR(&m, c)) {
+			if (c->cmsg_level != SOL_SOCKET || c->cmsg_type != SCM_RIGHTS)
+				continue;
+			std::size_t count = (c->cmsg_len - CMSG_LEN(0)) / sizeof(int);
+			for (std::size_t i = 0; i < count; i++) {
+				int fd;
+				std::memcpy(&fd, CMSG_DATA(c) + i * sizeof(int), sizeof(fd));
+				try {
+					auto f = FileDesc::adopt(fd, "recvmsg", "SCM_RIGHTS");
+					/* Not asked for: closed here (f's destructor). */
+					if (accept_fds_)
+						fds_.push_back(std::move(f));
+				} catch (...) {
+					/* No room to keep it: f closed it. */
+					fds_truncated_ = accept_fds_;
+				}
+			}
+		}
+		return n;
+	}
 }
 
 bool Channel::wait_readable(Clock::time_point deadline, const char *op)

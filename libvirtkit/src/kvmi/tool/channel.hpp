@@ -54,8 +54,17 @@ public:
 	/* One message, hdr then parts (hdr.size is their total), likewise. */
 	void send(const kvmi_msg_hdr &hdr, kvmi::Parts parts, Clock::time_point deadline,
 		  const char *op);
-	/* What recv(MSG_DONTWAIT) brings: data, nothing yet, or end of stream. */
+	/*
+	 * What recvmsg(MSG_DONTWAIT) brings: data, nothing yet, or end of
+	 * stream. Descriptors that come with the data (SCM_RIGHTS) are kept
+	 * for take_fds() while accept_fds(true), else closed at once.
+	 */
 	Fill fill(const char *op);
+	void accept_fds(bool on) noexcept;
+	/* The descriptors received since accept_fds(true), in order. */
+	std::vector<FileDesc> take_fds() noexcept { return std::move(fds_); }
+	/* Whether descriptors were lost (MSG_CTRUNC) since accept_fds(true). */
+	bool fds_truncated() const noexcept { return fds_truncated_; }
 	/* Until the socket is readable; false at deadline. */
 	bool wait_readable(Clock::time_point deadline, const char *op);
 
@@ -71,12 +80,16 @@ public:
 private:
 	/* For send_all(): wait until the socket takes more, false at deadline. */
 	bool wait_writable(Clock::time_point deadline, const char *op);
+	/* recv_some() with SCM_RIGHTS handling (fill()). */
+	ssize_t receive(std::span<std::byte> buf) noexcept;
 	/* Throw what send_all() returned, if anything. */
 	static void sent(int err, const char *op);
 
 	FileDesc fd_;
 	std::vector<std::byte> buf_;
 	std::size_t begin_ = 0, end_ = 0;
+	bool accept_fds_ = false, fds_truncated_ = false;
+	std::vector<FileDesc> fds_;
 };
 
 } // namespace virtkit::introspect::detail

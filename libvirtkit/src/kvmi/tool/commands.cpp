@@ -7,6 +7,7 @@
  */
 #include <virtkit/introspect.hpp>
 
+#include <array>
 #include <cerrno>
 #include <cstring>
 #include <new>
@@ -100,13 +101,15 @@ void Session::control_vm_events(EventId id, bool enable)
 
 /*
  * One command per page, as the protocol asks, but pipelined: a window of
- * requests goes out in one write, then their replies are read in order
- * (the VMM answers VM commands one after another). Every reply of a window
- * is read before a refusal is thrown, so the stream stays in step.
+ * requests goes out in one write, and the next window goes out before the
+ * replies of the current one are read (the VMM answers VM commands in
+ * order, a window's replies together in one write), so the VMM works on
+ * one window while this side copies the other. Every reply of every window
+ * sent is read before a refusal is thrown, so the stream stays in step.
  */
 void Session::read_physical(std::uint64_t gpa, std::span<std::byte> out)
 {
-	constexpr std::size_t window = 16; /* 64 KiB of replies in flight */
+	constexpr std::size_t window = 16; /* 64 KiB of replies per write */
 	auto &s = state();
 	const char *op = command_cstr(KVMI_READ_PHYSICAL);
 	struct Piece {
@@ -115,43 +118,54 @@ void Session::read_physical(std::uint64_t gpa, std::span<std::byte> out)
 		std::uint32_t seq;
 	};
 	std::vector<Piece> pieces;
+	pieces.reserve(out.size() / kvmi::page_size + 2);
 	for_each_page(gpa, out.size(), [&](std::uint64_t at, std::size_t done, std::size_t n) {
 		pieces.push_back({at, done, n, 0});
 	});
-	for (std::size_t first = 0; first < pieces.size(); first += window) {
-		const std::size_t end = std::min(pieces.size(), first + window);
-		std::vector<std::byte> wire;
-		for (std::size_t i = first; i < end; i++) {
-			const Request r = request::read_physical(pieces[i].at, pieces[i].n);
-			/* A head only: kvmi_read_physical. */
+	constexpr std::size_t request_size = msg_hdr_size + sizeof(kvmi_read_physical);
+	std::array<std::byte, window * request_size> wire;
+	std::size_t sent = 0;
+	auto send_window = [&] {
+		const std::size_t end = std::min(pieces.size(), sent + window);
+		std::byte *w = wire.data();
+		for (; sent < end; sent++) {
 			kvmi_msg_hdr h{};
-			h.id = r.id();
-			h.size = static_cast<std::uint16_t>(r.head().size());
-			h.seq = pieces[i].seq = s.next_seq();
-			append(wire, bytes_of(h));
-			append(wire, r.head());
+			h.id = KVMI_READ_PHYSICAL;
+			h.size = sizeof(kvmi_read_physical);
+			h.seq = pieces[sent].seq = s.next_seq();
+			kvmi_read_physical c{};
+			c.gpa = pieces[sent].at;
+			c.size = pieces[sent].n;
+			std::memcpy(w, &h, sizeof(h));
+			std::memcpy(w + sizeof(h), &c, sizeof(c));
+			w += request_size;
 		}
-		const iovec iov{wire.data(), wire.size()};
+		const iovec iov{wire.data(), std::size_t(w - wire.data())};
 		s.send_raw_bytes(std::span(&iov, 1), op);
-		std::optional<CommandError> refused;
-		for (std::size_t i = first; i < end; i++) {
-			const Piece &p = pieces[i];
-			auto r = s.wait_reply(KVMI_READ_PHYSICAL, p.seq, op);
-			if (r.err) {
-				if (!refused)
-					refused.emplace(KVMI_READ_PHYSICAL, r.err,
-							"gpa=" + hex(p.at) + " size=" + std::to_string(p.n));
-				continue;
-			}
-			if (r.data.size() != p.n)
-				s.fail(Error(op, EPROTO,
-					     std::to_string(r.data.size()) + " bytes for a read of " +
-						     std::to_string(p.n)));
-			std::memcpy(out.data() + p.done, r.data.data(), p.n);
+	};
+	std::optional<CommandError> refused;
+	for (std::size_t i = 0; i < pieces.size(); i++) {
+		/* The first window, then the next one ahead of each window's replies. */
+		if (i == 0)
+			send_window();
+		if (i % window == 0 && sent < pieces.size())
+			send_window();
+		const Piece &p = pieces[i];
+		auto r = s.wait_reply(KVMI_READ_PHYSICAL, p.seq, op);
+		if (r.err) {
+			if (!refused)
+				refused.emplace(KVMI_READ_PHYSICAL, r.err,
+						"gpa=" + hex(p.at) + " size=" + std::to_string(p.n));
+			continue;
 		}
-		if (refused)
-			throw *refused;
+		if (r.data.size() != p.n)
+			s.fail(Error(op, EPROTO,
+				     std::to_string(r.data.size()) + " bytes for a read of " +
+					     std::to_string(p.n)));
+		std::memcpy(out.data() + p.done, r.data.data(), p.n);
 	}
+	if (refused)
+		throw *refused;
 }
 
 std::vector<std::byte> Session::read_physical(std::uint64_t gpa, std::size_t size)

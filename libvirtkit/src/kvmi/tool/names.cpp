@@ -17,6 +17,8 @@ namespace detail {
 
 const char *command_cstr(std::uint16_t id) noexcept
 {
+	if (id == VIRTKIT_KVMI_SHARE_MEMORY)
+		return "VIRTKIT_KVMI_SHARE_MEMORY";
 	const kvmi::MessageInfo *m = kvmi::find_message(id);
 	return m ? m->name : "KVMI command";
 }
@@ -25,6 +27,8 @@ const char *command_cstr(std::uint16_t id) noexcept
 
 std::string command_name(std::uint16_t id)
 {
+	if (id == VIRTKIT_KVMI_SHARE_MEMORY)
+		return "VIRTKIT_KVMI_SHARE_MEMORY";
 	if (const auto *m = detail::kvmi::find_message(id))
 		return m->name;
 	return "KVMI command " + std::to_string(id);

@@ -220,6 +220,95 @@ bool Connection::send(const kvmi_msg_hdr &hdr, Parts parts)
 			    [&] { return wait(POLLOUT, Clock::time_point::max()); }) == 0;
 }
 
+bool Connection::message_buffered() const noexcept
+{
+	const std::size_t have = tail_ - head_;
+	kvmi_msg_hdr hdr;
+	if (have < sizeof(hdr))
+		return false;
+	std::memcpy(&hdr, buf_.data() + head_, sizeof(hdr));
+	return hdr.size > KVMI_MSG_SIZE || have - sizeof(hdr) >= hdr.size;
+}
+
+void Connection::queue(const kvmi_msg_hdr &hdr, Parts parts)
+{
+	auto h = std::as_bytes(std::span(&hdr, 1));
+	out_.insert(out_.end(), h.begin(), h.end());
+	for (auto &p : parts)
+		out_.insert(out_.end(), p.begin(), p.end());
+}
+
+bool Connection::flush()
+{
+	if (out_.empty())
+		return true;
+	iovec iov{out_.data(), out_.size()};
+	int err;
+	{
+		std::lock_guard lock(send_mu_);
+		err = send_all(sock_.get(), std::span(&iov, 1),
+			       [&] { return wait(POLLOUT, Clock::time_point::max()); });
+	}
+	out_.clear();
+	return err == 0;
+}
+
+bool Connection::can_pass_fds() const noexcept
+{
+	sockaddr_storage ss{};
+	socklen_t len = sizeof(ss);
+	return ::getsockname(sock_.get(), reinterpret_cast<sockaddr *>(&ss), &len) == 0 &&
+	       ss.ss_family == AF_UNIX;
+}
+
+bool Connection::send_with_fds(const kvmi_msg_hdr &hdr, Parts parts, std::span<const int> fds)
+{
+	constexpr std::size_t max_fds = VIRTKIT_KVMI_MAX_SHARED_REGIONS;
+	iovec iov_buf[max_message_iov];
+	std::size_t n = message_iov(hdr, parts, iov_buf);
+	if (!n || fds.size() > max_fds)
+		return false;
+	std::span<iovec> iov(iov_buf, n);
+	alignas(cmsghdr) char control[CMSG_SPACE(sizeof(int) * max_fds)];
+	msghdr m{};
+	m.msg_iov = iov.data();
+	m.msg_iovlen = iov.size();
+	if (!fds.empty()) {
+		std::memset(control, 0, sizeof(control));
+		m.msg_control = control;
+		m.msg_controllen = CMSG_SPACE(sizeof(int) * fds.size());
+		cmsghdr *c = CMSG_FIRSTHDR(&m);
+		c->cmsg_level = SOL_SOCKET;
+		c->cmsg_type = SCM_RIGHTS;
+		c->cmsg_len = CMSG_LEN(sizeof(int) * fds.size());
+		std::memcpy(CMSG_DATA(c), fds.data(), sizeof(int) * fds.size());
+	}
+	auto wait_writable = [&] { return wait(POLLOUT, Clock::time_point::max()); };
+	std::lock_guard lock(send_mu_);
+	/* The first sendmsg() takes the descriptors with the bytes it sends. */
+	for (;;) {
+		ssize_t sent = ::sendmsg(sock_.get(), &m, MSG_NOSIGNAL | MSG_DONTWAIT);
+		if (sent < 0) {
+			if (errno == EINTR)
+				continue;
+			if (errno == EAGAIN && wait_writable())
+				continue;
+			return false;
+		}
+		auto left = std::size_t(sent);
+		while (!iov.empty() && left >= iov.front().iov_len) {
+			left -= iov.front().iov_len;
+			iov = iov.subspan(1);
+		}
+		if (left) {
+			iov.front().iov_base = static_cast<char *>(iov.front().iov_base) + left;
+			iov.front().iov_len -= left;
+		}
+		break;
+	}
+	return iov.empty() || send_all(sock_.get(), iov, wait_writable) == 0;
+}
+
 void Connection::cancel() noexcept
 {
 	std::uint64_t one = 1;

@@ -4,9 +4,11 @@
  * unix or vsock socket, the QEMU-style handshake, and message framing.
  *
  * Reads happen on one thread at a time (the handshake, then the server's
- * reader thread); sends come from the reader (command replies) and from vCPU
- * threads (events), one whole message per call under a lock, so messages
- * never interleave. Every blocking call also waits on an eventfd that
+ * reader thread), into a buffer that holds whatever the socket had, so a
+ * window of pipelined commands costs one recv(). Sends come from the reader
+ * (command replies) and from vCPU threads (events), whole messages per call
+ * under a lock, so messages never interleave; the reader may also queue
+ * replies and flush() them together in one sendmsg(). Every blocking call also waits on an eventfd that
  * cancel() signals, so no thread stays blocked on a tool that stopped
  * reading or writing.
  */
@@ -66,6 +68,29 @@ public:
 	 * total). false if the connection failed or was cancelled.
 	 */
 	bool send(const kvmi_msg_hdr &hdr, Parts parts);
+	/*
+	 * Whether reading the next message needs no more bytes from the
+	 * socket: a whole message is buffered, or a header whose size is over
+	 * KVMI_MSG_SIZE (the reader rejects it without reading on).
+	 */
+	bool message_buffered() const noexcept;
+	/* Reader thread: queue one message for flush(); hdr.size must be the parts' total. */
+	void queue(const kvmi_msg_hdr &hdr, Parts parts);
+	/* Bytes queued and not sent yet. */
+	std::size_t queued() const noexcept { return out_.size(); }
+	/*
+	 * Send the queued messages in one sendmsg() where the socket takes
+	 * them (under the send lock: an event never lands inside them). false
+	 * if the connection failed or was cancelled; the queue is empty then.
+	 */
+	bool flush();
+	/*
+	 * send() with fds attached (SCM_RIGHTS, with the message's first
+	 * byte); reader thread, nothing queued. false as send().
+	 */
+	bool send_with_fds(const kvmi_msg_hdr &hdr, Parts parts, std::span<const int> fds);
+	/* Whether the socket can carry descriptors (a unix socket). */
+	bool can_pass_fds() const noexcept;
 	/* Make every blocked and later call fail, and the tool see the end. */
 	void cancel() noexcept;
 
@@ -81,6 +106,8 @@ private:
 	/* Bytes received but not consumed yet (reader side only). */
 	std::array<std::byte, 16384> buf_;
 	std::size_t head_ = 0, tail_ = 0;
+	/* Replies queued by the reader, not sent yet (reader side only). */
+	std::vector<std::byte> out_;
 };
 
 } // namespace virtkit::detail::kvmi

@@ -41,7 +41,8 @@ int kvmi_error(int err)
 
 IntrospectionServer::IntrospectionServer(Vm vm, const IntrospectionOptions &o)
 	: vm_(std::move(vm)),
-	  allowed_commands_(o.allowed_commands), allowed_events_(o.allowed_events)
+	  allowed_commands_(o.allowed_commands), allowed_events_(o.allowed_events),
+	  share_memory_(o.share_memory)
 {
 }
 
@@ -151,16 +152,63 @@ KvmiVcpu &IntrospectionServer::record_locked(std::uint16_t id)
 	return *r;
 }
 
+namespace {
+
+/*
+ * Commands whose replies may wait in the connection's queue while the
+ * next buffered message runs: they neither raise events nor wake a vCPU,
+ * so an event can never overtake a reply the tool is owed.
+ */
+bool reply_may_wait(std::uint16_t id)
+{
+	switch (id) {
+	case KVMI_GET_VERSION:
+	case KVMI_CHECK_COMMAND:
+	case KVMI_CHECK_EVENT:
+	case KVMI_GET_GUEST_INFO:
+	case KVMI_READ_PHYSICAL:
+	case KVMI_WRITE_PHYSICAL:
+	case KVMI_GET_MAX_GFN:
+	case KVMI_QUERY_PHYSICAL:
+		return true;
+	default:
+		return false;
+	}
+}
+
+/* Queued replies beyond this are sent before the next command runs. */
+constexpr std::size_t max_queued = 256 * 1024;
+
+} // namespace
+
 /*
  * The reader: one message at a time, in arrival order (a reply to a command
  * never overtakes the reply to an earlier one). Anything that breaks the
  * framing closes the connection: the stream cannot be trusted after it.
+ *
+ * Replies go out in batches: the connection reads whatever the socket has,
+ * and while the next message is already buffered, the replies of commands
+ * that cannot raise events (reply_may_wait) wait in the connection's queue;
+ * it is flushed, in one sendmsg(), before any other message runs, before
+ * the reader waits for more bytes, past max_queued bytes and when the
+ * reader stops. A window of pipelined READ_PHYSICAL commands thus costs one
+ * recv() and one sendmsg() on this side.
  */
 void IntrospectionServer::reader_main()
 {
 	std::vector<std::byte> payload(KVMI_MSG_SIZE);
 	bool error = false;
+	/* A reply that cannot be sent ends the connection as a failed send always did. */
+	auto flushed = [&] {
+		if (conn_->flush())
+			return true;
+		n_errors_++;
+		error = true;
+		return false;
+	};
 	for (;;) {
+		if (!conn_->message_buffered() && !flushed())
+			break;
 		kvmi_msg_hdr hdr;
 		if (!conn_->read_exact(&hdr, sizeof(hdr)))
 			break;
@@ -170,6 +218,9 @@ void IntrospectionServer::reader_main()
 			break;
 		}
 		if (!conn_->read_exact(payload.data(), hdr.size))
+			break;
+		const bool may_wait = hdr.id != KVMI_EVENT_REPLY && reply_may_wait(hdr.id);
+		if (!may_wait && !flushed())
 			break;
 		std::span<const std::byte> p(payload.data(), hdr.size);
 		bool ok;
@@ -184,7 +235,11 @@ void IntrospectionServer::reader_main()
 			error = true;
 			break;
 		}
+		if ((!may_wait || conn_->queued() >= max_queued) && !flushed())
+			break;
 	}
+	/* What was answered before the end still reaches the tool. */
+	(void)conn_->flush();
 	{
 		std::lock_guard lock(mu_);
 		if (!stopping_ && !error)
@@ -228,6 +283,8 @@ void IntrospectionServer::teardown() noexcept
  */
 bool IntrospectionServer::handle_command(const kvmi_msg_hdr &hdr, std::span<const std::byte> p)
 {
+	if (hdr.id == VIRTKIT_KVMI_SHARE_MEMORY)
+		return share_memory(hdr, p);
 	n_commands_++;
 	auto &out = reply_; /* reused: no allocation per command */
 	out.clear();
@@ -261,7 +318,9 @@ bool IntrospectionServer::handle_command(const kvmi_msg_hdr &hdr, std::span<cons
 	if (err)
 		out.clear();
 	kvmi_msg_hdr rh{hdr.id, static_cast<std::uint16_t>(sizeof(ec) + out.size()), hdr.seq};
-	return conn_->send(rh, {std::as_bytes(std::span(&ec, 1)), std::span<const std::byte>(out)});
+	/* The reader sends it (reader_main(): alone or with the next replies). */
+	conn_->queue(rh, {std::as_bytes(std::span(&ec, 1)), std::span<const std::byte>(out)});
+	return true;
 }
 
 int IntrospectionServer::execute(std::uint16_t id, std::span<const std::byte> p,

@@ -137,6 +137,10 @@ private:
 	void reader_main();
 	void teardown() noexcept;
 	bool handle_command(const kvmi_msg_hdr &hdr, std::span<const std::byte> payload);
+	/* VIRTKIT_KVMI_SHARE_MEMORY: the reply carries descriptors (vm_commands.cpp). */
+	bool share_memory(const kvmi_msg_hdr &hdr, std::span<const std::byte> payload);
+	/* 0, or why VIRTKIT_KVMI_SHARE_MEMORY is refused on this connection. */
+	int share_memory_refusal() const;
 	int execute(std::uint16_t id, std::span<const std::byte> payload, std::vector<std::byte> &out);
 	bool command_allowed(std::uint16_t id) const;
 	bool event_allowed(std::uint16_t id) const;
@@ -238,6 +242,7 @@ private:
 
 	Vm vm_;
 	std::optional<std::vector<std::uint16_t>> allowed_commands_, allowed_events_;
+	const bool share_memory_;
 
 	std::unique_ptr<kvmi::Connection> conn_;
 	std::thread reader_;

@@ -6,6 +6,7 @@
 #include "kvmi/vmm/server.hpp"
 
 #include <algorithm>
+#include <new>
 
 #include <virtkit/error.hpp>
 #include <virtkit/memory.hpp>
@@ -67,6 +68,8 @@ int IntrospectionServer::check_command(std::span<const std::byte> p)
 	auto c = kvmi::load<kvmi_check_command>(p);
 	if (!VK_KVMI_ZERO(c.padding1) || !VK_KVMI_ZERO(c.padding2))
 		return -KVMI_EINVAL;
+	if (c.id == VIRTKIT_KVMI_SHARE_MEMORY)
+		return share_memory_refusal();
 	if (!kvmi::supported_command(c.id))
 		return -KVMI_EOPNOTSUPP;
 	return command_allowed(c.id) ? 0 : -KVMI_EPERM;
@@ -165,6 +168,80 @@ int IntrospectionServer::query_physical(std::span<const std::byte> p, std::vecto
 	kvmi_query_physical_reply r{region->gpa / kvmi::page_size, region->size};
 	append_bytes(out, r);
 	return 0;
+}
+
+int IntrospectionServer::share_memory_refusal() const
+{
+	if (!share_memory_)
+		return -KVMI_EPERM;
+	if (!conn_->can_pass_fds())
+		return -KVMI_EOPNOTSUPP;
+	return 0;
+}
+
+/*
+ * VIRTKIT_KVMI_SHARE_MEMORY: every RAM region's memfd, opened read-only
+ * (GuestMemory::region_fd), with the layout, in one reply message that
+ * carries the descriptors. Ours are closed once sent: the tool has its own.
+ * The reader flushed the queued replies before this (reply_may_wait() is
+ * false for it), so the reply goes out directly, in order.
+ */
+bool IntrospectionServer::share_memory(const kvmi_msg_hdr &hdr, std::span<const std::byte> p)
+{
+	n_commands_++;
+	auto &out = reply_;
+	out.clear();
+	std::vector<FileDesc> files;
+	int err = share_memory_refusal();
+	if (!err) {
+		virtkit_kvmi_share_memory c{};
+		if (p.size() != sizeof(c))
+			err = -KVMI_EINVAL;
+		else if (c = kvmi::load<virtkit_kvmi_share_memory>(p); c.flags || c.padding)
+			err = -KVMI_EINVAL;
+	}
+	if (!err) {
+		try {
+			auto regions = vm_.memory().regions();
+			std::sort(regions.begin(), regions.end(),
+				  [](const RegionInfo &a, const RegionInfo &b) { return a.gpa < b.gpa; });
+			if (regions.size() > VIRTKIT_KVMI_MAX_SHARED_REGIONS) {
+				err = -KVMI_E2BIG;
+			} else {
+				virtkit_kvmi_share_memory_reply head{};
+				head.count = static_cast<std::uint32_t>(regions.size());
+				append_bytes(out, head);
+				for (const auto &r : regions) {
+					auto f = vm_.memory().region_fd(r.id, FileAccess::read_only);
+					virtkit_kvmi_memory_region m{r.gpa, f.size, f.offset};
+					append_bytes(out, m);
+					files.push_back(std::move(f.fd));
+				}
+			}
+		} catch (const Error &e) {
+			err = kvmi_error(e.err());
+		} catch (const std::bad_alloc &) {
+			err = -KVMI_ENOMEM;
+		}
+	}
+	if (err) {
+		n_errors_++;
+		out.clear();
+		files.clear();
+	}
+	/* Replies off (CONTROL_CMD_RESPONSE): no reply, so no descriptors. */
+	if (!replies_enabled_) {
+		if (err && !batch_error_)
+			batch_error_ = err;
+		return true;
+	}
+	std::vector<int> fds;
+	for (auto &f : files)
+		fds.push_back(f.get());
+	kvmi_error_code ec{err, 0};
+	kvmi_msg_hdr rh{hdr.id, static_cast<std::uint16_t>(sizeof(ec) + out.size()), hdr.seq};
+	return conn_->send_with_fds(
+		rh, {std::as_bytes(std::span(&ec, 1)), std::span<const std::byte>(out)}, fds);
 }
 
 } // namespace virtkit::detail
