@@ -212,6 +212,18 @@ struct Introspected {
 	}
 };
 
+/* The guest-memory cases' baseline: n copies of size bytes in this process; ns. */
+static std::uint64_t memcpy_loop(std::vector<std::byte> &out, const std::vector<std::byte> &src,
+				 std::size_t size, std::uint64_t n)
+{
+	auto t0 = Clock::now();
+	for (std::uint64_t i = 0; i < n; i++) {
+		std::memcpy(out.data(), src.data(), size);
+		__asm__ volatile("" ::"r"(out.data()) : "memory");
+	}
+	return ns_since(t0);
+}
+
 static std::string socket_path(const char *what)
 {
 	return "/tmp/kvmi-bench-" + std::to_string(::getpid()) + "-" + what + ".sock";
@@ -570,14 +582,7 @@ int main(int argc, char **argv)
 				std::string what = "(c) READ_PHYSICAL " + std::to_string(size / 1024) + " KiB";
 				auto c = rounds::compare(
 					what.c_str(), "read", n_rounds, reads, "memcpy in this process",
-					[&](std::uint64_t n) {
-						auto t0 = Clock::now();
-						for (std::uint64_t i = 0; i < n; i++) {
-							std::memcpy(out.data(), src.data(), size);
-							__asm__ volatile("" ::"r"(out.data()) : "memory");
-						}
-						return ns_since(t0);
-					},
+					[&](std::uint64_t n) { return memcpy_loop(out, src, size, n); },
 					"libvirtkit READ_PHYSICAL (tool side)",
 					[&](std::uint64_t n) {
 						std::fill(out.begin(), out.end(), std::byte{0});
@@ -619,14 +624,7 @@ int main(int argc, char **argv)
 			auto c = rounds::compare(
 				"(d) guest memory mapping, 64 KiB reads", "read", n_rounds,
 				n_reads * 4096 / size * 16, "memcpy in this process",
-				[&](std::uint64_t n) {
-					auto t0 = Clock::now();
-					for (std::uint64_t i = 0; i < n; i++) {
-						std::memcpy(out.data(), src.data(), size);
-						__asm__ volatile("" ::"r"(out.data()) : "memory");
-					}
-					return ns_since(t0);
-				},
+				[&](std::uint64_t n) { return memcpy_loop(out, src, size, n); },
 				"GuestMapping::read (tool side)",
 				[&](std::uint64_t n) {
 					std::fill(out.begin(), out.end(), std::byte{0});

@@ -8,6 +8,8 @@
  * and names are read only from anonymous-inode files, whose dentries are
  * never renamed (the held file pins its dentry).
  */
+#include <linux/err.h>
+#include <linux/file.h>
 #include <linux/fs.h>
 #include <linux/kvm_host.h>
 #include <linux/magic.h>
@@ -52,7 +54,7 @@ bool virtkit_is_kvm_vm_file(struct file *file)
  * comes from the module that made the VM file, and is named kvm-vcpu:N
  * (KVM's vCPU statistics file also points at the vCPU, as kvm-vcpu-stats:N).
  */
-struct kvm_vcpu *virtkit_vcpu_of(struct virtkit_vm *vm, struct file *file)
+static struct kvm_vcpu *virtkit_vcpu_of(struct virtkit_vm *vm, struct file *file)
 {
 	const struct file_operations *vm_fops = vm->kvm_file->f_op;
 	struct kvm_vcpu *vcpu, *found = NULL;
@@ -69,4 +71,26 @@ struct kvm_vcpu *virtkit_vcpu_of(struct virtkit_vm *vm, struct file *file)
 	    strncmp(file->f_path.dentry->d_name.name, "kvm-vcpu:", 9))
 		return NULL;
 	return found;
+}
+
+/*
+ * The vCPU behind a per-vCPU ioctl's vcpu_fd: the vCPU, with *filep holding
+ * a reference to its file (the caller fput()s it, which keeps the vCPU
+ * alive meanwhile); ERR_PTR(-EBADF) for no file, ERR_PTR(-EINVAL) for a
+ * file that is not a vCPU of vm's VM.
+ */
+struct kvm_vcpu *virtkit_vcpu_fget(struct virtkit_vm *vm, int fd, struct file **filep)
+{
+	struct file *file = fget(fd);
+	struct kvm_vcpu *vcpu;
+
+	if (!file)
+		return ERR_PTR(-EBADF);
+	vcpu = virtkit_vcpu_of(vm, file);
+	if (!vcpu) {
+		fput(file);
+		return ERR_PTR(-EINVAL);
+	}
+	*filep = file;
+	return vcpu;
 }

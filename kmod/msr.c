@@ -53,14 +53,9 @@ long virtkit_vcpu_guest_wrmsr(struct virtkit_vm *vm, void __user *argp)
 	 */
 	if (put_user(arg.result, &uarg->result))
 		return -EFAULT;
-	file = fget(arg.vcpu_fd);
-	if (!file)
-		return -EBADF;
-	vcpu = virtkit_vcpu_of(vm, file);
-	if (!vcpu) {
-		r = -EINVAL;
-		goto out;
-	}
+	vcpu = virtkit_vcpu_fget(vm, arg.vcpu_fd, &file);
+	if (IS_ERR(vcpu))
+		return PTR_ERR(vcpu);
 	r = mutex_lock_killable(&vcpu->mutex);
 	if (r)
 		goto out;

@@ -375,14 +375,9 @@ long virtkit_vcpu_run(struct virtkit_vm *vm, void __user *argp)
 		return -EFAULT;
 	if (arg.flags || memchr_inv(arg.reserved, 0, sizeof(arg.reserved)))
 		return -EINVAL;
-	file = fget(arg.vcpu_fd);
-	if (!file)
-		return -EBADF;
-	vcpu = virtkit_vcpu_of(vm, file);
-	if (!vcpu) {
-		r = -EINVAL;
-		goto out;
-	}
+	vcpu = virtkit_vcpu_fget(vm, arg.vcpu_fd, &file);
+	if (IS_ERR(vcpu))
+		return PTR_ERR(vcpu);
 	r = virtkit_rmw_watch_start(&rmw);
 	if (r)
 		goto out;

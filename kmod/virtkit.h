@@ -53,7 +53,7 @@ int virtkit_attach_vm(struct file *kvm_file);
 
 /* kvm_files.c: recognising KVM's files without trusting their contents. */
 bool virtkit_is_kvm_vm_file(struct file *file);
-struct kvm_vcpu *virtkit_vcpu_of(struct virtkit_vm *vm, struct file *file);
+struct kvm_vcpu *virtkit_vcpu_fget(struct virtkit_vm *vm, int fd, struct file **filep);
 
 /* spp.c */
 void virtkit_spp_init(struct virtkit_spp *spp);

@@ -67,6 +67,18 @@ ssize_t recv_some(int fd, std::span<std::byte> buf) noexcept
 	}
 }
 
+void advance_iov(std::span<iovec> &iov, std::size_t n) noexcept
+{
+	while (!iov.empty() && n >= iov.front().iov_len) {
+		n -= iov.front().iov_len;
+		iov = iov.subspan(1);
+	}
+	if (n) {
+		iov.front().iov_base = static_cast<char *>(iov.front().iov_base) + n;
+		iov.front().iov_len -= n;
+	}
+}
+
 int send_some(int fd, std::span<iovec> &iov) noexcept
 {
 	auto skip_empty = [&] {
@@ -85,15 +97,7 @@ int send_some(int fd, std::span<iovec> &iov) noexcept
 			return errno;
 		}
 		/* A partial send (a full socket buffer): on from where it stopped. */
-		auto left = std::size_t(n);
-		while (!iov.empty() && left >= iov.front().iov_len) {
-			left -= iov.front().iov_len;
-			iov = iov.subspan(1);
-		}
-		if (left) {
-			iov.front().iov_base = static_cast<char *>(iov.front().iov_base) + left;
-			iov.front().iov_len -= left;
-		}
+		advance_iov(iov, std::size_t(n));
 		skip_empty();
 	}
 	return 0;

@@ -50,6 +50,9 @@ Ready wait_ready(int fd, short events, Clock::time_point deadline, int cancel_fd
  */
 ssize_t recv_some(int fd, std::span<std::byte> buf) noexcept;
 
+/* Advance iov past the first n bytes (what a sendmsg() took). */
+void advance_iov(std::span<iovec> &iov, std::size_t n) noexcept;
+
 /*
  * Send what the socket takes of iov now (sendmsg(MSG_NOSIGNAL |
  * MSG_DONTWAIT), again after EINTR), advancing iov past it: 0 once all of

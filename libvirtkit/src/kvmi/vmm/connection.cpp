@@ -295,15 +295,7 @@ bool Connection::send_with_fds(const kvmi_msg_hdr &hdr, Parts parts, std::span<c
 				continue;
 			return false;
 		}
-		auto left = std::size_t(sent);
-		while (!iov.empty() && left >= iov.front().iov_len) {
-			left -= iov.front().iov_len;
-			iov = iov.subspan(1);
-		}
-		if (left) {
-			iov.front().iov_base = static_cast<char *>(iov.front().iov_base) + left;
-			iov.front().iov_len -= left;
-		}
+		advance_iov(iov, std::size_t(sent));
 		break;
 	}
 	return iov.empty() || send_all(sock_.get(), iov, wait_writable) == 0;
