@@ -132,35 +132,8 @@ VK_TEST(guest_wrmsr_bad_arguments)
 	require_guest_wrmsr(t.dev.get());
 	Vcpu &v = *t.v;
 	v.set_msr(msr_sysenter_cs, 0x8);
-	RawVm other(1);
-	auto other_dev = open_dev();
-	auto other_vk = attach_ok(other_dev.get(), other.vm.get());
-	auto null = FileDesc::open("/dev/null", O_RDWR | O_CLOEXEC);
-
-	EXPECT_ERRNO(guest_wrmsr(t.vk.get(), -1, msr_sysenter_cs, 0x10), EBADF);
-	EXPECT_ERRNO(guest_wrmsr(t.vk.get(), closed_fd(), msr_sysenter_cs, 0x10), EBADF);
-	EXPECT_ERRNO(guest_wrmsr(t.vk.get(), INT_MAX, msr_sysenter_cs, 0x10), EBADF);
-	const std::pair<int, const char *> not_vcpu[] = {
-		{other.vcpus[0].get(), "another VM's vCPU"},
-		{t.g.vm().fd(), "the VM fd"},
-		{other.vm.get(), "another VM fd"},
-		{vkt::kvm().fd().get(), "/dev/kvm"},
-		{t.vk.get(), "the per-VM fd"},
-		{other_vk.get(), "another per-VM fd"},
-		{t.dev.get(), "/dev/virtkit"},
-		{null.get(), "/dev/null"},
-	};
-	for (auto &[fd, what] : not_vcpu) {
-		long r = guest_wrmsr(t.vk.get(), fd, msr_sysenter_cs, 0x10);
-		TEST_ASSERT(r == -EINVAL, "GUEST_WRMSR(%s): expected EINVAL, got %s", what,
-			    result_name(r).c_str());
-	}
-	/* The other VM's per-VM file refuses this VM's vCPU. */
-	EXPECT_ERRNO(guest_wrmsr(other_vk.get(), v.fd(), msr_sysenter_cs, 0x10), EINVAL);
-	if (vkt::kvm().has(KVM_CAP_BINARY_STATS_FD)) {
-		auto cs = adopt(sys_ioctl(v.fd(), KVM_GET_STATS_FD, 0ul), "KVM_GET_STATS_FD");
-		EXPECT_ERRNO(guest_wrmsr(t.vk.get(), cs.get(), msr_sysenter_cs, 0x10), EINVAL);
-	}
+	expect_only_own_vcpus("GUEST_WRMSR", t.dev.get(), t.vk.get(), t.g.vm().fd(), v.fd(),
+			      [](int vk, int fd) { return guest_wrmsr(vk, fd, msr_sysenter_cs, 0x10); });
 	virtkit_guest_wrmsr a{};
 	a.vcpu_fd = v.fd();
 	a.index = msr_sysenter_cs;

@@ -135,40 +135,8 @@ VK_TEST(vcpu_run_bad_arguments)
 	require_module();
 	FastGuest t;
 	Vcpu &v = t.g.add_vcpu(guest_spin, ctl_gpa);
-	RawVm other(1);
-	auto other_dev = open_dev();
-	auto other_vk = attach_ok(other_dev.get(), other.vm.get());
-	auto null = FileDesc::open("/dev/null", O_RDWR | O_CLOEXEC);
-	int pipefd[2];
-	TEST_ASSERT(pipe2(pipefd, O_CLOEXEC) == 0);
-
-	EXPECT_ERRNO(vcpu_run(t.vk.get(), -1), EBADF);
-	EXPECT_ERRNO(vcpu_run(t.vk.get(), closed_fd()), EBADF);
-	EXPECT_ERRNO(vcpu_run(t.vk.get(), INT_MAX), EBADF);
-	const std::pair<int, const char *> not_vcpu[] = {
-		{other.vcpus[0].get(), "another VM's vCPU"},
-		{t.g.vm().fd(), "the VM fd"},
-		{other.vm.get(), "another VM fd"},
-		{vkt::kvm().fd().get(), "/dev/kvm"},
-		{t.vk.get(), "the per-VM fd"},
-		{other_vk.get(), "another per-VM fd"},
-		{t.dev.get(), "/dev/virtkit"},
-		{null.get(), "/dev/null"},
-		{pipefd[0], "a pipe"},
-	};
-	for (auto &[fd, what] : not_vcpu) {
-		long r = vcpu_run(t.vk.get(), fd);
-		TEST_ASSERT(r == -EINVAL, "VCPU_RUN(%s): expected EINVAL, got %s", what,
-			    result_name(r).c_str());
-	}
-	/* The other VM's per-VM file refuses this VM's vCPU. */
-	EXPECT_ERRNO(vcpu_run(other_vk.get(), v.fd()), EINVAL);
-	if (vkt::kvm().has(KVM_CAP_BINARY_STATS_FD)) {
-		auto vs = adopt(sys_ioctl(t.g.vm().fd(), KVM_GET_STATS_FD, 0ul), "KVM_GET_STATS_FD");
-		auto cs = adopt(sys_ioctl(v.fd(), KVM_GET_STATS_FD, 0ul), "KVM_GET_STATS_FD");
-		EXPECT_ERRNO(vcpu_run(t.vk.get(), vs.get()), EINVAL);
-		EXPECT_ERRNO(vcpu_run(t.vk.get(), cs.get()), EINVAL);
-	}
+	expect_only_own_vcpus("VCPU_RUN", t.dev.get(), t.vk.get(), t.g.vm().fd(), v.fd(),
+			      [](int vk, int fd) { return vcpu_run(vk, fd); });
 	virtkit_vcpu_run a{};
 	a.vcpu_fd = v.fd();
 	for (u32 f : {1u, 0x80000000u}) {
@@ -183,8 +151,6 @@ VK_TEST(vcpu_run_bad_arguments)
 	}
 	for (unsigned long p : {0ul, 1ul, 0xffff888000000000ul})
 		EXPECT_ERRNO(sys_ioctl(t.vk.get(), VIRTKIT_VCPU_RUN, p), EFAULT);
-	close(pipefd[0]);
-	close(pipefd[1]);
 	/* None of it ran the guest: it is still at its first instruction. */
 	t.g.memory().write_obj<u64>(ctl_gpa, 1);
 	GuestRunner r(t.g, v, t.vk.get());

@@ -21,12 +21,14 @@
 #include <linux/virtkit.h>
 
 #include <cerrno>
+#include <climits>
 #include <cstdint>
 #include <cstring>
 #include <fstream>
 #include <functional>
 #include <optional>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include <virtkit/x86/guest_vm.hpp>
@@ -207,6 +209,60 @@ struct RawVm {
 					      "KVM_CREATE_VCPU"));
 	}
 };
+
+/*
+ * The vcpu_fd check every per-vCPU ioctl shares (virtkit_vcpu_fget() in
+ * the module). call(vk, fd) issues the ioctl on the per-VM file vk with
+ * vcpu_fd = fd; dev is the /dev/virtkit file vk came from, vm_fd its VM
+ * and vcpu_fd one of its vCPUs. Descriptors not open give EBADF; every
+ * file that is not a vCPU of vk's VM gives EINVAL (name: the ioctl, for
+ * messages), and so does vcpu_fd on another VM's per-VM file.
+ */
+template <class Call>
+void expect_only_own_vcpus(const char *name, int dev, int vk, int vm_fd, int vcpu_fd, Call call)
+{
+	RawVm other(1);
+	auto other_dev = open_dev();
+	auto other_vk = attach_ok(other_dev.get(), other.vm.get());
+	auto null = virtkit::FileDesc::open("/dev/null", O_RDWR | O_CLOEXEC);
+	int pipefd[2];
+	TEST_ASSERT(pipe2(pipefd, O_CLOEXEC) == 0);
+	virtkit::FileDesc pipe_r = virtkit::FileDesc::adopt(pipefd[0], "pipe2");
+	virtkit::FileDesc pipe_w = virtkit::FileDesc::adopt(pipefd[1], "pipe2");
+
+	EXPECT_ERRNO(call(vk, -1), EBADF);
+	EXPECT_ERRNO(call(vk, closed_fd()), EBADF);
+	EXPECT_ERRNO(call(vk, INT_MAX), EBADF);
+	std::vector<std::pair<int, std::string>> not_vcpu = {
+		{other.vcpus[0].get(), "another VM's vCPU"},
+		{vm_fd, "the VM fd"},
+		{other.vm.get(), "another VM fd"},
+		{vkt::kvm().fd().get(), "/dev/kvm"},
+		{vk, "the per-VM fd"},
+		{other_vk.get(), "another per-VM fd"},
+		{dev, "/dev/virtkit"},
+		{null.get(), "/dev/null"},
+		{pipe_r.get(), "a pipe"},
+	};
+	/* KVM's statistics files point at the VM and the vCPU too. */
+	std::vector<virtkit::FileDesc> stats;
+	if (vkt::kvm().has(KVM_CAP_BINARY_STATS_FD)) {
+		for (int fd : {vm_fd, vcpu_fd}) {
+			stats.push_back(adopt(sys_ioctl(fd, KVM_GET_STATS_FD, 0ul), "KVM_GET_STATS_FD"));
+			not_vcpu.push_back({stats.back().get(),
+					    fd == vm_fd ? "the VM's stats fd" : "the vCPU's stats fd"});
+		}
+	}
+	for (auto &[fd, what] : not_vcpu) {
+		long r = call(vk, fd);
+		TEST_ASSERT(r == -EINVAL, "%s(%s): expected EINVAL, got %s", name, what.c_str(),
+			    result_name(r).c_str());
+	}
+	/* The other VM's per-VM file refuses this VM's vCPU. */
+	long r = call(other_vk.get(), vcpu_fd);
+	TEST_ASSERT(r == -EINVAL, "%s(this VM's vCPU on another per-VM fd): expected EINVAL, got %s",
+		    name, result_name(r).c_str());
+}
 
 /* The kvm_run of a vCPU fd, mapped once more (KVM allows any number). */
 inline virtkit::Mapping map_run(int vcpu_fd)
