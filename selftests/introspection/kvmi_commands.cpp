@@ -197,6 +197,11 @@ VK_TEST(connect_without_tool_fails)
 	o = t.default_options();
 	o.allowed_events = std::vector<std::uint16_t>{KVMI_EVENT_PF, 200};
 	TEST_EXPECT_ERROR(Introspection::connect(t.g.vm(), o), EINVAL);
+	o = t.default_options();
+	o.reply_poll = std::chrono::microseconds(-1);
+	TEST_EXPECT_ERROR(Introspection::connect(t.g.vm(), o), EINVAL);
+	o.reply_poll = std::chrono::microseconds(1000001);
+	TEST_EXPECT_ERROR(Introspection::connect(t.g.vm(), o), EINVAL);
 	/* None of it left anything behind: a good connect works. */
 	t.attach();
 	TEST_ASSERT(t.vmm->connected());

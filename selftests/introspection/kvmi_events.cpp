@@ -137,11 +137,14 @@ static void guest_msr_writes(void)
 	GUEST_SYNC(4, guest_rdmsr(msr_sysenter_cs));
 }
 
-VK_TEST(msr_event_continue_deny_replace)
+/* reply_poll: the VMM polls for each reply first (the default), or sleeps at once (0). */
+static void msr_event_continue_deny_replace(std::chrono::microseconds reply_poll)
 {
 	KvmiTest t;
 	auto &r = t.add_vcpu(guest_msr_writes);
-	t.attach();
+	auto o = t.default_options();
+	o.reply_poll = reply_poll;
+	t.attach(o);
 	auto &s = t.t();
 	s.control_events(0, intro::EventId::msr, true);
 	s.control_msr(0, msr_sysenter_cs, true);
@@ -192,6 +195,16 @@ VK_TEST(msr_event_continue_deny_replace)
 
 	EXPECT_KVMI_ERROR(s.control_msr(1, msr_sysenter_cs, true), KVMI_EINVAL);
 	EXPECT_KVMI_ERROR(s.control_msr(0, 0x12345678, true), KVMI_EINVAL);
+}
+
+VK_TEST(msr_event_continue_deny_replace)
+{
+	msr_event_continue_deny_replace(virtkit::IntrospectionOptions{}.reply_poll);
+}
+
+VK_TEST(msr_event_continue_deny_replace_without_reply_polling)
+{
+	msr_event_continue_deny_replace(std::chrono::microseconds(0));
 }
 
 VK_TEST(msr_event_disabled_means_no_event)

@@ -93,6 +93,16 @@ struct IntrospectionOptions {
 	 * answers -KVMI_EOPNOTSUPP (descriptors cannot be passed).
 	 */
 	bool share_memory = false;
+	/*
+	 * How long, at most, a vCPU that raised an event polls for the reply
+	 * before it sleeps, as KVM's halt_poll_ns does for a halted vCPU:
+	 * polling spends the vCPU thread's CPU time to save the wake-up of
+	 * a sleeping thread. The window adapts per vCPU - it grows while
+	 * replies come just after it and shrinks to nothing while they come
+	 * later than this - so a slow tool costs no polling. 0: never poll.
+	 * At most 1 s.
+	 */
+	std::chrono::microseconds reply_poll{200};
 	/* Limit for connecting and the handshake. */
 	std::chrono::milliseconds handshake_timeout{5000};
 	/*

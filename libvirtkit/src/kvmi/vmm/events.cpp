@@ -12,6 +12,8 @@
  */
 #include "kvmi/vmm/server.hpp"
 
+#include <sched.h>
+
 #include <algorithm>
 #include <cstring>
 
@@ -86,18 +88,28 @@ IntrospectionServer::Outcome IntrospectionServer::raise(std::uint16_t id, Vcpu *
 	w.vcpu = id;
 	w.event = event;
 	w.regs = ev.arch.regs;
+	std::chrono::nanoseconds window;
+	std::uint64_t settled;
 	{
 		std::lock_guard lock(mu_);
 		if (!connected_)
 			return out;
 		w.seq = next_seq_++;
 		waiters_[w.seq] = &w;
-		record_locked(id).waiting = &w;
+		auto &r = record_locked(id);
+		r.waiting = &w;
+		window = r.reply_poll.window();
+		settled = settled_.load(std::memory_order_acquire);
 	}
 	kvmi_msg_hdr hdr{KVMI_EVENT, static_cast<std::uint16_t>(sizeof(ev) + data.size()), w.seq};
 	n_events_++;
+	const auto sent = kvmi::Clock::now();
 	if (!conn_->send(hdr, {std::as_bytes(std::span(&ev, 1)), data}))
 		request_stop();
+	auto poll_end = sent + window;
+	if (deadline)
+		poll_end = std::min(poll_end, *deadline);
+	poll_for_reply(w, settled, poll_end);
 
 	bool crash, set_regs;
 	{
@@ -112,6 +124,7 @@ IntrospectionServer::Outcome IntrospectionServer::raise(std::uint16_t id, Vcpu *
 		if (r.waiting == &w)
 			r.waiting = nullptr;
 		if (w.done) {
+			r.reply_poll.update(kvmi::Clock::now() - sent, reply_poll_);
 			out.replied = true;
 			out.action = w.action;
 			out.reply = w.reply;
@@ -129,9 +142,34 @@ IntrospectionServer::Outcome IntrospectionServer::raise(std::uint16_t id, Vcpu *
 	return out;
 }
 
+/*
+ * Until poll_end, look for the reply without sleeping (reply_poll.hpp):
+ * watch settled_, which moves with every completed reply and the
+ * disconnect, and take mu_ only when it moved. Each turn yields the CPU to
+ * any other thread ready to run on it (the tool, the reader) - what KVM's
+ * halt polling gets from single_task_running() - so polling never delays
+ * the reply it waits for.
+ */
+void IntrospectionServer::poll_for_reply(const KvmiWaiter &w, std::uint64_t settled,
+					 kvmi::Clock::time_point poll_end)
+{
+	while (kvmi::Clock::now() < poll_end) {
+		for (int i = 0; i < 32; i++)
+			__builtin_ia32_pause();
+		sched_yield();
+		const auto now = settled_.load(std::memory_order_acquire);
+		if (now == settled)
+			continue;
+		settled = now;
+		std::lock_guard lock(mu_);
+		if (w.done || !connected_)
+			return;
+	}
+}
+
 bool IntrospectionServer::complete_event(const kvmi_msg_hdr &hdr, std::span<const std::byte> p)
 {
-	std::lock_guard lock(mu_);
+	std::unique_lock lock(mu_);
 	auto it = waiters_.find(hdr.seq);
 	if (it == waiters_.end() || it->second->done)
 		return false;
@@ -164,6 +202,9 @@ bool IntrospectionServer::complete_event(const kvmi_msg_hdr &hdr, std::span<cons
 	w.reply = data;
 	w.action = er.action;
 	w.done = true;
+	settled_.fetch_add(1, std::memory_order_release);
+	/* Not under mu_: the woken vCPU would only block on it again. */
+	lock.unlock();
 	cv_.notify_all();
 	return true;
 }

@@ -42,7 +42,7 @@ int kvmi_error(int err)
 IntrospectionServer::IntrospectionServer(Vm vm, const IntrospectionOptions &o)
 	: vm_(std::move(vm)),
 	  allowed_commands_(o.allowed_commands), allowed_events_(o.allowed_events),
-	  share_memory_(o.share_memory)
+	  share_memory_(o.share_memory), reply_poll_(kvmi::polls_on_this_cpu_set() ? o.reply_poll : std::chrono::microseconds(0))
 {
 }
 
@@ -98,6 +98,7 @@ void IntrospectionServer::request_stop() noexcept
 		std::lock_guard lock(mu_);
 		stopping_ = true;
 		connected_ = false;
+		settled_.fetch_add(1, std::memory_order_release);
 	}
 	cv_.notify_all();
 	if (conn_)
@@ -408,6 +409,8 @@ Introspection Introspection::connect(Vm &vm, const IntrospectionOptions &o)
 		throw Error(connect_op, EINVAL, "the name must be at most 63 bytes without NUL");
 	if (o.handshake_timeout.count() <= 0)
 		throw Error(connect_op, EINVAL, "handshake_timeout must be positive");
+	if (o.reply_poll.count() < 0 || o.reply_poll > std::chrono::seconds(1))
+		throw Error(connect_op, EINVAL, "reply_poll must be 0 to 1 s");
 	check_ids(o.allowed_commands, false);
 	check_ids(o.allowed_events, true);
 

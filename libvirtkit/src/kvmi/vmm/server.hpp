@@ -10,7 +10,7 @@
  *    (PAUSE_VCPU, CREATE_VCPU, TRAP, UNHOOK) and from exit handlers (MSR,
  *    BREAKPOINT, SINGLESTEP, PF: writes through the SPP violation handler,
  *    reads of hidden pages through MMIO exits) and wait for the reply or
- *    the disconnect;
+ *    the disconnect, polling for a while before they sleep (reply_poll.hpp);
  *  - any thread may disconnect (request_stop()); the reader then undoes
  *    every change (teardown()) and exits.
  *
@@ -55,6 +55,7 @@
 #include "core/memory_map.hpp"
 #include "core/run_control.hpp"
 #include "kvmi/vmm/connection.hpp"
+#include "kvmi/vmm/reply_poll.hpp"
 
 namespace virtkit::detail {
 
@@ -84,6 +85,7 @@ struct KvmiVcpu {
 	bool create_pending = false, create_sent = false;
 	bool crash = false;			/* a CRASH reply: run() returns the crash exit */
 	KvmiWaiter *waiting = nullptr;		/* the event this vCPU waits in */
+	kvmi::ReplyPoll reply_poll;		/* how long its next wait polls */
 
 	bool enabled(std::uint16_t event) const { return events >> event & 1; }
 };
@@ -194,6 +196,8 @@ private:
 	 * KVM_GET_MSRS; one the vCPU lacks reads as 0.
 	 */
 	static kvmi_event_arch event_arch(Vcpu &vcpu, std::span<kvm_msr_entry> extra = {});
+	/* raise(): poll for w's reply until poll_end; settled_ read before the event went out. */
+	void poll_for_reply(const KvmiWaiter &w, std::uint64_t settled, kvmi::Clock::time_point poll_end);
 	/* An event reply from the tool; false: malformed, close the connection. */
 	bool complete_event(const kvmi_msg_hdr &hdr, std::span<const std::byte> p);
 	/* Whether vcpu has `event` enabled and the connection is up. */
@@ -243,6 +247,8 @@ private:
 	Vm vm_;
 	std::optional<std::vector<std::uint16_t>> allowed_commands_, allowed_events_;
 	const bool share_memory_;
+	/* IntrospectionOptions::reply_poll; 0 where only one CPU may run us. */
+	const std::chrono::nanoseconds reply_poll_;
 
 	std::unique_ptr<kvmi::Connection> conn_;
 	std::thread reader_;
@@ -279,6 +285,12 @@ private:
 	SubpageProtection *spp_ = nullptr;		/* once we installed our handler */
 
 	std::atomic<std::uint64_t> n_commands_{0}, n_events_{0}, n_errors_{0};
+	/*
+	 * Moves whenever a waiting vCPU may have to stop waiting (a reply
+	 * completed, the disconnect): what a polling vCPU watches instead of
+	 * taking mu_ in its loop.
+	 */
+	std::atomic<std::uint64_t> settled_{0};
 };
 
 /* -KVMI_E* for an errno from a failed KVM call. */
