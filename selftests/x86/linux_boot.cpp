@@ -123,6 +123,8 @@ std::string from_init(const std::string &out)
 	if (at == out.npos)
 		return out;
 	at = out.rfind('\n', at);
+	if (at == out.npos)
+		return out;
 	return "[... " + std::to_string(at) + " bytes of boot log ...]" + out.substr(at);
 }
 
@@ -456,7 +458,8 @@ void boot(unsigned cpus)
 	auto count = said.find("virtkit-run: cpus online");
 	TEST_ASSERT(count != said.npos, "no CPU report; output:\n%s", tail.c_str());
 	std::string expect = "count " + std::to_string(cpus) + "\r";
-	TEST_ASSERT(said.compare(said.find("count ", count), expect.size(), expect) == 0,
+	auto n = said.find("count ", count);
+	TEST_ASSERT(n != said.npos && said.compare(n, expect.size(), expect) == 0,
 		    "the guest does not see %u CPUs: %s", cpus,
 		    said.substr(count, said.find('\n', count) - count).c_str());
 	for (const char *key : {"ticks", "uptime"}) {
