@@ -838,6 +838,9 @@ Expect Session::command_expect(std::uint16_t id, std::uint32_t seq, const Bytes 
 		e.errs.insert(0);
 		e.min_data = e.max_data = data;
 	};
+	/* virtkit's own command; this VMM did not opt in (kvmi_memory_map tests the rest). */
+	if (id == VIRTKIT_KVMI_SHARE_MEMORY)
+		return only(-KVMI_EPERM);
 	const kp::MessageInfo *m = command_info(id);
 	if (!m)
 		return only(-KVMI_ENOSYS);
@@ -874,6 +877,8 @@ Expect Session::command_expect(std::uint16_t id, std::uint32_t seq, const Bytes 
 		auto c = load<kvmi_check_command>(p, 0);
 		if (c.padding1 || c.padding2)
 			return only(-KVMI_EINVAL);
+		if (c.id == VIRTKIT_KVMI_SHARE_MEMORY)
+			return only(-KVMI_EPERM); /* not opted in: refused, as the command itself */
 		auto *cm = command_info(c.id);
 		if (!cm || !cm->served)
 			return only(-KVMI_EOPNOTSUPP);
