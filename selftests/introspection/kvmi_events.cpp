@@ -14,6 +14,7 @@
 #include <linux/virtkit_kvmi.h>
 
 #include <fcntl.h>
+#include <sched.h>
 #include <sys/ioctl.h>
 #include <unistd.h>
 
@@ -22,6 +23,7 @@
 #include <cstring>
 #include <functional>
 #include <set>
+#include <thread>
 
 using namespace virtkit;
 using namespace virtkit::x86;
@@ -205,6 +207,100 @@ VK_TEST(msr_event_continue_deny_replace)
 VK_TEST(msr_event_continue_deny_replace_without_reply_polling)
 {
 	msr_event_continue_deny_replace(std::chrono::microseconds(0));
+}
+
+/* --- a vCPU that polls for its reply (IntrospectionOptions::reply_poll) --- */
+
+static constexpr std::uint64_t polled_events = 64;
+
+/* WRMSR 1..n, then SYNC(1, the MSR's value). */
+static void guest_msr_loop(std::uint64_t n)
+{
+	for (std::uint64_t i = 1; i <= n; i++)
+		guest_wrmsr(msr_sysenter_cs, i);
+	GUEST_SYNC(1, guest_rdmsr(msr_sysenter_cs));
+}
+
+/*
+ * A tool that takes its time (300 us, then a command, then the reply):
+ * the vCPU's polling window grows past that within a few events (from
+ * 10 us, doubling), after which the vCPU, polling, takes the read role and
+ * runs what the tool sent itself. reply_poll 1 s: the window never stops
+ * growing before it covers the tool's time.
+ */
+static void polled_msr_events(KvmiTest &t, std::uint64_t n, const std::function<void(intro::Event &, std::uint64_t)> &answer)
+{
+	auto &s = t.t();
+	s.control_events(0, intro::EventId::msr, true);
+	s.control_msr(0, msr_sysenter_cs, true);
+	t.runner(0).resume();
+	for (std::uint64_t i = 1; i <= n; i++) {
+		auto e = t.event(intro::EventId::msr, 0);
+		TEST_ASSERT_EQ(e.get<intro::MsrEvent>()->new_value, i);
+		std::this_thread::sleep_for(300us);
+		answer(e, i);
+	}
+}
+
+static bool polling_possible()
+{
+	cpu_set_t set;
+	return sched_getaffinity(0, sizeof(set), &set) != 0 || CPU_COUNT(&set) > 1;
+}
+
+VK_TEST(polling_vcpu_runs_commands_in_order_and_completes_its_reply)
+{
+	TEST_REQUIRE(polling_possible(), "more than one CPU to run on (the VMM never polls on one)");
+	KvmiTest t;
+	auto &r = t.add_vcpu(guest_msr_loop, polled_events);
+	auto o = t.default_options();
+	o.reply_poll = 1s;
+	t.attach(o);
+	auto &s = t.t();
+	polled_msr_events(t, polled_events, [&](intro::Event &e, std::uint64_t i) {
+		/* A command during the event: answered, in order, with the event's state. */
+		auto regs = s.get_registers(0, std::vector<std::uint32_t>{msr_sysenter_cs});
+		TEST_ASSERT_EQ(regs.msrs[0].value, i - 1);
+		TEST_ASSERT_EQ(regs.regs.rip, e.arch.regs.rip);
+		s.reply(e, intro::Action::continue_);
+	});
+	TEST_ASSERT_EQ(r.expect_sync(1)[1], polled_events);
+	r.run_done();
+	auto st = t.vmm->stats();
+	vkt::diag("%llu of %llu replies received by the polling vCPU itself",
+		  (unsigned long long)st.polled_replies, (unsigned long long)st.events);
+	TEST_ASSERT(st.polled_replies > 0, "the vCPU never received its own reply while polling");
+	TEST_ASSERT_EQ(st.errors, 0u);
+}
+
+/*
+ * A broken message that a polling vCPU reads ends the connection as one the
+ * reader reads does: the VMM closes it, counts the error, and the vCPU goes
+ * on as if the tool had answered CONTINUE - its write lands.
+ */
+VK_TEST(polling_vcpu_ends_the_connection_on_a_broken_message)
+{
+	TEST_REQUIRE(polling_possible(), "more than one CPU to run on (the VMM never polls on one)");
+	KvmiTest t;
+	auto &r = t.add_vcpu(guest_msr_loop, polled_events + 1);
+	auto o = t.default_options();
+	o.reply_poll = 1s;
+	t.attach(o);
+	auto &s = t.t();
+	polled_msr_events(t, polled_events, [&](intro::Event &e, std::uint64_t) {
+		s.reply(e, intro::Action::continue_);
+	});
+	auto e = t.event(intro::EventId::msr, 0);
+	TEST_ASSERT_EQ(e.get<intro::MsrEvent>()->new_value, polled_events + 1);
+	std::this_thread::sleep_for(300us);
+	kvmi_msg_hdr h{KVMI_GET_VERSION, (std::uint16_t)(KVMI_MSG_SIZE + 1), 77};
+	s.send_bytes(bytes_of(h));
+	TEST_ASSERT(t.vmm->wait_disconnected(5000ms), "the VMM kept the connection");
+	TEST_ASSERT(!t.vmm->connected());
+	TEST_ASSERT(s.wait_closed(5000ms), "the tool's side did not see the close");
+	TEST_ASSERT(t.vmm->stats().errors >= 1);
+	TEST_ASSERT_EQ(r.expect_sync(1)[1], polled_events + 1);
+	r.run_done();
 }
 
 VK_TEST(msr_event_disabled_means_no_event)

@@ -118,6 +118,8 @@ struct IntrospectionStats {
 	std::uint64_t commands;	/* commands received */
 	std::uint64_t events;	/* events sent */
 	std::uint64_t errors;	/* commands answered with an error, protocol errors */
+	/* event replies a vCPU received itself while polling (reply_poll), not through the reader */
+	std::uint64_t polled_replies;
 };
 
 class Introspection {

@@ -183,10 +183,28 @@ bool Connection::wait(short events, Clock::time_point deadline, bool *timed_out)
 	return r == Ready::yes;
 }
 
-bool Connection::wait_readable()
+int Connection::fill() noexcept
 {
-	if (head_ < tail_)
-		return true;
+	if (head_ == tail_)
+		head_ = tail_ = 0;
+	else if (head_ && tail_ == buf_.size()) {
+		/* Make room behind a partial message (one always fits: 16 KiB). */
+		std::memmove(buf_.data(), buf_.data() + head_, tail_ - head_);
+		tail_ -= head_;
+		head_ = 0;
+	}
+	if (tail_ == buf_.size())
+		return 0;
+	ssize_t r = recv_some(sock_.get(), std::span(buf_).subspan(tail_));
+	if (r > 0) {
+		tail_ += static_cast<std::size_t>(r);
+		return 1;
+	}
+	return r == -EAGAIN ? 0 : -1;
+}
+
+bool Connection::wait_socket_readable()
+{
 	return wait(POLLIN, Clock::time_point::max());
 }
 

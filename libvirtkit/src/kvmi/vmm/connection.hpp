@@ -3,12 +3,14 @@
  * Internal: the VMM's end of one KVMI connection - connecting to the tool's
  * unix or vsock socket, the QEMU-style handshake, and message framing.
  *
- * Reads happen on one thread at a time (the handshake, then the server's
- * reader thread), into a buffer that holds whatever the socket had, so a
- * window of pipelined commands costs one recv(). Sends come from the reader
- * (command replies) and from vCPU threads (events), whole messages per call
- * under a lock, so messages never interleave; the reader may also queue
- * replies and flush() them together in one sendmsg(). Every blocking call also waits on an eventfd that
+ * Reads happen on one thread at a time (the handshake, then whichever
+ * thread holds the server's read role: its reader thread, or a vCPU thread
+ * that polls for its event's reply), into a buffer that holds whatever the
+ * socket had, so a window of pipelined commands costs one recv(). Sends
+ * come from the read role's holder (command replies) and from vCPU threads
+ * (events), whole messages per call under a lock, so messages never
+ * interleave; replies may also be queued and flush()ed together in one
+ * sendmsg(). Every blocking call also waits on an eventfd that
  * cancel() signals, so no thread stays blocked on a tool that stopped
  * reading or writing.
  */
@@ -61,8 +63,18 @@ public:
 	 */
 	bool read_exact(void *buf, std::size_t n,
 			Clock::time_point deadline = Clock::time_point::max());
-	/* Wait until a message can be read (or false: cancelled / closed). */
-	bool wait_readable();
+	/*
+	 * Read what the socket has now, without waiting, into the buffer
+	 * (whose bytes stay in place): 1 bytes came, 0 nothing yet (or the
+	 * buffer is full), -1 the end of the stream or a socket error.
+	 */
+	int fill() noexcept;
+	/*
+	 * Wait until the socket has bytes (or its end) without reading them;
+	 * false on cancel(). The buffer is not looked at: a caller that does
+	 * not hold the read role may call it.
+	 */
+	bool wait_socket_readable();
 	/*
 	 * Send one message: hdr followed by parts (hdr.size must be their
 	 * total). false if the connection failed or was cancelled.
@@ -74,6 +86,8 @@ public:
 	 * KVMI_MSG_SIZE (the reader rejects it without reading on).
 	 */
 	bool message_buffered() const noexcept;
+	/* Whether bytes of a message are buffered but not the whole of it. */
+	bool partial_message() const noexcept { return head_ < tail_ && !message_buffered(); }
 	/* Reader thread: queue one message for flush(); hdr.size must be the parts' total. */
 	void queue(const kvmi_msg_hdr &hdr, Parts parts);
 	/* Bytes queued and not sent yet. */

@@ -143,17 +143,52 @@ IntrospectionServer::Outcome IntrospectionServer::raise(std::uint16_t id, Vcpu *
 }
 
 /*
- * Until poll_end, look for the reply without sleeping (reply_poll.hpp):
- * watch settled_, which moves with every completed reply and the
- * disconnect, and take mu_ only when it moved. Each turn yields the CPU to
- * any other thread ready to run on it (the tool, the reader) - what KVM's
- * halt polling gets from single_task_running() - so polling never delays
- * the reply it waits for.
+ * Until poll_end, look for the reply without sleeping (reply_poll.hpp).
+ * When the read role is free, take it and run what the socket has
+ * (drain_locked(), never waiting): the reply then completes on this thread,
+ * with no wake-up of the reader; commands that came first run here, in
+ * order, as the reader would run them. Otherwise watch settled_, which
+ * moves with every completed reply and the disconnect, and take mu_ only
+ * when it moved. Each turn yields the CPU to any other thread ready to run
+ * on it (the tool, the reader) - what KVM's halt polling gets from
+ * single_task_running() - so polling never delays the reply it waits for.
  */
 void IntrospectionServer::poll_for_reply(const KvmiWaiter &w, std::uint64_t settled,
 					 kvmi::Clock::time_point poll_end)
 {
+	if (kvmi::Clock::now() >= poll_end)
+		return;
+	/* While we poll, the reader leaves the socket to us (reader_main()). */
+	{
+		std::lock_guard lock(mu_);
+		pollers_++;
+	}
+	struct Done {
+		IntrospectionServer &s;
+		~Done()
+		{
+			{
+				std::lock_guard lock(s.mu_);
+				if (--s.pollers_)
+					return;
+			}
+			s.cv_.notify_all();
+		}
+	} done{*this};
 	while (kvmi::Clock::now() < poll_end) {
+		if (read_mu_.try_lock()) {
+			std::lock_guard role(read_mu_, std::adopt_lock);
+			/*
+			 * The end of the stream, or a broken message: the reader's to
+			 * act on (teardown). Stop polling so that it reads again, and
+			 * wake it for a broken message.
+			 */
+			if (!drain_locked(false)) {
+				if (read_error_)
+					request_stop();
+				return;
+			}
+		}
 		for (int i = 0; i < 32; i++)
 			__builtin_ia32_pause();
 		sched_yield();

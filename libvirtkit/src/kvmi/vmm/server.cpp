@@ -122,7 +122,7 @@ bool IntrospectionServer::wait_disconnected(std::chrono::milliseconds timeout) c
 
 IntrospectionStats IntrospectionServer::stats() const
 {
-	return {n_commands_.load(), n_events_.load(), n_errors_.load()};
+	return {n_commands_.load(), n_events_.load(), n_errors_.load(), n_polled_replies_.load()};
 }
 
 bool IntrospectionServer::command_allowed(std::uint16_t id) const
@@ -183,47 +183,66 @@ constexpr std::size_t max_queued = 256 * 1024;
 } // namespace
 
 /*
- * The reader: one message at a time, in arrival order (a reply to a command
- * never overtakes the reply to an earlier one). Anything that breaks the
- * framing closes the connection: the stream cannot be trusted after it.
+ * Messages run one at a time, in arrival order (a reply to a command never
+ * overtakes the reply to an earlier one), by whichever thread holds the
+ * read role (read_mu_): the reader thread, or a vCPU thread polling for its
+ * event's reply (poll_for_reply()), which thus completes its own reply
+ * without waking the reader. Anything that breaks the framing ends the
+ * connection: the stream cannot be trusted after it.
  *
  * Replies go out in batches: the connection reads whatever the socket has,
  * and while the next message is already buffered, the replies of commands
  * that cannot raise events (reply_may_wait) wait in the connection's queue;
  * it is flushed, in one sendmsg(), before any other message runs, before
- * the reader waits for more bytes, past max_queued bytes and when the
- * reader stops. A window of pipelined READ_PHYSICAL commands thus costs one
- * recv() and one sendmsg() on this side.
+ * the role is given up or waits for more bytes, and past max_queued bytes.
+ * A window of pipelined READ_PHYSICAL commands thus costs one recv() and
+ * one sendmsg() on this side.
+ *
+ * Run every whole message the connection has, reading the socket without
+ * waiting; with may_block (the reader thread) also wait for the rest of a
+ * message that has begun to arrive. The role is given up with no whole
+ * message buffered and nothing queued, so a reader asleep on the socket
+ * misses nothing. false: the connection ends (the tool closed it, a read or
+ * send failed, or a message broke the protocol: read_error_).
  */
-void IntrospectionServer::reader_main()
+bool IntrospectionServer::drain_locked(bool may_block)
 {
-	std::vector<std::byte> payload(KVMI_MSG_SIZE);
-	bool error = false;
-	/* A reply that cannot be sent ends the connection as a failed send always did. */
-	auto flushed = [&] {
-		if (conn_->flush())
-			return true;
-		n_errors_++;
-		error = true;
+	if (read_ended_)
+		return false;
+	auto end = [&](bool error) {
+		if (error) {
+			n_errors_++;
+			read_error_ = true;
+		}
+		read_ended_ = true;
 		return false;
 	};
+	/* A reply that cannot be sent ends the connection as a failed send always did. */
+	auto flushed = [&] { return conn_->flush() || end(true); };
 	for (;;) {
-		if (!conn_->message_buffered() && !flushed())
-			break;
-		kvmi_msg_hdr hdr;
-		if (!conn_->read_exact(&hdr, sizeof(hdr)))
-			break;
-		if (hdr.size > KVMI_MSG_SIZE) {
-			n_errors_++;
-			error = true;
-			break;
+		if (!conn_->message_buffered()) {
+			if (!flushed())
+				return false;
+			int got = conn_->fill();
+			if (got < 0)
+				return end(false);
+			if (got > 0)
+				continue;
+			if (!may_block || !conn_->partial_message())
+				return true;
+			if (!conn_->wait_socket_readable())
+				return end(false);
+			continue;
 		}
-		if (!conn_->read_exact(payload.data(), hdr.size))
-			break;
+		kvmi_msg_hdr hdr;
+		(void)conn_->read_exact(&hdr, sizeof(hdr));
+		if (hdr.size > KVMI_MSG_SIZE)
+			return end(true);
+		(void)conn_->read_exact(payload_.data(), hdr.size);
 		const bool may_wait = hdr.id != KVMI_EVENT_REPLY && reply_may_wait(hdr.id);
 		if (!may_wait && !flushed())
-			break;
-		std::span<const std::byte> p(payload.data(), hdr.size);
+			return false;
+		std::span<const std::byte> p(payload_.data(), hdr.size);
 		bool ok;
 		try {
 			ok = hdr.id == KVMI_EVENT_REPLY ? complete_event(hdr, p)
@@ -231,16 +250,37 @@ void IntrospectionServer::reader_main()
 		} catch (...) {
 			ok = false;
 		}
-		if (!ok) {
-			n_errors_++;
-			error = true;
-			break;
-		}
+		if (!ok)
+			return end(true);
+		if (!may_block && hdr.id == KVMI_EVENT_REPLY)
+			n_polled_replies_++;
 		if ((!may_wait || conn_->queued() >= max_queued) && !flushed())
-			break;
+			return false;
 	}
-	/* What was answered before the end still reaches the tool. */
-	(void)conn_->flush();
+}
+
+void IntrospectionServer::reader_main()
+{
+	for (;;) {
+		{
+			std::lock_guard role(read_mu_);
+			if (!drain_locked(true))
+				break;
+		}
+		if (!conn_->wait_socket_readable())
+			break;
+		/* A polling vCPU reads what came: do not race it for the role. */
+		std::unique_lock lock(mu_);
+		cv_.wait(lock, [&] { return pollers_ == 0 || stopping_; });
+	}
+	bool error;
+	{
+		std::lock_guard role(read_mu_);
+		read_ended_ = true;
+		/* What was answered before the end still reaches the tool. */
+		(void)conn_->flush();
+		error = read_error_;
+	}
 	{
 		std::lock_guard lock(mu_);
 		if (!stopping_ && !error)
@@ -319,7 +359,7 @@ bool IntrospectionServer::handle_command(const kvmi_msg_hdr &hdr, std::span<cons
 	if (err)
 		out.clear();
 	kvmi_msg_hdr rh{hdr.id, static_cast<std::uint16_t>(sizeof(ec) + out.size()), hdr.seq};
-	/* The reader sends it (reader_main(): alone or with the next replies). */
+	/* The read role sends it (drain_locked(): alone or with the next replies). */
 	conn_->queue(rh, {std::as_bytes(std::span(&ec, 1)), std::span<const std::byte>(out)});
 	return true;
 }

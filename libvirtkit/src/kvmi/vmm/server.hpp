@@ -3,14 +3,17 @@
  * Internal: the KVMI server behind virtkit::Introspection (user backend).
  *
  * Threads:
- *  - the reader thread reads the tool's messages and executes commands:
- *    VM commands directly, vCPU commands under a VcpuHold of that vCPU (it
- *    stays out of the guest meanwhile); it also completes event replies;
+ *  - the thread that holds the read role (read_mu_) reads the tool's
+ *    messages and executes commands: VM commands directly, vCPU commands
+ *    under a VcpuHold of that vCPU (it stays out of the guest meanwhile);
+ *    it also completes event replies. That is the reader thread, or a vCPU
+ *    thread while it polls for its own event's reply;
  *  - vCPU threads raise events (raise()) from the VcpuWork before_entry()
  *    (PAUSE_VCPU, CREATE_VCPU, TRAP, UNHOOK) and from exit handlers (MSR,
  *    BREAKPOINT, SINGLESTEP, PF: writes through the SPP violation handler,
  *    reads of hidden pages through MMIO exits) and wait for the reply or
- *    the disconnect, polling for a while before they sleep (reply_poll.hpp);
+ *    the disconnect: polling for a while (reply_poll.hpp), taking the read
+ *    role when it is free, then asleep;
  *  - any thread may disconnect (request_stop()); the reader then undoes
  *    every change (teardown()) and exits.
  *
@@ -137,6 +140,8 @@ public:
 private:
 	/* --- server.cpp: reader, dispatch, policy, teardown --- */
 	void reader_main();
+	/* Run the messages the connection has; under read_mu_ (server.cpp). */
+	bool drain_locked(bool may_block);
 	void teardown() noexcept;
 	bool handle_command(const kvmi_msg_hdr &hdr, std::span<const std::byte> payload);
 	/* VIRTKIT_KVMI_SHARE_MEMORY: the reply carries descriptors (vm_commands.cpp). */
@@ -252,7 +257,16 @@ private:
 
 	std::unique_ptr<kvmi::Connection> conn_;
 	std::thread reader_;
-	std::vector<std::byte> reply_;		/* reader thread: reply data */
+	/*
+	 * The read role: receiving and running the tool's messages, by the
+	 * reader thread or a vCPU thread polling for its reply. Guards the
+	 * connection's receive buffer and reply queue and what follows.
+	 */
+	std::mutex read_mu_;
+	std::vector<std::byte> payload_ = std::vector<std::byte>(KVMI_MSG_SIZE);
+	std::vector<std::byte> reply_;		/* reply data, reused */
+	bool read_error_ = false;		/* a message broke the protocol */
+	bool read_ended_ = false;		/* no more messages are read */
 	std::mutex join_mu_;
 	ExitHandlerRegistration exit_reg_;
 
@@ -266,11 +280,12 @@ private:
 	std::map<std::uint32_t, KvmiWaiter *> waiters_;
 	std::map<std::uint16_t, std::unique_ptr<KvmiVcpu>> vcpus_;
 	std::uint32_t vm_events_ = 0;		/* UNHOOK, CREATE_VCPU enabled */
-	bool replies_enabled_ = true;		/* CONTROL_CMD_RESPONSE */
-	int batch_error_ = 0;			/* first error while replies are off */
 	enum class Unhook { none, requested, claimed } unhook_ = Unhook::none;
 	std::uint16_t unhook_vcpu_ = 0;		/* whose thread raises UNHOOK */
-	/* Reader thread only: */
+	unsigned pollers_ = 0;			/* vCPUs in poll_for_reply() */
+	/* Under the read role (read_mu_), or the reader's teardown once reading ended: */
+	bool replies_enabled_ = true;		/* CONTROL_CMD_RESPONSE */
+	int batch_error_ = 0;			/* first error while replies are off */
 	std::set<std::uint32_t> filtered_msrs_;	/* write-denied by our MSR filter */
 	std::atomic<bool> msr_filter_used_{false}; /* FILTER exits are ours from then on */
 
@@ -284,7 +299,7 @@ private:
 	enum class SppControl { unset, enabled, disabled } spp_control_ = SppControl::unset;
 	SubpageProtection *spp_ = nullptr;		/* once we installed our handler */
 
-	std::atomic<std::uint64_t> n_commands_{0}, n_events_{0}, n_errors_{0};
+	std::atomic<std::uint64_t> n_commands_{0}, n_events_{0}, n_errors_{0}, n_polled_replies_{0};
 	/*
 	 * Moves whenever a waiting vCPU may have to stop waiting (a reply
 	 * completed, the disconnect): what a polling vCPU watches instead of
