@@ -22,6 +22,7 @@
 #include <stdlib.h>
 #include <unistd.h>
 
+#include <atomic>
 #include <chrono>
 #include <cstring>
 #include <filesystem>
@@ -250,9 +251,19 @@ public:
 			     "unexpected event: " + intro::describe(*e));
 	}
 
-	/* Guest memory as the VMM sees it (ground truth). */
-	std::uint64_t peek(std::uint64_t gpa) { return g.memory().read_obj<std::uint64_t>(gpa); }
-	void poke(std::uint64_t gpa, std::uint64_t v) { g.memory().write_obj(gpa, v); }
+	/*
+	 * Guest memory as the VMM sees it (ground truth). One aligned 8-byte
+	 * access, atomic as the SPP engine's own writes of guest memory are:
+	 * vCPU threads may write it meanwhile (ThreadSanitizer sees those).
+	 */
+	std::uint64_t peek(std::uint64_t gpa) { return guest_u64(gpa).load(std::memory_order_relaxed); }
+	void poke(std::uint64_t gpa, std::uint64_t v) { guest_u64(gpa).store(v, std::memory_order_relaxed); }
+	std::atomic_ref<std::uint64_t> guest_u64(std::uint64_t gpa)
+	{
+		TEST_ASSERT(gpa % 8 == 0, "unaligned peek/poke at %#llx", (unsigned long long)gpa);
+		return std::atomic_ref<std::uint64_t>(
+			*reinterpret_cast<std::uint64_t *>(g.memory().host_ptr(gpa, 8)));
+	}
 
 	TempDir dir;
 	virtkit::x86::GuestVm g;
