@@ -228,7 +228,8 @@ static void guest_msr_loop(std::uint64_t n)
  * runs what the tool sent itself. reply_poll 1 s: the window never stops
  * growing before it covers the tool's time.
  */
-static void polled_msr_events(KvmiTest &t, std::uint64_t n, const std::function<void(intro::Event &, std::uint64_t)> &answer)
+static void polled_msr_events(KvmiTest &t, std::uint64_t n,
+			      const std::function<void(intro::Event &, std::uint64_t)> &answer)
 {
 	auto &s = t.t();
 	s.control_events(0, intro::EventId::msr, true);

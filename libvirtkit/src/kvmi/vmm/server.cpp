@@ -42,7 +42,8 @@ int kvmi_error(int err)
 IntrospectionServer::IntrospectionServer(Vm vm, const IntrospectionOptions &o)
 	: vm_(std::move(vm)),
 	  allowed_commands_(o.allowed_commands), allowed_events_(o.allowed_events),
-	  share_memory_(o.share_memory), reply_poll_(kvmi::polls_on_this_cpu_set() ? o.reply_poll : std::chrono::microseconds(0))
+	  share_memory_(o.share_memory),
+	  reply_poll_(kvmi::polls_on_this_cpu_set() ? o.reply_poll : std::chrono::microseconds(0))
 {
 }
 
