@@ -10,11 +10,12 @@
 #include "guest_code.hpp"
 #include "kvmi_util.hpp"
 
+#include "kvmi/vmm/reply_poll.hpp"
+
 #include <linux/virtkit.h>
 #include <linux/virtkit_kvmi.h>
 
 #include <fcntl.h>
-#include <sched.h>
 #include <sys/ioctl.h>
 #include <unistd.h>
 
@@ -243,15 +244,10 @@ static void polled_msr_events(KvmiTest &t, std::uint64_t n,
 	}
 }
 
-static bool polling_possible()
-{
-	cpu_set_t set;
-	return sched_getaffinity(0, sizeof(set), &set) != 0 || CPU_COUNT(&set) > 1;
-}
-
 VK_TEST(polling_vcpu_runs_commands_in_order_and_completes_its_reply)
 {
-	TEST_REQUIRE(polling_possible(), "more than one CPU to run on (the VMM never polls on one)");
+	TEST_REQUIRE(virtkit::detail::kvmi::polls_on_this_cpu_set(),
+		     "more than one CPU to run on (the VMM never polls on one)");
 	KvmiTest t;
 	auto &r = t.add_vcpu(guest_msr_loop, polled_events);
 	auto o = t.default_options();
@@ -281,7 +277,8 @@ VK_TEST(polling_vcpu_runs_commands_in_order_and_completes_its_reply)
  */
 VK_TEST(polling_vcpu_ends_the_connection_on_a_broken_message)
 {
-	TEST_REQUIRE(polling_possible(), "more than one CPU to run on (the VMM never polls on one)");
+	TEST_REQUIRE(virtkit::detail::kvmi::polls_on_this_cpu_set(),
+		     "more than one CPU to run on (the VMM never polls on one)");
 	KvmiTest t;
 	auto &r = t.add_vcpu(guest_msr_loop, polled_events + 1);
 	auto o = t.default_options();
