@@ -189,16 +189,15 @@ void IntrospectionServer::poll_for_reply(const KvmiWaiter &w, std::uint64_t sett
 				return;
 			}
 		}
+		if (const auto now = settled_.load(std::memory_order_acquire); now != settled) {
+			settled = now;
+			std::lock_guard lock(mu_);
+			if (w.done || !connected_)
+				return;
+		}
 		for (int i = 0; i < 32; i++)
 			__builtin_ia32_pause();
 		sched_yield();
-		const auto now = settled_.load(std::memory_order_acquire);
-		if (now == settled)
-			continue;
-		settled = now;
-		std::lock_guard lock(mu_);
-		if (w.done || !connected_)
-			return;
 	}
 }
 
