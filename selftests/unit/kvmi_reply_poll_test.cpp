@@ -3,70 +3,73 @@
 #include <catch2/catch.hpp>
 
 #include <chrono>
+#include <initializer_list>
 
 #include "kvmi/vmm/reply_poll.hpp"
 
 using virtkit::detail::kvmi::ReplyPoll;
+using ns = ReplyPoll::ns;
 using namespace std::chrono_literals;
+
+namespace {
+
+/* One wait that took `waited`, and the window it must leave. */
+struct Step {
+	ns waited, window;
+};
+
+/* Feed the waits in order (maximum max), checking the window after each. */
+void expect_windows(ReplyPoll &p, ns max, std::initializer_list<Step> steps)
+{
+	for (const Step &s : steps) {
+		p.update(s.waited, max);
+		INFO("after a wait of " << s.waited.count() << " ns");
+		CHECK(p.window() == s.window);
+	}
+}
+
+} // namespace
 
 TEST_CASE("reply polling starts off and grows while replies come just after the window", "[kvmi]")
 {
 	ReplyPoll p;
-	const ReplyPoll::ns max = 200us;
 	CHECK(p.window() == 0ns);
-	p.update(50us, max);		/* after the (empty) window, before max: grow */
-	CHECK(p.window() == ReplyPoll::start);
-	p.update(50us, max);
-	CHECK(p.window() == 20us);
-	p.update(50us, max);
-	CHECK(p.window() == 40us);
-	p.update(50us, max);
-	CHECK(p.window() == 80us);
-	p.update(50us, max);		/* caught by polling: kept */
-	CHECK(p.window() == 80us);
-	p.update(190us, max);
-	CHECK(p.window() == 160us);
-	p.update(199us, max);		/* never past max */
-	CHECK(p.window() == max);
+	expect_windows(p, 200us,
+		       {{50us, ReplyPoll::start}, /* after the (empty) window, before max: grow */
+			{50us, 20us},
+			{50us, 40us},
+			{50us, 80us},
+			{50us, 80us},		  /* caught by polling: kept */
+			{190us, 160us},
+			{199us, 200us}});	  /* never past max */
 }
 
 TEST_CASE("reply polling shrinks to nothing while replies come later than the maximum", "[kvmi]")
 {
 	ReplyPoll p;
-	const ReplyPoll::ns max = 200us;
 	for (int i = 0; i < 8; i++)
-		p.update(190us, max);
-	REQUIRE(p.window() == max);
-	p.update(1ms, max);
-	CHECK(p.window() == 100us);
-	p.update(1ms, max);
-	CHECK(p.window() == 50us);
-	p.update(1ms, max);
-	CHECK(p.window() == 25us);
-	p.update(1ms, max);
-	CHECK(p.window() == 12500ns);
-	p.update(1ms, max);		/* below the start: off */
-	CHECK(p.window() == 0ns);
-	p.update(1ms, max);
-	CHECK(p.window() == 0ns);
+		p.update(190us, 200us);
+	REQUIRE(p.window() == 200us);
+	expect_windows(p, 200us,
+		       {{1ms, 100us},
+			{1ms, 50us},
+			{1ms, 25us},
+			{1ms, 12500ns},
+			{1ms, 0ns},		  /* below the start: off */
+			{1ms, 0ns}});
 }
 
 TEST_CASE("reply polling with a maximum of 0 never polls", "[kvmi]")
 {
 	ReplyPoll p;
-	for (auto waited : {0us, 5us, 50us, 5000us}) {
-		p.update(waited, 0ns);
-		CHECK(p.window() == 0ns);
-	}
+	expect_windows(p, 0ns, {{0us, 0ns}, {5us, 0ns}, {50us, 0ns}, {5000us, 0ns}});
 }
 
 TEST_CASE("reply polling with a maximum below the start polls up to the maximum", "[kvmi]")
 {
 	ReplyPoll p;
-	p.update(6us, 5us);		/* past max: stays off */
-	CHECK(p.window() == 0ns);
-	p.update(4us, 5us);
-	CHECK(p.window() == 5us);
-	p.update(4us, 5us);		/* caught */
-	CHECK(p.window() == 5us);
+	expect_windows(p, 5us,
+		       {{6us, 0ns},		  /* past max: stays off */
+			{4us, 5us},
+			{4us, 5us}});		  /* caught */
 }
