@@ -440,6 +440,14 @@ VK_TEST(spp_set_access_is_sound_while_vcpus_write)
 		for (std::uint64_t q = 0; q < npages; q++)
 			for (std::uint64_t s = 0; s < 8 * nvcpus; s++) {
 				std::uint64_t i = q * 32 + s, now = value(q, s);
+				std::uint64_t seq = now & ((1ull << 56) - 1);
+				/* Every write landed where the guest aimed it, whole. */
+				TEST_ASSERT(now == 0 || (now >> 56 == s / 8 && seq > 0 &&
+							 (seq - 1) % slots == q * 8 + s % 8),
+					    "iteration %d: sub-page %llu of page %llu holds 0x%llx, "
+					    "which its writer (vCPU %llu) stores elsewhere",
+					    it, (unsigned long long)s, (unsigned long long)q,
+					    (unsigned long long)now, (unsigned long long)(s / 8));
 				if (snap[i]) {
 					/* Unchanged, and the writes since were all reported. */
 					TEST_ASSERT(now == *snap[i],
@@ -455,12 +463,22 @@ VK_TEST(spp_set_access_is_sound_while_vcpus_write)
 					TEST_ASSERT(seen[i].max_seq > (*snap[i] & ((1ull << 56) - 1)));
 					violations_checked++;
 				} else {
-					/* Writable: the owner's writes land again. */
+					/*
+					 * Writable: the owner's writes land again. On
+					 * failure, what the backend says: the map it
+					 * holds now and the violations it reported.
+					 */
 					TEST_ASSERT(now > before[i],
 						    "iteration %d: writable sub-page %llu of page %llu "
-						    "(map 0x%08x) stuck at 0x%llx",
+						    "(map 0x%08x; the backend's now 0x%08x) stuck at "
+						    "0x%llx (0x%llx after set_access); %llu violations "
+						    "reported for it since, highest 0x%llx",
 						    it, (unsigned long long)s, (unsigned long long)q,
-						    maps[q], (unsigned long long)now);
+						    maps[q], t.spp.get_access(BASE_GFN + q, 1).at(0),
+						    (unsigned long long)now, (unsigned long long)before[i],
+						    (unsigned long long)(seen[i].count -
+									 seen_before[i].count),
+						    (unsigned long long)seen[i].max_seq);
 					TEST_ASSERT_EQ(now >> 56, s / 8);
 				}
 			}
