@@ -53,6 +53,13 @@ public:
 	~Vcpu();
 
 	std::uint32_t id() const noexcept;
+	/*
+	 * The vCPU's fd, for ioctls this class does not wrap. Change its
+	 * registers through the setters below, not with raw ioctls: with
+	 * sub-page protection or introspection attached, the library reads
+	 * them from kvm_run (KVM_CAP_SYNC_REGS) until a setter says they
+	 * changed.
+	 */
 	int fd() const noexcept;
 
 	/*

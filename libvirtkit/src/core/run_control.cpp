@@ -111,6 +111,11 @@ void RunControl::request_work(Vcpu &vcpu)
 	internal_kick(s);
 }
 
+void RunControl::registers_changed(Vcpu &vcpu) noexcept
+{
+	vcpu.state_->regs_synced.store(false);
+}
+
 std::uint64_t RunControl::entries(Vcpu &vcpu) noexcept
 {
 	auto &s = *vcpu.state_;

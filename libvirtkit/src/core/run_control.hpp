@@ -19,6 +19,7 @@
  *                             before its next entry (kicks it out)
  *     VcpuHold(vcpu)          keep it out of the guest while the hold lives
  *     entries(vcpu)           guest entries so far (which entry an exit is from)
+ *     registers_changed(vcpu) its registers changed behind Vcpu's setters
  *   one vCPU, on its own thread, inside an exit handler
  *     complete_pending_exit(vcpu, what)
  *                             let KVM finish the exit being handled without
@@ -170,6 +171,13 @@ public:
 	 * setting produced.
 	 */
 	static std::uint64_t entries(Vcpu &vcpu) noexcept;
+
+	/*
+	 * The vCPU's registers were changed other than through Vcpu's
+	 * setters (a virtkit.ko ioctl that performs a guest WRMSR, which may
+	 * change EFER): regs() and sregs() read them from KVM again.
+	 */
+	static void registers_changed(Vcpu &vcpu) noexcept;
 
 	/* --- one vCPU, on its own thread, inside an exit handler --- */
 

@@ -425,8 +425,10 @@ const GuestWrmsrPath *find_guest_wrmsr_path(Vm &vm) noexcept
 bool perform_guest_wrmsr(const GuestWrmsrPath *path, Vcpu &vcpu, std::uint32_t index,
 			 std::uint64_t value)
 {
-	if (path && path->kmod)
+	if (path && path->kmod) {
+		RunControl::registers_changed(vcpu);
 		return path->kmod->guest_wrmsr(vcpu.fd(), index, value);
+	}
 	GuestCpuid cpuid(vcpu);
 	const Decision d = guest_rules(vcpu, cpuid, index, value);
 	switch (d.action) {

@@ -63,6 +63,8 @@ void IntrospectionServer::start(std::unique_ptr<kvmi::Connection> conn)
 	conn_ = std::move(conn);
 	attach_stray_msr_exits(vm_);
 	attach_stray_debug_exits(vm_);
+	/* Every event carries the registers: KVM returns them with each exit. */
+	RunControl::sync_regs(vm_);
 	std::weak_ptr<IntrospectionServer> weak = weak_from_this();
 	/*
 	 * After sub-page protection (INT_MIN), which takes the guest writes
