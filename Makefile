@@ -417,12 +417,25 @@ run: deps
 # benchmark runs on nested KVM in a Debian guest under QEMU, one boot each.
 # Each benchmark's output is kept in $(BUILD)/bench/<name>.out; its "goal:"
 # lines (the goals of issue 19) end the run as one table.
+# Where the host has /dev/kvm but no virtkit.ko, the kmod backend's figures
+# (spp_bench sections g and h) come from nested KVM under QEMU, and their
+# goal lines say so.
+SPP_BENCH := $(BUILD)/bench/spp_bench
 run-bench: $(BENCH_BINS)
-	@if [ -c /dev/kvm ] && [ -r /dev/kvm ] && [ -w /dev/kvm ]; then \
+	@rm -f $(SPP_BENCH).kmod.out; \
+	if [ -c /dev/kvm ] && [ -r /dev/kvm ] && [ -w /dev/kvm ]; then \
 		for b in $(BENCH_BINS); do echo "$$b"; \
 			{ $$b; echo $$? > $$b.rc; } | tee $$b.out; \
 			[ "$$(cat $$b.rc)" = 0 ] || exit 1; \
 		done; \
+		if [ ! -e /dev/virtkit ]; then \
+			echo "no /dev/virtkit here: the kmod backend on nested KVM in a Debian guest under QEMU, with virtkit.ko loaded"; \
+			ko=$$(scripts/build-kmod --kernel 6.1 --out $(KMOD_OUT)) || exit 1; \
+			echo "scripts/vmtest --module $$ko --copy $(SPP_BENCH) -- spp_bench gh"; \
+			{ scripts/vmtest --module $$ko --copy $(SPP_BENCH) -- spp_bench gh; \
+			  echo $$? > $(SPP_BENCH).rc; } | tee $(SPP_BENCH).kmod.out; \
+			[ "$$(cat $(SPP_BENCH).rc)" = 0 ] || exit 1; \
+		fi; \
 	else \
 		echo "this host has no usable /dev/kvm: running the benchmarks on nested KVM in a Debian guest under QEMU, with virtkit.ko loaded"; \
 		ko=$$(scripts/build-kmod --kernel 6.1 --out $(KMOD_OUT)) || exit 1; \
@@ -434,7 +447,15 @@ run-bench: $(BENCH_BINS)
 		done; \
 	fi; \
 	echo; echo "goals (issue 19): goal | measured | verdict"; \
-	for b in $(BENCH_BINS); do grep -h '^goal: ' $$b.out | sed 's/^goal: /  /'; done
+	for b in $(BENCH_BINS); do \
+		if [ -e $$b.kmod.out ]; then \
+			grep -h '^goal: ' $$b.out | grep -v 'kmod backend' | sed 's/^goal: /  /'; \
+			grep -h '^goal: .*kmod backend' $$b.kmod.out | \
+				sed 's/^goal: /  /; s/$$/ (nested KVM under QEMU TCG)/'; \
+		else \
+			grep -h '^goal: ' $$b.out | sed 's/^goal: /  /'; \
+		fi; \
+	done
 
 # Every suite runs, also after one failed; scripts/check-suites streams each
 # one's output, then prints one table (target, suite, platform, pass, fail,
