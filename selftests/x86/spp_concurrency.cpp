@@ -437,17 +437,20 @@ VK_TEST(spp_set_access_is_sound_while_vcpus_write)
 
 		std::lock_guard lock(mu);
 		TEST_ASSERT(bad.empty(), "malformed violation: %s", bad.c_str());
+		/* First: every write landed where the guest aimed it, whole. */
 		for (std::uint64_t q = 0; q < npages; q++)
 			for (std::uint64_t s = 0; s < 8 * nvcpus; s++) {
-				std::uint64_t i = q * 32 + s, now = value(q, s);
-				std::uint64_t seq = now & ((1ull << 56) - 1);
-				/* Every write landed where the guest aimed it, whole. */
+				std::uint64_t now = value(q, s), seq = now & ((1ull << 56) - 1);
 				TEST_ASSERT(now == 0 || (now >> 56 == s / 8 && seq > 0 &&
 							 (seq - 1) % slots == q * 8 + s % 8),
 					    "iteration %d: sub-page %llu of page %llu holds 0x%llx, "
 					    "which its writer (vCPU %llu) stores elsewhere",
 					    it, (unsigned long long)s, (unsigned long long)q,
 					    (unsigned long long)now, (unsigned long long)(s / 8));
+			}
+		for (std::uint64_t q = 0; q < npages; q++)
+			for (std::uint64_t s = 0; s < 8 * nvcpus; s++) {
+				std::uint64_t i = q * 32 + s, now = value(q, s);
 				if (snap[i]) {
 					/* Unchanged, and the writes since were all reported. */
 					TEST_ASSERT(now == *snap[i],
