@@ -407,7 +407,7 @@ run: deps
 		ko=$$(scripts/build-kmod --kernel 6.1 --out $(KMOD_OUT)) || exit 1; \
 		set -- --kernel 6.1 --cpu $(NESTED_CPU) --module $$ko --copy-kernel --copy $(TOOL_BIN) \
 			--copy $(INTROSPECT_BIN) --copy $(RUN_INITRAMFS) --copy scripts/run-linux-demo; \
-		set -- "$$@" -- env VIRTKIT_RUN_STALL_RETRIES=2 VIRTKIT_RUN_STALL_SECONDS=45 \
+		set -- "$$@" -- env VIRTKIT_RUN_STALL_RETRIES=3 VIRTKIT_RUN_STALL_SECONDS=45 \
 			./run-linux-demo ./virtkit ./virtkit-introspect ./vmlinuz ./initramfs.cpio; \
 		echo "scripts/vmtest $$*"; \
 		scripts/vmtest "$$@"; \
